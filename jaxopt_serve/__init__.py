@@ -1,0 +1,71 @@
+"""jaxopt_serve: make Flax models smaller and faster to serve on XLA.
+
+The public API is re-exported here; implementation lives in topic packages
+(``models``, ``data``, ``train``) and modules (``artifact``, ``timing``).
+"""
+
+from jaxopt_serve.artifact import Artifact, ArtifactError, load_artifact, save_artifact
+from jaxopt_serve.data import Dataset, load_digits
+from jaxopt_serve.extras import MissingExtraError
+from jaxopt_serve.models import (
+    CNN,
+    MLP,
+    NNXMLP,
+    CNNConfig,
+    MLPConfig,
+    ModelConfig,
+    NNXMLPConfig,
+    TransformerConfig,
+    TransformerEncoder,
+    config_from_dict,
+    count_params,
+    init_variables,
+    make_apply,
+    nnx_module,
+    nnx_variables,
+    predict_fn,
+)
+from jaxopt_serve.train import (
+    FitResult,
+    TrainState,
+    accuracy,
+    classification_loss,
+    default_optimizer,
+    fit,
+    train_classifier,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Artifact",
+    "ArtifactError",
+    "CNN",
+    "CNNConfig",
+    "Dataset",
+    "FitResult",
+    "MLP",
+    "MLPConfig",
+    "MissingExtraError",
+    "ModelConfig",
+    "NNXMLP",
+    "NNXMLPConfig",
+    "TrainState",
+    "TransformerConfig",
+    "TransformerEncoder",
+    "accuracy",
+    "classification_loss",
+    "config_from_dict",
+    "count_params",
+    "default_optimizer",
+    "fit",
+    "init_variables",
+    "load_artifact",
+    "load_digits",
+    "make_apply",
+    "nnx_module",
+    "nnx_variables",
+    "predict_fn",
+    "save_artifact",
+    "train_classifier",
+]

@@ -1,0 +1,138 @@
+"""The demo: train the reference CNN on the bundled digits, then measure every model variant.
+
+One row per variant with the same columns (``ROW_KEYS``). A variant is a
+function ``variant(context) -> list[Variant]`` in ``VARIANT_BUILDERS``; later
+chapters (quantized, pruned, distilled, served) append builders, and the
+measurement and the table stay the same.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import jax
+import numpy as np
+
+from jaxopt_serve.artifact import Artifact, save_artifact
+from jaxopt_serve.data.digits import Dataset, load_digits
+from jaxopt_serve.fileio import atomic_write
+from jaxopt_serve.models.cnn import CNNConfig
+from jaxopt_serve.models.functional import Variables, count_params, predict_fn
+from jaxopt_serve.timing import device_description, throughput, time_calls
+from jaxopt_serve.train.loop import accuracy
+from jaxopt_serve.train.recipes import train_classifier
+
+ROW_KEYS = ("variant", "params", "bytes", "accuracy", "latency_b1_ms", "throughput_b256")
+
+
+@dataclasses.dataclass(frozen=True)
+class Variant:
+    """A model variant to measure: how to predict, with which variables, and its artifact on disk."""
+
+    name: str
+    predict: Callable[[Variables, jax.Array], jax.Array]
+    variables: Variables
+    artifact_path: Path
+    params: int
+
+
+@dataclasses.dataclass
+class DemoContext:
+    """What variant builders get: the data, the trained float model, and a directory for artifacts."""
+
+    dataset: Dataset
+    base: Artifact
+    base_path: Path
+    out_dir: Path
+    seed: int
+
+
+def f32_variant(ctx: DemoContext) -> list[Variant]:
+    """The trained float32 CNN, as saved."""
+    return [
+        Variant("f32", predict_fn(ctx.base.config), ctx.base.variables, ctx.base_path, count_params(ctx.base.variables))
+    ]
+
+
+VARIANT_BUILDERS: list[Callable[[DemoContext], list[Variant]]] = [f32_variant]
+
+
+def measure(variant: Variant, dataset: Dataset, *, latency_repeats: int = 200, throughput_repeats: int = 20) -> dict[str, Any]:
+    """One table row: size, test accuracy, p50 latency at batch 1 and throughput at batch 256."""
+    jitted = jax.jit(variant.predict)
+    variables = jax.device_put(variant.variables)
+    x1 = jax.device_put(dataset.x_test[:1])
+    x256 = jax.device_put(np.resize(dataset.x_test, (256, *dataset.input_shape)))
+    return {
+        "variant": variant.name,
+        "params": variant.params,
+        "bytes": os.path.getsize(variant.artifact_path),
+        "accuracy": accuracy(variant.predict, variables, dataset.x_test, dataset.y_test),
+        "latency_b1_ms": time_calls(jitted, variables, x1, repeats=latency_repeats, warmup=5).p50,
+        "throughput_b256": throughput(jitted, variables, x256, batch_size=256, repeats=throughput_repeats),
+    }
+
+
+def run_demo(
+    *,
+    steps: int = 600,
+    seed: int = 0,
+    out_dir: str | os.PathLike[str] | None = None,
+    progress: bool = True,
+    config: CNNConfig | None = None,
+    latency_repeats: int = 200,
+) -> dict[str, Any]:
+    """Train the reference CNN on the digits and measure every variant; returns ``{"device", "rows"}``."""
+    dataset = load_digits(seed=seed)
+    out = Path(out_dir) if out_dir is not None else Path(tempfile.mkdtemp(prefix="jaxopt_serve_demo_"))
+    base, _ = train_classifier(config or CNNConfig(), dataset, steps=steps, seed=seed, progress=progress)
+    base_path = out / "cnn_f32.jxs"
+    save_artifact(base_path, base)
+    ctx = DemoContext(dataset=dataset, base=base, base_path=base_path, out_dir=out, seed=seed)
+    rows = [
+        measure(variant, dataset, latency_repeats=latency_repeats)
+        for builder in VARIANT_BUILDERS
+        for variant in builder(ctx)
+    ]
+    return {"device": device_description(), "artifacts": str(out), "rows": rows}
+
+
+def format_table(report: dict[str, Any]) -> str:
+    """The report as an aligned text table.
+
+    Example:
+        >>> row = {"variant": "f32", "params": 1000, "bytes": 4100, "accuracy": 0.98,
+        ...        "latency_b1_ms": 0.05, "throughput_b256": 1e5}
+        >>> print(format_table({"device": "cpu", "rows": [row]}))  # doctest: +NORMALIZE_WHITESPACE
+        device: cpu
+        variant  params  bytes  accuracy  p50 latency b1 (ms)  throughput b256 (ex/s)
+        f32      1,000   4,100  98.00%    0.050                100,000
+    """
+    headers = ["variant", "params", "bytes", "accuracy", "p50 latency b1 (ms)", "throughput b256 (ex/s)"]
+    cells = [
+        [
+            r["variant"],
+            f"{r['params']:,}",
+            f"{r['bytes']:,}",
+            f"{100 * r['accuracy']:.2f}%",
+            f"{r['latency_b1_ms']:.3f}",
+            f"{r['throughput_b256']:,.0f}",
+        ]
+        for r in report["rows"]
+    ]
+    widths = [max(len(h), *(len(c[i]) for c in cells)) for i, h in enumerate(headers)]
+    lines = [f"device: {report['device']}", "  ".join(h.ljust(w) for h, w in zip(headers, widths)).rstrip()]
+    lines += ["  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in cells]
+    return "\n".join(lines)
+
+
+def write_json(path: str | os.PathLike[str], report: dict[str, Any]) -> None:
+    """Write ``{"device": ..., "rows": [...]}`` to ``path`` atomically."""
+    payload = {"device": report["device"], "rows": [{k: row[k] for k in ROW_KEYS} for row in report["rows"]]}
+    atomic_write(path, (json.dumps(payload, indent=2) + "\n").encode("utf-8"))

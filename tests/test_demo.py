@@ -1,0 +1,26 @@
+import json
+
+from jaxopt_serve.cli import main
+from jaxopt_serve.demo import ROW_KEYS
+from jaxopt_serve.models import CNNConfig
+
+
+def test_demo_prints_the_table_and_writes_json(tmp_path, capsys, monkeypatch):
+    # Shrink the demo so the test stays cheap; the real demo trains the default CNN for 600 steps.
+    import jaxopt_serve.demo as demo
+
+    original = demo.run_demo
+    monkeypatch.setattr(demo, "run_demo", lambda **kw: original(config=CNNConfig(channels=(4, 8), hidden=8),
+                                                                   latency_repeats=5, **kw))
+    path = tmp_path / "demo.json"
+    assert main(["demo", "--steps", "40", "--no-progress", "--json", str(path), "--out-dir", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "p50 latency b1 (ms)" in out and "\nf32 " in out
+    report = json.loads(path.read_text())
+    assert set(report) == {"device", "rows"}
+    assert report["device"].startswith("cpu")
+    (row,) = report["rows"]
+    assert tuple(row) == ROW_KEYS and row["variant"] == "f32"
+    assert row["params"] > 0 and row["bytes"] == (tmp_path / "cnn_f32.jxs").stat().st_size
+    assert 0.0 < row["accuracy"] <= 1.0
+    assert row["latency_b1_ms"] > 0 and row["throughput_b256"] > 0
