@@ -1,0 +1,322 @@
+"""Quantization-aware training (QAT) with a straight-through estimator.
+
+The forward pass sees the weights the quantized model will have (quantized,
+then dequantized: ``fake_quantize``); the backward pass treats that round trip
+as the identity, so the gradient updates the float "master" weights as if
+nothing had been quantized. After a short fine-tune the float weights sit
+where their quantized versions classify well, and ``rules.quantize`` turns
+them into the real ``QArray`` tree.
+
+Leaves are selected exactly as ``rules.quantize`` selects them: paths such as
+``"params/dense_0/kernel"``, the first rule whose pattern fully matches wins,
+and a rule with ``spec=None`` keeps a leaf in float.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxopt_serve.models.config import ModelConfig
+from jaxopt_serve.models.functional import ApplyFn, Variables, make_apply
+from jaxopt_serve.quant.qarray import QArray, QuantSpec, fake_quantize, resolve_axis
+from jaxopt_serve.quant.rules import QuantizeResult, QuantRule, path_str, quantize
+from jaxopt_serve.train.loop import FitResult, classification_loss, fit
+from jaxopt_serve.train.recipes import default_optimizer
+
+QAT_LEARNING_RATE = 1e-3
+
+
+def ternary_rules() -> list[QuantRule]:
+    """The ternary recipe: every kernel ternary per channel, the classifier kernel int8 per channel.
+
+    Keeping the last layer at higher precision is common practice (it holds few
+    weights but decides every logit); biases, batch norm and embeddings stay
+    float, as with ``default_rules``.
+
+    Example:
+        >>> [(rule.pattern, rule.spec.qtype) for rule in ternary_rules()]
+        [('params/classifier/kernel', 'int8'), ('params/(.*/)?kernel', 'ternary')]
+    """
+    return [
+        QuantRule(r"params/classifier/kernel", QuantSpec(qtype="int8")),
+        QuantRule(r"params/(.*/)?kernel", QuantSpec(qtype="ternary")),
+    ]
+
+
+def selected_specs(tree: Mapping[str, Any], rules: Sequence[QuantRule], *, prefix: str | None = None) -> dict[str, QuantSpec]:
+    """The ``QuantSpec`` each leaf of ``tree`` gets from ``rules`` (first match wins), keyed by path.
+
+    Leaves matched by no rule or by a ``spec=None`` rule are left out. Checks
+    eagerly (before any tracing) that every selected leaf is a float array
+    that fits its spec.
+
+    Args:
+        tree: a variables dict (``{"params": ...}``) or a bare params dict.
+        rules: the quantization rules.
+        prefix: path prefix of the leaves; by default ``""`` for a variables
+            dict (it has a ``"params"`` key) and ``"params"`` otherwise.
+
+    Raises:
+        ValueError: a selected leaf is already quantized, not a float array, or
+            does not fit its spec (e.g. a group size that does not divide it);
+            the message names the leaf's path.
+
+    Example:
+        >>> from jaxopt_serve.models import MLPConfig, init_variables
+        >>> params = init_variables(MLPConfig(features=(8,)), 0)["params"]
+        >>> sorted(selected_specs(params, ternary_rules()))
+        ['params/classifier/kernel', 'params/dense_0/kernel']
+    """
+    specs: dict[str, QuantSpec] = {}
+    for path, leaf in jax.tree_util.tree_leaves_with_path(tree, is_leaf=_is_qarray):
+        name = _join(_prefix(tree, prefix), path_str(path))
+        spec = _first_spec(name, rules)
+        if spec is None:
+            continue
+        if isinstance(leaf, QArray):
+            raise ValueError(f"{name}: already quantized ({leaf!r}); QAT needs the float weights")
+        if not hasattr(leaf, "dtype") or not hasattr(leaf, "shape"):
+            raise ValueError(f"{name}: selected for quantization but it is a {type(leaf).__name__}, not an array")
+        if not jnp.issubdtype(leaf.dtype, jnp.floating):
+            raise ValueError(f"{name}: selected for quantization but its dtype is {leaf.dtype}; only float arrays can be")
+        resolve_axis(tuple(leaf.shape), spec, name=name)
+        specs[name] = spec
+    return specs
+
+
+def fake_quantize_tree(tree: Mapping[str, Any], rules: Sequence[QuantRule], *, prefix: str | None = None) -> Any:
+    """``tree`` with every leaf selected by ``rules`` fake-quantized (straight-through gradient).
+
+    Args:
+        tree: a variables dict (``{"params": ..., "batch_stats": ...}``) or a bare params dict.
+        rules: the quantization rules, as for ``rules.quantize``.
+        prefix: see ``selected_specs``.
+
+    Returns:
+        A tree of the same structure: selected leaves hold their quantized-then-
+        dequantized values, whose gradient with respect to the input leaf is
+        the identity; every other leaf is returned as is.
+
+    Example:
+        >>> import jax, jax.numpy as jnp
+        >>> from jaxopt_serve.quant import QuantSpec
+        >>> tree = {"params": {"dense": {"kernel": jnp.array([[0.9, -0.05], [-1.1, 0.4]]), "bias": jnp.ones(2)}}}
+        >>> out = fake_quantize_tree(tree, [QuantRule(r".*/kernel", QuantSpec(qtype="binary"))])
+        >>> out["params"]["dense"]["kernel"].round(3).tolist(), out["params"]["dense"]["bias"].tolist()
+        ([[1.0, -0.225], [-1.0, 0.225]], [1.0, 1.0])
+    """
+    specs = selected_specs(tree, rules, prefix=prefix)
+    base = _prefix(tree, prefix)
+
+    def visit(path, leaf):
+        spec = specs.get(_join(base, path_str(path)))
+        return leaf if spec is None else fake_quantize(leaf, spec)
+
+    return jax.tree_util.tree_map_with_path(visit, tree, is_leaf=_is_qarray)
+
+
+def qat_apply(config: ModelConfig, rules: Sequence[QuantRule]) -> ApplyFn:
+    """``make_apply(config)`` with the params selected by ``rules`` fake-quantized in the forward pass.
+
+    Only ``variables["params"]`` is fake-quantized; the other collections
+    (``batch_stats``) pass through, and their updates are returned as usual.
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> from jaxopt_serve.models import MLPConfig, init_variables
+        >>> cfg = MLPConfig(features=(8,), num_classes=4)
+        >>> logits, _ = qat_apply(cfg, ternary_rules())(init_variables(cfg, 0), jnp.ones((2, 8, 8, 1)))
+        >>> logits.shape
+        (2, 4)
+    """
+    rules = _check_rules(rules)
+    apply = make_apply(config)
+
+    def apply_fake_quantized(variables: Variables, x: jax.Array, *, train: bool = False, rng: jax.Array | None = None):
+        params = fake_quantize_tree(variables["params"], rules, prefix="params")
+        return apply({**variables, "params": params}, x, train=train, rng=rng)
+
+    return apply_fake_quantized
+
+
+def qat_finetune(
+    config: ModelConfig,
+    variables: Variables,
+    dataset: Any,
+    rules: Sequence[QuantRule],
+    *,
+    steps: int,
+    batch_size: int = 64,
+    learning_rate: float = QAT_LEARNING_RATE,
+    seed: int = 0,
+    progress: bool = True,
+) -> tuple[QuantizeResult, FitResult]:
+    """Fine-tune ``variables`` with fake-quantized weights, then quantize them for real.
+
+    Runs ``fit`` on ``classification_loss(qat_apply(config, rules))`` with
+    ``default_optimizer`` (AdamW, short warm-up, cosine decay), starting from
+    the trained float ``variables``; then ``rules.quantize`` turns the
+    fine-tuned float weights into ``QArray`` leaves (so its forward pass is the
+    one that was trained).
+
+    Args:
+        config: the model.
+        variables: trained float variables (the starting point).
+        dataset: a ``Dataset`` (its training split is used) or ``(x, y)`` arrays.
+        rules: which leaves to quantize and how (``ternary_rules()``, ``default_rules(spec)``, ...).
+        steps: optimizer steps; a few hundred recover most of a ternary model's accuracy.
+        batch_size: examples per step.
+        learning_rate: peak learning rate; lower than training from scratch,
+            since the weights start trained.
+        seed: seeds the batch order and dropout.
+        progress: show a progress bar.
+
+    Returns:
+        ``(QuantizeResult, FitResult)``: the quantized variables with the
+        report of ``rules.quantize``, and the fine-tune's history.
+
+    Raises:
+        ValueError: a bad argument, or a selected leaf that cannot be quantized
+            under its rule (named by path), raised before anything is compiled.
+
+    Example:
+        >>> import numpy as np
+        >>> from jaxopt_serve.models import MLPConfig, init_variables
+        >>> cfg = MLPConfig(features=(16,), num_classes=2, input_shape=(4,))
+        >>> x = np.random.default_rng(0).normal(size=(64, 4)).astype(np.float32)
+        >>> y = (x[:, 0] > 0).astype(np.int32)
+        >>> q, fitted = qat_finetune(cfg, init_variables(cfg, 0), (x, y), ternary_rules(),
+        ...                          steps=20, batch_size=16, progress=False)
+        >>> sorted(q.quantized), len(fitted.history)
+        (['params/classifier/kernel', 'params/dense_0/kernel'], 1)
+    """
+    rules = _check_rules(rules)
+    if not isinstance(steps, int) or isinstance(steps, bool) or steps <= 0:
+        raise ValueError(f"steps must be a positive int, got {steps!r}")
+    if not (isinstance(learning_rate, (int, float)) and np.isfinite(learning_rate) and learning_rate > 0):
+        raise ValueError(f"learning_rate must be a positive finite number, got {learning_rate!r}")
+    if not isinstance(variables, Mapping) or "params" not in variables:
+        raise ValueError(f"variables must be a dict with a 'params' collection, got keys {_keys(variables)}")
+    data = _training_arrays(dataset)
+    selected_specs(variables, rules)  # fail on a bad path/spec before compiling anything
+    result = fit(
+        classification_loss(qat_apply(config, rules)),
+        variables,
+        data,
+        optimizer=default_optimizer(steps, learning_rate=learning_rate),
+        steps=steps,
+        batch_size=batch_size,
+        seed=seed,
+        progress=progress,
+    )
+    return quantize(result.variables, rules), result
+
+
+def reestimate_batch_stats(
+    apply_fn: ApplyFn, variables: Variables, x: np.ndarray, *, batch_size: int = 256
+) -> Variables:
+    """``variables`` with their running statistics (``batch_stats``) recomputed over ``x``.
+
+    Batch norm's running mean and variance are moving averages over the last
+    training steps. During QAT the quantized weights keep changing (a ternary
+    weight crossing its threshold flips a whole output), so those averages mix
+    several networks; recomputing them once with the final weights removes
+    that noise (and alone recovers much of what post-training quantization
+    loses). Every train-mode update of a running statistic is
+    ``new = momentum * old + (1 - momentum) * batch_statistic``; two train-mode
+    passes per batch, from all-zero and from all-one statistics, solve it for
+    ``batch_statistic`` whatever the momentum. The statistics are averaged over
+    ``len(x) // batch_size`` batches of ``x`` in order (one batch when ``x`` is
+    smaller). Params are unchanged; a model without such state is returned as is.
+
+    Args:
+        apply_fn: ``make_apply(config)``, or ``qat_apply(config, rules)`` to
+            measure the statistics of the fake-quantized network.
+        variables: float variables (params and the state to recompute).
+        x: inputs, example axis first (e.g. the training images).
+        batch_size: examples per pass.
+
+    Example:
+        >>> import numpy as np
+        >>> from jaxopt_serve.models import CNNConfig, init_variables, make_apply
+        >>> cfg = CNNConfig(channels=(4,), hidden=0)
+        >>> x = np.random.default_rng(0).normal(size=(32, 8, 8, 1)).astype(np.float32)
+        >>> v = reestimate_batch_stats(make_apply(cfg), init_variables(cfg, 0), x, batch_size=32)
+        >>> np.allclose(v["batch_stats"]["bn_0"]["mean"], 0.0)
+        False
+    """
+    if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size <= 0:
+        raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+    x = np.asarray(x)
+    if x.ndim == 0 or len(x) == 0:
+        raise ValueError(f"x must hold at least one example, got shape {x.shape}")
+    state = {name: tree for name, tree in variables.items() if name != "params"}
+    if not jax.tree.leaves(state):
+        return variables
+    batch_size = min(batch_size, len(x))
+
+    @jax.jit
+    def batch_statistics(batch):
+        _, at_zero = apply_fn({**variables, **jax.tree.map(jnp.zeros_like, state)}, batch, train=True)
+        _, at_one = apply_fn({**variables, **jax.tree.map(jnp.ones_like, state)}, batch, train=True)
+        # at_zero = (1 - momentum) * stat and at_one - at_zero = momentum, leaf by leaf.
+        return jax.tree.map(lambda z, o: z / (1.0 - (o - z)), at_zero, at_one)
+
+    total = None
+    count = len(x) // batch_size
+    for index in range(count):
+        stats = batch_statistics(x[index * batch_size : (index + 1) * batch_size])
+        total = stats if total is None else jax.tree.map(jnp.add, total, stats)
+    averaged = jax.tree.map(lambda t: t / count, total)
+    return {**variables, **{name: {**_as_dict(variables[name]), **_as_dict(tree)} for name, tree in averaged.items()}}
+
+
+def _as_dict(tree: Any) -> dict[str, Any]:
+    return dict(tree) if isinstance(tree, Mapping) else tree
+
+
+def _is_qarray(x: Any) -> bool:
+    return isinstance(x, QArray)
+
+
+def _prefix(tree: Any, prefix: str | None) -> str:
+    if prefix is not None:
+        return prefix.strip("/")
+    return "" if isinstance(tree, Mapping) and "params" in tree else "params"
+
+
+def _join(prefix: str, path: str) -> str:
+    return f"{prefix}/{path}" if prefix else path
+
+
+def _first_spec(name: str, rules: Sequence[QuantRule]) -> QuantSpec | None:
+    for rule in rules:
+        if rule.matches(name):
+            return rule.spec
+    return None
+
+
+def _check_rules(rules: Sequence[QuantRule]) -> list[QuantRule]:
+    if isinstance(rules, QuantRule) or not isinstance(rules, Sequence):
+        raise TypeError(f"rules must be a sequence of QuantRule, got {type(rules).__name__}")
+    for index, rule in enumerate(rules):
+        if not isinstance(rule, QuantRule):
+            raise TypeError(f"rules[{index}] must be a QuantRule, got {type(rule).__name__}")
+    return list(rules)
+
+
+def _training_arrays(dataset: Any) -> tuple[np.ndarray, np.ndarray]:
+    if hasattr(dataset, "x_train") and hasattr(dataset, "y_train"):
+        return dataset.x_train, dataset.y_train
+    if isinstance(dataset, Sequence) and len(dataset) == 2:
+        return dataset[0], dataset[1]
+    raise ValueError(f"dataset must be a Dataset or an (x, y) pair, got {type(dataset).__name__}")
+
+
+def _keys(tree: Any) -> list[str] | str:
+    return sorted(map(str, tree)) if isinstance(tree, Mapping) else type(tree).__name__
