@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import importlib
 import json
 import os
 import struct
@@ -42,6 +43,11 @@ _DIGEST_BYTES = 32
 # layout name -> function(config, raw variables, header) -> variables, for
 # chapters that store variables in another form (quantized, sparse).
 _LAYOUTS: dict[str, Callable[[ModelConfig, Variables, dict[str, Any]], Variables]] = {}
+# layout name -> function(variables) -> plain nested dict of arrays, applied by
+# ``save_artifact`` (layouts whose in-memory variables are not plain arrays).
+_ENCODERS: dict[str, Callable[[Variables], Variables]] = {}
+# layouts registered by a module of this package: imported on first load.
+_LAYOUT_MODULES = {"quantized": "jaxopt_serve.quant"}
 
 
 class ArtifactError(ValueError):
@@ -68,9 +74,23 @@ class Artifact:
     layout: str = "dense"
 
 
-def register_layout(name: str, decode: Callable[[ModelConfig, Variables, dict[str, Any]], Variables]) -> None:
-    """Let ``load_artifact`` decode variables stored with layout ``name``."""
+def register_layout(
+    name: str,
+    decode: Callable[[ModelConfig, Variables, dict[str, Any]], Variables],
+    encode: Callable[[Variables], Variables] | None = None,
+) -> None:
+    """Let ``load_artifact`` decode variables stored with layout ``name``.
+
+    ``encode`` (optional) turns an ``Artifact``'s in-memory variables of that
+    layout into the plain nested dict of arrays ``save_artifact`` writes;
+    ``decode(config, raw, header)`` turns them back (raising ``ArtifactError``
+    when they do not fit the model; ``load_artifact`` prefixes the file path).
+    """
     _LAYOUTS[name] = decode
+    if encode is None:
+        _ENCODERS.pop(name, None)
+    else:
+        _ENCODERS[name] = encode
 
 
 def save_artifact(path: str | os.PathLike[str], artifact: Artifact) -> int:
@@ -86,7 +106,9 @@ def save_artifact(path: str | os.PathLike[str], artifact: Artifact) -> int:
         >>> load_artifact(path).config == cfg
         True
     """
-    payload = serialization.msgpack_serialize(_to_numpy(artifact.variables))
+    encode = _ENCODERS.get(artifact.layout)
+    variables = encode(artifact.variables) if encode is not None else artifact.variables
+    payload = serialization.msgpack_serialize(_to_numpy(variables))
     header = {
         "format_version": FORMAT_VERSION,
         "model": artifact.config.to_dict(),
@@ -127,12 +149,17 @@ def load_artifact(path: str | os.PathLike[str], *, check_shapes: bool = True) ->
         raise ArtifactError(f"artifact {path}: its model config is invalid: {err}") from err
     input_shape = tuple(header["input_shape"])
     layout = header.get("layout", "dense")
+    if layout not in _LAYOUTS and layout in _LAYOUT_MODULES:
+        importlib.import_module(_LAYOUT_MODULES[layout])
     if layout == "dense":
         variables = raw
         if check_shapes:
             _check_variables(path, config, variables, input_shape)
     elif layout in _LAYOUTS:
-        variables = _LAYOUTS[layout](config, raw, header)
+        try:
+            variables = _LAYOUTS[layout](config, raw, header)
+        except ArtifactError as err:
+            raise ArtifactError(f"artifact {path}: {err}") from err
     else:
         raise ArtifactError(f"artifact {path}: unknown variables layout {layout!r}; known: {['dense', *_LAYOUTS]}")
     return Artifact(config, variables, input_shape, header.get("metadata", {}), layout)
@@ -194,7 +221,13 @@ def _check_variables(path: Path, config: ModelConfig, variables: Variables, inpu
             )
 
 
-def _to_numpy(tree: Any) -> Any:
+def _to_numpy(tree: Any, path: str = "") -> Any:
     if isinstance(tree, dict):
-        return {str(k): _to_numpy(v) for k, v in tree.items()}
-    return np.asarray(jax.device_get(tree))
+        return {str(k): _to_numpy(v, f"{path}/{k}" if path else str(k)) for k, v in tree.items()}
+    array = np.asarray(jax.device_get(tree))
+    if array.dtype == object:
+        raise ValueError(
+            f"variable {path} is a {type(tree).__name__}, not an array; this layout stores arrays only "
+            f"(quantized variables: jaxopt_serve.quant.quantized_artifact)"
+        )
+    return array

@@ -1,4 +1,4 @@
-"""The ``jaxopt-serve`` command line: ``train``, ``eval`` and ``demo``."""
+"""The ``jaxopt-serve`` command line: ``train``, ``eval``, ``demo`` and ``quantize``."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ from collections.abc import Sequence
 from jaxopt_serve.extras import MissingExtraError
 
 IMAGE_MODELS = ("cnn", "mlp", "nnx_mlp")
+QUANT_BITS = ("8", "4", "ternary", "binary")
 
 
 def _positive_int(text: str) -> int:
@@ -50,6 +51,26 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--json", metavar="PATH", help="also write the rows as JSON to PATH")
     demo.add_argument("--out-dir", metavar="DIR", help="where to keep the artifacts (default: a temporary directory)")
     demo.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+    quantize = sub.add_parser("quantize", help="quantize the kernels of an artifact and save a quantized artifact",
+                              description="Quantize every Dense/Conv kernel of a float artifact (biases, norms and "
+                              "embeddings stay float), save the quantized artifact with its values packed, and print "
+                              "the file sizes before and after.")
+    quantize.add_argument("artifact", help="float artifact (written by 'jaxopt-serve train')")
+    quantize.add_argument("--bits", choices=QUANT_BITS, default="8",
+                          help="int8, int4, ternary ({-1,0,1} x scale) or binary ({-1,1} x scale) (default: 8)")
+    quantize.add_argument("--granularity", choices=("tensor", "channel", "group"), default="channel",
+                          help="one scale per tensor, per output channel, or per group along the contraction axis "
+                          "(default: channel)")
+    quantize.add_argument("--group-size", type=_positive_int, metavar="N",
+                          help="elements per group (--granularity group); must divide the grouped axis of every kernel")
+    quantize.add_argument("--asymmetric", action="store_true", help="asymmetric with a zero point (8 and 4 bits only)")
+    quantize.add_argument("--calibration", choices=("absmax", "percentile", "mse"), default="absmax",
+                          help="how the clipping range is chosen (default: absmax)")
+    quantize.add_argument("--keep-float", metavar="REGEX", nargs="+", action="extend", default=[],
+                          help="keep the parameters whose path (e.g. params/conv_0/kernel) fully matches REGEX in "
+                          "float; repeatable")
+    quantize.add_argument("-o", "--output", required=True, help="quantized artifact path to write")
     return parser
 
 
@@ -74,6 +95,7 @@ def _eval(args: argparse.Namespace) -> int:
     from jaxopt_serve.artifact import load_artifact
     from jaxopt_serve.data import load_digits
     from jaxopt_serve.models import predict_fn
+    from jaxopt_serve.quant import dequantize_tree
     from jaxopt_serve.train import accuracy
 
     artifact = load_artifact(args.artifact)
@@ -82,7 +104,9 @@ def _eval(args: argparse.Namespace) -> int:
         print(f"error: artifact input shape {artifact.input_shape} does not match the digits {dataset.input_shape}",
               file=sys.stderr)
         return 2
-    acc = accuracy(predict_fn(artifact.config), artifact.variables, dataset.x_test, dataset.y_test)
+    # A quantized artifact is evaluated on its dequantized weights (what every quantized runtime mode approximates).
+    variables = dequantize_tree(artifact.variables)
+    acc = accuracy(predict_fn(artifact.config), variables, dataset.x_test, dataset.y_test)
     if args.json:
         print(json.dumps({"artifact": args.artifact, "model": artifact.config.name, "accuracy": acc}))
     else:
@@ -102,10 +126,51 @@ def _demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _quantize(args: argparse.Namespace) -> int:
+    import os
+    import warnings
+
+    from jaxopt_serve.artifact import load_artifact, save_artifact
+    from jaxopt_serve.quant import QuantRule, QuantSpec, UnusedRuleWarning, default_rules, quantize, quantized_artifact
+
+    qtype = {"8": "int8", "4": "int4"}.get(args.bits, args.bits)
+    spec = QuantSpec(
+        qtype=qtype,
+        granularity=args.granularity,
+        group_size=args.group_size,
+        symmetric=not args.asymmetric,
+        calibration=args.calibration,
+    )
+    rules = [QuantRule(pattern, None) for pattern in args.keep_float] + default_rules(spec)
+    source = load_artifact(args.artifact)
+    if source.layout != "dense":
+        raise ValueError(f"{args.artifact} has the {source.layout!r} layout; 'quantize' needs a float (dense) artifact")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UnusedRuleWarning)  # reported below
+        result = quantize(source.variables, rules)
+    metadata = {
+        "quantization": {
+            "qtype": qtype, "granularity": args.granularity, "group_size": args.group_size,
+            "symmetric": not args.asymmetric, "calibration": args.calibration, "keep_float": list(args.keep_float),
+            "quantized": sorted(result.quantized),
+        },
+        "float_model": source.metadata,
+    }
+    artifact = quantized_artifact(source.config, result.variables, source.input_shape, metadata)
+    before = os.path.getsize(args.artifact)
+    after = save_artifact(args.output, artifact)
+    print(f"quantized {len(result.quantized)} kernels of {args.artifact} to {qtype} ({args.granularity}"
+          f"{f', group size {args.group_size}' if args.group_size else ''}); saved {args.output}")
+    print(f"size: {before:,} -> {after:,} bytes ({before / after:.2f}x smaller)")
+    if result.unused_rules:
+        print(f"unused rules (matched no parameter): {result.unused_rules}")
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``jaxopt-serve``; returns the process exit status."""
     args = build_parser().parse_args(argv)
-    handler = {"train": _train, "eval": _eval, "demo": _demo}[args.command]
+    handler = {"train": _train, "eval": _eval, "demo": _demo, "quantize": _quantize}[args.command]
     try:
         return handler(args)
     except MissingExtraError as err:

@@ -12,7 +12,7 @@ import dataclasses
 import json
 import os
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -51,6 +51,8 @@ class DemoContext:
     base_path: Path
     out_dir: Path
     seed: int
+    qat_steps: int = 300
+    progress: bool = False
 
 
 def f32_variant(ctx: DemoContext) -> list[Variant]:
@@ -60,7 +62,35 @@ def f32_variant(ctx: DemoContext) -> list[Variant]:
     ]
 
 
-VARIANT_BUILDERS: list[Callable[[DemoContext], list[Variant]]] = [f32_variant]
+def quantized_variants(ctx: DemoContext) -> list[Variant]:
+    """int8 dynamic W8A8, int8 static (calibrated), int4 per-group weight-only, ternary with QAT."""
+    from jaxopt_serve.quant import QuantRule, QuantSpec, grouped_rules, quantize
+    from jaxopt_serve.quant.calibrate import calibrate
+    from jaxopt_serve.quant.qat import qat_finetune, ternary_rules
+    from jaxopt_serve.quant.runtime import quantized_predict_fn
+    from jaxopt_serve.quant.serialize import quantized_artifact
+
+    config, variables = ctx.base.config, ctx.base.variables
+    kernels = r"params/(.*/)?kernel"
+    int8 = quantize(variables, [QuantRule(kernels, QuantSpec(qtype="int8"))]).variables
+    static = calibrate(config, int8, ctx.dataset.x_train[:512], method="percentile")
+    int4 = quantize(variables, grouped_rules(variables, QuantSpec(qtype="int4", granularity="group", group_size=32))).variables
+    qat, _ = qat_finetune(config, variables, ctx.dataset, ternary_rules(), steps=ctx.qat_steps, seed=ctx.seed,
+                          progress=ctx.progress)
+    variants = []
+    for name, qvariables, mode in [
+        ("int8 W8A8 dynamic", int8, "dynamic"),
+        ("int8 W8A8 static", static, "static"),
+        ("int4 g32 weight-only", int4, "weight_only"),
+        ("ternary QAT", qat.variables, "auto"),
+    ]:
+        path = ctx.out_dir / f"cnn_{name.split()[0]}_{mode}.jxs"
+        save_artifact(path, quantized_artifact(config, qvariables, ctx.base.input_shape, {"mode": mode}))
+        variants.append(Variant(name, quantized_predict_fn(config, mode=mode), qvariables, path, count_params(variables)))
+    return variants
+
+
+VARIANT_BUILDERS: list[Callable[[DemoContext], list[Variant]]] = [f32_variant, quantized_variants]
 
 
 def measure(variant: Variant, dataset: Dataset, *, latency_repeats: int = 200, throughput_repeats: int = 20) -> dict[str, Any]:
@@ -87,6 +117,8 @@ def run_demo(
     progress: bool = True,
     config: CNNConfig | None = None,
     latency_repeats: int = 200,
+    qat_steps: int = 300,
+    variants: Sequence[Callable[[DemoContext], list[Variant]]] | None = None,
 ) -> dict[str, Any]:
     """Train the reference CNN on the digits and measure every variant; returns ``{"device", "rows"}``."""
     dataset = load_digits(seed=seed)
@@ -94,10 +126,11 @@ def run_demo(
     base, _ = train_classifier(config or CNNConfig(), dataset, steps=steps, seed=seed, progress=progress)
     base_path = out / "cnn_f32.jxs"
     save_artifact(base_path, base)
-    ctx = DemoContext(dataset=dataset, base=base, base_path=base_path, out_dir=out, seed=seed)
+    ctx = DemoContext(dataset=dataset, base=base, base_path=base_path, out_dir=out, seed=seed,
+                      qat_steps=qat_steps, progress=progress)
     rows = [
         measure(variant, dataset, latency_repeats=latency_repeats)
-        for builder in VARIANT_BUILDERS
+        for builder in (VARIANT_BUILDERS if variants is None else variants)
         for variant in builder(ctx)
     ]
     return {"device": device_description(), "artifacts": str(out), "rows": rows}

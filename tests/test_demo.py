@@ -10,8 +10,8 @@ def test_demo_prints_the_table_and_writes_json(tmp_path, capsys, monkeypatch):
     import jaxopt_serve.demo as demo
 
     original = demo.run_demo
-    monkeypatch.setattr(demo, "run_demo", lambda **kw: original(config=CNNConfig(channels=(4, 8), hidden=8),
-                                                                   latency_repeats=5, **kw))
+    monkeypatch.setattr(demo, "run_demo", lambda **kw: original(config=CNNConfig(channels=(8, 16), hidden=16),
+                                                                   latency_repeats=5, qat_steps=20, **kw))
     path = tmp_path / "demo.json"
     assert main(["demo", "--steps", "40", "--no-progress", "--json", str(path), "--out-dir", str(tmp_path)]) == 0
     out = capsys.readouterr().out
@@ -19,8 +19,14 @@ def test_demo_prints_the_table_and_writes_json(tmp_path, capsys, monkeypatch):
     report = json.loads(path.read_text())
     assert set(report) == {"device", "rows"}
     assert report["device"].startswith("cpu")
-    (row,) = report["rows"]
-    assert tuple(row) == ROW_KEYS and row["variant"] == "f32"
-    assert row["params"] > 0 and row["bytes"] == (tmp_path / "cnn_f32.jxs").stat().st_size
-    assert 0.0 < row["accuracy"] <= 1.0
-    assert row["latency_b1_ms"] > 0 and row["throughput_b256"] > 0
+    rows = {row["variant"]: row for row in report["rows"]}
+    assert list(rows) == ["f32", "int8 W8A8 dynamic", "int8 W8A8 static", "int4 g32 weight-only", "ternary QAT"]
+    assert rows["f32"]["bytes"] == (tmp_path / "cnn_f32.jxs").stat().st_size
+    for row in rows.values():
+        assert tuple(row) == ROW_KEYS
+        assert row["params"] == rows["f32"]["params"] > 0
+        assert 0.0 < row["accuracy"] <= 1.0
+        assert row["latency_b1_ms"] > 0 and row["throughput_b256"] > 0
+    assert rows["int4 g32 weight-only"]["bytes"] < rows["int8 W8A8 dynamic"]["bytes"] < rows["f32"]["bytes"]
+    # int8 PTQ of a trained model keeps its accuracy within a couple of test images
+    assert abs(rows["int8 W8A8 dynamic"]["accuracy"] - rows["f32"]["accuracy"]) <= 0.02

@@ -63,3 +63,29 @@ def load_digits(*, test_fraction: float = 0.2, seed: int = 0) -> Dataset:
         y_test=labels[test_mask],
         num_classes=int(labels.max()) + 1,
     )
+
+
+CLS_TOKEN = 17
+
+
+def load_digit_tokens(*, test_fraction: float = 0.2, seed: int = 0) -> Dataset:
+    """The digits as token sequences, for the Transformer encoder: a real task from bundled data.
+
+    Each 8x8 image becomes 65 int32 tokens: a ``[CLS]`` token (id 17) then the
+    64 pixel intensities 0..16 in row-major order (vocabulary size 18). The
+    split is the same as ``load_digits`` with the same arguments.
+
+    Example:
+        >>> ds = load_digit_tokens()
+        >>> ds.x_train.shape, ds.x_train.dtype, int(ds.x_train.max()) <= CLS_TOKEN
+        ((1438, 65), dtype('int32'), True)
+    """
+    images = load_digits(test_fraction=test_fraction, seed=seed)
+
+    def tokens(x: np.ndarray) -> np.ndarray:
+        pixels = np.round(x.reshape(len(x), -1) * 16.0).astype(np.int32)
+        return np.concatenate([np.full((len(x), 1), CLS_TOKEN, np.int32), pixels], axis=1)
+
+    return dataclasses.replace(
+        images, name="digit_tokens", x_train=tokens(images.x_train), x_test=tokens(images.x_test)
+    )

@@ -7,9 +7,19 @@ from jaxopt_serve.quant.rules import (
     UnusedRuleWarning,
     default_rules,
     dequantize_tree,
+    grouped_rules,
     quantize,
     tree_nbytes,
 )
+from jaxopt_serve.quant.qat import (
+    fake_quantize_tree,
+    qat_apply,
+    qat_finetune,
+    reestimate_batch_stats,
+    selected_specs,
+    ternary_rules,
+)
+from jaxopt_serve.quant.serialize import check_qvariables, decode_qtree, encode_qtree, quantized_artifact
 
 __all__ = [
     "BITS",
@@ -18,12 +28,23 @@ __all__ = [
     "QuantSpec",
     "QuantizeResult",
     "UnusedRuleWarning",
+    "check_qvariables",
+    "decode_qtree",
     "default_rules",
     "dequantize_tree",
+    "grouped_rules",
+    "encode_qtree",
     "fake_quantize",
+    "fake_quantize_tree",
     "pack",
+    "qat_apply",
+    "qat_finetune",
     "quantize",
     "quantize_array",
+    "quantized_artifact",
+    "reestimate_batch_stats",
+    "selected_specs",
+    "ternary_rules",
     "tree_nbytes",
     "unpack",
 ]

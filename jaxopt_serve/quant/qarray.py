@@ -20,6 +20,7 @@ values packed into ``uint8``, so their bytes really are 2x, 4x and 8x fewer.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from typing import Literal
 
@@ -202,8 +203,7 @@ def quantize_array(x: jax.Array, spec: QuantSpec, *, name: str = "array") -> QAr
     if not isinstance(x, jax.core.Tracer) and not bool(jnp.isfinite(x).all()):
         raise ValueError(f"{name}: cannot quantize an array holding NaN or inf (shape {tuple(x.shape)})")
     axis = resolve_axis(tuple(x.shape), spec, name=name)
-    q, scale, zero_point = _quantize(x.astype(jnp.float32), spec, axis)
-    values = q if spec.bits == 8 else pack(q.reshape(-1), spec.qtype)
+    values, scale, zero_point = _quantize_packed(x, spec, axis)
     return QArray(
         values=values,
         scale=scale,
@@ -215,6 +215,14 @@ def quantize_array(x: jax.Array, spec: QuantSpec, *, name: str = "array") -> QAr
         axis=axis,
         group_size=spec.group_size,
     )
+
+
+@functools.partial(jax.jit, static_argnames=("spec", "axis"))
+def _quantize_packed(x: jax.Array, spec: QuantSpec, axis: int | None):
+    """Quantize and pack as one compiled program (eagerly, each small op would compile on its own)."""
+    q, scale, zero_point = _quantize(x.astype(jnp.float32), spec, axis)
+    values = q if spec.bits == 8 else pack(q.reshape(-1), spec.qtype)
+    return values, scale, zero_point
 
 
 def fake_quantize(x: jax.Array, spec: QuantSpec) -> jax.Array:

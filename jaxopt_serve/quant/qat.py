@@ -14,6 +14,7 @@ and a rule with ``spec=None`` keeps a leaf in float.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -24,7 +25,7 @@ import numpy as np
 from jaxopt_serve.models.config import ModelConfig
 from jaxopt_serve.models.functional import ApplyFn, Variables, make_apply
 from jaxopt_serve.quant.qarray import QArray, QuantSpec, fake_quantize, resolve_axis
-from jaxopt_serve.quant.rules import QuantizeResult, QuantRule, path_str, quantize
+from jaxopt_serve.quant.rules import QuantizeResult, QuantRule, dequantize_tree, path_str, quantize
 from jaxopt_serve.train.loop import FitResult, classification_loss, fit
 from jaxopt_serve.train.recipes import default_optimizer
 
@@ -68,7 +69,7 @@ def selected_specs(tree: Mapping[str, Any], rules: Sequence[QuantRule], *, prefi
 
     Example:
         >>> from jaxopt_serve.models import MLPConfig, init_variables
-        >>> params = init_variables(MLPConfig(features=(8,)), 0)["params"]
+        >>> params = init_variables(MLPConfig(features=(64,)), 0)["params"]
         >>> sorted(selected_specs(params, ternary_rules()))
         ['params/classifier/kernel', 'params/dense_0/kernel']
     """
@@ -103,11 +104,11 @@ def fake_quantize_tree(tree: Mapping[str, Any], rules: Sequence[QuantRule], *, p
         the identity; every other leaf is returned as is.
 
     Example:
-        >>> import jax, jax.numpy as jnp
+        >>> import jax.numpy as jnp, numpy as np
         >>> from jaxopt_serve.quant import QuantSpec
         >>> tree = {"params": {"dense": {"kernel": jnp.array([[0.9, -0.05], [-1.1, 0.4]]), "bias": jnp.ones(2)}}}
         >>> out = fake_quantize_tree(tree, [QuantRule(r".*/kernel", QuantSpec(qtype="binary"))])
-        >>> out["params"]["dense"]["kernel"].round(3).tolist(), out["params"]["dense"]["bias"].tolist()
+        >>> np.asarray(out["params"]["dense"]["kernel"], np.float64).round(3).tolist(), out["params"]["dense"]["bias"].tolist()
         ([[1.0, -0.225], [-1.0, 0.225]], [1.0, 1.0])
     """
     specs = selected_specs(tree, rules, prefix=prefix)
@@ -129,10 +130,10 @@ def qat_apply(config: ModelConfig, rules: Sequence[QuantRule]) -> ApplyFn:
     Example:
         >>> import jax.numpy as jnp
         >>> from jaxopt_serve.models import MLPConfig, init_variables
-        >>> cfg = MLPConfig(features=(8,), num_classes=4)
+        >>> cfg = MLPConfig(features=(64,))
         >>> logits, _ = qat_apply(cfg, ternary_rules())(init_variables(cfg, 0), jnp.ones((2, 8, 8, 1)))
         >>> logits.shape
-        (2, 4)
+        (2, 10)
     """
     rules = _check_rules(rules)
     apply = make_apply(config)
@@ -155,14 +156,16 @@ def qat_finetune(
     learning_rate: float = QAT_LEARNING_RATE,
     seed: int = 0,
     progress: bool = True,
+    reestimate_stats: bool = True,
 ) -> tuple[QuantizeResult, FitResult]:
     """Fine-tune ``variables`` with fake-quantized weights, then quantize them for real.
 
     Runs ``fit`` on ``classification_loss(qat_apply(config, rules))`` with
     ``default_optimizer`` (AdamW, short warm-up, cosine decay), starting from
     the trained float ``variables``; then ``rules.quantize`` turns the
-    fine-tuned float weights into ``QArray`` leaves (so its forward pass is the
-    one that was trained).
+    fine-tuned float weights into ``QArray`` leaves, and the batch-norm
+    statistics are recomputed over the training inputs with those quantized
+    weights (``reestimate_batch_stats``).
 
     Args:
         config: the model.
@@ -175,10 +178,15 @@ def qat_finetune(
             since the weights start trained.
         seed: seeds the batch order and dropout.
         progress: show a progress bar.
+        reestimate_stats: recompute the running statistics (batch norm) with
+            the final quantized weights; without it they are moving averages
+            over the last steps' ever-changing quantized weights, which costs
+            several accuracy points on some seeds.
 
     Returns:
         ``(QuantizeResult, FitResult)``: the quantized variables with the
-        report of ``rules.quantize``, and the fine-tune's history.
+        report of ``rules.quantize``, and the fine-tune's final state (float,
+        statistics as trained) and history.
 
     Raises:
         ValueError: a bad argument, or a selected leaf that cannot be quantized
@@ -214,7 +222,16 @@ def qat_finetune(
         seed=seed,
         progress=progress,
     )
-    return quantize(result.variables, rules), result
+    quantized = quantize(result.variables, rules)
+    if reestimate_stats:
+        # Measured on the weights that will be served (eager ``quantize`` may put a
+        # few weights sitting on a ternary threshold on the other side than the
+        # jit-compiled ``fake_quantize`` of the last step did).
+        served = reestimate_batch_stats(make_apply(config), dequantize_tree(quantized.variables), data[0],
+                                        batch_size=max(batch_size, 256))
+        state = {name: tree for name, tree in served.items() if name != "params"}
+        quantized = dataclasses.replace(quantized, variables={**quantized.variables, **state})
+    return quantized, result
 
 
 def reestimate_batch_stats(
@@ -227,12 +244,15 @@ def reestimate_batch_stats(
     weight crossing its threshold flips a whole output), so those averages mix
     several networks; recomputing them once with the final weights removes
     that noise (and alone recovers much of what post-training quantization
-    loses). Every train-mode update of a running statistic is
-    ``new = momentum * old + (1 - momentum) * batch_statistic``; two train-mode
-    passes per batch, from all-zero and from all-one statistics, solve it for
-    ``batch_statistic`` whatever the momentum. The statistics are averaged over
-    ``len(x) // batch_size`` batches of ``x`` in order (one batch when ``x`` is
-    smaller). Params are unchanged; a model without such state is returned as is.
+    loses). Every leaf the train-mode ``apply_fn`` updates is taken to be a
+    running statistic, updated as
+    ``new = momentum * old + (1 - momentum) * batch_statistic`` (batch norm's
+    mean and variance); two train-mode passes per batch, from all-zero and
+    from all-one statistics, solve it for ``batch_statistic`` whatever the
+    momentum. The statistics are averaged over ``len(x) // batch_size`` batches
+    of ``x`` in order (one batch when ``x`` is smaller). Params and the leaves
+    the apply does not update are unchanged; a model without state (or an NNX
+    model, whose apply returns no updates) comes back as is.
 
     Args:
         apply_fn: ``make_apply(config)``, or ``qat_apply(config, rules)`` to
@@ -240,6 +260,10 @@ def reestimate_batch_stats(
         variables: float variables (params and the state to recompute).
         x: inputs, example axis first (e.g. the training images).
         batch_size: examples per pass.
+
+    Raises:
+        ValueError: ``x`` is empty, or an updated leaf is not a moving
+            average (the message names its path).
 
     Example:
         >>> import numpy as np
@@ -261,18 +285,28 @@ def reestimate_batch_stats(
     batch_size = min(batch_size, len(x))
 
     @jax.jit
-    def batch_statistics(batch):
+    def batch_statistics(variables, batch):
+        state = {name: tree for name, tree in variables.items() if name != "params"}
         _, at_zero = apply_fn({**variables, **jax.tree.map(jnp.zeros_like, state)}, batch, train=True)
         _, at_one = apply_fn({**variables, **jax.tree.map(jnp.ones_like, state)}, batch, train=True)
-        # at_zero = (1 - momentum) * stat and at_one - at_zero = momentum, leaf by leaf.
-        return jax.tree.map(lambda z, o: z / (1.0 - (o - z)), at_zero, at_one)
 
-    total = None
+        def solve(z, o):  # z = (1 - momentum) * stat, o - z = momentum
+            keep = 1.0 - (o - z)
+            return jnp.where(jnp.abs(keep) > 1e-6, z / jnp.where(keep == 0, 1.0, keep), jnp.nan)
+
+        return jax.tree.map(solve, at_zero, at_one)
+
     count = len(x) // batch_size
-    for index in range(count):
-        stats = batch_statistics(x[index * batch_size : (index + 1) * batch_size])
-        total = stats if total is None else jax.tree.map(jnp.add, total, stats)
+    total = batch_statistics(variables, x[:batch_size])
+    for index in range(1, count):
+        total = jax.tree.map(jnp.add, total, batch_statistics(variables, x[index * batch_size : (index + 1) * batch_size]))
     averaged = jax.tree.map(lambda t: t / count, total)
+    for path, leaf in jax.tree_util.tree_leaves_with_path(averaged):
+        if not bool(jnp.isfinite(leaf).all()):
+            raise ValueError(
+                f"{path_str(path)}: not a running statistic (its train-mode update is not a moving average with "
+                f"momentum < 1), or the inputs hold NaN/inf"
+            )
     return {**variables, **{name: {**_as_dict(variables[name]), **_as_dict(tree)} for name, tree in averaged.items()}}
 
 

@@ -51,6 +51,38 @@ def default_rules(spec: QuantSpec | None = None) -> list[QuantRule]:
     return [QuantRule(r"params/(.*/)?kernel", spec or QuantSpec())]
 
 
+def grouped_rules(variables: Mapping[str, Any], spec: QuantSpec, *, pattern: str = r"params/(.*/)?kernel") -> list[QuantRule]:
+    """One rule per leaf matching ``pattern``: ``spec`` (per-group) where its group size fits, else per-channel.
+
+    A group size that does not divide a kernel's contraction axis is an error
+    in ``quantize``; this helper makes the choice explicit instead, e.g. for a
+    first conv whose kernel ``(3, 3, 1, C)`` has no axis a group of 32 fits.
+
+    Example:
+        >>> import numpy as np
+        >>> v = {"params": {"a": {"kernel": np.ones((64, 8), np.float32)}, "b": {"kernel": np.ones((3, 8), np.float32)}}}
+        >>> [(r.pattern, r.spec.granularity) for r in grouped_rules(v, QuantSpec(qtype="int4", granularity="group", group_size=32))]
+        [('params/a/kernel', 'group'), ('params/b/kernel', 'channel')]
+    """
+    from jaxopt_serve.quant.qarray import resolve_axis
+
+    if spec.granularity != "group":
+        raise ValueError(f"grouped_rules needs a spec with granularity='group', got {spec.granularity!r}")
+    channel = dataclasses.replace(spec, granularity="channel", group_size=None, axis=None)
+    rules = []
+    for path, leaf in jax.tree_util.tree_leaves_with_path(_as_plain(variables)):
+        name = path_str(path)
+        if re.fullmatch(pattern, name) is None or not hasattr(leaf, "shape"):
+            continue
+        try:
+            resolve_axis(tuple(leaf.shape), spec, name=name)
+            chosen = spec
+        except ValueError:
+            chosen = channel
+        rules.append(QuantRule(re.escape(name), chosen))
+    return rules
+
+
 @dataclasses.dataclass
 class QuantizeResult:
     """The quantized variables and a report of what happened."""
