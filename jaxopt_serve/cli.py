@@ -42,6 +42,8 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("artifact", help="artifact written by 'jaxopt-serve train'")
     evaluate.add_argument("--seed", type=int, default=0, help="seed of the train/test split (default: 0)")
     evaluate.add_argument("--json", action="store_true", help="print the result as JSON")
+    evaluate.add_argument("--mode", choices=("auto", "dynamic", "static", "weight_only"), default="auto",
+                          help="how a quantized artifact runs (default: auto; static needs calibrated scales)")
 
     demo = sub.add_parser("demo", help="train the reference CNN and print the size/accuracy/speed table",
                           description="Train the reference CNN on the digits, then measure every model variant: "
@@ -95,7 +97,7 @@ def _eval(args: argparse.Namespace) -> int:
     from jaxopt_serve.artifact import load_artifact
     from jaxopt_serve.data import load_digits
     from jaxopt_serve.models import predict_fn
-    from jaxopt_serve.quant import dequantize_tree
+    from jaxopt_serve.quant.runtime import quantized_predict_fn
     from jaxopt_serve.train import accuracy
 
     artifact = load_artifact(args.artifact)
@@ -104,13 +106,16 @@ def _eval(args: argparse.Namespace) -> int:
         print(f"error: artifact input shape {artifact.input_shape} does not match the digits {dataset.input_shape}",
               file=sys.stderr)
         return 2
-    # A quantized artifact is evaluated on its dequantized weights (what every quantized runtime mode approximates).
-    variables = dequantize_tree(artifact.variables)
-    acc = accuracy(predict_fn(artifact.config), variables, dataset.x_test, dataset.y_test)
-    if args.json:
-        print(json.dumps({"artifact": args.artifact, "model": artifact.config.name, "accuracy": acc}))
+    if artifact.layout == "quantized":  # run it quantized, as it will be served
+        mode = args.mode if args.mode != "static" or "quant_act" in artifact.variables else "auto"
+        predict = quantized_predict_fn(artifact.config, mode=mode)
     else:
-        print(f"{args.artifact}: {artifact.config.name}, test accuracy {acc:.2%} on {len(dataset.y_test)} digits")
+        mode, predict = "f32", predict_fn(artifact.config)
+    acc = accuracy(predict, artifact.variables, dataset.x_test, dataset.y_test)
+    if args.json:
+        print(json.dumps({"artifact": args.artifact, "model": artifact.config.name, "mode": mode, "accuracy": acc}))
+    else:
+        print(f"{args.artifact}: {artifact.config.name} ({mode}), test accuracy {acc:.2%} on {len(dataset.y_test)} digits")
     return 0
 
 

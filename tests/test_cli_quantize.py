@@ -3,6 +3,8 @@ import json
 import numpy as np
 import pytest
 
+from jaxopt_serve.quant.runtime import quantized_predict_fn
+
 from jaxopt_serve.artifact import load_artifact, save_artifact
 from jaxopt_serve.cli import main
 from jaxopt_serve.models import predict_fn
@@ -57,11 +59,12 @@ def test_quantize_writes_a_smaller_artifact_that_keeps_its_accuracy(tmp_path, fl
         else:
             assert isinstance(kernel, QArray) and kernel.qtype == qtype
     float_acc = accuracy(predict_fn(loaded.config), load_artifact(float_artifact).variables, digits.x_test, digits.y_test)
-    quant_acc = accuracy(predict_fn(loaded.config), dequantize_tree(loaded.variables), digits.x_test, digits.y_test)
+    quant_acc = accuracy(quantized_predict_fn(loaded.config, mode="auto"), loaded.variables, digits.x_test, digits.y_test)
     assert abs(quant_acc - float_acc) <= 0.02, (float_acc, quant_acc)
     # `eval` reads quantized artifacts too (on their dequantized weights).
     assert main(["eval", str(out), "--json"]) == 0
-    assert json.loads(capsys.readouterr().out)["accuracy"] == pytest.approx(quant_acc)
+    result = json.loads(capsys.readouterr().out)
+    assert result["mode"] == "auto" and result["accuracy"] == pytest.approx(quant_acc)
 
 
 def test_unused_keep_float_rules_are_listed(tmp_path, float_artifact, capsys):
