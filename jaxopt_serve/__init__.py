@@ -1,7 +1,7 @@
 """jaxopt_serve: make Flax models smaller and faster to serve on XLA.
 
 The public API is re-exported here; implementation lives in topic packages
-(``models``, ``data``, ``train``) and modules (``artifact``, ``timing``).
+(``models``, ``data``, ``train``, ``quant``) and modules (``artifact``, ``timing``).
 """
 
 from jaxopt_serve.artifact import Artifact, ArtifactError, load_artifact, save_artifact
@@ -24,6 +24,16 @@ from jaxopt_serve.models import (
     nnx_module,
     nnx_variables,
     predict_fn,
+)
+from jaxopt_serve.quant import (
+    QArray,
+    QuantRule,
+    QuantSpec,
+    calibrate,
+    qat_finetune,
+    quantize,
+    quantized_artifact,
+    quantized_predict_fn,
 )
 from jaxopt_serve.train import (
     FitResult,
@@ -50,10 +60,18 @@ __all__ = [
     "ModelConfig",
     "NNXMLP",
     "NNXMLPConfig",
+    "QArray",
+    "QuantRule",
+    "QuantSpec",
     "TrainState",
     "TransformerConfig",
     "TransformerEncoder",
     "accuracy",
+    "calibrate",
+    "qat_finetune",
+    "quantize",
+    "quantized_artifact",
+    "quantized_predict_fn",
     "classification_loss",
     "config_from_dict",
     "count_params",

@@ -67,7 +67,7 @@ def quantized_variants(ctx: DemoContext) -> list[Variant]:
     from jaxopt_serve.quant import QuantRule, QuantSpec, grouped_rules, quantize
     from jaxopt_serve.quant.calibrate import calibrate
     from jaxopt_serve.quant.qat import qat_finetune, ternary_rules
-    from jaxopt_serve.quant.runtime import quantized_predict_fn
+    from jaxopt_serve.quant.runtime import quantized_predict_fn, serving_layout
     from jaxopt_serve.quant.serialize import quantized_artifact
 
     config, variables = ctx.base.config, ctx.base.variables
@@ -86,7 +86,8 @@ def quantized_variants(ctx: DemoContext) -> list[Variant]:
     ]:
         path = ctx.out_dir / f"cnn_{name.split()[0]}_{mode}.jxs"
         save_artifact(path, quantized_artifact(config, qvariables, ctx.base.input_shape, {"mode": mode}))
-        variants.append(Variant(name, quantized_predict_fn(config, mode=mode), qvariables, path, count_params(variables)))
+        predict = quantized_predict_fn(config, mode=mode)
+        variants.append(Variant(name, predict, serving_layout(qvariables), path, count_params(variables)))
     return variants
 
 

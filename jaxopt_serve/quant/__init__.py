@@ -19,9 +19,17 @@ from jaxopt_serve.quant.qat import (
     selected_specs,
     ternary_rules,
 )
+from jaxopt_serve.quant.runtime import MODES, quantized_conv, quantized_dot, quantized_predict_fn, serving_layout
+from jaxopt_serve.quant.calibrate import calibrate
 from jaxopt_serve.quant.serialize import check_qvariables, decode_qtree, encode_qtree, quantized_artifact
 
 __all__ = [
+    "MODES",
+    "calibrate",
+    "quantized_conv",
+    "quantized_dot",
+    "quantized_predict_fn",
+    "serving_layout",
     "BITS",
     "QArray",
     "QuantRule",

@@ -110,6 +110,7 @@ def quantized_artifact(
     if not isinstance(qvariables, Mapping):
         raise TypeError(f"qvariables must be a variables dict or a QuantizeResult, got {type(qvariables).__name__}")
     input_shape = tuple(int(d) for d in input_shape)
+    qvariables = jax.tree.map(lambda x: x.canonical() if _is_qarray(x) else x, dict(qvariables), is_leaf=_is_qarray)
     check_qvariables(config, qvariables, input_shape)
     return Artifact(config, dict(qvariables), input_shape, dict(metadata or {}), LAYOUT)
 
@@ -164,6 +165,7 @@ def _encode(tree: Any, path: tuple[str, ...]) -> Any:
         entry = {"values": _numpy(tree.values), "scale": _numpy(tree.scale)}
         if tree.zero_point is not None:
             entry["zero_point"] = _numpy(tree.zero_point)
+        tree = tree.canonical()  # artifacts hold the original layout
         meta = {field: getattr(tree, field) for field in _META_FIELDS}
         meta["shape"] = [int(d) for d in meta["shape"]]
         entry["meta"] = np.frombuffer(json.dumps(meta, sort_keys=True).encode("utf-8"), dtype=np.uint8).copy()

@@ -169,3 +169,23 @@ def test_sharded_and_replicated_quantized_variables_agree():
     x = _inputs(config, 8)
     predict = jax.jit(quantized_predict_fn(config, mode="dynamic"))
     np.testing.assert_allclose(predict(sharded, x), predict(replicated, x), rtol=1e-5, atol=1e-5)
+
+
+def test_serving_layout_gives_the_same_outputs_and_saves_canonically(tmp_path):
+    from jaxopt_serve.artifact import load_artifact, save_artifact
+    from jaxopt_serve.quant import quantized_artifact, serving_layout
+
+    config = MODELS["mlp"]
+    q = quantize(init_variables(config, 0)).variables
+    served = serving_layout(q)
+    kernel = served["params"]["dense_0"]["kernel"]
+    assert kernel.transposed and kernel.values.shape == (64, 64) and kernel.shape == (64, 64)
+    np.testing.assert_array_equal(kernel.int_values(), q["params"]["dense_0"]["kernel"].int_values())
+    x = _inputs(config, 4)
+    for mode in ("dynamic", "weight_only"):
+        predict = jax.jit(quantized_predict_fn(config, mode=mode))
+        np.testing.assert_allclose(predict(served, x), predict(q, x), rtol=1e-6, atol=1e-6)
+    save_artifact(tmp_path / "q.jxs", quantized_artifact(config, served, config.example_shape()))
+    loaded = load_artifact(tmp_path / "q.jxs").variables["params"]["dense_0"]["kernel"]
+    assert not loaded.transposed
+    np.testing.assert_array_equal(loaded.values, q["params"]["dense_0"]["kernel"].values)
