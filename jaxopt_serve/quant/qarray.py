@@ -337,11 +337,15 @@ def _ternary(x: jax.Array, reduce: tuple[int, ...], spec: QuantSpec):
 
 def _binary(x: jax.Array, reduce: tuple[int, ...]):
     q = jnp.where(x >= 0, 1, -1).astype(jnp.int8)
-    scale = jnp.mean(jnp.abs(x), axis=reduce, keepdims=True)  # the L2-optimal scale for sign(x)
-    return q, jnp.where(scale > 0, scale, 1.0).astype(jnp.float32), None
+    scale = jnp.mean(jnp.abs(x), axis=reduce, keepdims=True)  # the L2-optimal scale for sign(x); 0 for a zero group
+    return q, scale.astype(jnp.float32), None
 
 
 def _percentile(x: jax.Array, p: float, reduce: tuple[int, ...]) -> jax.Array:
+    if p >= 100.0:  # exact: interpolation in float32 can land just below the maximum
+        return jnp.max(x, axis=reduce, keepdims=True)
+    if p <= 0.0:
+        return jnp.min(x, axis=reduce, keepdims=True)
     return jnp.percentile(x, p, axis=reduce, keepdims=True)
 
 

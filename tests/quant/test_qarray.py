@@ -419,11 +419,6 @@ def test_low_bit_values_and_error(qtype, granularity, data):
     assert err < np.sum(x.astype(np.float64) ** 2)  # better than approximating by all zeros
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG qarray.py:_binary (line 321): an all-zero group gets scale 1.0 (jnp.where(scale > 0, scale, 1.0)) "
-    "and values sign(0) = +1, so it dequantizes to 1.0 instead of 0.0",
-)
 @pytest.mark.parametrize("granularity", ["tensor", "channel"])
 def test_binary_all_zero_group_dequantizes_to_zero(granularity):
     x = np.zeros((4, 3), np.float32)
@@ -501,12 +496,6 @@ def test_percentile_clip_is_the_percentile_of_magnitudes():
     np.testing.assert_allclose(np.asarray(full.scale), np.asarray(absmax.scale), rtol=1e-3)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG qarray.py:_percentile (line 325): eagerly, jnp.percentile(x, 100.0) interpolates in float32 and "
-    "returns slightly less than the max for many sizes (e.g. 98.99999 for arange(100)), so percentile=100 clips "
-    "the largest value instead of equalling absmax calibration (under jit the constant folds and it is exact)",
-)
 def test_percentile_100_equals_absmax_exactly():
     x = np.arange(100, dtype=np.float32).reshape(100, 1)
     full = quantize_array(x, QuantSpec(granularity="tensor", calibration="percentile", percentile=100.0))
