@@ -14,10 +14,11 @@ unchanged. Modes:
   ``lax.conv_general_dilated``, then rescale.
 * ``"static"``: like ``"dynamic"`` with per-layer activation scales fixed by
   ``calibrate`` (stored in the variables under ``"quant_act"``).
-* ``"auto"``: on CPU, ``"dynamic"`` for dots (a dot with a single row is padded
-  to two rows, which avoids XLA:CPU's slow int8 matrix-vector path) and
-  ``"weight_only"`` for convolutions (XLA:CPU's int8 convolution measured
-  slower than f32 on the CI CPU); elsewhere ``"weight_only"``.
+* ``"auto"``: on CPU, ``"dynamic"`` for dots with kernels of 65,536 elements
+  or more (a dot with a single row is padded to two rows, which avoids
+  XLA:CPU's slow int8 matrix-vector path); ``"weight_only"`` for smaller dots,
+  for convolutions (XLA:CPU's int8 convolution measured slower than f32 on the
+  CI CPU) and on every other backend.
 
 Kernels whose scale varies along the contraction axes (per-group, or
 per-channel on an input axis), asymmetric conv kernels, and Einsum layers
@@ -64,10 +65,16 @@ def _integer_ok(kernel: QArray, contract: Sequence[int], *, conv: bool = False) 
     return all(kernel.scale.shape[a] == 1 for a in contract)
 
 
-def _resolve(mode: str, rows: int) -> str:
+# Below this many kernel elements, dequantizing costs less than quantizing the activations (auto mode).
+_SMALL_KERNEL = 1 << 16
+
+
+def _resolve(mode: str, kernel_size: int) -> str:
     if mode != "auto":
         return mode
-    return "dynamic" if jax.default_backend() == "cpu" else "weight_only"
+    if jax.default_backend() != "cpu" or kernel_size < _SMALL_KERNEL:
+        return "weight_only"
+    return "dynamic"
 
 
 def _quantize_activations(x2: jax.Array, act_scale: jax.Array | None) -> tuple[jax.Array, jax.Array]:
@@ -109,7 +116,7 @@ def quantized_dot(
     k, f = math.prod(in_dims), math.prod(out_dims)
     x2 = x.reshape(-1, k)
     rows = x2.shape[0]
-    mode = _resolve(mode, rows)
+    mode = _resolve(mode, k * f)
     if mode == "weight_only" or not _integer_ok(kernel, range(n_contract)):
         y = x2 @ kernel.dequantize(x.dtype).reshape(k, f)
     else:
@@ -165,7 +172,7 @@ def quantized_conv(
     if mode == "auto":
         # Measured on the 2-core CI CPU (benchmarks/quant_bench.py): XLA:CPU's int8 convolution is
         # slower than f32 there, and conv kernels are small, so dequantizing them costs little.
-        mode = "weight_only" if jax.default_backend() == "cpu" else _resolve(mode, x.shape[0])
+        mode = "weight_only"
     if mode == "weight_only" or not _integer_ok(kernel, range(nd + 1), conv=True):
         return conv(x, kernel.dequantize(x.dtype))
     if mode == "static" and act_scale is None:
