@@ -51,7 +51,7 @@ class DemoContext:
     base_path: Path
     out_dir: Path
     seed: int
-    qat_steps: int = 300
+    qat_steps: int = 200
     progress: bool = False
 
 
@@ -118,7 +118,7 @@ def run_demo(
     progress: bool = True,
     config: CNNConfig | None = None,
     latency_repeats: int = 200,
-    qat_steps: int = 300,
+    qat_steps: int = 200,
     variants: Sequence[Callable[[DemoContext], list[Variant]]] | None = None,
 ) -> dict[str, Any]:
     """Train the reference CNN on the digits and measure every variant; returns ``{"device", "rows"}``."""
