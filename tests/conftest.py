@@ -8,12 +8,13 @@ os.environ["XLA_FLAGS"] = " ".join(
 ) + " --xla_force_host_platform_device_count=8"
 
 import jax  # noqa: E402
+import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
 jax.config.update("jax_num_cpu_devices", 8)
 
 from jaxopt_serve.data import load_digits  # noqa: E402
-from jaxopt_serve.models import CNNConfig  # noqa: E402
+from jaxopt_serve.models import CNNConfig, init_variables  # noqa: E402
 from jaxopt_serve.train import train_classifier  # noqa: E402
 
 # A CNN small enough to train in seconds on 2 cores, large enough to pass 90%.
@@ -30,3 +31,15 @@ def digits():
 def trained_cnn(digits):
     """(artifact, fit result) of SMALL_CNN trained on the digits; shared by training, artifact and CLI tests."""
     return train_classifier(SMALL_CNN, digits, steps=SMALL_CNN_STEPS, seed=0, progress=False)
+
+
+def random_variables(config, seed=0):
+    """Random variables shaped like the model's, without an eager Flax init (which compiles op by op)."""
+    rng = np.random.default_rng(seed)
+    shapes = jax.eval_shape(lambda: init_variables(config, 0))
+
+    def leaf(path, s):
+        x = rng.normal(size=s.shape).astype(s.dtype)
+        return np.abs(x) if path[-1].key == "var" else x  # batch norm variances are positive
+
+    return jax.tree_util.tree_map_with_path(leaf, shapes)

@@ -25,7 +25,7 @@ import numpy as np
 from jaxopt_serve.models.config import ModelConfig
 from jaxopt_serve.models.functional import ApplyFn, Variables, make_apply
 from jaxopt_serve.quant.qarray import QArray, QuantSpec, fake_quantize, resolve_axis
-from jaxopt_serve.quant.rules import QuantizeResult, QuantRule, dequantize_tree, path_str, quantize
+from jaxopt_serve.quant.rules import QuantizeResult, QuantRule, check_quantizable, dequantize_tree, path_str, quantize
 from jaxopt_serve.train.loop import FitResult, classification_loss, fit
 from jaxopt_serve.train.recipes import default_optimizer
 
@@ -79,12 +79,7 @@ def selected_specs(tree: Mapping[str, Any], rules: Sequence[QuantRule], *, prefi
         spec = _first_spec(name, rules)
         if spec is None:
             continue
-        if isinstance(leaf, QArray):
-            raise ValueError(f"{name}: already quantized ({leaf!r}); QAT needs the float weights")
-        if not hasattr(leaf, "dtype") or not hasattr(leaf, "shape"):
-            raise ValueError(f"{name}: selected for quantization but it is a {type(leaf).__name__}, not an array")
-        if not jnp.issubdtype(leaf.dtype, jnp.floating):
-            raise ValueError(f"{name}: selected for quantization but its dtype is {leaf.dtype}; only float arrays can be")
+        check_quantizable(name, leaf, "a QAT rule")
         resolve_axis(tuple(leaf.shape), spec, name=name)
         specs[name] = spec
     return specs

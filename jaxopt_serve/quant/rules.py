@@ -112,6 +112,16 @@ def path_str(path: Sequence[Any]) -> str:
     return "/".join(parts)
 
 
+def check_quantizable(name: str, leaf: Any, selected_by: str) -> None:
+    """Raise ``ValueError`` naming ``name`` unless ``leaf`` is a float array that is not yet quantized."""
+    if isinstance(leaf, QArray):
+        raise ValueError(f"{name}: already quantized ({leaf!r}); {selected_by} selects it again")
+    if not hasattr(leaf, "dtype") or not hasattr(leaf, "shape"):
+        raise ValueError(f"{name}: {selected_by} selects a non-array leaf of type {type(leaf).__name__}")
+    if not jnp.issubdtype(leaf.dtype, jnp.floating):
+        raise ValueError(f"{name}: {selected_by} selects a {leaf.dtype} leaf; only float arrays can be quantized")
+
+
 def quantize(variables: Mapping[str, Any], rules: Sequence[QuantRule] | None = None) -> QuantizeResult:
     """Quantize the leaves of ``variables`` selected by ``rules``.
 
@@ -145,12 +155,7 @@ def quantize(variables: Mapping[str, Any], rules: Sequence[QuantRule] | None = N
                 used.add(index)
                 if rule.spec is None:
                     return leaf
-                if isinstance(leaf, QArray):
-                    raise ValueError(f"{name}: already quantized ({leaf!r}); rule {rule.pattern!r} selects it again")
-                if not hasattr(leaf, "dtype") or not hasattr(leaf, "shape"):
-                    raise ValueError(f"{name}: rule {rule.pattern!r} selects a non-array leaf of type {type(leaf).__name__}")
-                if not jnp.issubdtype(leaf.dtype, jnp.floating):
-                    raise ValueError(f"{name}: rule {rule.pattern!r} selects a {leaf.dtype} leaf; only float arrays can be quantized")
+                check_quantizable(name, leaf, f"rule {rule.pattern!r}")
                 q = quantize_array(leaf, rule.spec, name=name)
                 quantized[name] = rule.pattern
                 sizes[0] += int(np.prod(leaf.shape)) * np.dtype(leaf.dtype).itemsize

@@ -3,6 +3,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import random_variables
 
 from jaxopt_serve.models import CNNConfig, MLPConfig, init_variables, make_apply, predict_fn
 from jaxopt_serve.quant import (
@@ -25,21 +26,9 @@ RULES = [
 ]
 
 
-def _variables(config, seed=0):
-    """Random variables shaped like the model's (eager flax init would compile op by op)."""
-    rng = np.random.default_rng(seed)
-    shapes = jax.eval_shape(lambda: init_variables(config, 0))
-
-    def leaf(path, s):
-        x = rng.normal(size=s.shape).astype(s.dtype)
-        return np.abs(x) if path[-1].key == "var" else x  # batch norm variances are positive
-
-    return jax.tree_util.tree_map_with_path(leaf, shapes)
-
-
 def _mlp():
     config = MLPConfig(features=(16,), num_classes=3)
-    return config, jax.tree.map(jnp.asarray, _variables(config))
+    return config, jax.tree.map(jnp.asarray, random_variables(config))
 
 
 def test_ste_gradient_is_identity_on_selected_leaves_and_others_are_untouched():
@@ -113,7 +102,7 @@ def test_bad_rules_fail_before_tracing_and_name_the_path():
 
 def test_reestimate_batch_stats_recomputes_the_statistics_of_the_data():
     config = CNNConfig(channels=(4,), hidden=0)
-    variables = _variables(config)
+    variables = random_variables(config)
     x = np.random.default_rng(0).normal(1.0, 2.0, size=(32, 8, 8, 1)).astype(np.float32)
     conv = nn.Conv(4, (3, 3), padding="SAME", use_bias=False).apply({"params": variables["params"]["conv_0"]}, x)
     whole = reestimate_batch_stats(make_apply(config), variables, x, batch_size=32)

@@ -5,6 +5,7 @@ import warnings
 import jax
 import numpy as np
 import pytest
+from conftest import random_variables
 
 from jaxopt_serve.artifact import Artifact, ArtifactError, load_artifact, save_artifact
 from jaxopt_serve.models import CNNConfig, MLPConfig, init_variables, predict_fn
@@ -28,18 +29,6 @@ MLP = MLPConfig(features=(16,))  # kernels (64,16), (16,10)
 PREDICT = {
     config.name: jax.jit(lambda v, x, predict=predict_fn(config): predict(dequantize_tree(v), x)) for config in (CNN, MLP)
 }
-
-
-def _variables(config, seed=0):
-    """Random variables shaped like the model's (no per-op compiles: these tests are about bytes, not training)."""
-    rng = np.random.default_rng(seed)
-    shapes = jax.eval_shape(lambda: init_variables(config, 0))
-
-    def leaf(path, s):
-        x = rng.normal(size=s.shape).astype(s.dtype)
-        return np.abs(x) if path[-1].key == "var" else x  # batch norm variances are positive
-
-    return jax.tree_util.tree_map_with_path(leaf, shapes)
 
 
 SPECS = {
@@ -80,7 +69,7 @@ def _assert_bit_exact(a, b):
 @pytest.mark.parametrize("config", [CNN, MLP], ids=lambda c: c.name)
 @pytest.mark.parametrize("name", sorted(SPECS))
 def test_round_trip_is_bit_exact(tmp_path, config, name):
-    q = _quantize(_variables(config, 3), SPECS[name])
+    q = _quantize(random_variables(config, 3), SPECS[name])
     path = tmp_path / "q.jxs"
     save_artifact(path, quantized_artifact(config, q, (8, 8, 1), {"recipe": name}))
     loaded = load_artifact(path)
@@ -92,7 +81,7 @@ def test_round_trip_is_bit_exact(tmp_path, config, name):
 
 
 def test_encode_decode_without_a_file():
-    q = _quantize(_variables(MLP), default_rules(QuantSpec(qtype="int4", symmetric=False)))
+    q = _quantize(random_variables(MLP), default_rules(QuantSpec(qtype="int4", symmetric=False)))
     encoded = encode_qtree(q)
     entry = encoded["params"]["dense_0"]["kernel"]["__qarray__"]
     assert sorted(entry) == ["meta", "scale", "values", "zero_point"]
@@ -103,7 +92,7 @@ def test_encode_decode_without_a_file():
 
 
 def test_static_activation_scales_round_trip(tmp_path):
-    q = calibrate(MLP, _quantize(_variables(MLP), default_rules()), np.ones((8, 8, 8, 1), np.float32), method="absmax")
+    q = calibrate(MLP, _quantize(random_variables(MLP), default_rules()), np.ones((8, 8, 8, 1), np.float32), method="absmax")
     save_artifact(tmp_path / "s.jxs", quantized_artifact(MLP, q, (8, 8, 1)))
     loaded = load_artifact(tmp_path / "s.jxs")
     _assert_bit_exact(loaded.variables, q)
@@ -118,7 +107,7 @@ def test_static_activation_scales_round_trip(tmp_path):
 )
 def test_files_are_smaller(tmp_path, spec, at_least):
     config = MLPConfig(features=(256, 256))
-    variables = _variables(config)
+    variables = random_variables(config)
     float_bytes = save_artifact(tmp_path / "f.jxs", Artifact(config, variables, (8, 8, 1)))
     q = _quantize(variables, default_rules(spec))
     quantized_bytes = save_artifact(tmp_path / "q.jxs", quantized_artifact(config, q, (8, 8, 1)))
@@ -127,7 +116,7 @@ def test_files_are_smaller(tmp_path, spec, at_least):
 
 @pytest.fixture
 def saved(tmp_path):
-    q = _quantize(_variables(MLP), default_rules(QuantSpec(qtype="int4")))
+    q = _quantize(random_variables(MLP), default_rules(QuantSpec(qtype="int4")))
     path = tmp_path / "q.jxs"
     save_artifact(path, quantized_artifact(MLP, q, (8, 8, 1)))
     return path
@@ -156,7 +145,7 @@ def _save_unchecked(path, config, variables):
 
 
 def test_quantized_kernel_of_the_wrong_shape_is_named(tmp_path):
-    q = _quantize(_variables(MLPConfig(features=(32,))), default_rules())
+    q = _quantize(random_variables(MLPConfig(features=(32,))), default_rules())
     _save_unchecked(tmp_path / "q.jxs", MLP, q)
     with pytest.raises(ArtifactError, match=r"q\.jxs: quantized variable params/classifier/kernel \(int8\) is "
                                             r"float32\[32, 10\], the model expects float32\[16, 10\]"):
@@ -166,7 +155,7 @@ def test_quantized_kernel_of_the_wrong_shape_is_named(tmp_path):
 
 
 def test_float_leaf_of_the_wrong_dtype_missing_and_extra_are_named(tmp_path):
-    q = _quantize(_variables(MLP), default_rules())
+    q = _quantize(random_variables(MLP), default_rules())
     bad = {"params": {**q["params"], "dense_0": {**q["params"]["dense_0"], "bias": np.zeros(16, np.float16)}}}
     _save_unchecked(tmp_path / "a.jxs", MLP, bad)
     with pytest.raises(ArtifactError, match=r"variable params/dense_0/bias is float16\[16\], the model expects float32"):
@@ -179,7 +168,7 @@ def test_float_leaf_of_the_wrong_dtype_missing_and_extra_are_named(tmp_path):
 
 
 def _tamper(entry_fn):
-    q = _quantize(_variables(MLP), default_rules(QuantSpec(qtype="int4")))
+    q = _quantize(random_variables(MLP), default_rules(QuantSpec(qtype="int4")))
     encoded = encode_qtree(q)
     entry_fn(encoded["params"]["dense_0"]["kernel"]["__qarray__"])
     return encoded
