@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import importlib
 import json
 import os
 import struct
@@ -46,8 +45,6 @@ _LAYOUTS: dict[str, Callable[[ModelConfig, Variables, dict[str, Any]], Variables
 # layout name -> function(variables) -> plain nested dict of arrays, applied by
 # ``save_artifact`` (layouts whose in-memory variables are not plain arrays).
 _ENCODERS: dict[str, Callable[[Variables], Variables]] = {}
-# layouts registered by a module of this package: imported on first load.
-_LAYOUT_MODULES = {"quantized": "jaxopt_serve.quant"}
 
 
 class ArtifactError(ValueError):
@@ -149,8 +146,6 @@ def load_artifact(path: str | os.PathLike[str], *, check_shapes: bool = True) ->
         raise ArtifactError(f"artifact {path}: its model config is invalid: {err}") from err
     input_shape = tuple(header["input_shape"])
     layout = header.get("layout", "dense")
-    if layout not in _LAYOUTS and layout in _LAYOUT_MODULES:
-        importlib.import_module(_LAYOUT_MODULES[layout])
     if layout == "dense":
         variables = raw
         if check_shapes:

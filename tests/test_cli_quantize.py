@@ -8,7 +8,7 @@ from jaxopt_serve.quant.runtime import quantized_predict_fn
 from jaxopt_serve.artifact import load_artifact, save_artifact
 from jaxopt_serve.cli import main
 from jaxopt_serve.models import predict_fn
-from jaxopt_serve.quant import QArray, dequantize_tree
+from jaxopt_serve.quant import QArray
 from jaxopt_serve.train import accuracy
 
 

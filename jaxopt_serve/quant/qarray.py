@@ -171,6 +171,11 @@ class QArray:
         return f"QArray({self.qtype}, shape={self.shape}, {self.granularity}{extra}{zp}, {self.nbytes} bytes)"
 
 
+def is_qarray(x: object) -> bool:
+    """``True`` for a ``QArray``: the ``is_leaf`` predicate for tree maps that treat quantized arrays as leaves."""
+    return isinstance(x, QArray)
+
+
 def _nbytes(x: jax.Array) -> int:
     return int(np.prod(x.shape)) * np.dtype(x.dtype).itemsize
 

@@ -24,8 +24,16 @@ import numpy as np
 
 from jaxopt_serve.models.config import ModelConfig
 from jaxopt_serve.models.functional import ApplyFn, Variables, make_apply
-from jaxopt_serve.quant.qarray import QArray, QuantSpec, fake_quantize, resolve_axis
-from jaxopt_serve.quant.rules import QuantizeResult, QuantRule, check_quantizable, dequantize_tree, path_str, quantize
+from jaxopt_serve.quant.qarray import QuantSpec, fake_quantize, is_qarray, resolve_axis
+from jaxopt_serve.quant.rules import (
+    QuantizeResult,
+    QuantRule,
+    check_quantizable,
+    dequantize_tree,
+    first_match,
+    path_str,
+    quantize,
+)
 from jaxopt_serve.train.loop import FitResult, classification_loss, fit
 from jaxopt_serve.train.recipes import default_optimizer
 
@@ -73,10 +81,12 @@ def selected_specs(tree: Mapping[str, Any], rules: Sequence[QuantRule], *, prefi
         >>> sorted(selected_specs(params, ternary_rules()))
         ['params/classifier/kernel', 'params/dense_0/kernel']
     """
+    rules = list(rules)
     specs: dict[str, QuantSpec] = {}
-    for path, leaf in jax.tree_util.tree_leaves_with_path(tree, is_leaf=_is_qarray):
+    for path, leaf in jax.tree_util.tree_leaves_with_path(tree, is_leaf=is_qarray):
         name = _join(_prefix(tree, prefix), path_str(path))
-        spec = _first_spec(name, rules)
+        index = first_match(name, rules)
+        spec = None if index is None else rules[index].spec
         if spec is None:
             continue
         check_quantizable(name, leaf, "a QAT rule")
@@ -113,7 +123,7 @@ def fake_quantize_tree(tree: Mapping[str, Any], rules: Sequence[QuantRule], *, p
         spec = specs.get(_join(base, path_str(path)))
         return leaf if spec is None else fake_quantize(leaf, spec)
 
-    return jax.tree_util.tree_map_with_path(visit, tree, is_leaf=_is_qarray)
+    return jax.tree_util.tree_map_with_path(visit, tree, is_leaf=is_qarray)
 
 
 def qat_apply(config: ModelConfig, rules: Sequence[QuantRule]) -> ApplyFn:
@@ -309,9 +319,6 @@ def _as_dict(tree: Any) -> dict[str, Any]:
     return dict(tree) if isinstance(tree, Mapping) else tree
 
 
-def _is_qarray(x: Any) -> bool:
-    return isinstance(x, QArray)
-
 
 def _prefix(tree: Any, prefix: str | None) -> str:
     if prefix is not None:
@@ -322,12 +329,6 @@ def _prefix(tree: Any, prefix: str | None) -> str:
 def _join(prefix: str, path: str) -> str:
     return f"{prefix}/{path}" if prefix else path
 
-
-def _first_spec(name: str, rules: Sequence[QuantRule]) -> QuantSpec | None:
-    for rule in rules:
-        if rule.matches(name):
-            return rule.spec
-    return None
 
 
 def _check_rules(rules: Sequence[QuantRule]) -> list[QuantRule]:

@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxopt_serve.quant.qarray import QArray, QuantSpec, quantize_array
+from jaxopt_serve.quant.qarray import QArray, QuantSpec, is_qarray, quantize_array
 
 
 class UnusedRuleWarning(UserWarning):
@@ -112,6 +112,14 @@ def path_str(path: Sequence[Any]) -> str:
     return "/".join(parts)
 
 
+def first_match(name: str, rules: Sequence[QuantRule]) -> int | None:
+    """Index of the first rule whose pattern fully matches ``name``, or ``None``."""
+    for index, rule in enumerate(rules):
+        if rule.matches(name):
+            return index
+    return None
+
+
 def check_quantizable(name: str, leaf: Any, selected_by: str) -> None:
     """Raise ``ValueError`` naming ``name`` unless ``leaf`` is a float array that is not yet quantized."""
     if isinstance(leaf, QArray):
@@ -150,20 +158,21 @@ def quantize(variables: Mapping[str, Any], rules: Sequence[QuantRule] | None = N
 
     def visit(path, leaf):
         name = path_str(path)
-        for index, rule in enumerate(rules):
-            if rule.matches(name):
-                used.add(index)
-                if rule.spec is None:
-                    return leaf
-                check_quantizable(name, leaf, f"rule {rule.pattern!r}")
-                q = quantize_array(leaf, rule.spec, name=name)
-                quantized[name] = rule.pattern
-                sizes[0] += int(np.prod(leaf.shape)) * np.dtype(leaf.dtype).itemsize
-                sizes[1] += q.nbytes
-                return q
-        return leaf
+        index = first_match(name, rules)
+        if index is None:
+            return leaf
+        used.add(index)
+        rule = rules[index]
+        if rule.spec is None:
+            return leaf
+        check_quantizable(name, leaf, f"rule {rule.pattern!r}")
+        q = quantize_array(leaf, rule.spec, name=name)
+        quantized[name] = rule.pattern
+        sizes[0] += int(np.prod(leaf.shape)) * np.dtype(leaf.dtype).itemsize
+        sizes[1] += q.nbytes
+        return q
 
-    out = jax.tree_util.tree_map_with_path(visit, variables, is_leaf=lambda x: isinstance(x, QArray))
+    out = jax.tree_util.tree_map_with_path(visit, variables, is_leaf=is_qarray)
     unused = [rule.pattern for index, rule in enumerate(rules) if index not in used]
     for pattern in unused:
         warnings.warn(f"quantization rule {pattern!r} matched no parameter", UnusedRuleWarning, stacklevel=2)
@@ -172,14 +181,14 @@ def quantize(variables: Mapping[str, Any], rules: Sequence[QuantRule] | None = N
 
 def dequantize_tree(variables: Any) -> Any:
     """Every ``QArray`` in ``variables`` replaced by its float array."""
-    return jax.tree.map(lambda x: x.dequantize() if isinstance(x, QArray) else x, variables,
-                        is_leaf=lambda x: isinstance(x, QArray))
+    return jax.tree.map(lambda x: x.dequantize() if is_qarray(x) else x, variables,
+                        is_leaf=is_qarray)
 
 
 def tree_nbytes(variables: Any) -> int:
     """Bytes of every array in ``variables``, quantized arrays counted with their scales."""
     total = 0
-    for leaf in jax.tree.leaves(variables, is_leaf=lambda x: isinstance(x, QArray)):
+    for leaf in jax.tree.leaves(variables, is_leaf=is_qarray):
         total += leaf.nbytes if isinstance(leaf, QArray) else int(np.prod(np.shape(leaf))) * np.dtype(leaf.dtype).itemsize
     return total
 

@@ -40,7 +40,7 @@ from flax import nnx
 
 from jaxopt_serve.models.config import ModelConfig
 from jaxopt_serve.models.functional import Variables, nnx_module
-from jaxopt_serve.quant.qarray import QArray
+from jaxopt_serve.quant.qarray import QArray, is_qarray
 from jaxopt_serve.quant.rules import path_str
 
 Mode = Literal["weight_only", "dynamic", "static", "auto"]
@@ -48,9 +48,6 @@ MODES = ("weight_only", "dynamic", "static", "auto")
 ACT_COLLECTION = "quant_act"
 _QMAX = 127.0
 
-
-def _is_q(x: Any) -> bool:
-    return isinstance(x, QArray)
 
 
 # ---------------------------------------------------------------------------- the math
@@ -235,7 +232,7 @@ class _Session:
         if not module.has_variable("params", "kernel"):
             return next_fun(*args, **kwargs)
         kernel = module.get_variable("params", "kernel")
-        if not _is_q(kernel):
+        if not is_qarray(kernel):
             return next_fun(*args, **kwargs)
         path = "/".join(module.scope.path)
         x = args[0] if args else kwargs["inputs"]
@@ -329,8 +326,8 @@ def _nnx_bind(model: nnx.Module, qkernels: dict[str, QArray], session: _Session)
 def _quantized_kernels(params: Any) -> dict[str, QArray]:
     """``{module path: QArray}`` for quantized ``kernel`` leaves; other quantized leaves are an error."""
     found: dict[str, QArray] = {}
-    for path, leaf in jax.tree_util.tree_leaves_with_path(params, is_leaf=_is_q):
-        if not _is_q(leaf):
+    for path, leaf in jax.tree_util.tree_leaves_with_path(params, is_leaf=is_qarray):
+        if not is_qarray(leaf):
             continue
         name = path_str(path)
         if not name.endswith("kernel"):
@@ -348,7 +345,7 @@ def _run(config: ModelConfig, variables: Variables, x: jax.Array, session: _Sess
     rest = {k: v for k, v in variables.items() if k != ACT_COLLECTION}
     try:
         if config.framework == "nnx":
-            placeholder = jax.tree.map(lambda l: jnp.zeros(l.shape, l.dtype) if _is_q(l) else l, params, is_leaf=_is_q)
+            placeholder = jax.tree.map(lambda l: jnp.zeros(l.shape, l.dtype) if is_qarray(l) else l, params, is_leaf=is_qarray)
             model = nnx_module(config, {**rest, "params": placeholder})
             _nnx_bind(model, qkernels, session)
             out = model(x)
@@ -386,12 +383,12 @@ def serving_layout(variables: Any) -> Any:
     """
 
     def convert(leaf: Any) -> Any:
-        if _is_q(leaf) and leaf.bits == 8 and leaf.ndim == 2 and not leaf.transposed:
+        if is_qarray(leaf) and leaf.bits == 8 and leaf.ndim == 2 and not leaf.transposed:
             return QArray(jnp.asarray(leaf.values).T.copy(), leaf.scale, leaf.zero_point, leaf.qtype, leaf.shape,
                           leaf.dtype, leaf.granularity, leaf.axis, leaf.group_size, transposed=True)
         return leaf
 
-    return jax.tree.map(convert, variables, is_leaf=_is_q)
+    return jax.tree.map(convert, variables, is_leaf=is_qarray)
 
 
 def quantized_predict_fn(config: ModelConfig, *, mode: Mode = "auto") -> Callable[[Variables, jax.Array], jax.Array]:

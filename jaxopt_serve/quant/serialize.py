@@ -32,8 +32,8 @@ import numpy as np
 from jaxopt_serve.artifact import Artifact, ArtifactError, register_layout
 from jaxopt_serve.models.config import ModelConfig
 from jaxopt_serve.models.functional import Variables, init_variables
-from jaxopt_serve.quant.qarray import BITS, QArray
-from jaxopt_serve.quant.rules import QuantizeResult
+from jaxopt_serve.quant.qarray import BITS, QArray, is_qarray
+from jaxopt_serve.quant.rules import QuantizeResult, path_str
 from jaxopt_serve.quant.runtime import ACT_COLLECTION
 
 LAYOUT = "quantized"
@@ -110,7 +110,7 @@ def quantized_artifact(
     if not isinstance(qvariables, Mapping):
         raise TypeError(f"qvariables must be a variables dict or a QuantizeResult, got {type(qvariables).__name__}")
     input_shape = tuple(int(d) for d in input_shape)
-    qvariables = jax.tree.map(lambda x: x.canonical() if _is_qarray(x) else x, dict(qvariables), is_leaf=_is_qarray)
+    qvariables = jax.tree.map(lambda x: x.canonical() if is_qarray(x) else x, dict(qvariables), is_leaf=is_qarray)
     check_qvariables(config, qvariables, input_shape)
     return Artifact(config, dict(qvariables), input_shape, dict(metadata or {}), LAYOUT)
 
@@ -124,9 +124,9 @@ def check_qvariables(config: ModelConfig, qvariables: Mapping[str, Any], input_s
             shape and dtype of the variable it replaces; the message names the path.
     """
     expected = jax.eval_shape(lambda: init_variables(config, 0, input_shape))
-    want = {_key(path): leaf for path, leaf in jax.tree_util.tree_leaves_with_path(expected)}
+    want = {path_str(path): leaf for path, leaf in jax.tree_util.tree_leaves_with_path(expected)}
     rest = {name: tree for name, tree in qvariables.items() if name != ACT_COLLECTION}
-    have = {_key(path): leaf for path, leaf in jax.tree_util.tree_leaves_with_path(rest, is_leaf=_is_qarray)}
+    have = {path_str(path): leaf for path, leaf in jax.tree_util.tree_leaves_with_path(rest, is_leaf=is_qarray)}
     missing, extra = sorted(set(want) - set(have)), sorted(set(have) - set(want))
     if missing or extra:
         raise ArtifactError(f"variables do not fit {config.name}: missing {missing}, unexpected {extra}")
@@ -282,17 +282,10 @@ def _is_int(x: Any) -> bool:
     return isinstance(x, int) and not isinstance(x, bool)
 
 
-def _is_qarray(x: Any) -> bool:
-    return isinstance(x, QArray)
-
 
 def _name(path: tuple[str, ...]) -> str:
     return "/".join(path)
 
-
-def _key(path: Any) -> str:
-    """``params/dense_0/kernel`` from a jax key path."""
-    return "/".join(str(getattr(k, "key", k)) for k in path)
 
 
 def _dtype_of(leaf: Any) -> np.dtype:

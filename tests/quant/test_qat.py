@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 from conftest import random_variables
 
-from jaxopt_serve.models import CNNConfig, MLPConfig, init_variables, make_apply, predict_fn
+from jaxopt_serve.models import CNNConfig, MLPConfig, make_apply, predict_fn
 from jaxopt_serve.quant import (
     QuantRule,
     QuantSpec,

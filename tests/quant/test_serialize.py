@@ -8,7 +8,7 @@ import pytest
 from conftest import random_variables
 
 from jaxopt_serve.artifact import Artifact, ArtifactError, load_artifact, save_artifact
-from jaxopt_serve.models import CNNConfig, MLPConfig, init_variables, predict_fn
+from jaxopt_serve.models import CNNConfig, MLPConfig, predict_fn
 from jaxopt_serve.quant import (
     QArray,
     QuantRule,
