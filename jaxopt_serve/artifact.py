@@ -6,7 +6,8 @@ File layout (no pickle anywhere)::
     header length                      8 bytes, little-endian unsigned
     header                             UTF-8 JSON: format version, model config,
                                        input spec, payload length, layout, metadata
-    payload                            variables as msgpack (``flax.serialization``)
+    payload                            variables as msgpack (``flax.serialization``),
+                                       LZMA-compressed when the header says so
     SHA-256 of everything above        32 bytes
 
 A file that is shorter than its header says is reported as truncated; any
@@ -20,6 +21,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import lzma
 import os
 import struct
 from collections.abc import Callable
@@ -38,13 +40,15 @@ MAGIC = b"JXSERVE\0"
 FORMAT_VERSION = 1
 _PREFIX = struct.Struct("<8sQ")
 _DIGEST_BYTES = 32
+COMPRESSIONS = (None, "lzma")
+_MAX_PAYLOAD = 1 << 36  # refuse to inflate a compressed payload past 64 GiB
 
 # layout name -> function(config, raw variables, header) -> variables, for
 # chapters that store variables in another form (quantized, sparse).
 _LAYOUTS: dict[str, Callable[[ModelConfig, Variables, dict[str, Any]], Variables]] = {}
 # layout name -> function(variables) -> plain nested dict of arrays, applied by
 # ``save_artifact`` (layouts whose in-memory variables are not plain arrays).
-_ENCODERS: dict[str, Callable[[Variables], Variables]] = {}
+_ENCODERS: dict[str, Callable[[Variables, dict[str, Any]], Variables]] = {}
 
 
 class ArtifactError(ValueError):
@@ -62,6 +66,8 @@ class Artifact:
         metadata: free-form JSON-ready information (training, accuracy, ...).
         layout: how ``variables`` are stored; ``"dense"`` for float arrays
             shaped like the model's own variables.
+        compression: ``None``, or ``"lzma"`` to compress the payload on disk
+            (Python's standard library; worth it for sparse layouts).
     """
 
     config: ModelConfig
@@ -69,16 +75,21 @@ class Artifact:
     input_shape: tuple[int, ...]
     metadata: dict[str, Any] = dataclasses.field(default_factory=dict)
     layout: str = "dense"
+    compression: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.compression not in COMPRESSIONS:
+            raise ValueError(f"Artifact.compression must be one of {COMPRESSIONS}, got {self.compression!r}")
 
 
 def register_layout(
     name: str,
     decode: Callable[[ModelConfig, Variables, dict[str, Any]], Variables],
-    encode: Callable[[Variables], Variables] | None = None,
+    encode: Callable[[Variables, dict[str, Any]], Variables] | None = None,
 ) -> None:
     """Let ``load_artifact`` decode variables stored with layout ``name``.
 
-    ``encode`` (optional) turns an ``Artifact``'s in-memory variables of that
+    ``encode(variables, metadata)`` (optional) turns an ``Artifact``'s in-memory variables of that
     layout into the plain nested dict of arrays ``save_artifact`` writes;
     ``decode(config, raw, header)`` turns them back (raising ``ArtifactError``
     when they do not fit the model; ``load_artifact`` prefixes the file path).
@@ -104,8 +115,10 @@ def save_artifact(path: str | os.PathLike[str], artifact: Artifact) -> int:
         True
     """
     encode = _ENCODERS.get(artifact.layout)
-    variables = encode(artifact.variables) if encode is not None else artifact.variables
+    variables = encode(artifact.variables, artifact.metadata) if encode is not None else artifact.variables
     payload = serialization.msgpack_serialize(_to_numpy(variables))
+    if artifact.compression == "lzma":
+        payload = lzma.compress(payload, preset=9 | lzma.PRESET_EXTREME)
     header = {
         "format_version": FORMAT_VERSION,
         "model": artifact.config.to_dict(),
@@ -115,6 +128,8 @@ def save_artifact(path: str | os.PathLike[str], artifact: Artifact) -> int:
         "payload_bytes": len(payload),
         "metadata": artifact.metadata,
     }
+    if artifact.compression is not None:
+        header["compression"] = artifact.compression
     header_bytes = json.dumps(header, sort_keys=True).encode("utf-8")
     body = _PREFIX.pack(MAGIC, len(header_bytes)) + header_bytes + payload
     data = body + hashlib.sha256(body).digest()
@@ -139,7 +154,16 @@ def load_artifact(path: str | os.PathLike[str], *, check_shapes: bool = True) ->
     data = path.read_bytes()
     header = _parse(path, data)
     start = _PREFIX.size + _header_length(data)
-    raw = serialization.msgpack_restore(data[start : start + header["payload_bytes"]])
+    payload = data[start : start + header["payload_bytes"]]
+    compression = header.get("compression")
+    if compression == "lzma":
+        try:
+            payload = lzma.LZMADecompressor().decompress(payload, max_length=_MAX_PAYLOAD)
+        except lzma.LZMAError as err:
+            raise ArtifactError(f"artifact {path} is corrupted: its LZMA payload cannot be decompressed ({err})") from err
+    elif compression is not None:
+        raise ArtifactError(f"artifact {path}: unknown payload compression {compression!r}; known: ['lzma']")
+    raw = serialization.msgpack_restore(payload)
     try:
         config = config_from_dict(header["model"])
     except (ValueError, TypeError) as err:
@@ -157,7 +181,7 @@ def load_artifact(path: str | os.PathLike[str], *, check_shapes: bool = True) ->
             raise ArtifactError(f"artifact {path}: {err}") from err
     else:
         raise ArtifactError(f"artifact {path}: unknown variables layout {layout!r}; known: {['dense', *_LAYOUTS]}")
-    return Artifact(config, variables, input_shape, header.get("metadata", {}), layout)
+    return Artifact(config, variables, input_shape, header.get("metadata", {}), layout, compression)
 
 
 def _header_length(data: bytes) -> int:

@@ -34,9 +34,11 @@ class TransformerConfig(ModelConfig):
         type_vocab_size: number of segment ids (0: no segment embedding).
         hidden_size: width of the residual stream.
         num_layers: encoder blocks.
-        num_heads: attention heads per block.
-        head_dim: width of one head (default ``hidden_size // num_heads``).
-        mlp_dim: width of each feed-forward block (per layer, so pruning can shrink layers independently).
+        num_heads: attention heads per block, or one count per layer (a tuple of
+            ``num_layers`` ints, as structured pruning leaves it).
+        head_dim: width of one head (default ``hidden_size // num_heads``;
+            required when ``num_heads`` is a tuple).
+        mlp_dim: width of each feed-forward block, or one width per layer.
         num_classes: classifier outputs.
         dropout_rate: dropout on embeddings, attention output and feed-forward output while training.
         layer_norm_eps: LayerNorm epsilon (BERT uses 1e-12).
@@ -52,9 +54,9 @@ class TransformerConfig(ModelConfig):
     type_vocab_size: int = 2
     hidden_size: int = 64
     num_layers: int = 2
-    num_heads: int = 4
+    num_heads: int | tuple[int, ...] = 4
     head_dim: int = 0
-    mlp_dim: int = 128
+    mlp_dim: int | tuple[int, ...] = 128
     num_classes: int = 2
     dropout_rate: float = 0.0
     layer_norm_eps: float = 1e-12
@@ -75,6 +77,14 @@ class TransformerConfig(ModelConfig):
         )
         if self.type_vocab_size < 0 or self.head_dim < 0:
             raise ValueError("TransformerConfig.type_vocab_size and head_dim must be >= 0")
+        for field in ("num_heads", "mlp_dim"):
+            value = getattr(self, field)
+            if isinstance(value, tuple) and len(value) != self.num_layers:
+                raise ValueError(
+                    f"TransformerConfig.{field} has {len(value)} per-layer values, num_layers is {self.num_layers}"
+                )
+        if isinstance(self.num_heads, tuple) and not self.head_dim:
+            raise ValueError("TransformerConfig.head_dim must be set when num_heads is a per-layer tuple")
         if not self.head_dim and self.hidden_size % self.num_heads:
             raise ValueError(
                 f"TransformerConfig.hidden_size ({self.hidden_size}) must be divisible by "
@@ -90,6 +100,14 @@ class TransformerConfig(ModelConfig):
     def resolved_head_dim(self) -> int:
         return self.head_dim or self.hidden_size // self.num_heads
 
+    def layer_heads(self, layer: int) -> int:
+        """Attention heads of layer ``layer``."""
+        return self.num_heads[layer] if isinstance(self.num_heads, tuple) else self.num_heads
+
+    def layer_mlp_dim(self, layer: int) -> int:
+        """Feed-forward width of layer ``layer``."""
+        return self.mlp_dim[layer] if isinstance(self.mlp_dim, tuple) else self.mlp_dim
+
     def build(self) -> TransformerEncoder:
         return TransformerEncoder(config=self)
 
@@ -101,11 +119,12 @@ class SelfAttention(nn.Module):
     """Multi-head self-attention with separate query/key/value/out projections."""
 
     config: TransformerConfig
+    layer: int = 0
 
     @nn.compact
     def __call__(self, x: jax.Array, mask: jax.Array, *, train: bool) -> jax.Array:
         cfg = self.config
-        heads, dim = cfg.num_heads, cfg.resolved_head_dim
+        heads, dim = cfg.layer_heads(self.layer), cfg.resolved_head_dim
 
         def project(name: str) -> jax.Array:
             return nn.DenseGeneral((heads, dim), name=name)(x)
@@ -124,13 +143,14 @@ class EncoderLayer(nn.Module):
     """Post-LN block: ``x = LN(x + attn(x)); x = LN(x + ffn(x))``."""
 
     config: TransformerConfig
+    layer: int = 0
 
     @nn.compact
     def __call__(self, x: jax.Array, mask: jax.Array, *, train: bool) -> jax.Array:
         cfg = self.config
-        x = x + SelfAttention(cfg, name="attention")(x, mask, train=train)
+        x = x + SelfAttention(cfg, self.layer, name="attention")(x, mask, train=train)
         x = nn.LayerNorm(epsilon=cfg.layer_norm_eps, name="attention_norm")(x)
-        h = nn.gelu(nn.Dense(cfg.mlp_dim, name="intermediate")(x), approximate=False)
+        h = nn.gelu(nn.Dense(cfg.layer_mlp_dim(self.layer), name="intermediate")(x), approximate=False)
         h = nn.Dense(cfg.hidden_size, name="output")(h)
         h = nn.Dropout(cfg.dropout_rate, deterministic=not train)(h)
         return nn.LayerNorm(epsilon=cfg.layer_norm_eps, name="output_norm")(x + h)
@@ -165,7 +185,7 @@ class TransformerEncoder(nn.Module):
             self.token_type_embeddings = nn.Embed(cfg.type_vocab_size, cfg.hidden_size)
         self.embedding_norm = nn.LayerNorm(epsilon=cfg.layer_norm_eps)
         self.embedding_dropout = nn.Dropout(cfg.dropout_rate)
-        self.layers = [EncoderLayer(cfg, name=f"layer_{i}") for i in range(cfg.num_layers)]
+        self.layers = [EncoderLayer(cfg, i, name=f"layer_{i}") for i in range(cfg.num_layers)]
         if cfg.pooling == "cls":
             self.pooler = nn.Dense(cfg.hidden_size)
         self.classifier = nn.Dense(cfg.num_classes)

@@ -292,4 +292,4 @@ def _dtype_of(leaf: Any) -> np.dtype:
     return np.dtype(leaf.dtype) if hasattr(leaf, "dtype") else np.asarray(leaf).dtype
 
 
-register_layout(LAYOUT, _decode_layout, encode_qtree)
+register_layout(LAYOUT, _decode_layout, lambda variables, metadata: encode_qtree(variables))

@@ -1,0 +1,417 @@
+"""Structured pruning: remove whole neurons, channels and heads, so the dense model itself shrinks.
+
+A unit (a Dense output neuron, a conv output channel, an attention head, a
+feed-forward neuron) lives in several arrays at once: the columns that produce
+it, its bias, its batch-norm entries, and the rows of the next layer that
+consume it. A ``Group`` lists those ``Slice``\\ s; removing unit ``i`` removes
+index ``i`` along each slice's axis. The reference models ship their coupling
+(``register_coupling``) together with the config rewrite that makes the
+pruned variables an ordinary, smaller model; other models pass ``groups=``.
+
+Anything not described is an error, never a silently broken model: a layer
+named for pruning without a group, slices whose sizes disagree, and (when the
+config is rewritten) variables that do not match the smaller model's shapes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, Literal
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxopt_serve.models.cnn import CNNConfig
+from jaxopt_serve.models.config import ModelConfig
+from jaxopt_serve.models.functional import Variables, init_variables
+from jaxopt_serve.models.mlp import MLPConfig
+from jaxopt_serve.models.nnx_mlp import NNXMLPConfig
+from jaxopt_serve.models.transformer import TransformerConfig
+from jaxopt_serve.prune.masks import check_sparsity
+from jaxopt_serve.quant.rules import path_str
+
+Criterion = Literal["l1", "l2", "taylor"]
+
+
+@dataclasses.dataclass(frozen=True)
+class Slice:
+    """Unit ``i`` of a group is index ``i`` along ``axis`` of the variable at ``path``.
+
+    ``repeat`` > 1 describes a flatten: the axis holds ``repeat`` blocks of
+    ``n`` units (unit ``i`` at ``r * n + i``), e.g. the Dense rows after
+    flattening an NHWC feature map of ``repeat = H * W`` positions.
+    """
+
+    path: str
+    axis: int
+    repeat: int = 1
+
+
+@dataclasses.dataclass(frozen=True)
+class Group:
+    """Units that are removed together: every slice loses the same indices."""
+
+    name: str
+    slices: tuple[Slice, ...]
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "slices", tuple(self.slices))
+        if not self.slices:
+            raise ValueError(f"group {self.name!r} has no slices")
+
+
+@dataclasses.dataclass(frozen=True)
+class Coupling:
+    """How a model family is pruned: its groups, and the config of the smaller model."""
+
+    groups: Callable[[Any], list[Group]]
+    rewrite: Callable[[Any, dict[str, int]], ModelConfig]
+
+
+_COUPLINGS: dict[type, Coupling] = {}
+
+
+def register_coupling(
+    config_type: type, groups: Callable[[Any], list[Group]], rewrite: Callable[[Any, dict[str, int]], ModelConfig]
+) -> None:
+    """Teach ``structured_prune`` a model family: ``groups(config)`` and ``rewrite(config, kept_sizes)``."""
+    _COUPLINGS[config_type] = Coupling(groups, rewrite)
+
+
+def model_groups(config: ModelConfig) -> list[Group]:
+    """The built-in groups of a reference model config.
+
+    Example:
+        >>> [g.name for g in model_groups(MLPConfig(features=(8, 8)))]
+        ['dense_0', 'dense_1']
+    """
+    coupling = _COUPLINGS.get(type(config))
+    if coupling is None:
+        raise ValueError(
+            f"model {config.name!r} ({type(config).__name__}) has no built-in coupling description; pass groups=[Group(...)] "
+            f"listing which parameters are coupled (and register_coupling for a config rewrite)"
+        )
+    return coupling.groups(config)
+
+
+@dataclasses.dataclass
+class StructuredResult:
+    """A structurally pruned model.
+
+    Attributes:
+        config: the smaller model's config (``None`` when groups were given
+            for a model without a registered rewrite).
+        variables: the smaller dense variables.
+        kept: kept unit indices per group (sorted).
+        sizes: ``(before, after)`` unit counts per group.
+    """
+
+    config: ModelConfig | None
+    variables: Variables
+    kept: dict[str, np.ndarray]
+    sizes: dict[str, tuple[int, int]]
+
+
+def group_scores(
+    variables: Variables, groups: Sequence[Group], *, criterion: Criterion = "l2", grads: Any | None = None
+) -> dict[str, np.ndarray]:
+    """One importance score per unit of every group (higher = keep).
+
+    ``"l1"`` / ``"l2"``: the norm of all the unit's parameters across its
+    slices; ``"taylor"``: ``|sum(w * dL/dw)|`` over them (first-order change of
+    the loss when the unit is removed), which needs ``grads`` shaped like
+    ``variables["params"]``. Batch statistics are not scored.
+    """
+    if criterion not in ("l1", "l2", "taylor"):
+        raise ValueError(f"criterion must be 'l1', 'l2' or 'taylor', got {criterion!r}")
+    if criterion == "taylor" and grads is None:
+        raise ValueError("criterion 'taylor' (gradient x weight) needs grads= shaped like variables['params']")
+    leaves = _named(variables)
+    grad_leaves = _named({"params": grads}) if grads is not None else {}
+    sizes = check_groups(variables, groups)
+    scores = {}
+    for group in groups:
+        n = sizes[group.name]
+        total = np.zeros(n, np.float64)
+        for sl in group.slices:
+            if not sl.path.startswith("params/"):
+                continue
+            w = _units(np.asarray(leaves[sl.path], np.float64), sl, n)
+            if criterion == "l1":
+                total += np.abs(w).sum(axis=(0, 2))
+            elif criterion == "l2":
+                total += (w**2).sum(axis=(0, 2))
+            else:
+                g = _units(np.asarray(grad_leaves[sl.path], np.float64), sl, n)
+                total += (w * g).sum(axis=(0, 2))
+        scores[group.name] = np.sqrt(total) if criterion == "l2" else np.abs(total)
+    return scores
+
+
+def _units(x: np.ndarray, sl: Slice, n: int) -> np.ndarray:
+    """``x`` as ``(repeat, n, rest)`` with the slice's units on axis 1."""
+    moved = np.moveaxis(x, sl.axis, 0)
+    return moved.reshape(sl.repeat, n, -1)
+
+
+def check_groups(variables: Variables, groups: Sequence[Group]) -> dict[str, int]:
+    """Units per group; ``ValueError`` naming the path when a slice does not fit the variables."""
+    leaves = _named(variables)
+    sizes: dict[str, int] = {}
+    names = [g.name for g in groups]
+    duplicates = sorted({n for n in names if names.count(n) > 1})
+    if duplicates:
+        raise ValueError(f"group names must be unique, got duplicates {duplicates}")
+    for group in groups:
+        n = None
+        for sl in group.slices:
+            if sl.path not in leaves:
+                raise ValueError(f"group {group.name!r}: no variable at {sl.path}; variables have {sorted(leaves)[:8]}...")
+            shape = np.shape(leaves[sl.path])
+            if not -len(shape) <= sl.axis < len(shape):
+                raise ValueError(f"group {group.name!r}: {sl.path} has shape {shape}, no axis {sl.axis}")
+            length = shape[sl.axis]
+            if sl.repeat <= 0 or length % sl.repeat:
+                raise ValueError(f"group {group.name!r}: {sl.path} axis {sl.axis} (length {length}) is not {sl.repeat} blocks")
+            units = length // sl.repeat
+            if n is None:
+                n = units
+            elif units != n:
+                raise ValueError(
+                    f"group {group.name!r}: {sl.path} axis {sl.axis} holds {units} units, the group's first slice "
+                    f"{group.slices[0].path} holds {n}; coupled slices must agree"
+                )
+        sizes[group.name] = n
+    return sizes
+
+
+def plan(
+    variables: Variables,
+    groups: Sequence[Group],
+    sparsity: float | Mapping[str, float],
+    *,
+    criterion: Criterion = "l2",
+    grads: Any | None = None,
+) -> dict[str, np.ndarray]:
+    """Which units to keep in each group: the highest-scoring ``n - round(s * n)`` (at least one).
+
+    ``sparsity`` is one fraction for every group, or ``{group-name regex: fraction}``
+    (first match wins; groups matched by no key are kept whole). A key that
+    matches no group is an error: that layer has no coupling description.
+    """
+    names = [g.name for g in groups]
+    if isinstance(sparsity, Mapping):
+        targets: dict[str, float] = {}
+        for pattern, value in sparsity.items():
+            check_sparsity(value, f"structured sparsity for {pattern!r}")
+            matched = [n for n in names if re.fullmatch(pattern, n)]
+            if not matched:
+                raise ValueError(
+                    f"structured pruning of {pattern!r}: no coupling description matches this layer; "
+                    f"known groups: {names}. Describe it with groups=[Group(...)]"
+                )
+            for name in matched:
+                targets.setdefault(name, float(value))
+    else:
+        value = check_sparsity(sparsity, "structured sparsity")
+        targets = {n: value for n in names}
+    scores = group_scores(variables, groups, criterion=criterion, grads=grads)
+    kept = {}
+    for name in names:
+        n = len(scores[name])
+        keep = max(1, n - int(round(targets.get(name, 0.0) * n)))
+        kept[name] = np.sort(np.argsort(-scores[name], kind="stable")[:keep])
+    return kept
+
+
+def apply_plan(variables: Variables, groups: Sequence[Group], kept: Mapping[str, np.ndarray]) -> Variables:
+    """The smaller variables: every slice keeps only its group's kept units."""
+    sizes = check_groups(variables, groups)
+    take: dict[str, list[tuple[int, np.ndarray]]] = {}
+    for group in groups:
+        idx = np.asarray(kept[group.name])
+        n = sizes[group.name]
+        for sl in group.slices:
+            full = np.concatenate([r * n + idx for r in range(sl.repeat)])
+            take.setdefault(sl.path, []).append((sl.axis, full))
+
+    def leaf(path, x):
+        name = path_str(path)
+        for axis, index in take.get(name, []):
+            x = jnp.take(x, jnp.asarray(index), axis=axis)
+        return x
+
+    return jax.tree_util.tree_map_with_path(leaf, variables)
+
+
+def mask_plan(variables: Variables, groups: Sequence[Group], kept: Mapping[str, np.ndarray]) -> Variables:
+    """The full-size variables with every removed unit's slices set to zero (same function as ``apply_plan``'s model)."""
+    sizes = check_groups(variables, groups)
+    zero: dict[str, list[tuple[int, np.ndarray]]] = {}
+    for group in groups:
+        n = sizes[group.name]
+        dropped = np.setdiff1d(np.arange(n), np.asarray(kept[group.name]))
+        for sl in group.slices:
+            zero.setdefault(sl.path, []).append((sl.axis, np.concatenate([r * n + dropped for r in range(sl.repeat)])))
+
+    def leaf(path, x):
+        for axis, index in zero.get(path_str(path), []):
+            shape = [1] * np.ndim(x)
+            shape[axis] = np.shape(x)[axis]
+            keep = np.ones(np.shape(x)[axis], bool)
+            keep[index] = False
+            x = jnp.where(jnp.asarray(keep.reshape(shape)), x, jnp.zeros_like(x))
+        return x
+
+    return jax.tree_util.tree_map_with_path(leaf, variables)
+
+
+def structured_prune(
+    config: ModelConfig | None,
+    variables: Variables,
+    sparsity: float | Mapping[str, float],
+    *,
+    criterion: Criterion = "l2",
+    grads: Any | None = None,
+    groups: Sequence[Group] | None = None,
+    rewrite: Callable[[Any, dict[str, int]], ModelConfig] | None = None,
+) -> StructuredResult:
+    """Remove the least important units of each group; returns the smaller model.
+
+    Args:
+        config: the model's config (a reference model, or any config when ``groups`` is given).
+        variables: ``{"params": ..., "batch_stats": ...}``.
+        sparsity: fraction of units to remove, or ``{group-name regex: fraction}``.
+        criterion: ``"l1"``, ``"l2"`` (norms) or ``"taylor"`` (gradient x weight, needs ``grads``).
+        grads: gradients shaped like ``variables["params"]`` (see ``masks.mean_gradients``).
+        groups: the coupling description, for models without a built-in one.
+        rewrite: ``rewrite(config, {group: kept units}) -> smaller config``, for such models.
+
+    Raises:
+        ValueError: a layer without coupling information, slices that do not
+            agree, or a result that does not match the rewritten config's shapes.
+
+    Example:
+        >>> from jaxopt_serve.models import MLPConfig, init_variables
+        >>> cfg = MLPConfig(features=(32, 16))
+        >>> result = structured_prune(cfg, init_variables(cfg, 0), 0.5)
+        >>> result.config.features, result.variables["params"]["dense_1"]["kernel"].shape
+        ((16, 8), (16, 8))
+    """
+    if groups is None:
+        if config is None:
+            raise ValueError("structured_prune needs a config or groups=")
+        groups = model_groups(config)
+        rewrite = rewrite or _COUPLINGS[type(config)].rewrite
+    elif rewrite is None and config is not None and type(config) in _COUPLINGS:
+        rewrite = _COUPLINGS[type(config)].rewrite
+    groups = list(groups)
+    kept = plan(variables, groups, sparsity, criterion=criterion, grads=grads)
+    sizes = check_groups(variables, groups)
+    smaller = apply_plan(variables, groups, kept)
+    new_config = None
+    if rewrite is not None and config is not None:
+        new_config = rewrite(config, {name: len(idx) for name, idx in kept.items()})
+        _check_against(new_config, smaller)
+    return StructuredResult(new_config, smaller, kept, {n: (sizes[n], len(kept[n])) for n in sizes})
+
+
+def _check_against(config: ModelConfig, variables: Variables) -> None:
+    expected = jax.eval_shape(lambda: init_variables(config, 0))
+    want = _named(expected)
+    have = _named(variables)
+    for name, spec in want.items():
+        if name not in have:
+            raise ValueError(f"structured pruning lost {name}; the coupling description is incomplete")
+        if tuple(np.shape(have[name])) != tuple(spec.shape):
+            raise ValueError(
+                f"structured pruning left {name} with shape {tuple(np.shape(have[name]))}, the smaller model expects "
+                f"{tuple(spec.shape)}: a layer coupled to a pruned one is missing from the coupling description"
+            )
+
+
+def _named(tree: Any) -> dict[str, Any]:
+    return {path_str(p): x for p, x in jax.tree_util.tree_leaves_with_path(tree)}
+
+
+# -- the reference models ---------------------------------------------------------------------------
+
+
+def _dense_group(name: str, consumer: str) -> Group:
+    return Group(name, (
+        Slice(f"params/{name}/kernel", 1), Slice(f"params/{name}/bias", 0), Slice(f"params/{consumer}/kernel", 0),
+    ))
+
+
+def _mlp_groups(config: MLPConfig | NNXMLPConfig) -> list[Group]:
+    n = len(config.features)
+    return [_dense_group(f"dense_{i}", f"dense_{i + 1}" if i + 1 < n else "classifier") for i in range(n)]
+
+
+def _mlp_rewrite(config: MLPConfig | NNXMLPConfig, kept: dict[str, int]) -> ModelConfig:
+    return config.replace(features=tuple(kept[f"dense_{i}"] for i in range(len(config.features))))
+
+
+def _cnn_groups(config: CNNConfig) -> list[Group]:
+    layers = len(config.channels) * config.convs_per_stage
+    groups = []
+    for i in range(layers):
+        consumer = (
+            Slice(f"params/conv_{i + 1}/kernel", 2) if i + 1 < layers
+            else Slice(f"params/{'dense' if config.hidden else 'classifier'}/kernel", 0)
+        )
+        groups.append(Group(f"conv_{i}", (
+            Slice(f"params/conv_{i}/kernel", 3),
+            Slice(f"params/bn_{i}/scale", 0), Slice(f"params/bn_{i}/bias", 0),
+            Slice(f"batch_stats/bn_{i}/mean", 0), Slice(f"batch_stats/bn_{i}/var", 0),
+            consumer,
+        )))
+    if config.hidden:
+        groups.append(_dense_group("dense", "classifier"))
+    return groups
+
+
+def _cnn_rewrite(config: CNNConfig, kept: dict[str, int]) -> ModelConfig:
+    per = config.convs_per_stage
+    channels = []
+    for stage in range(len(config.channels)):
+        widths = {kept[f"conv_{stage * per + j}"] for j in range(per)}
+        if len(widths) != 1:
+            raise ValueError(
+                f"CNN stage {stage} would get different widths {sorted(widths)} for its {per} convs; CNNConfig has "
+                f"one width per stage: give its convs the same sparsity"
+            )
+        channels.append(widths.pop())
+    return config.replace(channels=tuple(channels), hidden=kept.get("dense", config.hidden) if config.hidden else 0)
+
+
+def _transformer_groups(config: TransformerConfig) -> list[Group]:
+    groups = []
+    for i in range(config.num_layers):
+        att = f"params/layer_{i}/attention"
+        head_slices = [Slice(f"{att}/{p}/{leaf}", 1 if leaf == "kernel" else 0)
+                       for p in ("query", "key", "value") for leaf in ("kernel", "bias")]
+        groups.append(Group(f"layer_{i}/heads", (*head_slices, Slice(f"{att}/out/kernel", 0))))
+        groups.append(Group(f"layer_{i}/ffn", (
+            Slice(f"params/layer_{i}/intermediate/kernel", 1), Slice(f"params/layer_{i}/intermediate/bias", 0),
+            Slice(f"params/layer_{i}/output/kernel", 0),
+        )))
+    return groups
+
+
+def _transformer_rewrite(config: TransformerConfig, kept: dict[str, int]) -> ModelConfig:
+    layers = range(config.num_layers)
+    return config.replace(
+        num_heads=tuple(kept[f"layer_{i}/heads"] for i in layers),
+        head_dim=config.resolved_head_dim,
+        mlp_dim=tuple(kept[f"layer_{i}/ffn"] for i in layers),
+    )
+
+
+register_coupling(MLPConfig, _mlp_groups, _mlp_rewrite)
+register_coupling(NNXMLPConfig, _mlp_groups, _mlp_rewrite)
+register_coupling(CNNConfig, _cnn_groups, _cnn_rewrite)
+register_coupling(TransformerConfig, _transformer_groups, _transformer_rewrite)
