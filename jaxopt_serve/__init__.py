@@ -1,7 +1,7 @@
 """jaxopt_serve: make Flax models smaller and faster to serve on XLA.
 
 The public API is re-exported here; implementation lives in topic packages
-(``models``, ``data``, ``train``, ``quant``) and modules (``artifact``, ``timing``).
+(``models``, ``data``, ``train``, ``quant``, ``prune``) and modules (``artifact``, ``timing``).
 """
 
 from jaxopt_serve.artifact import Artifact, ArtifactError, load_artifact, save_artifact
@@ -24,6 +24,14 @@ from jaxopt_serve.models import (
     nnx_module,
     nnx_variables,
     predict_fn,
+)
+from jaxopt_serve.prune import (
+    PruneRule,
+    deep_compress,
+    gradual_pruning,
+    prune,
+    sparse_artifact,
+    structured_prune,
 )
 from jaxopt_serve.quant import (
     QArray,
@@ -60,6 +68,7 @@ __all__ = [
     "ModelConfig",
     "NNXMLP",
     "NNXMLPConfig",
+    "PruneRule",
     "QArray",
     "QuantRule",
     "QuantSpec",
@@ -68,6 +77,11 @@ __all__ = [
     "TransformerEncoder",
     "accuracy",
     "calibrate",
+    "deep_compress",
+    "gradual_pruning",
+    "prune",
+    "sparse_artifact",
+    "structured_prune",
     "qat_finetune",
     "quantize",
     "quantized_artifact",

@@ -1,4 +1,4 @@
-"""The ``jaxopt-serve`` command line: ``train``, ``eval``, ``demo`` and ``quantize``."""
+"""The ``jaxopt-serve`` command line: ``train``, ``eval``, ``demo``, ``quantize`` and ``prune``."""
 
 from __future__ import annotations
 
@@ -73,6 +73,34 @@ def build_parser() -> argparse.ArgumentParser:
                           help="keep the parameters whose path (e.g. params/conv_0/kernel) fully matches REGEX in "
                           "float; repeatable")
     quantize.add_argument("-o", "--output", required=True, help="quantized artifact path to write")
+
+    prune = sub.add_parser("prune", help="prune an artifact (unstructured, N:M or structured) and save the result",
+                           description="Prune the Dense/Conv kernels of a float artifact. Unstructured methods "
+                           "(magnitude, importance, random, nm) zero weights and save a sparse artifact that stores only "
+                           "the kept values; 'structured' removes whole neurons/channels/heads and saves an ordinary, "
+                           "smaller dense model. Fine-tuning and importance scores use the bundled digits.")
+    prune.add_argument("artifact", help="float artifact (written by 'jaxopt-serve train')")
+    prune.add_argument("--sparsity", type=float, default=0.5,
+                       help="fraction of weights (unstructured) or units (structured) to remove, in [0, 1) (default: 0.5)")
+    prune.add_argument("--method", choices=("magnitude", "importance", "random", "nm", "structured"), default="magnitude",
+                       help="magnitude |w|, importance |w x grad|, random (a baseline), nm (N:M along the contraction "
+                       "axis) or structured (default: magnitude)")
+    prune.add_argument("--nm", default="2:4", metavar="N:M", help="the N:M pattern for --method nm (default: 2:4)")
+    prune.add_argument("--scope", choices=("layer", "global"), default="global",
+                       help="unstructured: rank each layer alone or all kernels together (default: global)")
+    prune.add_argument("--criterion", choices=("l1", "l2", "taylor"), default="l2",
+                       help="structured: unit importance by L1/L2 norm or gradient x weight (default: l2)")
+    prune.add_argument("--finetune-steps", type=int, default=0, metavar="N",
+                       help="fine-tune N steps on the digits afterwards, pruned weights held at zero (default: 0)")
+    prune.add_argument("--gradual", action="store_true",
+                       help="magnitude only: reach the sparsity gradually during the fine-tuning (Zhu & Gupta schedule)")
+    prune.add_argument("--bits", choices=("8", "4"),
+                       help="then quantize the kernels to int8/int4 per channel (unstructured: stored sparse)")
+    prune.add_argument("--keep-float", metavar="REGEX", nargs="+", action="extend", default=[],
+                       help="leave the parameters whose path (e.g. params/conv_0/kernel) fully matches REGEX unpruned")
+    prune.add_argument("--seed", type=int, default=0, help="seed (default: 0)")
+    prune.add_argument("--no-progress", action="store_true", help="no progress bar")
+    prune.add_argument("-o", "--output", required=True, help="artifact path to write")
     return parser
 
 
@@ -106,7 +134,7 @@ def _eval(args: argparse.Namespace) -> int:
         print(f"error: artifact input shape {artifact.input_shape} does not match the digits {dataset.input_shape}",
               file=sys.stderr)
         return 2
-    if artifact.layout == "quantized":  # run it quantized, as it will be served
+    if artifact.layout == "quantized" or _has_qarrays(artifact.variables):  # run it quantized, as it will be served
         mode = args.mode if args.mode != "static" or "quant_act" in artifact.variables else "auto"
         predict = quantized_predict_fn(artifact.config, mode=mode)
     else:
@@ -116,6 +144,98 @@ def _eval(args: argparse.Namespace) -> int:
         print(json.dumps({"artifact": args.artifact, "model": artifact.config.name, "mode": mode, "accuracy": acc}))
     else:
         print(f"{args.artifact}: {artifact.config.name} ({mode}), test accuracy {acc:.2%} on {len(dataset.y_test)} digits")
+    return 0
+
+
+def _has_qarrays(variables) -> bool:
+    import jax
+
+    from jaxopt_serve.quant import QArray
+
+    return any(isinstance(x, QArray) for x in jax.tree.leaves(variables, is_leaf=lambda x: isinstance(x, QArray)))
+
+
+def _prune(args: argparse.Namespace) -> int:
+    import os
+    import warnings
+
+    import jax
+    import numpy as np
+
+    from jaxopt_serve.artifact import Artifact, load_artifact, save_artifact
+    from jaxopt_serve.data import load_digits
+    from jaxopt_serve.prune.masks import UnusedPruneRuleWarning, check_sparsity
+    from jaxopt_serve.prune.pipeline import finetune, gradual, structured, unstructured
+    from jaxopt_serve.prune.sparse_io import sparse_artifact
+    from jaxopt_serve.quant import QuantRule, QuantSpec, quantize, quantized_artifact
+
+    check_sparsity(args.sparsity, "--sparsity")
+    if args.finetune_steps < 0:
+        raise ValueError(f"--finetune-steps must be >= 0, got {args.finetune_steps}")
+    if args.gradual and (args.method != "magnitude" or args.finetune_steps < 2):
+        raise ValueError("--gradual needs --method magnitude and --finetune-steps of at least 2")
+    try:
+        n, m = (int(v) for v in args.nm.split(":"))
+    except ValueError:
+        raise ValueError(f"--nm must look like N:M (e.g. 2:4), got {args.nm!r}") from None
+    source = load_artifact(args.artifact)
+    if source.layout != "dense":
+        raise ValueError(f"{args.artifact} has the {source.layout!r} layout; 'prune' needs a float (dense) artifact")
+    config, variables = source.config, source.variables
+    needs_data = args.finetune_steps > 0 or args.method == "importance" or args.criterion == "taylor"
+    digits = load_digits(seed=args.seed)
+    if tuple(source.input_shape) != digits.input_shape:
+        if needs_data:
+            raise ValueError(f"fine-tuning and importance scores use the digits {digits.input_shape}; "
+                             f"{args.artifact} takes inputs of shape {tuple(source.input_shape)}")
+        digits = None
+    progress = not args.no_progress
+    keep = "|".join(f"(?:{p})" for p in args.keep_float)
+    pattern = rf"(?!(?:{keep})$)params/(.*/)?kernel" if keep else r"params/(.*/)?kernel"
+    spec = QuantSpec(qtype="int8" if args.bits == "8" else "int4", granularity="channel") if args.bits else None
+
+    if args.method == "structured":
+        result = structured(config, variables, digits, sparsity=args.sparsity, criterion=args.criterion,
+                            finetune_steps=args.finetune_steps, seed=args.seed, progress=progress)
+        config, variables = result.config, result.variables
+        summary = ", ".join(f"{g} {a}->{b}" for g, (a, b) in result.sizes.items())
+    else:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UnusedPruneRuleWarning)
+            if args.gradual:
+                variables = gradual(config, variables, digits, sparsity=args.sparsity, steps=args.finetune_steps,
+                                    scope=args.scope, pattern=pattern, seed=args.seed, progress=progress)
+            else:
+                variables, _ = unstructured(config, variables, digits, sparsity=args.sparsity, method=args.method,
+                                            scope=args.scope, n_m=(n, m), pattern=pattern,
+                                            finetune_steps=args.finetune_steps, seed=args.seed, progress=progress)
+        kernels = [np.asarray(x) for p, x in jax.tree_util.tree_leaves_with_path(variables["params"])
+                   if p[-1].key == "kernel"]
+        zeros = sum(int((k == 0).sum()) for k in kernels) / sum(k.size for k in kernels)
+        summary = f"kernel sparsity {zeros:.1%}"
+    metadata = {"pruning": {"method": args.method, "sparsity": args.sparsity, "scope": args.scope,
+                            "criterion": args.criterion, "finetune_steps": args.finetune_steps,
+                            "gradual": args.gradual, "bits": args.bits}}
+    if spec is not None:
+        variables = quantize(variables, [QuantRule(pattern, spec)]).variables
+    if args.method == "structured":
+        artifact = (quantized_artifact(config, variables, source.input_shape, metadata) if spec is not None
+                    else Artifact(config, variables, source.input_shape, metadata))
+    else:
+        artifact = sparse_artifact(config, variables, source.input_shape, metadata,
+                                   float_dtype="float16" if spec is not None else None)
+    before = os.path.getsize(args.artifact)
+    after = save_artifact(args.output, artifact)
+    print(f"pruned {args.artifact} ({args.method}): {summary}; saved {args.output} ({artifact.layout} layout)")
+    print(f"size: {before:,} -> {after:,} bytes ({before / after:.2f}x smaller)")
+    if digits is not None:
+        from jaxopt_serve.models import predict_fn
+        from jaxopt_serve.quant.runtime import quantized_predict_fn
+        from jaxopt_serve.train import accuracy
+
+        predict = quantized_predict_fn(config, mode="weight_only") if spec is not None else predict_fn(config)
+        acc = accuracy(predict, variables, digits.x_test, digits.y_test)
+        print(f"test accuracy: {source.metadata.get('test_accuracy', float('nan')):.2%} -> {acc:.2%}")
     return 0
 
 
@@ -175,7 +295,7 @@ def _quantize(args: argparse.Namespace) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``jaxopt-serve``; returns the process exit status."""
     args = build_parser().parse_args(argv)
-    handler = {"train": _train, "eval": _eval, "demo": _demo, "quantize": _quantize}[args.command]
+    handler = {"train": _train, "eval": _eval, "demo": _demo, "quantize": _quantize, "prune": _prune}[args.command]
     try:
         return handler(args)
     except MissingExtraError as err:

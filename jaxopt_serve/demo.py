@@ -52,6 +52,7 @@ class DemoContext:
     out_dir: Path
     seed: int
     qat_steps: int = 200
+    prune_steps: int = 1200
     progress: bool = False
 
 
@@ -91,7 +92,35 @@ def quantized_variants(ctx: DemoContext) -> list[Variant]:
     return variants
 
 
-VARIANT_BUILDERS: list[Callable[[DemoContext], list[Variant]]] = [f32_variant, quantized_variants]
+def pruned_variants(ctx: DemoContext) -> list[Variant]:
+    """90% unstructured (gradual) + int4 from its sparse artifact, and 50% structured (fine-tuned).
+
+    The ``params`` column counts non-zero parameters for the sparse row and
+    the smaller model's parameters for the structured row.
+    """
+    from jaxopt_serve.artifact import load_artifact
+    from jaxopt_serve.prune.pipeline import deep_compress, structured
+    from jaxopt_serve.quant.runtime import quantized_predict_fn, serving_layout
+
+    config, variables = ctx.base.config, ctx.base.variables
+    deep = deep_compress(config, variables, ctx.dataset, sparsity=0.9, bits="int4", finetune_steps=ctx.prune_steps,
+                         seed=ctx.seed, progress=ctx.progress)
+    sparse_path = ctx.out_dir / "cnn_sparse90_int4.jxs"
+    save_artifact(sparse_path, deep.artifact)
+    loaded = load_artifact(sparse_path).variables
+    nonzero = sum(int(np.count_nonzero(x)) for x in jax.tree.leaves(deep.pruned["params"]))
+    small = structured(config, variables, ctx.dataset, sparsity=0.5, finetune_steps=max(1, ctx.prune_steps // 4),
+                       seed=ctx.seed, progress=ctx.progress)
+    small_path = ctx.out_dir / "cnn_structured50.jxs"
+    save_artifact(small_path, Artifact(small.config, small.variables, ctx.base.input_shape, {"structured": small.sizes}))
+    return [
+        Variant("90% sparse + int4", quantized_predict_fn(config, mode="auto"), serving_layout(loaded), sparse_path,
+                nonzero),
+        Variant("50% structured", predict_fn(small.config), small.variables, small_path, count_params(small.variables)),
+    ]
+
+
+VARIANT_BUILDERS: list[Callable[[DemoContext], list[Variant]]] = [f32_variant, quantized_variants, pruned_variants]
 
 
 def measure(variant: Variant, dataset: Dataset, *, latency_repeats: int = 200, throughput_repeats: int = 20) -> dict[str, Any]:
@@ -119,6 +148,7 @@ def run_demo(
     config: CNNConfig | None = None,
     latency_repeats: int = 200,
     qat_steps: int = 200,
+    prune_steps: int = 1200,
     variants: Sequence[Callable[[DemoContext], list[Variant]]] | None = None,
 ) -> dict[str, Any]:
     """Train the reference CNN on the digits and measure every variant; returns ``{"device", "rows"}``."""
@@ -128,7 +158,7 @@ def run_demo(
     base_path = out / "cnn_f32.jxs"
     save_artifact(base_path, base)
     ctx = DemoContext(dataset=dataset, base=base, base_path=base_path, out_dir=out, seed=seed,
-                      qat_steps=qat_steps, progress=progress)
+                      qat_steps=qat_steps, prune_steps=prune_steps, progress=progress)
     rows = [
         measure(variant, dataset, latency_repeats=latency_repeats)
         for builder in (VARIANT_BUILDERS if variants is None else variants)

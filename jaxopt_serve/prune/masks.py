@@ -174,7 +174,10 @@ def mean_gradients(grad_fn: Callable[[Any, Any], Any], params: Any, batches: Ite
 
 
 def importance_scores(grad_fn: Callable[[Any, Any], Any], params: Any, batches: Iterable[Any]) -> Any:
-    """Taylor first-order importance ``|w * mean_b(dL/dw)|`` over calibration batches.
+    """Taylor first-order importance ``mean_b |w * dL/dw|`` over calibration batches.
+
+    The absolute value is taken per batch, so gradients of opposite sign in
+    different batches (common once a model has converged) do not cancel.
 
     Args:
         grad_fn: ``grad_fn(params, batch) -> grads`` (shaped like ``params``);
@@ -189,8 +192,8 @@ def importance_scores(grad_fn: Callable[[Any, Any], Any], params: Any, batches: 
         >>> importance_scores(grad_fn, params, [1.0, 3.0])["w"].tolist()
         [2.0, 4.0, 6.0]
     """
-    grads = mean_gradients(grad_fn, params, batches)
-    return jax.tree.map(lambda w, g: jnp.abs(w * g), params, grads)
+    per_batch = (jax.tree.map(lambda w, g: jnp.abs(w * g), params, grad_fn(params, b)) for b in batches)
+    return mean_gradients(lambda p, scores: scores, params, per_batch)
 
 
 def calibration_batches(x: np.ndarray, y: np.ndarray, *, batch_size: int = 128, limit: int | None = None) -> list[tuple]:

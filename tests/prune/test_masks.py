@@ -86,7 +86,8 @@ def test_importance_is_weight_times_mean_gradient(params, digits):
     batches = [(digits.x_train[:64], digits.y_train[:64]), (digits.x_train[64:128], digits.y_train[64:128])]
     scores = importance_scores(grad_fn, params, batches)
     g0, g1 = (grad_fn(params, b) for b in batches)
-    expected = np.abs(params["dense_0"]["kernel"] * (g0["dense_0"]["kernel"] + g1["dense_0"]["kernel"]) / 2)
+    w = params["dense_0"]["kernel"]
+    expected = (np.abs(w * g0["dense_0"]["kernel"]) + np.abs(w * g1["dense_0"]["kernel"])) / 2
     np.testing.assert_allclose(scores["dense_0"]["kernel"], expected, rtol=1e-5, atol=1e-9)
     magnitude = prune(params, [PruneRule(r"params/dense_0/kernel", 0.5)]).masks["dense_0"]["kernel"]
     important = prune(params, [PruneRule(r"params/dense_0/kernel", 0.5)], scores=scores).masks["dense_0"]["kernel"]
