@@ -106,7 +106,8 @@ def speed_section(report: Report, *, rounds: int) -> None:
         rows.append({"model": name, "batch": batch, "variant": f"50% structured -> {_widths(pruned.config)}",
                      "unpruned ms": t_dense, "pruned ms": t_small, "speed-up": t_dense / t_small})
         # 90% unstructured: same dense shapes, zeros inside; XLA's dense kernels do not skip them.
-        masked = jax.tree.map(lambda a: np.where(rng.uniform(size=a.shape) < 0.9, 0, a).astype(a.dtype), variables)
+        masked = jax.device_put(
+            jax.tree.map(lambda a: np.where(rng.uniform(size=a.shape) < 0.9, 0, a).astype(a.dtype), variables))
         t_dense, t_masked = paired_times(lambda: dense_fn(variables, x), lambda: dense_fn(masked, x),
                                          rounds=max(3, rounds // 2), calls=calls)
         rows.append({"model": name, "batch": batch, "variant": "90% unstructured (zeros, dense shapes)",
@@ -120,7 +121,7 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--json", metavar="PATH", help="write the checks and tables as JSON")
     parser.add_argument("--steps", type=int, default=600, help="training steps of the float models")
-    parser.add_argument("--finetune-steps", type=int, default=300, help="fine-tuning steps after structured pruning")
+    parser.add_argument("--finetune-steps", type=int, default=600, help="fine-tuning steps after structured pruning")
     parser.add_argument("--gradual-steps", type=int, default=1200, help="gradual-pruning fine-tuning steps")
     parser.add_argument("--rounds", type=int, default=7, help="alternating timing rounds")
     parser.add_argument("--seed", type=int, default=0)

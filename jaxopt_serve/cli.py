@@ -88,8 +88,8 @@ def build_parser() -> argparse.ArgumentParser:
     prune.add_argument("--nm", default="2:4", metavar="N:M", help="the N:M pattern for --method nm (default: 2:4)")
     prune.add_argument("--scope", choices=("layer", "global"), default="global",
                        help="unstructured: rank each layer alone or all kernels together (default: global)")
-    prune.add_argument("--criterion", choices=("l1", "l2", "taylor"), default="l2",
-                       help="structured: unit importance by L1/L2 norm or gradient x weight (default: l2)")
+    prune.add_argument("--criterion", choices=("l1", "l2", "taylor"), default="l1",
+                       help="structured: unit importance by L1/L2 norm or gradient x weight (default: l1)")
     prune.add_argument("--finetune-steps", type=int, default=0, metavar="N",
                        help="fine-tune N steps on the digits afterwards, pruned weights held at zero (default: 0)")
     prune.add_argument("--gradual", action="store_true",

@@ -109,7 +109,7 @@ def pruned_variants(ctx: DemoContext) -> list[Variant]:
     save_artifact(sparse_path, deep.artifact)
     loaded = load_artifact(sparse_path).variables
     nonzero = sum(int(np.count_nonzero(x)) for x in jax.tree.leaves(deep.pruned["params"]))
-    small = structured(config, variables, ctx.dataset, sparsity=0.5, finetune_steps=max(1, ctx.prune_steps // 4),
+    small = structured(config, variables, ctx.dataset, sparsity=0.5, finetune_steps=max(1, ctx.prune_steps // 2),
                        seed=ctx.seed, progress=ctx.progress)
     small_path = ctx.out_dir / "cnn_structured50.jxs"
     save_artifact(small_path, Artifact(small.config, small.variables, ctx.base.input_shape, {"structured": small.sizes}))

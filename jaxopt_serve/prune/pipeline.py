@@ -184,7 +184,7 @@ def structured(
     dataset: Dataset | None,
     *,
     sparsity: float | Mapping[str, float] = 0.5,
-    criterion: Criterion = "l2",
+    criterion: Criterion = "l1",
     finetune_steps: int = 0,
     seed: int = 0,
     progress: bool = False,

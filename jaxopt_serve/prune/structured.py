@@ -116,7 +116,7 @@ class StructuredResult:
 
 
 def group_scores(
-    variables: Variables, groups: Sequence[Group], *, criterion: Criterion = "l2", grads: Any | None = None
+    variables: Variables, groups: Sequence[Group], *, criterion: Criterion = "l1", grads: Any | None = None
 ) -> dict[str, np.ndarray]:
     """One importance score per unit of every group (higher = keep).
 
@@ -193,7 +193,7 @@ def plan(
     groups: Sequence[Group],
     sparsity: float | Mapping[str, float],
     *,
-    criterion: Criterion = "l2",
+    criterion: Criterion = "l1",
     grads: Any | None = None,
 ) -> dict[str, np.ndarray]:
     """Which units to keep in each group: the highest-scoring ``n - round(s * n)`` (at least one).
@@ -274,7 +274,7 @@ def structured_prune(
     variables: Variables,
     sparsity: float | Mapping[str, float],
     *,
-    criterion: Criterion = "l2",
+    criterion: Criterion = "l1",
     grads: Any | None = None,
     groups: Sequence[Group] | None = None,
     rewrite: Callable[[Any, dict[str, int]], ModelConfig] | None = None,
