@@ -131,3 +131,26 @@ def test_cnn_stage_with_unequal_conv_widths_is_an_error():
     config = CASES["cnn"][0]
     with pytest.raises(ValueError, match="CNN stage 0 would get different widths"):
         structured_prune(config, random_variables(config), {"conv_0": 0.5, "conv_1": 0.25})
+
+
+def test_conv_channels_feeding_a_flatten_remove_their_dense_rows():
+    """NHWC flatten: channel c of a 3x3 map feeds Dense rows s * C + c for the 9 positions s (Slice.repeat)."""
+    import flax.linen as nn
+
+    class FlatNet(nn.Module):
+        channels: int = 6
+
+        @nn.compact
+        def __call__(self, x):
+            h = nn.relu(nn.Conv(self.channels, (3, 3), padding="SAME", name="conv")(x))
+            return nn.Dense(4, name="head")(h.reshape(h.shape[0], -1))
+
+    x = jnp.asarray(np.random.default_rng(0).normal(size=(2, 3, 3, 2)), jnp.float32)
+    variables = {"params": jax.tree.map(np.asarray, FlatNet().init(jax.random.key(0), x)["params"])}
+    groups = [Group("conv", (Slice("params/conv/kernel", 3), Slice("params/conv/bias", 0),
+                             Slice("params/head/kernel", 0, repeat=9)))]
+    result = structured_prune(None, variables, 0.5, groups=groups)
+    assert result.variables["params"]["head"]["kernel"].shape == (27, 4)
+    masked = mask_plan(variables, groups, result.kept)
+    np.testing.assert_allclose(FlatNet(channels=3).apply(result.variables, x), FlatNet().apply(masked, x),
+                               rtol=1e-5, atol=1e-5)
