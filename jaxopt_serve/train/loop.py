@@ -146,7 +146,7 @@ def fit(
     log_every: int = 50,
     eval_fn: Callable[[Variables], dict[str, float]] | None = None,
     progress: bool = True,
-    on_log: Callable[[TrainState, dict[str, float]], None] | None = None,
+    on_log: Callable[[TrainState, dict[str, float]], bool | None] | None = None,
 ) -> FitResult:
     """Train for ``steps`` optimizer steps (in total, counting a resumed ``state``'s).
 
@@ -164,7 +164,8 @@ def fit(
         eval_fn: ``eval_fn(variables) -> {name: value}`` merged into the history.
         progress: show a rich progress bar.
         on_log: called with the state and the history entry at each log point
-            (e.g. to checkpoint).
+            (e.g. to checkpoint); it may add keys to the entry, and returning
+            ``True`` stops training there (early stopping).
 
     Returns:
         ``FitResult`` with the final ``TrainState`` and the history.
@@ -209,10 +210,11 @@ def fit(
                 pending.clear()
                 if eval_fn is not None:
                     entry.update(eval_fn(state.variables))
+                stop = bool(on_log(state, entry)) if on_log is not None else False
                 history.append(entry)
-                if on_log is not None:
-                    on_log(state, entry)
                 advance(done, entry)
+                if stop:
+                    break
     return FitResult(state=state, history=history)
 
 

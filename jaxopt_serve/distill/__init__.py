@@ -1,0 +1,26 @@
+"""Knowledge distillation: softened-logit KL x T^2 plus hard labels, hidden-state losses, a resumable trainer."""
+
+from jaxopt_serve.distill.losses import distillation_loss, hidden_cosine, hidden_mse, soft_kl
+from jaxopt_serve.distill.trainer import (
+    DistillConfig,
+    DistillResult,
+    distill,
+    load_checkpoint,
+    save_checkpoint,
+    teacher_fn,
+    validation_split,
+)
+
+__all__ = [
+    "DistillConfig",
+    "DistillResult",
+    "distill",
+    "distillation_loss",
+    "hidden_cosine",
+    "hidden_mse",
+    "load_checkpoint",
+    "save_checkpoint",
+    "soft_kl",
+    "teacher_fn",
+    "validation_split",
+]
