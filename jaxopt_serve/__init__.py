@@ -1,11 +1,12 @@
 """jaxopt_serve: make Flax models smaller and faster to serve on XLA.
 
 The public API is re-exported here; implementation lives in topic packages
-(``models``, ``data``, ``train``, ``quant``, ``prune``) and modules (``artifact``, ``timing``).
+(``models``, ``data``, ``train``, ``quant``, ``prune``, ``distill``) and modules (``artifact``, ``timing``).
 """
 
 from jaxopt_serve.artifact import Artifact, ArtifactError, load_artifact, save_artifact
 from jaxopt_serve.data import Dataset, load_digits
+from jaxopt_serve.distill import DistillConfig, distill
 from jaxopt_serve.extras import MissingExtraError
 from jaxopt_serve.models import (
     CNN,
@@ -61,6 +62,7 @@ __all__ = [
     "CNN",
     "CNNConfig",
     "Dataset",
+    "DistillConfig",
     "FitResult",
     "MLP",
     "MLPConfig",
@@ -78,6 +80,7 @@ __all__ = [
     "accuracy",
     "calibrate",
     "deep_compress",
+    "distill",
     "gradual_pruning",
     "prune",
     "sparse_artifact",

@@ -1,4 +1,4 @@
-"""The ``jaxopt-serve`` command line: ``train``, ``eval``, ``demo``, ``quantize`` and ``prune``."""
+"""The ``jaxopt-serve`` command line: ``train``, ``eval``, ``demo``, ``quantize``, ``prune`` and ``distill``."""
 
 from __future__ import annotations
 
@@ -101,6 +101,35 @@ def build_parser() -> argparse.ArgumentParser:
     prune.add_argument("--seed", type=int, default=0, help="seed (default: 0)")
     prune.add_argument("--no-progress", action="store_true", help="no progress bar")
     prune.add_argument("-o", "--output", required=True, help="artifact path to write")
+
+    distill = sub.add_parser("distill", help="train a smaller student on a teacher artifact's outputs",
+                             description="Knowledge distillation on the bundled digits (image models) or digit "
+                             "tokens (Transformer): the student learns from the teacher's softened logits (KL x T^2) "
+                             "and the labels, optionally from its hidden states; saves the student as an artifact.")
+    distill.add_argument("teacher", help="teacher artifact (float, quantized, or pruned)")
+    distill.add_argument("--student-config", required=True, metavar="JSON",
+                         help="the student: field overrides of the teacher's config, e.g. "
+                         "'{\"channels\": [16, 24], \"hidden\": 32}', or a full {\"name\": ..., \"fields\": ...}; "
+                         "@FILE reads the JSON from FILE")
+    distill.add_argument("--steps", type=_positive_int, default=600, help="optimizer steps (default: 600)")
+    distill.add_argument("--batch-size", type=_positive_int, default=64, help="examples per step (default: 64)")
+    distill.add_argument("--learning-rate", type=float, default=3e-3, help="peak AdamW learning rate (default: 3e-3)")
+    distill.add_argument("--temperature", type=float, default=2.0, help="softmax temperature T (default: 2)")
+    distill.add_argument("--alpha", type=float, default=0.9, help="weight of the soft term; 1 - alpha on labels (default: 0.9)")
+    distill.add_argument("--hidden-pairs", nargs="+", default=[], metavar="S:T",
+                         help="match student layer S to teacher layer T (ints index the Transformer's hidden_states, "
+                         "names capture a submodule's output, e.g. dense_0:dense_1)")
+    distill.add_argument("--hidden-loss", choices=("mse", "cosine"), default="mse", help="hidden-state loss (default: mse)")
+    distill.add_argument("--hidden-weight", type=float, default=1.0, help="weight of the hidden-state loss (default: 1)")
+    distill.add_argument("--teacher-mode", choices=("online", "precomputed"), default="online",
+                         help="run the teacher in every step, or once over the training set (default: online)")
+    distill.add_argument("--val-fraction", type=float, default=0.1,
+                         help="share of the training set held out for per-epoch validation (default: 0.1)")
+    distill.add_argument("--patience", type=_positive_int, help="early stopping: epochs without improvement")
+    distill.add_argument("--checkpoint", metavar="PATH", help="checkpoint every epoch; resume from PATH if it exists")
+    distill.add_argument("--seed", type=int, default=0, help="seed (default: 0)")
+    distill.add_argument("--no-progress", action="store_true", help="no progress bar")
+    distill.add_argument("-o", "--output", required=True, help="student artifact path to write")
     return parser
 
 
@@ -239,6 +268,69 @@ def _prune(args: argparse.Namespace) -> int:
     return 0
 
 
+def _student_config(text: str, teacher):
+    from pathlib import Path
+
+    from jaxopt_serve.models import config_from_dict
+
+    raw = Path(text[1:]).read_text() if text.startswith("@") else text
+    try:
+        spec = json.loads(raw)
+    except json.JSONDecodeError as err:
+        raise ValueError(f"--student-config is not valid JSON ({err}): {raw!r}") from None
+    if not isinstance(spec, dict):
+        raise ValueError(f"--student-config must be a JSON object, got {spec!r}")
+    if "name" in spec and "fields" in spec:
+        return config_from_dict(spec)
+    fields = {**teacher.to_dict()["fields"], **spec}
+    return config_from_dict({"name": teacher.name, "fields": fields})
+
+
+def _distill(args: argparse.Namespace) -> int:
+    from jaxopt_serve.artifact import Artifact, load_artifact, save_artifact
+    from jaxopt_serve.data import load_digit_tokens, load_digits
+    from jaxopt_serve.distill import DistillConfig, distill
+    from jaxopt_serve.models import count_params, predict_fn
+    from jaxopt_serve.quant.rules import dequantize_tree
+    from jaxopt_serve.train import accuracy
+
+    teacher = load_artifact(args.teacher)
+    student_config = _student_config(args.student_config, teacher.config)
+    pairs = []
+    for pair in args.hidden_pairs:
+        parts = pair.split(":")
+        if len(parts) != 2:
+            raise ValueError(f"--hidden-pairs entries look like S:T, got {pair!r}")
+        pairs.append(tuple(int(p) if p.lstrip("-").isdigit() else p for p in parts))
+    config = DistillConfig(temperature=args.temperature, alpha=args.alpha, hidden_pairs=tuple(pairs),
+                           hidden_loss=args.hidden_loss, hidden_weight=args.hidden_weight, teacher_mode=args.teacher_mode)
+    digits = load_digits(seed=args.seed)
+    if tuple(teacher.input_shape) == digits.input_shape:
+        dataset = digits
+    elif tuple(teacher.input_shape) == (65,):
+        dataset = load_digit_tokens(seed=args.seed)
+    else:
+        raise ValueError(f"distill trains on the bundled digits {digits.input_shape} or digit tokens (65,); "
+                         f"{args.teacher} takes inputs of shape {tuple(teacher.input_shape)}")
+    result = distill(teacher.config, teacher.variables, student_config, dataset, config=config, steps=args.steps,
+                     batch_size=args.batch_size, learning_rate=args.learning_rate, seed=args.seed,
+                     val_fraction=args.val_fraction, patience=args.patience, checkpoint=args.checkpoint,
+                     progress=not args.no_progress)
+    student_acc = accuracy(predict_fn(student_config), result.variables, dataset.x_test, dataset.y_test)
+    teacher_acc = accuracy(predict_fn(teacher.config), dequantize_tree(teacher.variables), dataset.x_test, dataset.y_test)
+    metadata = {"test_accuracy": student_acc, "distillation": {
+        "teacher": args.teacher, "teacher_test_accuracy": teacher_acc, "steps": result.steps,
+        "best_val_accuracy": result.best_val_accuracy, "stopped_early": result.stopped_early,
+        "temperature": args.temperature, "alpha": args.alpha, "hidden_pairs": [list(p) for p in pairs]}}
+    size = save_artifact(args.output, Artifact(student_config, result.variables, teacher.input_shape, metadata))
+    t_params, s_params = count_params(dequantize_tree(teacher.variables)), count_params(result.variables)
+    print(f"distilled {args.teacher} ({t_params:,} params) into {student_config.name} ({s_params:,} params, "
+          f"{s_params / t_params:.1%}) in {result.steps} steps{' (stopped early)' if result.stopped_early else ''}; "
+          f"saved {args.output} ({size:,} bytes)")
+    print(f"test accuracy: teacher {teacher_acc:.2%}, student {student_acc:.2%}")
+    return 0
+
+
 def _demo(args: argparse.Namespace) -> int:
     from jaxopt_serve.demo import format_table, run_demo, write_json
 
@@ -295,7 +387,8 @@ def _quantize(args: argparse.Namespace) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``jaxopt-serve``; returns the process exit status."""
     args = build_parser().parse_args(argv)
-    handler = {"train": _train, "eval": _eval, "demo": _demo, "quantize": _quantize, "prune": _prune}[args.command]
+    handler = {"train": _train, "eval": _eval, "demo": _demo, "quantize": _quantize, "prune": _prune,
+               "distill": _distill}[args.command]
     try:
         return handler(args)
     except MissingExtraError as err:
