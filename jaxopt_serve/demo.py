@@ -23,9 +23,9 @@ from jaxopt_serve.artifact import Artifact, save_artifact
 from jaxopt_serve.data.digits import Dataset, load_digits
 from jaxopt_serve.fileio import atomic_write
 from jaxopt_serve.models.cnn import CNNConfig
+from jaxopt_serve.models.config import ModelConfig
 from jaxopt_serve.models.functional import Variables, count_params, predict_fn
 from jaxopt_serve.timing import device_description, throughput, time_calls
-from jaxopt_serve.train.loop import accuracy
 from jaxopt_serve.train.recipes import train_classifier
 
 # The distilled student: a fifth of the default CNN's parameters. Its first conv keeps 24 channels: XLA:CPU
@@ -45,6 +45,7 @@ class Variant:
     variables: Variables
     artifact_path: Path
     params: int
+    config: ModelConfig
 
 
 @dataclasses.dataclass
@@ -66,7 +67,8 @@ class DemoContext:
 def f32_variant(ctx: DemoContext) -> list[Variant]:
     """The trained float32 CNN, as saved."""
     return [
-        Variant("f32", predict_fn(ctx.base.config), ctx.base.variables, ctx.base_path, count_params(ctx.base.variables))
+        Variant("f32", predict_fn(ctx.base.config), ctx.base.variables, ctx.base_path, count_params(ctx.base.variables),
+                ctx.base.config)
     ]
 
 
@@ -95,7 +97,7 @@ def quantized_variants(ctx: DemoContext) -> list[Variant]:
         path = ctx.out_dir / f"cnn_{name.split()[0]}_{mode}.jxs"
         save_artifact(path, quantized_artifact(config, qvariables, ctx.base.input_shape, {"mode": mode}))
         predict = quantized_predict_fn(config, mode=mode)
-        variants.append(Variant(name, predict, serving_layout(qvariables), path, count_params(variables)))
+        variants.append(Variant(name, predict, serving_layout(qvariables), path, count_params(variables), config))
     return variants
 
 
@@ -122,8 +124,9 @@ def pruned_variants(ctx: DemoContext) -> list[Variant]:
     save_artifact(small_path, Artifact(small.config, small.variables, ctx.base.input_shape, {"structured": small.sizes}))
     return [
         Variant("90% sparse + int4", quantized_predict_fn(config, mode="auto"), serving_layout(loaded), sparse_path,
-                nonzero),
-        Variant("50% structured", predict_fn(small.config), small.variables, small_path, count_params(small.variables)),
+                nonzero, config),
+        Variant("50% structured", predict_fn(small.config), small.variables, small_path, count_params(small.variables),
+                small.config),
     ]
 
 
@@ -144,8 +147,9 @@ def distilled_variants(ctx: DemoContext) -> list[Variant]:
     save_artifact(int8_path, quantized_artifact(student, int8, ctx.base.input_shape, {"mode": "dynamic"}))
     params = count_params(result.variables)
     return [
-        Variant("distilled student", predict_fn(student), result.variables, path, params),
-        Variant("student + int8", quantized_predict_fn(student, mode="dynamic"), serving_layout(int8), int8_path, params),
+        Variant("distilled student", predict_fn(student), result.variables, path, params, student),
+        Variant("student + int8", quantized_predict_fn(student, mode="dynamic"), serving_layout(int8), int8_path, params,
+                student),
     ]
 
 
@@ -155,18 +159,26 @@ VARIANT_BUILDERS: list[Callable[[DemoContext], list[Variant]]] = [
 
 
 def measure(variant: Variant, dataset: Dataset, *, latency_repeats: int = 200, throughput_repeats: int = 20) -> dict[str, Any]:
-    """One table row: size, test accuracy, p50 latency at batch 1 and throughput at batch 256."""
-    jitted = jax.jit(variant.predict)
-    variables = jax.device_put(variant.variables)
-    x1 = jax.device_put(dataset.x_test[:1])
-    x256 = jax.device_put(np.resize(dataset.x_test, (256, *dataset.input_shape)))
+    """One table row: size, test accuracy, p50 latency at batch 1 and throughput at batch 256.
+
+    Every number comes from the inference engine (``InferenceEngine`` with
+    buckets 1 and 256, compiled ahead of time), numpy in and numpy out, as a
+    caller would use it.
+    """
+    from jaxopt_serve.engine import InferenceEngine
+
+    engine = InferenceEngine(variant.config, variant.variables, predict=variant.predict,
+                             input_shape=dataset.input_shape, buckets=(1, 256)).warmup()
+    x1 = np.asarray(dataset.x_test[:1])
+    x256 = np.resize(dataset.x_test, (256, *dataset.input_shape))
+    predictions = engine(dataset.x_test).argmax(-1)
     return {
         "variant": variant.name,
         "params": variant.params,
         "bytes": os.path.getsize(variant.artifact_path),
-        "accuracy": accuracy(variant.predict, variables, dataset.x_test, dataset.y_test),
-        "latency_b1_ms": time_calls(jitted, variables, x1, repeats=latency_repeats, warmup=5).p50,
-        "throughput_b256": throughput(jitted, variables, x256, batch_size=256, repeats=throughput_repeats),
+        "accuracy": float((predictions == dataset.y_test).mean()),
+        "latency_b1_ms": time_calls(engine, x1, repeats=latency_repeats, warmup=5).p50,
+        "throughput_b256": throughput(engine, x256, batch_size=256, repeats=throughput_repeats),
     }
 
 
