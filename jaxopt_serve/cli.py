@@ -1,4 +1,4 @@
-"""The ``jaxopt-serve`` command line: ``train``, ``eval``, ``demo``, ``quantize``, ``prune``, ``distill`` and ``export``."""
+"""The ``jaxopt-serve`` command line: ``train``, ``eval``, ``demo``, ``quantize``, ``prune``, ``distill``, ``export``, ``serve`` and ``infer``."""
 
 from __future__ import annotations
 
@@ -141,6 +141,31 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--platform", action="append", dest="platforms", metavar="NAME",
                         help="backend to export for (cpu, cuda, rocm, tpu); repeatable (default: this machine's)")
     export.add_argument("-o", "--output", required=True, help="exported artifact path to write (.jxe)")
+
+    serve = sub.add_parser("serve", help="serve an artifact over HTTP with dynamic batching",
+                           description="HTTP endpoint: POST /v1/predict (JSON {\"inputs\": [...]} or a .npy body), "
+                           "GET /healthz, GET /metrics (Prometheus), GET /v1/metrics (JSON). Requests are grouped "
+                           "by a dynamic batcher in front of the compiled engine. Ctrl-C stops after finishing the "
+                           "accepted requests.")
+    serve.add_argument("artifact", help="artifact to serve (float, quantized or sparse)")
+    serve.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1)")
+    serve.add_argument("--port", type=int, default=8000, help="port (default: 8000; 0 picks a free one)")
+    serve.add_argument("--max-batch", type=_positive_int, default=64, help="rows per engine call (default: 64)")
+    serve.add_argument("--max-wait-ms", type=float, default=2.0, help="batching window (default: 2 ms)")
+    serve.add_argument("--max-queue", type=_positive_int, default=1024, help="waiting requests before 503 (default: 1024)")
+    serve.add_argument("--timeout", type=float, help="per-request timeout in seconds (default: none)")
+    serve.add_argument("--max-body-mb", type=float, default=8.0, help="largest request body (default: 8 MB)")
+
+    infer = sub.add_parser("infer", help="batch inference over a .npy/.npz file, resumable",
+                           description="Run an artifact over every row of a .npy (or uncompressed .npz) file, "
+                           "memory-mapped, writing a .npy of outputs in input order. Killed and rerun with the "
+                           "same arguments, it continues from the last completed chunk.")
+    infer.add_argument("artifact", help="artifact to run")
+    infer.add_argument("--input", required=True, help=".npy or .npz input (rows = examples)")
+    infer.add_argument("--key", help="array name inside an .npz")
+    infer.add_argument("--output", required=True, help=".npy output path")
+    infer.add_argument("--chunk-size", type=_positive_int, default=1024, help="rows per chunk (default: 1024)")
+    infer.add_argument("--no-progress", action="store_true", help="no progress bar")
     return parser
 
 
@@ -363,6 +388,49 @@ def _export(args: argparse.Namespace) -> int:
     return 0
 
 
+def _engine_for(path: str, max_batch: int):
+    from jaxopt_serve.artifact import load_artifact
+    from jaxopt_serve.engine import InferenceEngine
+
+    artifact = load_artifact(path)
+    return artifact, InferenceEngine(artifact.config, artifact.variables, input_shape=artifact.input_shape,
+                                     max_batch=max_batch)
+
+
+def _serve(args: argparse.Namespace) -> int:
+    import signal
+    import threading
+
+    from jaxopt_serve.serve import DynamicBatcher, PredictServer
+
+    artifact, engine = _engine_for(args.artifact, args.max_batch)
+    engine.warmup()
+    batcher = DynamicBatcher(engine, max_wait_ms=args.max_wait_ms, max_queue=args.max_queue, timeout_s=args.timeout)
+    server = PredictServer(batcher, host=args.host, port=args.port, max_body_bytes=int(args.max_body_mb * (1 << 20)))
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    server.start()
+    print(f"serving {args.artifact} ({artifact.config.name}, buckets {engine.buckets}) on "
+          f"http://{server.host}:{server.port}  (POST /v1/predict, GET /healthz, /metrics)", flush=True)
+    stop.wait()
+    server.stop()
+    print("stopped after finishing the accepted requests", flush=True)
+    return 0
+
+
+def _infer(args: argparse.Namespace) -> int:
+    from jaxopt_serve.serve import run_batch_inference
+
+    _, engine = _engine_for(args.artifact, min(args.chunk_size, 1024))
+    summary = run_batch_inference(engine, args.input, args.output, artifact_path=args.artifact, key=args.key,
+                                  chunk_size=args.chunk_size, progress=not args.no_progress)
+    resumed = f", resumed at chunk {summary['resumed_at_chunk']}" if summary["resumed_at_chunk"] else ""
+    print(f"wrote {args.output}: {summary['rows']:,} rows in {summary['chunks']} chunks{resumed}; "
+          f"{summary['rows_per_second']:,.0f} rows/s")
+    return 0
+
+
 def _demo(args: argparse.Namespace) -> int:
     from jaxopt_serve.demo import format_table, run_demo, write_json
 
@@ -420,7 +488,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``jaxopt-serve``; returns the process exit status."""
     args = build_parser().parse_args(argv)
     handler = {"train": _train, "eval": _eval, "demo": _demo, "quantize": _quantize, "prune": _prune,
-               "distill": _distill, "export": _export}[args.command]
+               "distill": _distill, "export": _export,
+               "serve": _serve, "infer": _infer}[args.command]
     try:
         return handler(args)
     except MissingExtraError as err:

@@ -1,0 +1,211 @@
+"""Dynamic batching in front of the inference engine.
+
+Callers ``submit(x)`` (a batch of one or more examples) and get a
+``concurrent.futures.Future``; ``await batcher.predict(x)`` is the asyncio
+form. One worker thread takes waiting requests in arrival order until their
+rows reach ``max_batch`` or ``max_wait_ms`` has passed since the first one,
+runs them as one engine call (the engine pads to its bucket) and hands each
+request its own rows back.
+
+Overload is explicit: the queue holds at most ``max_queue`` requests and
+``submit`` on a full queue raises ``Overloaded`` at once. A request whose
+``timeout`` passes before it runs fails with ``RequestTimeout`` (and is not
+run). ``close()`` stops intake and finishes every accepted request before
+returning. Every submitted request ends exactly one way: result, rejection,
+timeout, or an error from the model.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import concurrent.futures
+import threading
+import time
+from typing import Any
+
+import numpy as np
+
+from jaxopt_serve.serve.metrics import ServingMetrics
+
+
+class Overloaded(RuntimeError):
+    """The request queue is full: the request was rejected, not queued."""
+
+
+class RequestTimeout(TimeoutError):
+    """The request waited longer than its timeout and was not run."""
+
+
+class Closed(RuntimeError):
+    """The batcher is shutting down and accepts no new requests."""
+
+
+class _Request:
+    __slots__ = ("x", "future", "arrived", "deadline")
+
+    def __init__(self, x: np.ndarray, deadline: float | None) -> None:
+        self.x = x
+        self.future: concurrent.futures.Future = concurrent.futures.Future()
+        self.arrived = time.perf_counter()
+        self.deadline = deadline
+
+
+class DynamicBatcher:
+    """Group concurrent requests into engine batches.
+
+    Args:
+        engine: an ``InferenceEngine`` (or anything with ``check_input``, ``__call__``,
+            ``bucket_for``, ``max_batch`` and ``compile_count``).
+        max_batch: rows per engine call (default: the engine's largest bucket).
+        max_wait_ms: how long the first request of a batch waits for company.
+        max_queue: requests that may wait; more are rejected with ``Overloaded``.
+        timeout_s: default per-request timeout (``None``: none).
+        max_request_rows: the largest request accepted (default ``max_batch``).
+
+    Example:
+        >>> import numpy as np
+        >>> from jaxopt_serve.engine import InferenceEngine
+        >>> from jaxopt_serve.models import MLPConfig, init_variables
+        >>> cfg = MLPConfig(features=(8,))
+        >>> with DynamicBatcher(InferenceEngine(cfg, init_variables(cfg, 0), max_batch=8)) as batcher:
+        ...     futures = [batcher.submit(np.zeros((1, 8, 8, 1), np.float32)) for _ in range(5)]
+        ...     [f.result().shape for f in futures][:2]
+        [(1, 10), (1, 10)]
+    """
+
+    def __init__(
+        self,
+        engine: Any,
+        *,
+        max_batch: int | None = None,
+        max_wait_ms: float = 2.0,
+        max_queue: int = 1024,
+        timeout_s: float | None = None,
+        max_request_rows: int | None = None,
+    ) -> None:
+        self.engine = engine
+        self.max_batch = max_batch or engine.max_batch
+        self.max_wait = max_wait_ms / 1e3
+        self.max_queue = max_queue
+        self.timeout_s = timeout_s
+        self.max_request_rows = max_request_rows or self.max_batch
+        if self.max_batch <= 0 or max_queue <= 0 or max_wait_ms < 0:
+            raise ValueError("max_batch and max_queue must be > 0 and max_wait_ms >= 0")
+        self.metrics = ServingMetrics()
+        self._queue: collections.deque[_Request] = collections.deque()
+        self._cond = threading.Condition()
+        self._closing = False
+        self._worker = threading.Thread(target=self._run, name="jaxopt-serve-batcher", daemon=True)
+        self._worker.start()
+
+    # -- intake -------------------------------------------------------------------------------------
+
+    def submit(self, x: Any, *, timeout_s: float | None = None) -> concurrent.futures.Future:
+        """Queue ``x`` (a batch of examples); its future resolves to the outputs for those rows.
+
+        Raises (at once, nothing queued):
+            ValueError: ``x`` does not fit the model, or has more rows than ``max_request_rows``.
+            Overloaded: the queue is full.
+            Closed: the batcher is shutting down.
+        """
+        x = self.engine.check_input(x)
+        if len(x) > self.max_request_rows:
+            raise ValueError(f"a request may hold at most {self.max_request_rows} examples, got {len(x)}")
+        timeout = self.timeout_s if timeout_s is None else timeout_s
+        request = _Request(x, time.perf_counter() + timeout if timeout is not None else None)
+        with self._cond:
+            if self._closing:
+                raise Closed("the batcher is shutting down; no new requests")
+            self.metrics.count("submitted")
+            if len(self._queue) >= self.max_queue:
+                self.metrics.count("rejected")
+                raise Overloaded(f"request queue full ({self.max_queue} waiting); retry later")
+            self._queue.append(request)
+            self.metrics.queue_length = len(self._queue)
+            self._cond.notify()
+        return request.future
+
+    def predict(self, x: Any, *, timeout_s: float | None = None) -> np.ndarray:
+        """``submit(x).result()``: block until the outputs are ready."""
+        return self.submit(x, timeout_s=timeout_s).result()
+
+    async def predict_async(self, x: Any, *, timeout_s: float | None = None) -> np.ndarray:
+        """The asyncio form of ``predict``."""
+        return await asyncio.wrap_future(self.submit(x, timeout_s=timeout_s))
+
+    # -- the worker ----------------------------------------------------------------------------------
+
+    def _take(self) -> list[_Request] | None:
+        """The next batch of requests, or ``None`` when closed and drained."""
+        with self._cond:
+            while not self._queue:
+                if self._closing:
+                    return None
+                self._cond.wait()
+            first_arrival = self._queue[0].arrived
+            while True:
+                rows = sum(len(r.x) for r in self._queue)
+                remaining = first_arrival + self.max_wait - time.perf_counter()
+                if rows >= self.max_batch or remaining <= 0 or self._closing:
+                    break
+                self._cond.wait(remaining)
+            batch, rows = [], 0
+            while self._queue and (not batch or rows + len(self._queue[0].x) <= self.max_batch):
+                request = self._queue.popleft()
+                batch.append(request)
+                rows += len(request.x)
+            self.metrics.queue_length = len(self._queue)
+            return batch
+
+    def _run(self) -> None:
+        while True:
+            batch = self._take()
+            if batch is None:
+                return
+            now = time.perf_counter()
+            live = []
+            for request in batch:
+                if request.deadline is not None and now > request.deadline:
+                    self.metrics.count("timed_out")
+                    request.future.set_exception(RequestTimeout("request timed out in the queue"))
+                elif request.future.set_running_or_notify_cancel():
+                    live.append(request)
+            if not live:
+                continue
+            x = live[0].x if len(live) == 1 else np.concatenate([r.x for r in live])
+            start = time.perf_counter()
+            try:
+                out = self.engine(x)
+            except Exception as err:  # noqa: BLE001 - reported to every caller of this batch
+                self.metrics.count("failed", len(live))
+                for request in live:
+                    request.future.set_exception(err)
+                continue
+            done = time.perf_counter()
+            rows = len(x)
+            bucket = self.engine.bucket_for(min(rows, self.engine.max_batch))
+            self.metrics.record_batch(rows=rows, bucket=bucket, exec_ms=(done - start) * 1e3)
+            self.metrics.compile_count = self.engine.compile_count
+            offset = 0
+            for request in live:
+                n = len(request.x)
+                request.future.set_result(out[offset : offset + n])
+                offset += n
+                self.metrics.record_request(latency_ms=(done - request.arrived) * 1e3,
+                                            queue_ms=(start - request.arrived) * 1e3)
+
+    # -- shutdown -------------------------------------------------------------------------------------
+
+    def close(self, timeout: float | None = None) -> None:
+        """Stop accepting requests, finish every accepted one, stop the worker."""
+        with self._cond:
+            self._closing = True
+            self._cond.notify_all()
+        self._worker.join(timeout)
+
+    def __enter__(self) -> DynamicBatcher:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

@@ -1,0 +1,203 @@
+"""An HTTP endpoint on the standard library's ``ThreadingHTTPServer``, backed by the dynamic batcher.
+
+Routes:
+    ``POST /v1/predict``   body ``{"inputs": [[...], ...]}`` (JSON) or a ``.npy`` array
+                           (``Content-Type: application/x-npy``); answers ``{"outputs": ...}``,
+                           or ``.npy`` when the request sends ``Accept: application/x-npy``.
+    ``GET /healthz``       ``{"status": "ok"}`` (503 while shutting down).
+    ``GET /metrics``       Prometheus text format.
+    ``GET /v1/metrics``    the same metrics as JSON.
+
+Every bad request gets a 4xx with ``{"error": reason}`` and touches nothing
+else: 400 (malformed JSON or ``.npy``, wrong shape or dtype, NaN when the
+engine's policy refuses them), 404, 411 (no length), 413 (body over the
+limit), 415 (content type). Overload is 503, a request timeout 504.
+
+Why the standard library: no dependency to install or keep patched, one
+thread per connection is enough when the batcher does the batching, and the
+handler stays small enough to audit. Put a reverse proxy (TLS, auth) in front
+for anything beyond a trusted network.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import threading
+from http import HTTPStatus
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+import numpy as np
+
+from jaxopt_serve.serve.batcher import Closed, DynamicBatcher, Overloaded, RequestTimeout
+
+NPY = "application/x-npy"
+
+
+class PredictServer:
+    """Serve ``batcher`` over HTTP on ``host:port`` (port 0: a free one, see ``.port``).
+
+    Example:
+        >>> import json, urllib.request, numpy as np
+        >>> from jaxopt_serve.engine import InferenceEngine
+        >>> from jaxopt_serve.models import MLPConfig, init_variables
+        >>> cfg = MLPConfig(features=(8,))
+        >>> batcher = DynamicBatcher(InferenceEngine(cfg, init_variables(cfg, 0), max_batch=4))
+        >>> server = PredictServer(batcher, port=0).start()
+        >>> body = json.dumps({"inputs": np.zeros((2, 8, 8, 1)).tolist()}).encode()
+        >>> request = urllib.request.Request(f"http://127.0.0.1:{server.port}/v1/predict", body,
+        ...                                  {"Content-Type": "application/json"})
+        >>> with urllib.request.urlopen(request) as r:
+        ...     np.asarray(json.load(r)["outputs"]).shape
+        (2, 10)
+        >>> server.stop()
+    """
+
+    def __init__(self, batcher: DynamicBatcher, *, host: str = "127.0.0.1", port: int = 8000,
+                 max_body_bytes: int = 8 << 20) -> None:
+        self.batcher = batcher
+        self.max_body_bytes = max_body_bytes
+        handler = type("Handler", (_Handler,), {"app": self})
+        self.httpd = ThreadingHTTPServer((host, port), handler)
+        self.httpd.daemon_threads = True
+        self.host, self.port = self.httpd.server_address[:2]
+        self._thread: threading.Thread | None = None
+        self.stopping = False
+
+    def start(self) -> PredictServer:
+        """Serve in a background thread."""
+        self._thread = threading.Thread(target=self.httpd.serve_forever, name="jaxopt-serve-http", daemon=True)
+        self._thread.start()
+        return self
+
+    def serve_forever(self) -> None:
+        self.httpd.serve_forever()
+
+    def stop(self) -> None:
+        """Stop taking connections, then finish the batcher's accepted requests."""
+        self.stopping = True
+        self.httpd.shutdown()
+        self.httpd.server_close()
+        self.batcher.close()
+
+
+class _Handler(BaseHTTPRequestHandler):
+    app: PredictServer
+    protocol_version = "HTTP/1.1"
+    server_version = "jaxopt-serve"
+
+    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - keep stderr quiet
+        pass
+
+    def _send(self, status: int, body: bytes, content_type: str = "application/json") -> None:
+        self.send_response(status)
+        self.send_header("Content-Type", content_type)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def _json(self, status: int, payload: Any) -> None:
+        self._send(status, json.dumps(payload).encode("utf-8"))
+
+    def _error(self, status: int, reason: str) -> None:
+        self._json(status, {"error": reason})
+
+    def do_GET(self) -> None:  # noqa: N802 - http.server's naming
+        if self.path == "/healthz":
+            if self.app.stopping:
+                self._json(HTTPStatus.SERVICE_UNAVAILABLE, {"status": "stopping"})
+            else:
+                self._json(HTTPStatus.OK, {"status": "ok"})
+        elif self.path == "/metrics":
+            self._send(HTTPStatus.OK, self.app.batcher.metrics.prometheus().encode(), "text/plain; version=0.0.4")
+        elif self.path == "/v1/metrics":
+            self._json(HTTPStatus.OK, self.app.batcher.metrics.snapshot())
+        else:
+            self._error(HTTPStatus.NOT_FOUND, f"no route {self.path}; try POST /v1/predict, GET /healthz, /metrics")
+
+    def do_POST(self) -> None:  # noqa: N802
+        if self.path != "/v1/predict":
+            self._drain_and_error(HTTPStatus.NOT_FOUND, f"no route {self.path}")
+            return
+        length = self.headers.get("Content-Length")
+        if length is None or not length.isdigit():
+            self.close_connection = True
+            self._error(HTTPStatus.LENGTH_REQUIRED, "a Content-Length header is required")
+            return
+        if int(length) > self.app.max_body_bytes:
+            self.close_connection = True  # the body is not read
+            self._error(HTTPStatus.REQUEST_ENTITY_TOO_LARGE,
+                        f"body of {int(length)} bytes exceeds the limit of {self.app.max_body_bytes}")
+            return
+        body = self.rfile.read(int(length))
+        content_type = (self.headers.get("Content-Type") or "application/json").split(";")[0].strip()
+        try:
+            x = _parse(body, content_type)
+        except _BadRequest as err:
+            self._error(err.status, str(err))
+            return
+        wanted = self.app.batcher.engine.input_dtype
+        if content_type == "application/json" and x.dtype.kind in "biu" and wanted.kind == "f":
+            x = x.astype(wanted)  # JSON has one number type: 0 and 0.0 are the same input
+        try:
+            out = self.app.batcher.predict(x)
+        except ValueError as err:
+            self._error(HTTPStatus.BAD_REQUEST, str(err))
+            return
+        except (Overloaded, Closed) as err:
+            self._error(HTTPStatus.SERVICE_UNAVAILABLE, str(err))
+            return
+        except RequestTimeout as err:
+            self._error(HTTPStatus.GATEWAY_TIMEOUT, str(err))
+            return
+        except Exception as err:  # noqa: BLE001
+            self._error(HTTPStatus.INTERNAL_SERVER_ERROR, f"{type(err).__name__}: {err}")
+            return
+        if NPY in (self.headers.get("Accept") or ""):
+            buffer = io.BytesIO()
+            np.save(buffer, out, allow_pickle=False)
+            self._send(HTTPStatus.OK, buffer.getvalue(), NPY)
+        else:
+            self._json(HTTPStatus.OK, {"outputs": out.tolist()})
+
+    def _drain_and_error(self, status: int, reason: str) -> None:
+        length = self.headers.get("Content-Length")
+        if length and length.isdigit() and int(length) <= self.app.max_body_bytes:
+            self.rfile.read(int(length))
+        else:
+            self.close_connection = True
+        self._error(status, reason)
+
+
+class _BadRequest(ValueError):
+    def __init__(self, status: int, reason: str) -> None:
+        super().__init__(reason)
+        self.status = status
+
+
+def _parse(body: bytes, content_type: str) -> np.ndarray:
+    if content_type in (NPY, "application/octet-stream"):
+        try:
+            x = np.load(io.BytesIO(body), allow_pickle=False)
+        except Exception as err:  # noqa: BLE001 - any malformed .npy
+            raise _BadRequest(HTTPStatus.BAD_REQUEST, f"body is not a valid .npy array: {err}") from None
+        if not isinstance(x, np.ndarray):
+            raise _BadRequest(HTTPStatus.BAD_REQUEST, "body must be a single .npy array, not an .npz archive")
+        return x
+    if content_type != "application/json":
+        raise _BadRequest(HTTPStatus.UNSUPPORTED_MEDIA_TYPE,
+                          f"Content-Type {content_type!r} is not supported; send application/json or {NPY}")
+    try:
+        payload = json.loads(body)
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise _BadRequest(HTTPStatus.BAD_REQUEST, f"body is not valid JSON: {err}") from None
+    if not isinstance(payload, dict) or "inputs" not in payload:
+        raise _BadRequest(HTTPStatus.BAD_REQUEST, 'JSON body must be an object with an "inputs" array')
+    try:
+        x = np.asarray(payload["inputs"])
+    except ValueError as err:
+        raise _BadRequest(HTTPStatus.BAD_REQUEST, f'"inputs" is not a rectangular array: {err}') from None
+    if x.dtype.kind not in "biuf":
+        raise _BadRequest(HTTPStatus.BAD_REQUEST, f'"inputs" must hold numbers, got {x.dtype} values')
+    return x

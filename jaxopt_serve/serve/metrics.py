@@ -1,0 +1,105 @@
+"""Serving metrics: latency percentiles, queue and execution time, batch and padding histograms, counters.
+
+``ServingMetrics`` is updated by the batcher's threads (under a lock) and
+read as a plain dict (``snapshot()``) or as Prometheus text exposition
+(``prometheus()``). Latencies keep the most recent ``window`` requests.
+"""
+
+from __future__ import annotations
+
+import collections
+import threading
+from typing import Any
+
+import numpy as np
+
+_PERCENTILES = (50, 95, 99)
+
+
+class ServingMetrics:
+    """Counters and distributions of one batcher.
+
+    Example:
+        >>> m = ServingMetrics()
+        >>> m.record_batch(rows=3, bucket=4, exec_ms=1.5)
+        >>> for ms in (1.0, 2.0, 3.0):
+        ...     m.record_request(latency_ms=ms, queue_ms=0.5)
+        >>> snap = m.snapshot()
+        >>> snap["completed"], snap["latency_ms"]["p50"], snap["padding_rows"]
+        (3, 2.0, {'1': 1})
+    """
+
+    def __init__(self, *, window: int = 10000) -> None:
+        self._lock = threading.Lock()
+        self._latency: collections.deque[float] = collections.deque(maxlen=window)
+        self._queue: collections.deque[float] = collections.deque(maxlen=window)
+        self._exec: collections.deque[float] = collections.deque(maxlen=window)
+        self.batch_rows: collections.Counter[int] = collections.Counter()
+        self.padding_rows: collections.Counter[int] = collections.Counter()
+        self.counts = {"submitted": 0, "completed": 0, "rejected": 0, "timed_out": 0, "failed": 0}
+        self.queue_length = 0
+        self.compile_count = 0
+
+    def count(self, name: str, n: int = 1) -> None:
+        with self._lock:
+            self.counts[name] += n
+
+    def record_request(self, *, latency_ms: float, queue_ms: float) -> None:
+        with self._lock:
+            self._latency.append(latency_ms)
+            self._queue.append(queue_ms)
+            self.counts["completed"] += 1
+
+    def record_batch(self, *, rows: int, bucket: int, exec_ms: float) -> None:
+        with self._lock:
+            self._exec.append(exec_ms)
+            self.batch_rows[rows] += 1
+            self.padding_rows[bucket - rows] += 1
+
+    def snapshot(self) -> dict[str, Any]:
+        """Everything as JSON-ready values (milliseconds; percentiles over the recent window)."""
+        with self._lock:
+            return {
+                **self.counts,
+                "queue_length": self.queue_length,
+                "compile_count": self.compile_count,
+                "latency_ms": _summary(self._latency),
+                "queue_ms": _summary(self._queue),
+                "exec_ms": _summary(self._exec),
+                "batch_rows": {str(k): v for k, v in sorted(self.batch_rows.items())},
+                "padding_rows": {str(k): v for k, v in sorted(self.padding_rows.items())},
+            }
+
+    def prometheus(self, prefix: str = "jaxopt_serve") -> str:
+        """The metrics in Prometheus text exposition format (version 0.0.4)."""
+        snap = self.snapshot()
+        lines = []
+        for name in ("submitted", "completed", "rejected", "timed_out", "failed"):
+            lines += [f"# TYPE {prefix}_requests_{name}_total counter", f"{prefix}_requests_{name}_total {snap[name]}"]
+        for name in ("queue_length", "compile_count"):
+            lines += [f"# TYPE {prefix}_{name} gauge", f"{prefix}_{name} {snap[name]}"]
+        for name in ("latency_ms", "queue_ms", "exec_ms"):
+            metric = f"{prefix}_{name.replace('_ms', '')}_milliseconds"
+            lines.append(f"# TYPE {metric} summary")
+            for p in _PERCENTILES:
+                value = snap[name][f"p{p}"]
+                lines.append(f'{metric}{{quantile="{p / 100}"}} {value if value is not None else "NaN"}')
+            lines.append(f"{metric}_count {snap[name]['count']}")
+        for name in ("batch_rows", "padding_rows"):
+            metric = f"{prefix}_{name}"
+            lines.append(f"# TYPE {metric} histogram")
+            cumulative = 0
+            for rows, n in sorted((int(k), v) for k, v in snap[name].items()):
+                cumulative += n
+                lines.append(f'{metric}_bucket{{le="{rows}"}} {cumulative}')
+            lines += [f'{metric}_bucket{{le="+Inf"}} {cumulative}', f"{metric}_count {cumulative}"]
+        return "\n".join(lines) + "\n"
+
+
+def _summary(values: collections.deque[float]) -> dict[str, Any]:
+    if not values:
+        return {"count": 0, **{f"p{p}": None for p in _PERCENTILES}, "mean": None}
+    array = np.fromiter(values, float)
+    out = {"count": len(array), **{f"p{p}": float(np.percentile(array, p)) for p in _PERCENTILES}}
+    out["mean"] = float(array.mean())
+    return out

@@ -1,0 +1,132 @@
+import asyncio
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import pytest
+
+from jaxopt_serve.engine import InferenceEngine
+from jaxopt_serve.models import MLPConfig, init_variables
+from jaxopt_serve.serve import Closed, DynamicBatcher, Overloaded, RequestTimeout
+
+CONFIG = MLPConfig(features=(16,))
+
+
+@pytest.fixture(scope="module")
+def engine():
+    return InferenceEngine(CONFIG, init_variables(CONFIG, 0), max_batch=16).warmup()
+
+
+class SlowEngine:
+    """The real engine, plus a fixed delay per call: makes queues fill up on purpose."""
+
+    def __init__(self, engine, delay):
+        self.engine, self.delay = engine, delay
+        self.max_batch, self.input_dtype = engine.max_batch, engine.input_dtype
+
+    def check_input(self, x):
+        return self.engine.check_input(x)
+
+    def bucket_for(self, n):
+        return self.engine.bucket_for(n)
+
+    @property
+    def compile_count(self):
+        return self.engine.compile_count
+
+    def __call__(self, x):
+        time.sleep(self.delay)
+        return self.engine(x)
+
+
+def test_concurrent_requests_get_their_own_rows_back(engine):
+    rng = np.random.default_rng(0)
+    inputs = [rng.normal(size=(int(rng.integers(1, 5)), 8, 8, 1)).astype(np.float32) for _ in range(200)]
+    with DynamicBatcher(engine, max_wait_ms=5) as batcher, ThreadPoolExecutor(16) as pool:
+        outputs = list(pool.map(batcher.predict, inputs))
+        snapshot = batcher.metrics.snapshot()
+    for x, out in zip(inputs, outputs):
+        np.testing.assert_allclose(out, engine(x), rtol=1e-5, atol=1e-6)
+    assert snapshot["completed"] == 200 and snapshot["submitted"] == 200
+    assert max(int(k) for k in snapshot["batch_rows"]) > 4  # requests really were grouped
+    assert sum(snapshot["batch_rows"].values()) < 200
+    assert snapshot["latency_ms"]["p99"] >= snapshot["latency_ms"]["p50"] > 0
+
+
+def test_overload_every_request_ends_as_result_rejection_or_timeout(engine):
+    slow = SlowEngine(engine, delay=0.004)  # ~4 rows per 4 ms: about 1,000 requests/s sustainable
+    batcher = DynamicBatcher(slow, max_batch=4, max_wait_ms=1, max_queue=8, timeout_s=0.03)
+    outcomes = {"result": 0, "rejected": 0, "timeout": 0}
+    lock = threading.Lock()
+    x = np.zeros((1, 8, 8, 1), np.float32)
+
+    def client(n):
+        futures = []
+        for _ in range(n):  # as fast as possible: far over 10x the sustainable rate
+            try:
+                futures.append(batcher.submit(x))
+            except Overloaded:
+                with lock:
+                    outcomes["rejected"] += 1
+        for f in futures:
+            try:
+                f.result(timeout=10)
+                kind = "result"
+            except RequestTimeout:
+                kind = "timeout"
+            with lock:
+                outcomes[kind] += 1
+
+    threads = [threading.Thread(target=client, args=(250,)) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    batcher.close()
+    snapshot = batcher.metrics.snapshot()
+    assert sum(outcomes.values()) == 1000 == snapshot["submitted"]
+    assert outcomes["rejected"] == snapshot["rejected"] > 0
+    assert outcomes["timeout"] == snapshot["timed_out"]
+    assert outcomes["result"] == snapshot["completed"] > 0
+
+
+def test_shutdown_finishes_every_accepted_request(engine):
+    batcher = DynamicBatcher(SlowEngine(engine, delay=0.002), max_batch=4, max_wait_ms=1)
+    futures = [batcher.submit(np.full((1, 8, 8, 1), i, np.float32)) for i in range(60)]
+    batcher.close()  # returns once the queue is drained
+    assert all(f.done() and f.exception() is None for f in futures)
+    np.testing.assert_allclose(futures[7].result(), engine(np.full((1, 8, 8, 1), 7, np.float32)), rtol=1e-5)
+    with pytest.raises(Closed):
+        batcher.submit(np.zeros((1, 8, 8, 1), np.float32))
+
+
+def test_asyncio_form(engine):
+    async def main(batcher):
+        xs = [np.full((2, 8, 8, 1), i, np.float32) for i in range(10)]
+        return xs, await asyncio.gather(*(batcher.predict_async(x) for x in xs))
+
+    with DynamicBatcher(engine) as batcher:
+        xs, outs = asyncio.run(main(batcher))
+    for x, out in zip(xs, outs):
+        np.testing.assert_allclose(out, engine(x), rtol=1e-5)
+
+
+def test_bad_requests_fail_at_submit_and_leave_others_alone(engine):
+    with DynamicBatcher(engine, max_request_rows=8) as batcher:
+        good = batcher.submit(np.zeros((1, 8, 8, 1), np.float32))
+        with pytest.raises(ValueError, match="expected a batch of shape"):
+            batcher.submit(np.zeros((1, 4), np.float32))
+        with pytest.raises(ValueError, match="at most 8 examples, got 9"):
+            batcher.submit(np.zeros((9, 8, 8, 1), np.float32))
+        assert good.result().shape == (1, 10)
+        assert batcher.metrics.snapshot()["submitted"] == 1
+
+
+def test_prometheus_text_has_the_counters_and_quantiles(engine):
+    with DynamicBatcher(engine) as batcher:
+        batcher.predict(np.zeros((3, 8, 8, 1), np.float32))
+        text = batcher.metrics.prometheus()
+    assert "jaxopt_serve_requests_completed_total 1" in text
+    assert 'jaxopt_serve_latency_milliseconds{quantile="0.99"}' in text
+    assert 'jaxopt_serve_padding_rows_bucket{le="1"} 1' in text  # 3 rows ran in the 4-row bucket
