@@ -151,7 +151,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1)")
     serve.add_argument("--port", type=int, default=8000, help="port (default: 8000; 0 picks a free one)")
     serve.add_argument("--max-batch", type=_positive_int, default=64, help="rows per engine call (default: 64)")
-    serve.add_argument("--max-wait-ms", type=float, default=2.0, help="batching window (default: 2 ms)")
+    serve.add_argument("--max-wait-ms", type=float, default=0.0,
+                       help="how long a request may wait for company (default: 0, greedy batching)")
     serve.add_argument("--max-queue", type=_positive_int, default=1024, help="waiting requests before 503 (default: 1024)")
     serve.add_argument("--timeout", type=float, help="per-request timeout in seconds (default: none)")
     serve.add_argument("--max-body-mb", type=float, default=8.0, help="largest request body (default: 8 MB)")

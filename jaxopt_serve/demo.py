@@ -182,6 +182,24 @@ def measure(variant: Variant, dataset: Dataset, *, latency_repeats: int = 200, t
     }
 
 
+def served_row(ctx: DemoContext, f32_row: dict[str, Any], *, clients: int = 32, seconds: float = 2.0) -> dict[str, Any]:
+    """The f32 model served through the dynamic batcher to ``clients`` concurrent single-example clients.
+
+    In this row ``latency_b1_ms`` is the p99 request latency and
+    ``throughput_b256`` the requests per second through the batcher.
+    """
+    from jaxopt_serve.engine import InferenceEngine
+    from jaxopt_serve.serve import DynamicBatcher
+    from jaxopt_serve.serve.load import closed_loop_async
+
+    engine = InferenceEngine(ctx.base.config, ctx.base.variables, input_shape=ctx.dataset.input_shape,
+                             max_batch=64).warmup()
+    with DynamicBatcher(engine) as batcher:
+        load = closed_loop_async(batcher, np.asarray(ctx.dataset.x_test[:1]), clients, seconds)
+    return {**f32_row, "variant": f"served, {clients} clients", "latency_b1_ms": load["p99 ms"],
+            "throughput_b256": load["requests/s"]}
+
+
 def run_demo(
     *,
     steps: int = 600,
@@ -194,6 +212,7 @@ def run_demo(
     prune_steps: int = 1200,
     distill_steps: int = 600,
     student: CNNConfig | None = None,
+    served_seconds: float = 2.0,
     variants: Sequence[Callable[[DemoContext], list[Variant]]] | None = None,
 ) -> dict[str, Any]:
     """Train the reference CNN on the digits and measure every variant; returns ``{"device", "rows"}``."""
@@ -210,6 +229,7 @@ def run_demo(
         for builder in (VARIANT_BUILDERS if variants is None else variants)
         for variant in builder(ctx)
     ]
+    rows.append(served_row(ctx, rows[0], seconds=served_seconds))
     return {"device": device_description(), "artifacts": str(out), "rows": rows}
 
 

@@ -13,7 +13,8 @@ def test_demo_prints_the_table_and_writes_json(tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(demo, "run_demo", lambda **kw: original(config=CNNConfig(channels=(8, 16), hidden=16),
                                                                    latency_repeats=5, qat_steps=20, prune_steps=40,
                                                                    distill_steps=20,
-                                                                   student=CNNConfig(channels=(4, 6), hidden=8), **kw))
+                                                                   student=CNNConfig(channels=(4, 6), hidden=8),
+                                                                   served_seconds=0.3, **kw))
     path = tmp_path / "demo.json"
     assert main(["demo", "--steps", "40", "--no-progress", "--json", str(path), "--out-dir", str(tmp_path)]) == 0
     out = capsys.readouterr().out
@@ -23,7 +24,8 @@ def test_demo_prints_the_table_and_writes_json(tmp_path, capsys, monkeypatch):
     assert report["device"].startswith("cpu")
     rows = {row["variant"]: row for row in report["rows"]}
     assert list(rows) == ["f32", "int8 W8A8 dynamic", "int8 W8A8 static", "int4 g32 weight-only", "ternary QAT",
-                          "90% sparse + int4", "50% structured", "distilled student", "student + int8"]
+                          "90% sparse + int4", "50% structured", "distilled student", "student + int8",
+                          "served, 32 clients"]
     assert rows["f32"]["bytes"] == (tmp_path / "cnn_f32.jxs").stat().st_size
     for row in rows.values():
         assert tuple(row) == ROW_KEYS

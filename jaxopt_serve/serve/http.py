@@ -59,7 +59,7 @@ class PredictServer:
         self.batcher = batcher
         self.max_body_bytes = max_body_bytes
         handler = type("Handler", (_Handler,), {"app": self})
-        self.httpd = ThreadingHTTPServer((host, port), handler)
+        self.httpd = _Server((host, port), handler)
         self.httpd.daemon_threads = True
         self.host, self.port = self.httpd.server_address[:2]
         self._thread: threading.Thread | None = None
@@ -82,9 +82,15 @@ class PredictServer:
         self.batcher.close()
 
 
+class _Server(ThreadingHTTPServer):
+    request_queue_size = 256  # the listen backlog: many clients may connect at once
+    daemon_threads = True
+
+
 class _Handler(BaseHTTPRequestHandler):
     app: PredictServer
     protocol_version = "HTTP/1.1"
+    disable_nagle_algorithm = True  # headers and body go out as separate writes: no 40 ms delayed-ACK stall
     server_version = "jaxopt-serve"
 
     def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - keep stderr quiet
