@@ -1,4 +1,4 @@
-"""The ``jaxopt-serve`` command line: ``train``, ``eval``, ``demo``, ``quantize``, ``prune``, ``distill``, ``export``, ``serve`` and ``infer``."""
+"""The ``jaxopt-serve`` command line: ``train``, ``eval``, ``demo``, ``quantize``, ``prune``, ``distill``, ``export``, ``serve``, ``infer`` and ``embed``."""
 
 from __future__ import annotations
 
@@ -167,6 +167,17 @@ def build_parser() -> argparse.ArgumentParser:
     infer.add_argument("--output", required=True, help=".npy output path")
     infer.add_argument("--chunk-size", type=_positive_int, default=1024, help="rows per chunk (default: 1024)")
     infer.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+    embed = sub.add_parser("embed", help="sentence embeddings from a BERT-family checkpoint directory",
+                           description="Embed every line of a text file with a sentence-transformers / BERT "
+                           "checkpoint (config.json, model.safetensors, tokenizer.json), mean-pooled and normalized "
+                           "as its config says. Lines longer than the model's max_seq_length are truncated; empty "
+                           "lines are an error. Needs the hf extra.")
+    embed.add_argument("model_dir", help="checkpoint directory, or 'minilm' for the bundled all-MiniLM-L6-v2")
+    embed.add_argument("--input", required=True, help="UTF-8 text file, one sentence per line")
+    embed.add_argument("--output", required=True, help=".npy of float32 embeddings, one row per line")
+    embed.add_argument("--batch-size", type=_positive_int, default=32, help="sentences per batch (default: 32)")
+    embed.add_argument("--no-progress", action="store_true", help="no progress bar")
     return parser
 
 
@@ -432,6 +443,41 @@ def _infer(args: argparse.Namespace) -> int:
     return 0
 
 
+def _embed(args: argparse.Namespace) -> int:
+    import io
+    import time
+
+    import numpy as np
+
+    from jaxopt_serve.fileio import atomic_write
+    from jaxopt_serve.hf import SentenceEncoder, bundled_minilm_dir
+
+    with open(args.input, encoding="utf-8") as f:
+        lines = [line.rstrip("\n") for line in f]
+    empty = [i + 1 for i, line in enumerate(lines) if not line.strip()]
+    if empty:
+        raise ValueError(f"{args.input}: empty lines {empty[:10]}; every line must hold a sentence")
+    encoder = SentenceEncoder(bundled_minilm_dir() if args.model_dir == "minilm" else args.model_dir)
+    start = time.perf_counter()
+    chunks = []
+    batches = range(0, len(lines), args.batch_size)
+    if args.no_progress:
+        chunks = [encoder.embed(lines[i : i + args.batch_size], batch_size=args.batch_size) for i in batches]
+    else:
+        from rich.progress import track
+
+        chunks = [encoder.embed(lines[i : i + args.batch_size], batch_size=args.batch_size)
+                  for i in track(batches, description="embed")]
+    embeddings = np.concatenate(chunks) if chunks else np.zeros((0, encoder.config.hidden_size), np.float32)
+    buffer = io.BytesIO()
+    np.save(buffer, embeddings, allow_pickle=False)
+    atomic_write(args.output, buffer.getvalue())
+    seconds = time.perf_counter() - start
+    print(f"wrote {args.output}: {embeddings.shape[0]:,} x {embeddings.shape[1]} embeddings "
+          f"({len(lines) / seconds:,.0f} sentences/s, max {encoder.max_length} tokens per line)")
+    return 0
+
+
 def _demo(args: argparse.Namespace) -> int:
     from jaxopt_serve.demo import format_table, run_demo, write_json
 
@@ -490,7 +536,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     handler = {"train": _train, "eval": _eval, "demo": _demo, "quantize": _quantize, "prune": _prune,
                "distill": _distill, "export": _export,
-               "serve": _serve, "infer": _infer}[args.command]
+               "serve": _serve, "infer": _infer, "embed": _embed}[args.command]
     try:
         return handler(args)
     except MissingExtraError as err:

@@ -339,7 +339,8 @@ def _quantized_kernels(params: Any) -> dict[str, QArray]:
     return found
 
 
-def _run(config: ModelConfig, variables: Variables, x: jax.Array, session: _Session) -> jax.Array:
+def _run(config: ModelConfig, variables: Variables, x: jax.Array, session: _Session, method: str | None = None,
+         **kwargs: Any) -> jax.Array:
     params = variables["params"]
     qkernels = _quantized_kernels(params)
     rest = {k: v for k, v in variables.items() if k != ACT_COLLECTION}
@@ -351,7 +352,7 @@ def _run(config: ModelConfig, variables: Variables, x: jax.Array, session: _Sess
             out = model(x)
         else:
             with nn.intercept_methods(session.linen_interceptor):
-                out = config.build().apply(rest, x, train=False)
+                out = config.build().apply(rest, x, train=False, method=method, **kwargs)
     except (TypeError, AttributeError) as err:
         missed = sorted(set(qkernels) - session.consumed)
         if missed:
@@ -417,6 +418,22 @@ def quantized_predict_fn(config: ModelConfig, *, mode: Mode = "auto") -> Callabl
         return _run(config, variables, x, _Session(mode, variables.get(ACT_COLLECTION)))
 
     return predict
+
+
+def quantized_apply(
+    config: ModelConfig, variables: Variables, x: jax.Array, *, mode: Mode = "auto", method: str | None = None,
+    **kwargs: Any,
+) -> jax.Array:
+    """Like ``quantized_predict_fn`` but for any method of a Linen model, with extra keyword arguments.
+
+    Example: the Transformer's hidden states, quantized:
+    ``quantized_apply(cfg, q, tokens, mode="dynamic", method="encode", attention_mask=mask)``.
+    """
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    if config.framework != "linen" and (method is not None or kwargs):
+        raise ValueError("method= and keyword arguments are for Linen models")
+    return _run(config, variables, x, _Session(mode, variables.get(ACT_COLLECTION)), method, **kwargs)
 
 
 def observe_inputs(config: ModelConfig, variables: Variables, x: jax.Array) -> dict[str, jax.Array]:

