@@ -1,12 +1,14 @@
 """jaxopt_serve: make Flax models smaller and faster to serve on XLA.
 
 The public API is re-exported here; implementation lives in topic packages
-(``models``, ``data``, ``train``, ``quant``, ``prune``, ``distill``) and modules (``artifact``, ``timing``).
+(``models``, ``data``, ``train``, ``quant``, ``prune``, ``distill``, ``engine``,
+``serve``, ``hf``) and modules (``artifact``, ``timing``).
 """
 
 from jaxopt_serve.artifact import Artifact, ArtifactError, load_artifact, save_artifact
 from jaxopt_serve.data import Dataset, load_digits
 from jaxopt_serve.distill import DistillConfig, distill
+from jaxopt_serve.engine import InferenceEngine, export_model, make_mesh, model_parallel_rules
 from jaxopt_serve.extras import MissingExtraError
 from jaxopt_serve.models import (
     CNN,
@@ -44,6 +46,7 @@ from jaxopt_serve.quant import (
     quantized_artifact,
     quantized_predict_fn,
 )
+from jaxopt_serve.serve import DynamicBatcher, PredictServer
 from jaxopt_serve.train import (
     FitResult,
     TrainState,
@@ -62,14 +65,17 @@ __all__ = [
     "CNN",
     "CNNConfig",
     "Dataset",
+    "DynamicBatcher",
     "DistillConfig",
     "FitResult",
+    "InferenceEngine",
     "MLP",
     "MLPConfig",
     "MissingExtraError",
     "ModelConfig",
     "NNXMLP",
     "NNXMLPConfig",
+    "PredictServer",
     "PruneRule",
     "QArray",
     "QuantRule",
@@ -81,6 +87,7 @@ __all__ = [
     "calibrate",
     "deep_compress",
     "distill",
+    "export_model",
     "gradual_pruning",
     "prune",
     "sparse_artifact",
@@ -98,6 +105,8 @@ __all__ = [
     "load_artifact",
     "load_digits",
     "make_apply",
+    "make_mesh",
+    "model_parallel_rules",
     "nnx_module",
     "nnx_variables",
     "predict_fn",

@@ -11,8 +11,6 @@ JAX and NumPy. Serialization needs the ``flatbuffers`` package (the
 from __future__ import annotations
 
 import os
-from typing import Any
-
 import jax
 
 from jaxopt_serve.extras import require
@@ -78,10 +76,3 @@ def export_model(
     data = pack_exported(header, exported.serialize(), [jax.device_get(leaf) for leaf in leaves])
     atomic_write(path, data)
     return len(data)
-
-
-def exported_callable(path: str | os.PathLike[str]) -> Any:
-    """``load_exported(path)`` (re-exported for discoverability)."""
-    from jaxopt_serve.exported import load_exported
-
-    return load_exported(path)
