@@ -11,6 +11,7 @@ from jaxopt_serve.quant.rules import (
     quantize,
     tree_nbytes,
 )
+from jaxopt_serve.quant.smooth import smooth_quantize
 from jaxopt_serve.quant.qat import (
     fake_quantize_tree,
     qat_apply,
@@ -30,6 +31,7 @@ __all__ = [
     "quantized_dot",
     "quantized_predict_fn",
     "serving_layout",
+    "smooth_quantize",
     "BITS",
     "QArray",
     "QuantRule",

@@ -46,6 +46,8 @@ from jaxopt_serve.quant.rules import path_str
 Mode = Literal["weight_only", "dynamic", "static", "auto"]
 MODES = ("weight_only", "dynamic", "static", "auto")
 ACT_COLLECTION = "quant_act"
+# Per-input-channel smoothing factors (SmoothQuant): the stored kernel is W * s, the layer divides its input by s.
+SMOOTH_COLLECTION = "quant_smooth"
 _QMAX = 127.0
 
 
@@ -206,9 +208,11 @@ def _conv_padding(padding: Any, nd: int, where: str) -> str | list[tuple[int, in
 class _Session:
     """State of one quantized forward pass: mode, activation scales, what was consumed or observed."""
 
-    def __init__(self, mode: str, act_scales: Mapping[str, jax.Array] | None, observe: bool = False) -> None:
+    def __init__(self, mode: str, act_scales: Mapping[str, jax.Array] | None, observe: bool = False,
+                 smooth: Mapping[str, jax.Array] | None = None) -> None:
         self.mode = mode
         self.act_scales = act_scales or {}
+        self.smooth = smooth or {}
         self.observe = observe
         self.consumed: set[str] = set()
         self.observed: dict[str, jax.Array] = {}
@@ -260,6 +264,8 @@ class _Session:
             n = len(axes)
         else:
             n = 1
+        if path in self.smooth:  # the kernel holds W * s: divide the input by s, in every mode
+            x = x / jnp.asarray(self.smooth[path], x.dtype)
         return quantized_dot(x, kernel, n_contract=n, mode=mode, act_scale=self.scale_for(path))
 
     def _linen_conv(self, module, path, x, kernel, mode):
@@ -343,7 +349,7 @@ def _run(config: ModelConfig, variables: Variables, x: jax.Array, session: _Sess
          **kwargs: Any) -> jax.Array:
     params = variables["params"]
     qkernels = _quantized_kernels(params)
-    rest = {k: v for k, v in variables.items() if k != ACT_COLLECTION}
+    rest = {k: v for k, v in variables.items() if k not in (ACT_COLLECTION, SMOOTH_COLLECTION)}
     try:
         if config.framework == "nnx":
             placeholder = jax.tree.map(lambda l: jnp.zeros(l.shape, l.dtype) if is_qarray(l) else l, params, is_leaf=is_qarray)
@@ -415,7 +421,7 @@ def quantized_predict_fn(config: ModelConfig, *, mode: Mode = "auto") -> Callabl
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
 
     def predict(variables: Variables, x: jax.Array) -> jax.Array:
-        return _run(config, variables, x, _Session(mode, variables.get(ACT_COLLECTION)))
+        return _run(config, variables, x, _session(mode, variables))
 
     return predict
 
@@ -433,11 +439,20 @@ def quantized_apply(
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
     if config.framework != "linen" and (method is not None or kwargs):
         raise ValueError("method= and keyword arguments are for Linen models")
-    return _run(config, variables, x, _Session(mode, variables.get(ACT_COLLECTION)), method, **kwargs)
+    return _run(config, variables, x, _session(mode, variables), method, **kwargs)
 
 
-def observe_inputs(config: ModelConfig, variables: Variables, x: jax.Array) -> dict[str, jax.Array]:
-    """The input of every quantized layer for a batch ``x`` (weight-only compute), keyed by layer path."""
-    session = _Session("weight_only", None, observe=True)
-    _run(config, variables, x, session)
+def _session(mode: str, variables: Variables) -> _Session:
+    return _Session(mode, variables.get(ACT_COLLECTION), smooth=variables.get(SMOOTH_COLLECTION))
+
+
+def observe_inputs(
+    config: ModelConfig, variables: Variables, x: jax.Array, *, method: str | None = None, **kwargs: Any
+) -> dict[str, jax.Array]:
+    """The input of every quantized layer for a batch ``x`` (weight-only compute), keyed by layer path.
+
+    Inputs are taken before any smoothing division (as the float model sees them).
+    """
+    session = _Session("weight_only", None, observe=True, smooth=variables.get(SMOOTH_COLLECTION))
+    _run(config, variables, x, session, method, **kwargs)
     return session.observed

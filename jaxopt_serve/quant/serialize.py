@@ -34,7 +34,7 @@ from jaxopt_serve.models.config import ModelConfig
 from jaxopt_serve.models.functional import Variables, init_variables
 from jaxopt_serve.quant.qarray import BITS, QArray, is_qarray
 from jaxopt_serve.quant.rules import QuantizeResult, path_str
-from jaxopt_serve.quant.runtime import ACT_COLLECTION
+from jaxopt_serve.quant.runtime import ACT_COLLECTION, SMOOTH_COLLECTION
 
 LAYOUT = "quantized"
 QARRAY_KEY = "__qarray__"
@@ -125,7 +125,7 @@ def check_qvariables(config: ModelConfig, qvariables: Mapping[str, Any], input_s
     """
     expected = jax.eval_shape(lambda: init_variables(config, 0, input_shape))
     want = {path_str(path): leaf for path, leaf in jax.tree_util.tree_leaves_with_path(expected)}
-    rest = {name: tree for name, tree in qvariables.items() if name != ACT_COLLECTION}
+    rest = {name: tree for name, tree in qvariables.items() if name not in (ACT_COLLECTION, SMOOTH_COLLECTION)}
     have = {path_str(path): leaf for path, leaf in jax.tree_util.tree_leaves_with_path(rest, is_leaf=is_qarray)}
     missing, extra = sorted(set(want) - set(have)), sorted(set(have) - set(want))
     if missing or extra:
@@ -149,6 +149,20 @@ def check_qvariables(config: ModelConfig, qvariables: Mapping[str, Any], input_s
                     f"activation scale {ACT_COLLECTION}/{layer} must be a positive finite float32 scalar, "
                     f"got {value.dtype}{list(value.shape)}"
                 )
+
+
+    if SMOOTH_COLLECTION in qvariables:
+        factors = qvariables[SMOOTH_COLLECTION]
+        if not isinstance(factors, Mapping):
+            raise ArtifactError(f"variables[{SMOOTH_COLLECTION!r}] must map layer paths to smoothing factors")
+        for layer, factor in factors.items():
+            value = np.asarray(factor)
+            kernel = have.get(f"params/{layer}/kernel")
+            if value.dtype != np.float32 or not np.all(np.isfinite(value) & (value > 0)):
+                raise ArtifactError(f"smoothing factors {SMOOTH_COLLECTION}/{layer} must be positive finite float32")
+            if kernel is None or tuple(np.shape(kernel))[: value.ndim] != value.shape:
+                raise ArtifactError(f"smoothing factors {SMOOTH_COLLECTION}/{layer} of shape {value.shape} fit no "
+                                    f"kernel's input dimensions")
 
 
 def _decode_layout(config: ModelConfig, raw: Variables, header: dict[str, Any]) -> Variables:
