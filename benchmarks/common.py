@@ -31,6 +31,14 @@ def paired_times(
     return float(np.median(a)), float(np.median(b))
 
 
+def accuracy_pct(config: Any, variables: Any, data: Any, *, mode: str = "weight_only") -> float:
+    """Test accuracy in percent; quantized variables run quantized in ``mode``, float ones as they are."""
+    from jaxopt_serve.quant.runtime import inference_fn
+    from jaxopt_serve.train import accuracy
+
+    return 100.0 * accuracy(inference_fn(config, variables, mode=mode), variables, data.x_test, data.y_test)
+
+
 class Report:
     """Acceptance checks plus free-form tables, printed and written as JSON."""
 

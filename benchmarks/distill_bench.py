@@ -22,17 +22,13 @@ import jax.numpy as jnp
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(__file__))
-from common import Report, paired_times  # noqa: E402
+from common import Report, accuracy_pct, paired_times  # noqa: E402
 
 from jaxopt_serve.data import load_digit_tokens, load_digits  # noqa: E402
 from jaxopt_serve.demo import STUDENT  # noqa: E402
 from jaxopt_serve.distill import DistillConfig, distill  # noqa: E402
 from jaxopt_serve.models import CNNConfig, TransformerConfig, count_params, predict_fn  # noqa: E402
-from jaxopt_serve.train import accuracy, train_classifier  # noqa: E402
-
-
-def _pct(config, variables, data) -> float:
-    return 100.0 * accuracy(predict_fn(config), variables, data.x_test, data.y_test)
+from jaxopt_serve.train import train_classifier  # noqa: E402
 
 
 def _stats(values: list[float]) -> dict[str, float]:
@@ -49,9 +45,9 @@ def cnn_section(report: Report, *, seeds: list[int], steps: int, rounds: int) ->
         kd = distill(teacher_cfg, teacher.variables, student_cfg, digits, steps=steps, seed=seed, val_fraction=0.0,
                      progress=False)
         scratch, _ = train_classifier(student_cfg, digits, steps=steps, seed=seed, progress=False)
-        acc["teacher"].append(_pct(teacher_cfg, teacher.variables, digits))
-        acc["distilled student"].append(_pct(student_cfg, kd.variables, digits))
-        acc["student from scratch"].append(_pct(student_cfg, scratch.variables, digits))
+        acc["teacher"].append(accuracy_pct(teacher_cfg, teacher.variables, digits))
+        acc["distilled student"].append(accuracy_pct(student_cfg, kd.variables, digits))
+        acc["student from scratch"].append(accuracy_pct(student_cfg, scratch.variables, digits))
     t_params, s_params = count_params(teacher.variables), count_params(kd.variables)
     rows = [{"model": name, "params": t_params if name == "teacher" else s_params, **_stats(values)}
             for name, values in acc.items()]
@@ -87,12 +83,12 @@ def encoder_section(report: Report, *, seeds: list[int], steps: int) -> None:
         for name, cfg in variants.items():
             result = distill(teacher_cfg, teacher.variables, student_cfg, tokens, config=cfg, steps=steps,
                              learning_rate=1e-3, seed=seed, val_fraction=0.0, progress=False)
-            acc[name].append(_pct(student_cfg, result.variables, tokens))
+            acc[name].append(accuracy_pct(student_cfg, result.variables, tokens))
         scratch, _ = train_classifier(student_cfg, tokens, steps=steps, learning_rate=1e-3, seed=seed, progress=False)
-        acc["from scratch"].append(_pct(student_cfg, scratch.variables, tokens))
+        acc["from scratch"].append(accuracy_pct(student_cfg, scratch.variables, tokens))
     rows = [{"student (2 layers, width 32)": name, **_stats(values)} for name, values in acc.items()]
     rows.insert(0, {"student (2 layers, width 32)": "teacher (4 layers, width 64, seed 0)",
-                    **_stats([_pct(teacher_cfg, teacher.variables, tokens)])})
+                    **_stats([accuracy_pct(teacher_cfg, teacher.variables, tokens)])})
     report.table(f"encoder on digit tokens, test accuracy %, {len(seeds)} seeds, {steps} steps", rows)
     names = list(variants)
     report.table("does hidden-state distillation help?", [{

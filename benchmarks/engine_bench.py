@@ -28,24 +28,7 @@ from common import Report, paired_times  # noqa: E402
 
 from jaxopt_serve.engine import InferenceEngine  # noqa: E402
 from jaxopt_serve.models import CNNConfig, init_variables, predict_fn  # noqa: E402
-
-
-class Compiles:
-    """Counts XLA backend compiles while active."""
-
-    def __init__(self) -> None:
-        self.count = 0
-
-    def __call__(self, event: str, duration: float, **kwargs) -> None:
-        if event == "/jax/core/compile/backend_compile_duration":
-            self.count += 1
-
-    def __enter__(self) -> Compiles:
-        jax.monitoring.register_event_duration_secs_listener(self)
-        return self
-
-    def __exit__(self, *exc) -> None:
-        jax.monitoring.unregister_event_duration_listener(self)
+from jaxopt_serve.timing import CompileCounter  # noqa: E402
 
 
 def jit_section(report: Report, *, rounds: int) -> None:
@@ -70,19 +53,19 @@ def stream_section(report: Report, *, requests: int, seed: int) -> None:
     sizes = rng.integers(1, 65, size=requests)
     pool = rng.normal(size=(64, 8, 8, 1)).astype(np.float32)
 
-    with Compiles() as plain_compiles:
+    with CompileCounter() as plain_compiles:
         start = time.perf_counter()
         plain = jax.jit(predict_fn(config))
         for n in sizes:
             np.asarray(plain(variables, pool[:n]))
         t_plain = time.perf_counter() - start
-    with Compiles() as engine_compiles:
+    with CompileCounter() as engine_compiles:
         start = time.perf_counter()
         engine = InferenceEngine(config, variables, max_batch=64)  # buckets compile on first use
         for n in sizes:
             engine(pool[:n])
         t_engine = time.perf_counter() - start
-    with Compiles() as after:
+    with CompileCounter() as after:
         start = time.perf_counter()
         for n in rng.integers(1, 65, size=requests):
             engine(pool[:n])

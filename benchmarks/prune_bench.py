@@ -22,20 +22,14 @@ import jax.numpy as jnp
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(__file__))
-from common import Report, paired_times  # noqa: E402
+from common import Report, accuracy_pct, paired_times  # noqa: E402
 
 from jaxopt_serve.artifact import load_artifact, save_artifact  # noqa: E402
 from jaxopt_serve.data import load_digits  # noqa: E402
 from jaxopt_serve.models import CNNConfig, MLPConfig, init_variables, predict_fn  # noqa: E402
 from jaxopt_serve.prune import deep_compress, structured_prune  # noqa: E402
 from jaxopt_serve.prune.pipeline import structured, unstructured  # noqa: E402
-from jaxopt_serve.quant.runtime import quantized_predict_fn  # noqa: E402
-from jaxopt_serve.train import accuracy, train_classifier  # noqa: E402
-
-
-def _pct(config, variables, digits, quantized=False) -> float:
-    predict = quantized_predict_fn(config, mode="weight_only") if quantized else predict_fn(config)
-    return 100.0 * accuracy(predict, variables, digits.x_test, digits.y_test)
+from jaxopt_serve.train import train_classifier  # noqa: E402
 
 
 def accuracy_section(report: Report, *, steps: int, finetune_steps: int, gradual_steps: int, seed: int) -> None:
@@ -52,13 +46,13 @@ def accuracy_section(report: Report, *, steps: int, finetune_steps: int, gradual
         path = os.path.join(out, f"{name}_sparse90_int4.jxs")
         sparse_bytes = save_artifact(path, deep.artifact)
         loaded = load_artifact(path)
-        deep_acc = _pct(config, loaded.variables, digits, quantized=True)
+        deep_acc = accuracy_pct(config, loaded.variables, digits)
         sizes.append({"model": name, "f32 bytes": f32_bytes, "90% sparse + int4 bytes": sparse_bytes,
                       "ratio": f32_bytes / sparse_bytes, "kernel sparsity": deep.sparsity})
         report.check(f"size_ratio_sparse90_int4_{name}", f32_bytes / sparse_bytes, 20.0, ">=")
 
         pruned = structured(config, artifact.variables, digits, sparsity=0.5, finetune_steps=finetune_steps, seed=seed)
-        struct_acc = _pct(pruned.config, pruned.variables, digits)
+        struct_acc = accuracy_pct(pruned.config, pruned.variables, digits)
         accs += [
             {"model": name, "variant": "f32", "accuracy %": base, "drop (points)": 0.0},
             {"model": name, "variant": "90% unstructured (gradual) + int4, from the sparse artifact",
@@ -78,7 +72,7 @@ def accuracy_section(report: Report, *, steps: int, finetune_steps: int, gradual
                 v, result = unstructured(config, artifact.variables, digits, sparsity=0.8, method=method, scope="global",
                                          pattern=pattern, seed=seed)
             criteria.append({"model": name, "criterion": method if method != "nm" else "2:4 magnitude",
-                             "sparsity": result.overall, "accuracy % (no fine-tuning)": _pct(config, v, digits)})
+                             "sparsity": result.overall, "accuracy % (no fine-tuning)": accuracy_pct(config, v, digits)})
     report.table("artifact size on disk", sizes)
     report.table("digits test accuracy", accs)
     report.table("one-shot unstructured pruning, global scope, no fine-tuning", criteria)

@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(__file__))
-from common import Report, paired_times  # noqa: E402
+from common import Report, accuracy_pct, paired_times  # noqa: E402
 
 from jaxopt_serve.data import load_digit_tokens, load_digits  # noqa: E402
 from jaxopt_serve.models import CNNConfig, MLPConfig, TransformerConfig, init_variables, predict_fn  # noqa: E402
@@ -29,7 +29,7 @@ from jaxopt_serve.quant import QuantRule, QuantSpec, grouped_rules, quantize  # 
 from jaxopt_serve.quant.calibrate import calibrate  # noqa: E402
 from jaxopt_serve.quant.qat import qat_finetune, ternary_rules  # noqa: E402
 from jaxopt_serve.quant.runtime import quantized_predict_fn, serving_layout  # noqa: E402
-from jaxopt_serve.train import accuracy, train_classifier  # noqa: E402
+from jaxopt_serve.train import train_classifier  # noqa: E402
 
 KERNELS = r"params/(.*/)?kernel"
 INT8 = [QuantRule(KERNELS, QuantSpec(qtype="int8", granularity="channel"))]
@@ -51,10 +51,6 @@ def size_section(report: Report) -> None:
     report.check("size_ratio_int4", rows[2]["ratio"], 7.5, ">=")  # g128; g32 is in the table
 
 
-def _acc(config, variables, data, mode):
-    return 100.0 * accuracy(quantized_predict_fn(config, mode=mode), variables, data.x_test, data.y_test)
-
-
 def accuracy_section(report: Report, *, steps: int, qat_steps: int, seed: int) -> None:
     digits = load_digits(seed=seed)
     rows = []
@@ -68,15 +64,15 @@ def accuracy_section(report: Report, *, steps: int, qat_steps: int, seed: int) -
         ternary = quantize(v, ternary_rules()).variables
         results = {
             "f32": base,
-            "int8 W8A8 dynamic": _acc(config, int8, digits, "dynamic"),
-            "int8 W8A8 static (percentile)": _acc(config, static, digits, "static"),
-            "int8 weight-only": _acc(config, int8, digits, "weight_only"),
-            "int4 g32 weight-only": _acc(config, int4, digits, "weight_only"),
-            "ternary PTQ": _acc(config, ternary, digits, "weight_only"),
+            "int8 W8A8 dynamic": accuracy_pct(config, int8, digits, mode="dynamic"),
+            "int8 W8A8 static (percentile)": accuracy_pct(config, static, digits, mode="static"),
+            "int8 weight-only": accuracy_pct(config, int8, digits, mode="weight_only"),
+            "int4 g32 weight-only": accuracy_pct(config, int4, digits, mode="weight_only"),
+            "ternary PTQ": accuracy_pct(config, ternary, digits, mode="weight_only"),
         }
         if name == "cnn":
             qat, _ = qat_finetune(config, v, digits, ternary_rules(), steps=qat_steps, seed=seed, progress=False)
-            results["ternary QAT"] = _acc(config, qat.variables, digits, "dynamic")
+            results["ternary QAT"] = accuracy_pct(config, qat.variables, digits, mode="dynamic")
         for variant, acc in results.items():
             rows.append({"model": name, "variant": variant, "accuracy %": acc, "drop (points)": base - acc})
         report.check(f"acc_drop_int8_{name}", base - results["int8 W8A8 dynamic"], 0.5, "<=")

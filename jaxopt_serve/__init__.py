@@ -1,13 +1,15 @@
 """jaxopt_serve: make Flax models smaller and faster to serve on XLA.
 
-The public API is re-exported here; implementation lives in topic packages
+The public API is re-exported here (the ``prune`` and ``distill`` functions stay in their
+packages, ``jaxopt_serve.prune.prune`` and ``jaxopt_serve.distill.distill``, so the package names are
+not shadowed); implementation lives in topic packages
 (``models``, ``data``, ``train``, ``quant``, ``prune``, ``distill``, ``engine``,
 ``serve``, ``hf``) and modules (``artifact``, ``timing``).
 """
 
 from jaxopt_serve.artifact import Artifact, ArtifactError, load_artifact, save_artifact
 from jaxopt_serve.data import Dataset, load_digits
-from jaxopt_serve.distill import DistillConfig, distill
+from jaxopt_serve.distill import DistillConfig
 from jaxopt_serve.engine import InferenceEngine, export_model, make_mesh, model_parallel_rules
 from jaxopt_serve.extras import MissingExtraError
 from jaxopt_serve.models import (
@@ -32,7 +34,6 @@ from jaxopt_serve.prune import (
     PruneRule,
     deep_compress,
     gradual_pruning,
-    prune,
     sparse_artifact,
     structured_prune,
 )
@@ -86,10 +87,8 @@ __all__ = [
     "accuracy",
     "calibrate",
     "deep_compress",
-    "distill",
     "export_model",
     "gradual_pruning",
-    "prune",
     "sparse_artifact",
     "structured_prune",
     "qat_finetune",

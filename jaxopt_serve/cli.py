@@ -202,6 +202,7 @@ def _eval(args: argparse.Namespace) -> int:
     from jaxopt_serve.artifact import load_artifact
     from jaxopt_serve.data import load_digits
     from jaxopt_serve.models import predict_fn
+    from jaxopt_serve.quant.qarray import has_qarrays
     from jaxopt_serve.quant.runtime import quantized_predict_fn
     from jaxopt_serve.train import accuracy
 
@@ -211,7 +212,7 @@ def _eval(args: argparse.Namespace) -> int:
         print(f"error: artifact input shape {artifact.input_shape} does not match the digits {dataset.input_shape}",
               file=sys.stderr)
         return 2
-    if artifact.layout == "quantized" or _has_qarrays(artifact.variables):  # run it quantized, as it will be served
+    if artifact.layout == "quantized" or has_qarrays(artifact.variables):  # run it quantized, as it will be served
         mode = args.mode if args.mode != "static" or "quant_act" in artifact.variables else "auto"
         predict = quantized_predict_fn(artifact.config, mode=mode)
     else:
@@ -224,14 +225,6 @@ def _eval(args: argparse.Namespace) -> int:
     return 0
 
 
-def _has_qarrays(variables) -> bool:
-    import jax
-
-    from jaxopt_serve.quant import QArray
-
-    return any(isinstance(x, QArray) for x in jax.tree.leaves(variables, is_leaf=lambda x: isinstance(x, QArray)))
-
-
 def _prune(args: argparse.Namespace) -> int:
     import os
     import warnings
@@ -242,7 +235,7 @@ def _prune(args: argparse.Namespace) -> int:
     from jaxopt_serve.artifact import Artifact, load_artifact, save_artifact
     from jaxopt_serve.data import load_digits
     from jaxopt_serve.prune.masks import UnusedPruneRuleWarning, check_sparsity
-    from jaxopt_serve.prune.pipeline import finetune, gradual, structured, unstructured
+    from jaxopt_serve.prune.pipeline import gradual, structured, unstructured
     from jaxopt_serve.prune.sparse_io import sparse_artifact
     from jaxopt_serve.quant import QuantRule, QuantSpec, quantize, quantized_artifact
 

@@ -1,4 +1,4 @@
-"""Wall-clock measurement of compiled functions: latency percentiles and throughput.
+"""Measurement of compiled functions: latency percentiles, throughput, and compile counts.
 
 Only benchmarks and the demo use these; tests never assert on wall-clock time.
 """
@@ -64,3 +64,32 @@ def device_description() -> str:
     devices = jax.devices()
     first = devices[0]
     return f"{first.platform} ({first.device_kind}), {len(devices)} device{'s' if len(devices) > 1 else ''}"
+
+
+class CompileCounter:
+    """Counts XLA backend compiles (jit, AOT or eager ops) while active, via ``jax.monitoring``.
+
+    Example:
+        >>> import jax, jax.numpy as jnp
+        >>> f = jax.jit(lambda x: x + 1)
+        >>> with CompileCounter() as compiles:
+        ...     _ = f(jnp.ones(3)), f(jnp.ones(3))
+        >>> compiles.count
+        1
+    """
+
+    EVENT = "/jax/core/compile/backend_compile_duration"
+
+    def __init__(self) -> None:
+        self.count = 0
+
+    def __call__(self, event: str, duration: float, **kwargs: Any) -> None:
+        if event == self.EVENT:
+            self.count += 1
+
+    def __enter__(self) -> CompileCounter:
+        jax.monitoring.register_event_duration_secs_listener(self)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        jax.monitoring.unregister_event_duration_listener(self)

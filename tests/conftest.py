@@ -33,6 +33,16 @@ def trained_cnn(digits):
     return train_classifier(SMALL_CNN, digits, steps=SMALL_CNN_STEPS, seed=0, progress=False)
 
 
+@pytest.fixture
+def float_artifact(tmp_path, trained_cnn):
+    """The trained CNN saved as an artifact file (for CLI tests)."""
+    from jaxopt_serve.artifact import save_artifact
+
+    path = tmp_path / "cnn.jxs"
+    save_artifact(path, trained_cnn[0])
+    return path
+
+
 def random_variables(config, seed=0):
     """Random variables shaped like the model's, without an eager Flax init (which compiles op by op)."""
     rng = np.random.default_rng(seed)

@@ -2,21 +2,14 @@ import json
 
 import pytest
 
-from jaxopt_serve.artifact import load_artifact, save_artifact
+from jaxopt_serve.artifact import load_artifact
 from jaxopt_serve.cli import main
 from jaxopt_serve.models import count_params
 
 
-@pytest.fixture
-def teacher_path(tmp_path, trained_cnn):
-    path = tmp_path / "teacher.jxs"
-    save_artifact(path, trained_cnn[0])
-    return path
-
-
-def test_distill_writes_a_smaller_student(tmp_path, teacher_path, trained_cnn, capsys):
+def test_distill_writes_a_smaller_student(tmp_path, float_artifact, trained_cnn, capsys):
     out = tmp_path / "student.jxs"
-    assert main(["distill", str(teacher_path), "--student-config", '{"channels": [8, 8], "hidden": 16}', "--steps", "40",
+    assert main(["distill", str(float_artifact), "--student-config", '{"channels": [8, 8], "hidden": 16}', "--steps", "40",
                  "--no-progress", "--checkpoint", str(tmp_path / "s.ckpt"), "-o", str(out)]) == 0
     printed = capsys.readouterr().out
     assert "test accuracy: teacher" in printed
@@ -28,11 +21,11 @@ def test_distill_writes_a_smaller_student(tmp_path, teacher_path, trained_cnn, c
     assert (tmp_path / "s.ckpt").exists()
 
 
-def test_student_config_from_a_file_and_in_full_form(tmp_path, teacher_path):
+def test_student_config_from_a_file_and_in_full_form(tmp_path, float_artifact):
     spec = tmp_path / "student.json"
     spec.write_text(json.dumps({"name": "mlp", "fields": {"features": [16]}}))
     out = tmp_path / "mlp.jxs"
-    assert main(["distill", str(teacher_path), "--student-config", f"@{spec}", "--steps", "5", "--no-progress",
+    assert main(["distill", str(float_artifact), "--student-config", f"@{spec}", "--steps", "5", "--no-progress",
                  "-o", str(out)]) == 0
     assert load_artifact(out).config.name == "mlp"
 
@@ -43,8 +36,8 @@ def test_student_config_from_a_file_and_in_full_form(tmp_path, teacher_path):
     (["--student-config", "{}", "--temperature", "0"], "temperature must be > 0"),
     (["--student-config", "{}", "--hidden-pairs", "dense:conv_9"], "hidden layer 'conv_9' does not exist in 'cnn'"),
 ])
-def test_bad_input_exits_2_with_a_clear_message(tmp_path, teacher_path, capsys, args, message):
+def test_bad_input_exits_2_with_a_clear_message(tmp_path, float_artifact, capsys, args, message):
     out = tmp_path / "never.jxs"
-    assert main(["distill", str(teacher_path), *args, "--steps", "2", "--no-progress", "-o", str(out)]) == 2
+    assert main(["distill", str(float_artifact), *args, "--steps", "2", "--no-progress", "-o", str(out)]) == 2
     assert message in capsys.readouterr().err
     assert not out.exists()

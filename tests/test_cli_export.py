@@ -1,15 +1,13 @@
 import numpy as np
 import pytest
 
-from jaxopt_serve.artifact import save_artifact
 from jaxopt_serve.cli import main
 from jaxopt_serve.exported import load_exported
 from jaxopt_serve.models import predict_fn
 
 
-def test_export_writes_a_file_that_runs(tmp_path, trained_cnn, capsys, digits):
-    source = tmp_path / "cnn.jxs"
-    save_artifact(source, trained_cnn[0])
+def test_export_writes_a_file_that_runs(tmp_path, float_artifact, trained_cnn, capsys, digits):
+    source = float_artifact
     out = tmp_path / "cnn.jxe"
     assert main(["export", str(source), "-o", str(out)]) == 0
     assert "batch dimension symbolic" in capsys.readouterr().out

@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from jaxopt_serve.artifact import load_artifact, save_artifact
+from jaxopt_serve.artifact import load_artifact
 from jaxopt_serve.cli import main
 from jaxopt_serve.quant import QArray
 
@@ -13,13 +13,6 @@ def test_prune_help_lists_the_options(capsys):
     out = capsys.readouterr().out
     for option in ("--sparsity", "--method", "--nm", "--scope", "--criterion", "--finetune-steps", "--gradual", "--bits"):
         assert option in out
-
-
-@pytest.fixture
-def float_artifact(tmp_path, trained_cnn):
-    path = tmp_path / "cnn.jxs"
-    save_artifact(path, trained_cnn[0])
-    return path
 
 
 def _sizes(capsys):

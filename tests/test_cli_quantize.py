@@ -5,7 +5,7 @@ import pytest
 
 from jaxopt_serve.quant.runtime import quantized_predict_fn
 
-from jaxopt_serve.artifact import load_artifact, save_artifact
+from jaxopt_serve.artifact import load_artifact
 from jaxopt_serve.cli import main
 from jaxopt_serve.models import predict_fn
 from jaxopt_serve.quant import QArray
@@ -20,13 +20,6 @@ def test_quantize_help(capsys):
     assert out.startswith("usage: jaxopt-serve quantize")
     for option in ("--bits", "--granularity", "--group-size", "--asymmetric", "--calibration", "--keep-float"):
         assert option in out
-
-
-@pytest.fixture
-def float_artifact(tmp_path, trained_cnn):
-    path = tmp_path / "cnn.jxs"
-    save_artifact(path, trained_cnn[0])
-    return path
 
 
 @pytest.mark.parametrize(

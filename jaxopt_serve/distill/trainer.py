@@ -37,6 +37,7 @@ from jaxopt_serve.data.digits import Dataset
 from jaxopt_serve.distill.losses import HIDDEN_LOSSES, check_temperature, distillation_loss
 from jaxopt_serve.fileio import atomic_write
 from jaxopt_serve.models.config import ModelConfig
+from jaxopt_serve.quant.qarray import has_qarrays
 from jaxopt_serve.models.functional import Variables, example_input, init_variables, make_apply, predict_fn
 from jaxopt_serve.train.loop import TrainState, accuracy, fit, init_state
 from jaxopt_serve.train.recipes import default_optimizer
@@ -110,20 +111,14 @@ class DistillResult:
 # -- forward passes that expose hidden states ---------------------------------------------------------
 
 
-def _has_qarrays(variables: Any) -> bool:
-    from jaxopt_serve.quant.qarray import is_qarray
-
-    return any(is_qarray(x) for x in jax.tree.leaves(variables, is_leaf=is_qarray))
-
-
 def _hidden_apply(config: ModelConfig, layers: Sequence[Layer]):
     """``apply(variables, x, train, rng) -> (logits, state_updates, hiddens)`` for a Linen model."""
     layers = list(layers)
     if not layers:
-        apply = make_apply(config)
+        plain_apply = make_apply(config)
 
         def plain(variables, x, *, train=False, rng=None):
-            out, updates = apply(variables, x, train=train, rng=rng)
+            out, updates = plain_apply(variables, x, train=train, rng=rng)
             return out, updates, ()
 
         return plain
@@ -171,7 +166,7 @@ def teacher_fn(config: ModelConfig, variables: Variables, layers: Sequence[Layer
     from jaxopt_serve.quant.rules import dequantize_tree
     from jaxopt_serve.quant.runtime import quantized_predict_fn
 
-    if _has_qarrays(variables):
+    if has_qarrays(variables):
         if layers:
             apply = _hidden_apply(config, layers)
             float_variables = dequantize_tree(variables)

@@ -33,8 +33,9 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from jaxopt_serve.engine.sharding import DATA, ShardingRule, shard_variables
 from jaxopt_serve.models.config import ModelConfig
-from jaxopt_serve.models.functional import Variables, predict_fn
-from jaxopt_serve.quant.qarray import is_qarray
+from jaxopt_serve.models.functional import Variables
+from jaxopt_serve.quant.qarray import has_qarrays
+from jaxopt_serve.quant.runtime import inference_fn
 
 NanPolicy = Literal["propagate", "error"]
 
@@ -139,15 +140,8 @@ class InferenceEngine:
         self.max_batch = self.buckets[-1]
         self.dtype = dtype
         self.nan_policy = nan_policy
-        self.quantized = any(is_qarray(x) for x in jax.tree.leaves(variables, is_leaf=is_qarray))
-        if predict is not None:
-            base = predict
-        elif self.quantized:
-            from jaxopt_serve.quant.runtime import quantized_predict_fn
-
-            base = quantized_predict_fn(config, mode=quant_mode)
-        else:
-            base = predict_fn(config)
+        self.quantized = has_qarrays(variables)
+        base = predict if predict is not None else inference_fn(config, variables, mode=quant_mode)
         compute = jnp.bfloat16 if dtype == "bfloat16" else None
 
         def run(variables: Variables, x: jax.Array) -> jax.Array:

@@ -11,14 +11,16 @@ JAX and NumPy. Serialization needs the ``flatbuffers`` package (the
 from __future__ import annotations
 
 import os
+
 import jax
 
 from jaxopt_serve.extras import require
 from jaxopt_serve.exported import pack_exported
 from jaxopt_serve.fileio import atomic_write
 from jaxopt_serve.models.config import ModelConfig
-from jaxopt_serve.models.functional import Variables, predict_fn
-from jaxopt_serve.quant.qarray import is_qarray
+from jaxopt_serve.models.functional import Variables
+from jaxopt_serve.quant.qarray import has_qarrays
+from jaxopt_serve.quant.runtime import inference_fn
 
 
 def export_model(
@@ -56,13 +58,8 @@ def export_model(
 
     shape = tuple(int(d) for d in (input_shape if input_shape is not None else config.example_shape()))
     leaves, treedef = jax.tree.flatten(dict(variables), is_leaf=None)
-    quantized = any(is_qarray(x) for x in jax.tree.leaves(variables, is_leaf=is_qarray))
-    if quantized:
-        from jaxopt_serve.quant.runtime import quantized_predict_fn
-
-        base = quantized_predict_fn(config, mode=quant_mode)
-    else:
-        base = predict_fn(config)
+    quantized = has_qarrays(variables)
+    base = inference_fn(config, variables, mode=quant_mode)
 
     def run(flat: list[jax.Array], x: jax.Array) -> jax.Array:
         return base(jax.tree.unflatten(treedef, flat), x)

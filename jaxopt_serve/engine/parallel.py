@@ -9,8 +9,9 @@ import jax
 import numpy as np
 
 from jaxopt_serve.models.config import ModelConfig
-from jaxopt_serve.models.functional import Variables, predict_fn
-from jaxopt_serve.quant.qarray import is_qarray
+from jaxopt_serve.models.functional import Variables
+from jaxopt_serve.quant.qarray import has_qarrays
+from jaxopt_serve.quant.runtime import inference_fn
 
 
 def pmap_predict_fn(
@@ -34,14 +35,9 @@ def pmap_predict_fn(
     compiled: dict[bool, Any] = {}
 
     def predict(variables: Variables, x: Any) -> np.ndarray:
-        quantized = any(is_qarray(v) for v in jax.tree.leaves(variables, is_leaf=is_qarray))
+        quantized = has_qarrays(variables)
         if quantized not in compiled:
-            if quantized:
-                from jaxopt_serve.quant.runtime import quantized_predict_fn
-
-                base = quantized_predict_fn(config, mode=quant_mode)
-            else:
-                base = predict_fn(config)
+            base = inference_fn(config, variables, mode=quant_mode)
             compiled[quantized] = jax.pmap(base, in_axes=(None, 0), devices=devices)
         x = np.asarray(x)
         rows = len(x)

@@ -24,6 +24,7 @@ import numpy as np
 from jaxopt_serve.extras import require
 from jaxopt_serve.hf.bert import import_bert
 from jaxopt_serve.models.transformer import TransformerConfig
+from jaxopt_serve.quant.qarray import has_qarrays
 
 
 def bundled_minilm_dir() -> Path:
@@ -80,7 +81,7 @@ class SentenceEncoder:
         self.tokenizer.enable_truncation(max_length=self.max_length)
         self.length_multiple = length_multiple
         self._encode = jax.jit(_encode_fn(self.config, self.pooling, self.normalize, quant_mode,
-                                          quantized=_has_qarrays(self.variables)))
+                                          quantized=has_qarrays(self.variables)))
 
     def tokenize(self, sentences: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
         """``(token ids, attention mask)``, int32, padded to a multiple of ``length_multiple``."""
@@ -114,23 +115,18 @@ class SentenceEncoder:
         return np.concatenate(out)
 
 
-def _has_qarrays(variables: Any) -> bool:
-    from jaxopt_serve.quant.qarray import is_qarray
-
-    return any(is_qarray(x) for x in jax.tree.leaves(variables, is_leaf=is_qarray))
-
-
 def _encode_fn(config: TransformerConfig, pooling: str, normalize: bool, quant_mode: str, *, quantized: bool):
     module = config.build()
-
-    def hidden_states(variables, ids, mask):
-        return module.apply(variables, ids, attention_mask=mask, method="encode")
 
     if quantized:
         from jaxopt_serve.quant.runtime import quantized_apply
 
-        def hidden_states(variables, ids, mask):  # noqa: F811 - the quantized variant
+        def hidden_states(variables, ids, mask):
             return quantized_apply(config, variables, ids, mode=quant_mode, method="encode", attention_mask=mask)
+    else:
+
+        def hidden_states(variables, ids, mask):
+            return module.apply(variables, ids, attention_mask=mask, method="encode")
 
     def encode(variables, ids, mask):
         h = hidden_states(variables, ids, mask).astype(jnp.float32)

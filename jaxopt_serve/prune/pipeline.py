@@ -19,7 +19,17 @@ from jaxopt_serve.artifact import Artifact
 from jaxopt_serve.data.digits import Dataset
 from jaxopt_serve.models.config import ModelConfig
 from jaxopt_serve.models.functional import Variables, make_apply
-from jaxopt_serve.prune.masks import PruneResult, PruneRule, Scope, calibration_batches, classification_grad_fn, importance_scores, mean_gradients, prune
+from jaxopt_serve.prune.masks import (
+    PruneResult,
+    PruneRule,
+    Scope,
+    calibration_batches,
+    classification_grad_fn,
+    importance_scores,
+    mean_gradients,
+    prune,
+    random_scores,
+)
 from jaxopt_serve.prune.schedule import gradual_pruning, keep_masks
 from jaxopt_serve.prune.sparse_io import sparse_artifact
 from jaxopt_serve.prune.structured import Criterion, StructuredResult, structured_prune
@@ -27,6 +37,15 @@ from jaxopt_serve.train.loop import classification_loss, fit
 from jaxopt_serve.train.recipes import default_optimizer
 
 Bits = Literal["int8", "int4"]
+
+
+def _calibration(config: ModelConfig, variables: Variables, dataset: Dataset | None, what: str) -> tuple:
+    """``(grad_fn, params, batches)``: the classifier's gradients on up to 8 training batches."""
+    if dataset is None:
+        raise ValueError(f"{what} needs a dataset for its calibration gradients")
+    state = {k: v for k, v in variables.items() if k != "params"}
+    batches = calibration_batches(dataset.x_train, dataset.y_train, limit=8)
+    return classification_grad_fn(config, state), variables["params"], batches
 
 
 def finetune(
@@ -69,8 +88,6 @@ def unstructured(
     progress: bool = False,
 ) -> tuple[Variables, PruneResult]:
     """Prune the kernels by ``method`` (``"nm"``: N:M), then fine-tune with the masks held."""
-    from jaxopt_serve.prune.masks import random_scores
-
     if method == "nm":
         rules = [PruneRule(pattern, n_m=tuple(n_m))]
     else:
@@ -78,11 +95,7 @@ def unstructured(
     params = variables["params"]
     scores = None
     if method == "importance":
-        if dataset is None:
-            raise ValueError("importance pruning needs a dataset for its calibration gradients")
-        state = {k: v for k, v in variables.items() if k != "params"}
-        batches = calibration_batches(dataset.x_train, dataset.y_train, limit=8)
-        scores = importance_scores(classification_grad_fn(config, state), params, batches)
+        scores = importance_scores(*_calibration(config, variables, dataset, "importance pruning"))
     elif method == "random":
         scores = random_scores(params, seed=seed)
     elif method not in ("magnitude", "nm"):
@@ -94,16 +107,6 @@ def unstructured(
             raise ValueError("fine-tuning needs a dataset")
         pruned = finetune(config, pruned, dataset, steps=finetune_steps, masks=result.masks, seed=seed, progress=progress)
     return pruned, result
-
-
-@dataclasses.dataclass
-class DeepCompressResult:
-    """The pruned float variables, their quantized form, and the sparse artifact."""
-
-    pruned: Variables
-    quantized: Variables
-    artifact: Artifact
-    prune: PruneResult
 
 
 def gradual(
@@ -192,11 +195,7 @@ def structured(
     """Structured pruning of a reference model, then (optionally) fine-tuning of the smaller model."""
     grads = None
     if criterion == "taylor":
-        if dataset is None:
-            raise ValueError("criterion 'taylor' needs a dataset for its calibration gradients")
-        state = {k: v for k, v in variables.items() if k != "params"}
-        batches = calibration_batches(dataset.x_train, dataset.y_train, limit=8)
-        grads = mean_gradients(classification_grad_fn(config, state), variables["params"], batches)
+        grads = mean_gradients(*_calibration(config, variables, dataset, "criterion 'taylor'"))
     result = structured_prune(config, variables, sparsity, criterion=criterion, grads=grads)
     if finetune_steps:
         if dataset is None:

@@ -116,8 +116,8 @@ def gradual_pruning(
     """
     rules = list(rules)
     check_sparsity(initial_sparsity, "gradual_pruning initial_sparsity")
-    # The schedule's shape, 1 - (1 - p)^3 on the update grid, from a unit schedule.
-    shape = polynomial_sparsity(0.5, begin_step=begin_step, end_step=end_step, frequency=frequency)
+    steps = dict(begin_step=begin_step, end_step=end_step, frequency=frequency)
+    polynomial_sparsity(0.0, **steps)  # check the step arguments now, not at the first update
 
     def init(params: Any) -> GradualPruningState:
         masks = compute_masks(params, rules, scope=scope, sparsity_at=lambda target: 0.0)
@@ -130,16 +130,14 @@ def gradual_pruning(
         updates, inner_state = inner.update(updates, state.inner_state, params)
         candidate = optax.apply_updates(params, updates)
         count = state.count
-        progress = shape(count) / 0.5
 
-        def sparsity_at(target: float) -> jax.Array:
-            start = min(initial_sparsity, target)
-            return start + (target - start) * progress
+        def sparsity_at(target: float) -> jax.Array:  # each rule follows its own schedule to its target
+            return polynomial_sparsity(target, initial=min(initial_sparsity, target), **steps)(count)
 
         def recompute() -> Any:
             return compute_masks(candidate, rules, scope=scope, sparsity_at=sparsity_at)
 
-        prune_now = is_update_step(count, begin_step=begin_step, end_step=end_step, frequency=frequency)
+        prune_now = is_update_step(count, **steps)
         masks = jax.lax.cond(prune_now, recompute, lambda: state.masks)
         out = jax.tree.map(
             lambda m, c, p: c - p if m is None else jnp.where(m, c, jnp.zeros_like(c)) - p,

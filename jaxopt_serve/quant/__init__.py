@@ -1,6 +1,6 @@
 """Quantization: quantized arrays, rule-based quantization of variable trees, quantized execution, QAT."""
 
-from jaxopt_serve.quant.qarray import BITS, QArray, QuantSpec, fake_quantize, pack, quantize_array, unpack
+from jaxopt_serve.quant.qarray import BITS, QArray, QuantSpec, fake_quantize, has_qarrays, pack, quantize_array, unpack
 from jaxopt_serve.quant.rules import (
     QuantizeResult,
     QuantRule,
@@ -43,6 +43,7 @@ __all__ = [
     "default_rules",
     "dequantize_tree",
     "grouped_rules",
+    "has_qarrays",
     "encode_qtree",
     "fake_quantize",
     "fake_quantize_tree",

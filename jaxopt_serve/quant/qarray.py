@@ -22,7 +22,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-from typing import Literal
+from typing import Any, Literal
 
 import jax
 import jax.numpy as jnp
@@ -174,6 +174,11 @@ class QArray:
 def is_qarray(x: object) -> bool:
     """``True`` for a ``QArray``: the ``is_leaf`` predicate for tree maps that treat quantized arrays as leaves."""
     return isinstance(x, QArray)
+
+
+def has_qarrays(tree: Any) -> bool:
+    """Whether any leaf of ``tree`` is a ``QArray`` (a quantized variables tree)."""
+    return any(is_qarray(x) for x in jax.tree.leaves(tree, is_leaf=is_qarray))
 
 
 def _nbytes(x: jax.Array) -> int:

@@ -39,8 +39,8 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jaxopt_serve.models.config import ModelConfig
-from jaxopt_serve.models.functional import Variables, nnx_module
-from jaxopt_serve.quant.qarray import QArray, is_qarray
+from jaxopt_serve.models.functional import Variables, nnx_module, predict_fn
+from jaxopt_serve.quant.qarray import QArray, has_qarrays, is_qarray
 from jaxopt_serve.quant.rules import path_str
 
 Mode = Literal["weight_only", "dynamic", "static", "auto"]
@@ -444,6 +444,11 @@ def quantized_apply(
 
 def _session(mode: str, variables: Variables) -> _Session:
     return _Session(mode, variables.get(ACT_COLLECTION), smooth=variables.get(SMOOTH_COLLECTION))
+
+
+def inference_fn(config: ModelConfig, variables: Any, *, mode: Mode = "auto") -> Callable[[Variables, jax.Array], jax.Array]:
+    """The inference function for ``variables``: quantized (``mode``) when they hold ``QArray`` leaves, else float."""
+    return quantized_predict_fn(config, mode=mode) if has_qarrays(variables) else predict_fn(config)
 
 
 def observe_inputs(

@@ -12,6 +12,7 @@ from jaxopt_serve.engine import InferenceEngine, default_buckets
 from jaxopt_serve.models import CNNConfig, MLPConfig, predict_fn
 from jaxopt_serve.quant import QuantRule, QuantSpec, quantize
 from jaxopt_serve.quant.runtime import quantized_predict_fn
+from jaxopt_serve.timing import CompileCounter
 
 CNN = CNNConfig(channels=(8, 16), hidden=16)
 
@@ -19,24 +20,6 @@ CNN = CNNConfig(channels=(8, 16), hidden=16)
 @pytest.fixture(scope="module")
 def cnn_variables():
     return jax.tree.map(np.asarray, random_variables(CNN, seed=2))
-
-
-class CompileCounter:
-    """Counts XLA backend compiles (every jit, AOT or eager op that is compiled)."""
-
-    def __init__(self):
-        self.count = 0
-
-    def __call__(self, event, duration, **kwargs):
-        if event == "/jax/core/compile/backend_compile_duration":
-            self.count += 1
-
-    def __enter__(self):
-        jax.monitoring.register_event_duration_secs_listener(self)
-        return self
-
-    def __exit__(self, *exc):
-        jax.monitoring.unregister_event_duration_listener(self)
 
 
 def test_no_batch_size_compiles_after_warmup(cnn_variables):
