@@ -12,6 +12,7 @@ from jaxopt_serve.quant.rules import (
     tree_nbytes,
 )
 from jaxopt_serve.quant.smooth import smooth_quantize
+from jaxopt_serve.quant.gptq import gptq_quantize
 from jaxopt_serve.quant.qat import (
     fake_quantize_tree,
     qat_apply,
@@ -32,6 +33,7 @@ __all__ = [
     "quantized_predict_fn",
     "serving_layout",
     "smooth_quantize",
+    "gptq_quantize",
     "BITS",
     "QArray",
     "QuantRule",

@@ -1,0 +1,69 @@
+import jax
+import numpy as np
+import pytest
+
+from jaxopt_serve.models import MLPConfig, init_variables
+from jaxopt_serve.quant import QuantRule, QuantSpec, quantize
+from jaxopt_serve.quant.gptq import gptq_quantize
+from jaxopt_serve.quant.runtime import observe_inputs
+
+CONFIG = MLPConfig(features=(64,), num_classes=8, input_shape=(32,))
+INT4 = QuantSpec(qtype="int4", granularity="group", group_size=16, symmetric=False)
+
+
+@pytest.fixture(scope="module")
+def correlated_case():
+    """Inputs with strongly correlated features: where error feedback has something to use."""
+    variables = jax.tree.map(np.asarray, init_variables(CONFIG, 0))
+    rng = np.random.default_rng(0)
+    mixing = rng.normal(size=(32, 32)) * np.linspace(3.0, 0.1, 32)[:, None]
+    x = (rng.normal(size=(512, 32)) @ mixing).astype(np.float32)
+    return variables, x
+
+
+def _layer_error(variables, qvariables, x, layer="dense_0"):
+    """Mean squared change of the layer's output x W on held-out inputs."""
+    w = variables["params"][layer]["kernel"]
+    q = np.asarray(qvariables["params"][layer]["kernel"].dequantize())
+    return float(np.mean((x @ w - x @ q) ** 2))
+
+
+@pytest.mark.parametrize("spec", [INT4, QuantSpec(qtype="int4", granularity="group", group_size=8),
+                                  QuantSpec(qtype="int8", granularity="channel")], ids=["int4-g16-asym", "int4-g8-sym", "int8"])
+def test_gptq_lowers_the_layer_output_error_of_round_to_nearest(correlated_case, spec):
+    variables, x = correlated_case
+    rules = [QuantRule(r"params/dense_0/kernel", spec)]
+    rtn = quantize(variables, rules).variables
+    gptq = gptq_quantize(CONFIG, variables, x[:256], rules)
+    assert _layer_error(variables, gptq, x[256:]) < 0.8 * _layer_error(variables, rtn, x[256:])
+
+
+def test_gptq_result_is_the_rules_qarray(correlated_case):
+    """Same spec, layout and size as round-to-nearest, so serving and artifacts do not change."""
+    variables, x = correlated_case
+    rules = [QuantRule(r"params/.*/kernel", INT4)]
+    rtn = quantize(variables, rules).variables
+    gptq = gptq_quantize(CONFIG, variables, x[:128], rules)
+    for layer in ("dense_0", "classifier"):
+        a, b = rtn["params"][layer]["kernel"], gptq["params"][layer]["kernel"]
+        assert (a.qtype, a.shape, a.granularity, a.axis, a.group_size, a.nbytes) == (
+            b.qtype, b.shape, b.granularity, b.axis, b.group_size, b.nbytes)
+        assert b.scale.shape == a.scale.shape and b.zero_point.shape == a.zero_point.shape
+        q = np.asarray(b.int_values())
+        assert q.min() >= -8 and q.max() <= 7
+    np.testing.assert_array_equal(gptq["params"]["dense_0"]["bias"], variables["params"]["dense_0"]["bias"])
+    assert set(observe_inputs(CONFIG, gptq, x[:4])) == {"dense_0", "classifier"}
+
+
+def test_ternary_rules_keep_round_to_nearest(correlated_case):
+    variables, x = correlated_case
+    rules = [QuantRule(r"params/.*/kernel", QuantSpec(qtype="ternary"))]
+    gptq = gptq_quantize(CONFIG, variables, x[:64], rules)
+    rtn = quantize(variables, rules).variables
+    np.testing.assert_array_equal(gptq["params"]["dense_0"]["kernel"].values, rtn["params"]["dense_0"]["kernel"].values)
+
+
+def test_damp_must_be_positive(correlated_case):
+    variables, x = correlated_case
+    with pytest.raises(ValueError, match="damp"):
+        gptq_quantize(CONFIG, variables, x[:8], [QuantRule(r".*kernel", INT4)], damp=0.0)
