@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import time
 from typing import Any
 
@@ -13,7 +14,8 @@ def closed_loop_async(batcher: Any, x: np.ndarray, clients: int, seconds: float)
     """``clients`` coroutines on one event loop awaiting ``batcher.predict_async(x)`` back to back for ``seconds``.
 
     Returns throughput (``requests/s``), latency percentiles (``p50 ms``,
-    ``p99 ms``) and the request count.
+    ``p99 ms``) and the request count. Called where an event loop is already
+    running (a Jupyter or Colab cell), it runs its own loop in a helper thread.
     """
     if clients <= 0 or seconds <= 0:
         raise ValueError(f"clients and seconds must be > 0, got {clients} and {seconds}")
@@ -37,4 +39,9 @@ def closed_loop_async(batcher: Any, x: np.ndarray, clients: int, seconds: float)
         return {"requests/s": len(ms) / elapsed, "p50 ms": float(np.percentile(ms, 50)),
                 "p99 ms": float(np.percentile(ms, 99)), "requests": int(len(ms))}
 
-    return asyncio.run(run())
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return asyncio.run(run())
+    with concurrent.futures.ThreadPoolExecutor(max_workers=1) as pool:  # asyncio.run refuses a running loop
+        return pool.submit(lambda: asyncio.run(run())).result()
