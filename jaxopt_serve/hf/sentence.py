@@ -50,8 +50,11 @@ class SentenceEncoder:
 
     Args:
         directory: a sentence-transformers / BERT checkpoint directory.
-        variables: replacement variables for the same config (quantized ones run
-            with ``quant_mode``), e.g. a compressed copy of the imported ones.
+        variables: replacement variables (quantized ones run with ``quant_mode``),
+            e.g. a compressed copy of the imported ones.
+        config: the encoder config of ``variables`` when it differs from the
+            checkpoint's (a pruned or layer-dropped student); the tokenizer,
+            pooling and normalization stay the checkpoint's.
         quant_mode: execution mode for quantized variables.
         length_multiple: sequences are padded to a multiple of this many tokens.
     """
@@ -61,12 +64,18 @@ class SentenceEncoder:
         directory: str | os.PathLike[str],
         *,
         variables: Any | None = None,
+        config: TransformerConfig | None = None,
         quant_mode: str = "dynamic",
         length_multiple: int = 32,
     ) -> None:
         tokenizers = require("tokenizers", extra="hf", purpose="tokenizing text with tokenizer.json")
         self.directory = Path(directory)
         self.config, imported = import_bert(self.directory)
+        if config is not None:
+            if variables is None:
+                raise ValueError("SentenceEncoder(config=...) needs the variables of that config")
+            _check_shapes(config, variables)
+            self.config = config
         self.variables = variables if variables is not None else imported
         st_config = _read_json(self.directory / "sentence_bert_config.json", {})
         self.max_length = int(st_config.get("max_seq_length", 256))
@@ -80,7 +89,7 @@ class SentenceEncoder:
         self.tokenizer.no_padding()
         self.tokenizer.enable_truncation(max_length=self.max_length)
         self.length_multiple = length_multiple
-        self._encode = jax.jit(_encode_fn(self.config, self.pooling, self.normalize, quant_mode,
+        self._encode = jax.jit(encode_fn(self.config, self.pooling, self.normalize, quant_mode,
                                           quantized=has_qarrays(self.variables)))
 
     def tokenize(self, sentences: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
@@ -106,16 +115,41 @@ class SentenceEncoder:
         out = []
         for start in range(0, len(sentences), batch_size):
             ids, mask = self.tokenize(sentences[start : start + batch_size])
-            n = len(ids)
-            if n < batch_size and len(sentences) > batch_size:  # keep one batch shape per length
-                ids = np.concatenate([ids, np.zeros((batch_size - n, ids.shape[1]), np.int32)])
-                mask = np.concatenate([mask, np.zeros((batch_size - n, mask.shape[1]), np.int32)])
-                mask[n:, 0] = 1
-            out.append(np.asarray(self._encode(self.variables, ids, mask))[:n])
+            full = len(sentences) > batch_size  # keep one batch shape per length
+            out.append(self.embed_tokens(ids, mask, batch_size=batch_size if full else len(ids)))
         return np.concatenate(out)
 
+    def embed_tokens(self, ids: np.ndarray, mask: np.ndarray, *, batch_size: int = 32) -> np.ndarray:
+        """Embeddings of already tokenized ``(n, length)`` ids and mask, in batches of ``batch_size``."""
+        out = []
+        for start in range(0, len(ids), batch_size):
+            chunk_ids, chunk_mask = ids[start : start + batch_size], mask[start : start + batch_size]
+            n = len(chunk_ids)
+            if n < batch_size:  # pad to the batch shape with one-token rows
+                pad = np.zeros((batch_size - n, ids.shape[1]), np.int32)
+                chunk_ids, chunk_mask = np.concatenate([chunk_ids, pad]), np.concatenate([chunk_mask, pad])
+                chunk_mask[n:, 0] = 1
+            out.append(np.asarray(self._encode(self.variables, chunk_ids, chunk_mask))[:n])
+        return np.concatenate(out) if out else np.zeros((0, self.config.hidden_size), np.float32)
 
-def _encode_fn(config: TransformerConfig, pooling: str, normalize: bool, quant_mode: str, *, quantized: bool):
+
+def _check_shapes(config: TransformerConfig, variables: Any) -> None:
+    """``ValueError`` naming the first variable whose shape is not that of ``config``'s encoder."""
+    from jaxopt_serve.models.functional import init_variables
+    from jaxopt_serve.quant.rules import path_str
+
+    expected = {path_str(p): tuple(x.shape) for p, x in jax.tree_util.tree_leaves_with_path(
+        jax.eval_shape(lambda: init_variables(config, 0)))}
+    have = {path_str(p): tuple(x.shape) for p, x in jax.tree_util.tree_leaves_with_path(
+        variables, is_leaf=lambda x: hasattr(x, "dequantize"))}
+    for name, shape in expected.items():
+        if name not in have:
+            raise ValueError(f"variables lack {name} (shape {shape}) of the given config")
+        if have[name] != shape:
+            raise ValueError(f"{name} has shape {have[name]}, the given config needs {shape}")
+
+
+def encode_fn(config: TransformerConfig, pooling: str, normalize: bool, quant_mode: str, *, quantized: bool):
     module = config.build()
 
     if quantized:
