@@ -35,6 +35,7 @@ from jaxopt_serve.models.functional import Variables
 from jaxopt_serve.quant.qarray import QArray, QuantSpec, _integer, pack
 from jaxopt_serve.quant.rules import QuantRule, first_match, quantize
 from jaxopt_serve.quant.runtime import SMOOTH_COLLECTION, observe_inputs
+from jaxopt_serve.quant.smooth import contracted_dims, copy_tree, observed_layers
 
 
 def gptq_quantize(
@@ -77,11 +78,8 @@ def gptq_quantize(
     rtn = quantize(variables, rules).variables
     observed = observe_inputs(config, rtn, samples, method=method, **apply_kwargs)
     smooth = variables.get(SMOOTH_COLLECTION, {})
-    params = _copy(rtn["params"])
-    for path, x in observed.items():
-        node, target = variables["params"], params
-        for part in path.split("/"):
-            node, target = node[part], target[part]
+    params = copy_tree(rtn["params"])
+    for path, x, node, target in observed_layers(observed, variables["params"], params):
         name = f"params/{path}/kernel"
         index = first_match(name, rules)
         if index is None:
@@ -91,7 +89,7 @@ def gptq_quantize(
         x = np.asarray(x, np.float32)
         if path in smooth:
             x = x / np.asarray(smooth[path], np.float32)
-        n_in = next((k for k in range(min(x.ndim, kernel.ndim - 1), 0, -1) if x.shape[-k:] == kernel.shape[:k]), 0)
+        n_in = contracted_dims(x.shape, kernel.shape)
         qkernel = target["kernel"]
         if n_in == 0 or not _supported(spec, qkernel, n_in):
             continue
@@ -144,8 +142,7 @@ def _gptq_kernel(kernel: np.ndarray, x: np.ndarray, spec: QuantSpec, like: QArra
     if like.granularity == "channel":
         scale_shape = (*([1] * n_in), *shape[n_in:])
     else:
-        grouped = (*shape[: like.axis], shape[like.axis] // group, 1, *shape[like.axis + 1 :])
-        scale_shape = grouped
+        scale_shape = (*shape[: like.axis], shape[like.axis] // group, 1, *shape[like.axis + 1 :])
     values = q.reshape(shape)
     packed = jnp.asarray(values) if spec.bits == 8 else pack(jnp.asarray(values.reshape(-1)), spec.qtype)
     return QArray(
@@ -166,7 +163,3 @@ def _group_range(w: jax.Array, spec: QuantSpec) -> tuple[jax.Array, jax.Array]:
     """Scale and zero point (zeros when symmetric) of each column of ``w``, by the spec's calibration."""
     _, scale, zp = _integer(w, (0,), spec)
     return scale, jnp.zeros_like(scale) if zp is None else zp.astype(jnp.float32)
-
-
-def _copy(tree: Any) -> Any:
-    return {k: _copy(v) for k, v in tree.items()} if isinstance(tree, dict) else tree

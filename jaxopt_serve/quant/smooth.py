@@ -17,7 +17,7 @@ DenseGeneral layers are smoothed.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import jax.numpy as jnp
@@ -72,17 +72,13 @@ def smooth_quantize(
     observed = observe_inputs(config, probe, samples, method=method, **apply_kwargs)
     float_params = dequantize_tree(variables)["params"]
     smooth: dict[str, np.ndarray] = {}
-    params = _copy_tree(variables["params"])
-    for path, x in observed.items():
-        node, target = float_params, params
-        parts = path.split("/")
-        for part in parts:
-            node, target = node[part], target[part]
+    params = copy_tree(variables["params"])
+    for path, x, node, target in observed_layers(observed, float_params, params):
         if "kernel" not in node or np.ndim(node["kernel"]) < 2 or np.ndim(node["kernel"]) > 3 + 1:
             continue
         kernel = np.asarray(node["kernel"], np.float32)
         x = np.asarray(x, np.float32)
-        n = next((k for k in range(min(x.ndim, kernel.ndim - 1), 0, -1) if x.shape[-k:] == kernel.shape[:k]), 0)
+        n = contracted_dims(x.shape, kernel.shape)
         if n == 0 or kernel.ndim == 4:  # no Dense-like contraction (e.g. a conv): leave it
             continue
         in_dims = kernel.shape[:n]
@@ -95,7 +91,26 @@ def smooth_quantize(
     return {**quantize(smoothed, rules).variables, SMOOTH_COLLECTION: smooth}
 
 
-def _copy_tree(tree: Any) -> Any:
-    if isinstance(tree, dict):
-        return {k: _copy_tree(v) for k, v in tree.items()}
-    return tree
+def copy_tree(tree: Any) -> Any:
+    """A copy of the nested dicts of ``tree`` (leaves shared), to replace leaves in."""
+    return {k: copy_tree(v) for k, v in tree.items()} if isinstance(tree, dict) else tree
+
+
+def observed_layers(observed: dict[str, Any], source: dict, target: dict) -> Iterator[tuple[str, Any, dict, dict]]:
+    """``(path, input, source node, target node)`` per observed layer, the nodes found by the layer path."""
+    for path, x in observed.items():
+        node, out = source, target
+        for part in path.split("/"):
+            node, out = node[part], out[part]
+        yield path, x, node, out
+
+
+def contracted_dims(x_shape: tuple[int, ...], kernel_shape: tuple[int, ...]) -> int:
+    """How many leading kernel axes the input's trailing axes contract with (0: no Dense-like contraction).
+
+    Example:
+        >>> contracted_dims((8, 5, 12, 32), (12, 32, 384)), contracted_dims((8, 7), (3, 3, 7, 16))
+        (2, 0)
+    """
+    return next((k for k in range(min(len(x_shape), len(kernel_shape) - 1), 0, -1)
+                 if tuple(x_shape[-k:]) == tuple(kernel_shape[:k])), 0)
