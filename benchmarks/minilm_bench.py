@@ -5,7 +5,11 @@
 Quality is measured on the 240 generated sentences of ``tests/hf/sentences.py``:
 cosine of each variant's embeddings to the f32 ones, and top-1
 nearest-neighbour agreement (each sentence's closest other sentence, by
-f32 and by the variant). Parity compares f32 with ``transformers`` on torch.
+f32 and by the variant); the checks are taken there. Most of those
+sentences are one-word variations of a template, so about 11% of them have
+a nearest neighbour that f32 itself ranks less than 0.002 above the second:
+a second top-1 column on 400 CPython documentation sentences (not used for
+calibration) shows agreement on ordinary prose. Parity compares f32 with ``transformers`` on torch.
 Speed: batch 32, sequence length 128 (random token ids, full attention
 mask), encoder + mean pooling + normalization, median of alternating rounds,
 against torch f32 and ``torch.ao.quantization.quantize_dynamic`` int8 on the
@@ -29,6 +33,7 @@ from minilm_reference import torch_embeddings  # noqa: E402
 from sentences import minilm_sentences  # noqa: E402
 
 from jaxopt_serve.hf import SentenceEncoder, bundled_minilm_dir, text_corpus  # noqa: E402
+from jaxopt_serve.hf.corpus import documentation_sentences  # noqa: E402
 from jaxopt_serve.quant import QuantRule, QuantSpec, gptq_quantize, quantize  # noqa: E402
 from jaxopt_serve.quant.runtime import serving_layout  # noqa: E402
 from jaxopt_serve.quant.smooth import smooth_quantize  # noqa: E402
@@ -36,6 +41,8 @@ from jaxopt_serve.quant.smooth import smooth_quantize  # noqa: E402
 ATTENTION = r"params/layer_\d+/attention/(query|key|value|out)/kernel"
 FFN_IN = r"params/layer_\d+/intermediate/kernel"
 FFN_OUT = r"params/layer_\d+/output/kernel"
+CALIBRATION = text_corpus(4000)[:128]  # corpus sentences, not the evaluated ones
+BEST = "int8 W8A8 dynamic + SmoothQuant (alpha searched per layer) + asymmetric activations"
 
 
 def _top1(a: np.ndarray, b: np.ndarray) -> float:
@@ -50,11 +57,14 @@ def variants(f32: SentenceEncoder) -> dict[str, tuple[dict, str]]:
     int4 = QuantSpec(qtype="int4", granularity="group", group_size=16, calibration="mse")
     int4_asym = QuantSpec(qtype="int4", granularity="group", group_size=32, calibration="mse", symmetric=False)
     every = [QuantRule(p, int8) for p in (ATTENTION, FFN_IN, FFN_OUT)]
-    ids, mask = f32.tokenize(text_corpus(4000)[:128])  # calibration: corpus sentences, not the evaluated ones
+    ids, mask = f32.tokenize(CALIBRATION)
+    searched = smooth_quantize(f32.config, f32.variables, ids, every, alpha=[a / 10 for a in range(11)],
+                               asymmetric=r".*", method="encode", attention_mask=mask)
     smoothed = smooth_quantize(f32.config, f32.variables, ids, every, alpha=0.5, method="encode", attention_mask=mask)
     gptq = gptq_quantize(f32.config, f32.variables, ids, [QuantRule(p, int4_asym) for p in (ATTENTION, FFN_IN, FFN_OUT)],
                          method="encode", attention_mask=mask)
     return {
+        BEST: (searched, "dynamic"),
         "int8 W8A8 dynamic + SmoothQuant (alpha 0.5)": (smoothed, "dynamic"),
         "int8 W8A8 dynamic (all encoder kernels)": (quantize(f32.variables, every).variables, "dynamic"),
         "int8 W8A8 dynamic, FFN output float": (
@@ -74,8 +84,9 @@ def main(argv=None) -> int:
     report = Report("all-MiniLM-L6-v2 benchmark")
     directory = bundled_minilm_dir()
     sentences = minilm_sentences()
+    prose = [s for s in documentation_sentences() if s not in set(CALIBRATION)][:400]
     f32 = SentenceEncoder(directory)
-    base = f32.embed(sentences)
+    base, prose_base = f32.embed(sentences), f32.embed(prose) if prose else None
     reference = torch_embeddings(str(directory), sentences)
     parity = (base * reference).sum(-1)
     report.check("parity_cosine_min", float(parity.min()), 0.9999, ">=")
@@ -86,10 +97,11 @@ def main(argv=None) -> int:
         emb = encoders[name].embed(sentences)
         cos = (emb * base).sum(-1)
         rows.append({"variant": name, "mean cosine": float(cos.mean()), "min cosine": float(cos.min()),
-                     "top-1 agreement": _top1(base, emb)})
+                     "top-1 agreement": _top1(base, emb),
+                     f"top-1, {len(prose)} doc sentences": _top1(prose_base, encoders[name].embed(prose)) if prose else None})
     report.table("quality vs f32 on 240 sentences", rows)
     report.check("int8_mean_cosine", rows[0]["mean cosine"], 0.995, ">=")
-    report.check("int4_mean_cosine", rows[5]["mean cosine"], 0.98, ">=")
+    report.check("int4_mean_cosine", rows[6]["mean cosine"], 0.98, ">=")
     report.check("int8_top1_agreement", rows[0]["top-1 agreement"], 0.95, ">=")
 
     import torch
@@ -112,7 +124,7 @@ def main(argv=None) -> int:
         "torch quantize_dynamic int8": lambda: torch_run(dynamic),
         "jaxopt_serve f32": lambda: jax.block_until_ready(f32._encode(f32.variables, ids, mask)),
     }
-    w8a8 = encoders["int8 W8A8 dynamic + SmoothQuant (alpha 0.5)"]
+    w8a8 = encoders[BEST]
     calls["jaxopt_serve int8 W8A8"] = lambda: jax.block_until_ready(w8a8._encode(w8a8.variables, ids, mask))
     for fn in calls.values():
         fn()

@@ -20,6 +20,14 @@ unchanged. Modes:
   for convolutions (XLA:CPU's int8 convolution measured slower than f32 on the
   CI CPU) and on every other backend.
 
+Asymmetric activations: the Dense and DenseGeneral layers listed under
+``variables["quant_asym"]`` (``mark_asymmetric``) quantize their inputs per
+row over ``[min, max]`` with a zero point instead of ``[-absmax, absmax]`` in
+``"dynamic"`` mode: twice the resolution for one-signed inputs such as a GELU's
+output. The integer dot stays the same; the zero point costs one
+``zero_point x column sums of the kernel`` correction. ``"static"`` mode
+keeps its calibrated symmetric scales.
+
 Kernels whose scale varies along the contraction axes (per-group, or
 per-channel on an input axis), asymmetric conv kernels, and Einsum layers
 always take the ``"weight_only"`` path: the integer dot would need a scale
@@ -30,12 +38,14 @@ from __future__ import annotations
 
 import functools
 import math
+import re
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Literal
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from jaxopt_serve.models.config import ModelConfig
@@ -48,6 +58,9 @@ MODES = ("weight_only", "dynamic", "static", "auto")
 ACT_COLLECTION = "quant_act"
 # Per-input-channel smoothing factors (SmoothQuant): the stored kernel is W * s, the layer divides its input by s.
 SMOOTH_COLLECTION = "quant_smooth"
+# Layers whose inputs are quantized asymmetrically per row in "dynamic" mode: {layer path: True}.
+ASYM_COLLECTION = "quant_asym"
+COLLECTIONS = (ACT_COLLECTION, SMOOTH_COLLECTION, ASYM_COLLECTION)
 _QMAX = 127.0
 
 
@@ -76,15 +89,29 @@ def _resolve(mode: str, kernel_size: int) -> str:
     return "dynamic"
 
 
-def _quantize_activations(x2: jax.Array, act_scale: jax.Array | None) -> tuple[jax.Array, jax.Array]:
-    """int8 rows of ``x2`` (rows, k) and their scales: one per row, or the static scalar."""
+def _quantize_activations(
+    x2: jax.Array, act_scale: jax.Array | None, symmetric: bool = True
+) -> tuple[jax.Array, jax.Array, jax.Array | None]:
+    """int8 rows of ``x2`` (rows, k), their scales (one per row, or the static scalar) and zero points.
+
+    Symmetric: ``x ~ scale * q``, no zero point. Asymmetric (dynamic only): each
+    row's ``[min(x, 0), max(x, 0)]`` maps onto ``[-128, 127]``, ``x ~ scale * (q - zero)``,
+    and zero is represented exactly.
+    """
+    if not symmetric and act_scale is None:
+        lo = jnp.minimum(jnp.min(x2, axis=-1, keepdims=True), 0.0)
+        hi = jnp.maximum(jnp.max(x2, axis=-1, keepdims=True), 0.0)
+        scale = jnp.where(hi > lo, (hi - lo) / 255.0, 1.0)
+        zero = jnp.round(-lo / scale) - 128.0
+        xq = jnp.clip(jnp.round(x2 / scale) + zero, -128, 127).astype(jnp.int8)
+        return xq, scale, zero.astype(jnp.int32)
     if act_scale is None:
         absmax = jnp.max(jnp.abs(x2), axis=-1, keepdims=True)
         scale = jnp.where(absmax > 0, absmax / _QMAX, 1.0)
     else:
         scale = jnp.asarray(act_scale, jnp.float32)
     xq = jnp.clip(jnp.round(x2 / scale), -_QMAX, _QMAX).astype(jnp.int8)
-    return xq, scale
+    return xq, scale, None
 
 
 def quantized_dot(
@@ -94,8 +121,12 @@ def quantized_dot(
     n_contract: int = 1,
     mode: Mode = "auto",
     act_scale: jax.Array | None = None,
+    act_symmetric: bool = True,
 ) -> jax.Array:
     """``x`` contracted over its last ``n_contract`` axes with the first ``n_contract`` axes of ``kernel``.
+
+    ``act_symmetric=False`` quantizes the rows of ``x`` over their ``[min, max]``
+    with a zero point in ``"dynamic"`` mode (see the module docstring).
 
     Example:
         >>> import jax.numpy as jnp
@@ -104,6 +135,11 @@ def quantized_dot(
         >>> x = jnp.linspace(-2, 2, 4 * 32).reshape(4, 32)
         >>> q = quantize_array(w, QuantSpec())
         >>> bool(jnp.allclose(quantized_dot(x, q, mode="dynamic"), x @ w, atol=0.05))
+        True
+        >>> relu = jnp.maximum(jnp.sin(jnp.arange(4 * 32.0)), 0.0).reshape(4, 32)  # a one-signed input
+        >>> exact = relu @ q.dequantize()
+        >>> err = lambda sym: float(jnp.abs(quantized_dot(relu, q, mode="dynamic", act_symmetric=sym) - exact).mean())
+        >>> err(False) < err(True)  # the asymmetric grid is finer
         True
     """
     if mode not in MODES:
@@ -121,21 +157,31 @@ def quantized_dot(
     else:
         if mode == "static" and act_scale is None:
             raise ValueError("mode='static' needs activation scales: run quant.calibrate(...) first")
-        xq, sx = _quantize_activations(x2.astype(jnp.float32), act_scale if mode == "static" else None)
+        static = mode == "static"
+        xq, sx, zx = _quantize_activations(x2.astype(jnp.float32), act_scale if static else None,
+                                           symmetric=act_symmetric or static)
         padded = rows == 1
         if padded:  # XLA:CPU's int8 matrix-vector product is slow; two rows take the fast path
             xq = jnp.concatenate([xq, jnp.zeros_like(xq)])
         if kernel.transposed and n_contract == 1:  # values are (f, k): both operands contract their rows
             acc = jax.lax.dot_general(xq, kernel.values, (((1,), (1,)), ((), ())), preferred_element_type=jnp.int32)
+            column_sums = lambda: jnp.sum(kernel.values.astype(jnp.int32), axis=1)[None, :]  # noqa: E731
         else:
             wq = kernel.int_values().reshape(k, f)
             acc = jax.lax.dot_general(xq, wq, (((1,), (0,)), ((), ())), preferred_element_type=jnp.int32)
+            column_sums = lambda: jnp.sum(wq.astype(jnp.int32), axis=0)[None, :]  # noqa: E731
         if padded:
             acc = acc[:1]
             xq = xq[:1]
+        # sum_k (xq - zx)(wq - zw) = xq.wq - zw sum(xq) - zx sum(wq) + k zx zw
+        zw = None
         if kernel.zero_point is not None:
-            zp = jnp.broadcast_to(kernel.zero_point, (1,) * n_contract + tuple(out_dims)).reshape(1, f)
-            acc = acc - jnp.sum(xq.astype(jnp.int32), axis=1, keepdims=True) * zp.astype(jnp.int32)
+            zw = jnp.broadcast_to(kernel.zero_point, (1,) * n_contract + tuple(out_dims)).reshape(1, f).astype(jnp.int32)
+            acc = acc - jnp.sum(xq.astype(jnp.int32), axis=1, keepdims=True) * zw
+        if zx is not None:
+            acc = acc - zx * column_sums()
+            if zw is not None:
+                acc = acc + k * zx * zw
         sw = jnp.broadcast_to(kernel.scale, (1,) * n_contract + tuple(out_dims)).reshape(1, f)
         y = acc.astype(jnp.float32) * sx * sw
     return y.reshape(*lead, *out_dims).astype(x.dtype)
@@ -177,7 +223,7 @@ def quantized_conv(
     if mode == "static" and act_scale is None:
         raise ValueError("mode='static' needs activation scales: run quant.calibrate(...) first")
     flat = x.reshape(x.shape[0], -1).astype(jnp.float32)
-    xq, sx = _quantize_activations(flat, act_scale if mode == "static" else None)
+    xq, sx, _ = _quantize_activations(flat, act_scale if mode == "static" else None)
     xq = xq.reshape(x.shape)
     acc = conv(xq, kernel.int_values(), preferred_element_type=jnp.int32)
     sx = jnp.reshape(sx, (-1,) + (1,) * (x.ndim - 1)) if sx.ndim else sx
@@ -209,10 +255,11 @@ class _Session:
     """State of one quantized forward pass: mode, activation scales, what was consumed or observed."""
 
     def __init__(self, mode: str, act_scales: Mapping[str, jax.Array] | None, observe: bool = False,
-                 smooth: Mapping[str, jax.Array] | None = None) -> None:
+                 smooth: Mapping[str, jax.Array] | None = None, asymmetric: Mapping[str, Any] | None = None) -> None:
         self.mode = mode
         self.act_scales = act_scales or {}
         self.smooth = smooth or {}
+        self.asymmetric = set(asymmetric or ())
         self.observe = observe
         self.consumed: set[str] = set()
         self.observed: dict[str, jax.Array] = {}
@@ -243,6 +290,9 @@ class _Session:
         self.note(path, x)
         bias = module.get_variable("params", "bias") if module.use_bias else None
         mode = "weight_only" if self.observe else self.mode
+        if path in self.asymmetric and not isinstance(module, (nn.Dense, nn.DenseGeneral)):
+            raise ValueError(f"{ASYM_COLLECTION}/{path}: asymmetric activations are for Dense and DenseGeneral layers, "
+                             f"not {type(module).__name__}")
         if isinstance(module, nn.Conv):
             y = self._linen_conv(module, path, x, kernel, mode)
         elif isinstance(module, nn.Einsum):
@@ -266,7 +316,8 @@ class _Session:
             n = 1
         if path in self.smooth:  # the kernel holds W * s: divide the input by s, in every mode
             x = x / jnp.asarray(self.smooth[path], x.dtype)
-        return quantized_dot(x, kernel, n_contract=n, mode=mode, act_scale=self.scale_for(path))
+        return quantized_dot(x, kernel, n_contract=n, mode=mode, act_scale=self.scale_for(path),
+                             act_symmetric=path not in self.asymmetric)
 
     def _linen_conv(self, module, path, x, kernel, mode):
         nd = kernel.ndim - 2
@@ -306,7 +357,8 @@ def _nnx_bind(model: nnx.Module, qkernels: dict[str, QArray], session: _Session)
             def dot(lhs, rhs, dimension_numbers, *args, _name=name, _k=kernel, **kwargs):
                 session.note(_name, lhs)
                 mode = "weight_only" if session.observe else session.mode
-                return quantized_dot(lhs, _k, n_contract=1, mode=mode, act_scale=session.scale_for(_name))
+                return quantized_dot(lhs, _k, n_contract=1, mode=mode, act_scale=session.scale_for(_name),
+                                     act_symmetric=_name not in session.asymmetric)
 
             node.dot_general = dot
         elif isinstance(node, nnx.Conv):
@@ -321,6 +373,8 @@ def _nnx_bind(model: nnx.Module, qkernels: dict[str, QArray], session: _Session)
                                       mode=mode, act_scale=session.scale_for(_name))
 
             node.conv_general_dilated = conv
+            if name in session.asymmetric:
+                raise ValueError(f"{ASYM_COLLECTION}/{name}: asymmetric activations are for Linear layers, not Conv")
         else:
             continue
         node.promote_dtype = _nnx_passthrough_promote
@@ -349,7 +403,7 @@ def _run(config: ModelConfig, variables: Variables, x: jax.Array, session: _Sess
          **kwargs: Any) -> jax.Array:
     params = variables["params"]
     qkernels = _quantized_kernels(params)
-    rest = {k: v for k, v in variables.items() if k not in (ACT_COLLECTION, SMOOTH_COLLECTION)}
+    rest = {k: v for k, v in variables.items() if k not in COLLECTIONS}
     try:
         if config.framework == "nnx":
             placeholder = jax.tree.map(lambda l: jnp.zeros(l.shape, l.dtype) if is_qarray(l) else l, params, is_leaf=is_qarray)
@@ -443,7 +497,37 @@ def quantized_apply(
 
 
 def _session(mode: str, variables: Variables) -> _Session:
-    return _Session(mode, variables.get(ACT_COLLECTION), smooth=variables.get(SMOOTH_COLLECTION))
+    return _Session(mode, variables.get(ACT_COLLECTION), smooth=variables.get(SMOOTH_COLLECTION),
+                    asymmetric=variables.get(ASYM_COLLECTION))
+
+
+def mark_asymmetric(variables: Variables, pattern: str) -> Variables:
+    """``variables`` with the quantized Dense layers whose path matches ``pattern`` set to asymmetric activations.
+
+    ``pattern`` is a regular expression matched in full against layer paths
+    (``"layer_0/output"``, the kernel's path without ``params/`` and ``/kernel``).
+    The marks live under ``variables["quant_asym"]`` and travel with artifacts.
+
+    Raises:
+        ValueError: the pattern is not a valid regular expression or matches no quantized kernel.
+
+    Example:
+        >>> from jaxopt_serve.models import MLPConfig, init_variables
+        >>> from jaxopt_serve.quant import quantize
+        >>> q = quantize(init_variables(MLPConfig(features=(64,)), 0)).variables
+        >>> sorted(mark_asymmetric(q, "classifier")["quant_asym"])
+        ['classifier']
+    """
+    try:
+        compiled = re.compile(pattern)
+    except re.error as err:
+        raise ValueError(f"pattern {pattern!r} is not a regular expression: {err}") from None
+    layers = sorted(name for name in _quantized_kernels(variables["params"]) if compiled.fullmatch(name))
+    if not layers:
+        known = sorted(_quantized_kernels(variables["params"]))
+        raise ValueError(f"pattern {pattern!r} matches no quantized kernel's layer; quantized layers: {known}")
+    marks = {**variables.get(ASYM_COLLECTION, {}), **{name: np.bool_(True) for name in layers}}
+    return {**variables, ASYM_COLLECTION: marks}
 
 
 def inference_fn(config: ModelConfig, variables: Any, *, mode: Mode = "auto") -> Callable[[Variables, jax.Array], jax.Array]:
@@ -459,5 +543,6 @@ def observe_inputs(
     Inputs are taken before any smoothing division (as the float model sees them).
     """
     session = _Session("weight_only", None, observe=True, smooth=variables.get(SMOOTH_COLLECTION))
+    # (the asymmetric marks do not matter here: observation computes weight-only)
     _run(config, variables, x, session, method, **kwargs)
     return session.observed

@@ -34,7 +34,7 @@ from jaxopt_serve.models.config import ModelConfig
 from jaxopt_serve.models.functional import Variables, init_variables
 from jaxopt_serve.quant.qarray import BITS, QArray, is_qarray
 from jaxopt_serve.quant.rules import QuantizeResult, path_str
-from jaxopt_serve.quant.runtime import ACT_COLLECTION, SMOOTH_COLLECTION
+from jaxopt_serve.quant.runtime import ACT_COLLECTION, ASYM_COLLECTION, COLLECTIONS, SMOOTH_COLLECTION
 
 LAYOUT = "quantized"
 QARRAY_KEY = "__qarray__"
@@ -125,7 +125,7 @@ def check_qvariables(config: ModelConfig, qvariables: Mapping[str, Any], input_s
     """
     expected = jax.eval_shape(lambda: init_variables(config, 0, input_shape))
     want = {path_str(path): leaf for path, leaf in jax.tree_util.tree_leaves_with_path(expected)}
-    rest = {name: tree for name, tree in qvariables.items() if name not in (ACT_COLLECTION, SMOOTH_COLLECTION)}
+    rest = {name: tree for name, tree in qvariables.items() if name not in COLLECTIONS}
     have = {path_str(path): leaf for path, leaf in jax.tree_util.tree_leaves_with_path(rest, is_leaf=is_qarray)}
     missing, extra = sorted(set(want) - set(have)), sorted(set(have) - set(want))
     if missing or extra:
@@ -163,6 +163,19 @@ def check_qvariables(config: ModelConfig, qvariables: Mapping[str, Any], input_s
             if kernel is None or tuple(np.shape(kernel))[: value.ndim] != value.shape:
                 raise ArtifactError(f"smoothing factors {SMOOTH_COLLECTION}/{layer} of shape {value.shape} fit no "
                                     f"kernel's input dimensions")
+
+
+    if ASYM_COLLECTION in qvariables:
+        marks = qvariables[ASYM_COLLECTION]
+        if not isinstance(marks, Mapping):
+            raise ArtifactError(f"variables[{ASYM_COLLECTION!r}] must map layer paths to True")
+        for layer, mark in marks.items():
+            value = np.asarray(mark)
+            if value.shape != () or value.dtype != np.bool_ or not value:
+                raise ArtifactError(f"asymmetric-activation mark {ASYM_COLLECTION}/{layer} must be a boolean True, "
+                                    f"got {value.dtype}{list(value.shape)}")
+            if not isinstance(have.get(f"params/{layer}/kernel"), QArray):
+                raise ArtifactError(f"asymmetric-activation mark {ASYM_COLLECTION}/{layer} names no quantized kernel")
 
 
 def _decode_layout(config: ModelConfig, raw: Variables, header: dict[str, Any]) -> Variables:

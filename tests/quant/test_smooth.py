@@ -2,11 +2,11 @@ import jax
 import numpy as np
 import pytest
 
-from jaxopt_serve.artifact import load_artifact, save_artifact
+from jaxopt_serve.artifact import ArtifactError, load_artifact, save_artifact
 from jaxopt_serve.models import MLPConfig, init_variables, predict_fn
-from jaxopt_serve.quant import QuantRule, QuantSpec, quantize, quantized_artifact
-from jaxopt_serve.quant.runtime import SMOOTH_COLLECTION, quantized_predict_fn
-from jaxopt_serve.quant.smooth import smooth_quantize
+from jaxopt_serve.quant import QuantRule, QuantSpec, check_qvariables, quantize, quantized_artifact
+from jaxopt_serve.quant.runtime import ASYM_COLLECTION, SMOOTH_COLLECTION, mark_asymmetric, quantized_predict_fn
+from jaxopt_serve.quant.smooth import search_alpha, smooth_quantize
 
 CONFIG = MLPConfig(features=(64,), num_classes=8, input_shape=(32,))
 RULES = [QuantRule(r"params/.*/kernel", QuantSpec(qtype="int8"))]
@@ -60,3 +60,48 @@ def test_alpha_outside_unit_interval_is_an_error(outlier_case):
     variables, x = outlier_case
     with pytest.raises(ValueError, match=r"alpha must be in \[0, 1\]"):
         smooth_quantize(CONFIG, variables, x, RULES, alpha=1.5)
+
+
+def test_alpha_search_is_no_worse_than_any_fixed_alpha_on_the_calibration_batch(outlier_case):
+    variables, x = outlier_case
+    ref = predict_fn(CONFIG)(variables, x[:64])
+    dynamic = jax.jit(quantized_predict_fn(CONFIG, mode="dynamic"))
+    searched = _error(dynamic(smooth_quantize(CONFIG, variables, x[:64], RULES, alpha=[0.2, 0.5, 0.8]), x[:64]), ref)
+    fixed = [_error(dynamic(smooth_quantize(CONFIG, variables, x[:64], RULES, alpha=a), x[:64]), ref) for a in (0.2, 0.8)]
+    assert searched <= 1.05 * min(fixed)
+
+
+def test_search_alpha_reports_every_candidate_and_picks_the_least_error():
+    rng = np.random.default_rng(1)
+    x = rng.normal(size=(128, 16)).astype(np.float32)
+    x[:, 0] *= 80.0
+    best, errors = search_alpha(x, rng.normal(size=(16, 4)).astype(np.float32), QuantSpec(), [0.0, 0.3, 0.6, 0.9])
+    assert len(errors) == 4 and best == [0.0, 0.3, 0.6, 0.9][int(np.argmin(errors))]
+    assert errors[0] > min(errors)  # no smoothing is not the best with an outlier channel
+
+
+def test_asymmetric_marks_cut_error_on_one_signed_inputs_and_round_trip(tmp_path, outlier_case):
+    variables, _ = outlier_case
+    x = np.maximum(np.random.default_rng(2).normal(size=(128, 32)), 0).astype(np.float32)  # ReLU-like input
+    ref = predict_fn(CONFIG)(variables, x)
+    dynamic = jax.jit(quantized_predict_fn(CONFIG, mode="dynamic"))
+    sym = smooth_quantize(CONFIG, variables, x, RULES, alpha=0.5)
+    asym = smooth_quantize(CONFIG, variables, x, RULES, alpha=0.5, asymmetric=".*")
+    assert set(asym[ASYM_COLLECTION]) == {"dense_0", "classifier"}
+    assert _error(dynamic(asym, x), ref) < 0.8 * _error(dynamic(sym, x), ref)
+    path = tmp_path / "asym.jxs"
+    save_artifact(path, quantized_artifact(CONFIG, asym, (32,)))
+    loaded = load_artifact(path).variables
+    assert set(loaded[ASYM_COLLECTION]) == {"dense_0", "classifier"}
+    np.testing.assert_allclose(dynamic(loaded, x), dynamic(asym, x), rtol=1e-6, atol=1e-6)
+
+
+def test_bad_asymmetric_marks_are_named(outlier_case):
+    variables, x = outlier_case
+    with pytest.raises(ValueError, match="matches no quantized kernel"):
+        smooth_quantize(CONFIG, variables, x[:8], RULES, asymmetric="nonexistent_layer")
+    q = quantize(variables, RULES).variables
+    with pytest.raises(ArtifactError, match="quant_asym/dense_9"):
+        check_qvariables(CONFIG, {**q, ASYM_COLLECTION: {"dense_9": np.bool_(True)}}, (32,))
+    with pytest.raises(ArtifactError, match="boolean True"):
+        check_qvariables(CONFIG, mark_asymmetric(q, "dense_0") | {ASYM_COLLECTION: {"dense_0": np.float32(1)}}, (32,))
