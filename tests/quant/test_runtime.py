@@ -206,3 +206,17 @@ def test_asymmetric_activations_match_the_float_dot_and_beat_symmetric_on_one_si
     assert np.abs(asym - exact).mean() < 0.75 * np.abs(sym - exact).mean()
     one_row = np.asarray(quantized_dot(jnp.asarray(x[:1]), q, mode="dynamic", act_symmetric=False))
     np.testing.assert_allclose(one_row, asym[:1], rtol=1e-5, atol=1e-5)  # the padded single-row path agrees
+
+
+def test_asymmetric_marks_reach_nnx_linear_layers():
+    from jaxopt_serve.quant.runtime import mark_asymmetric
+
+    cfg = NNXMLPConfig()
+    variables = init_variables(cfg, 0)
+    q = quantize(variables).variables
+    marked = mark_asymmetric(q, ".*")
+    assert sorted(marked["quant_asym"]) == sorted(q["params"])
+    x = np.maximum(np.random.default_rng(0).normal(size=(8, *cfg.input_shape)), 0).astype(np.float32)
+    ref = np.asarray(predict_fn(cfg)(variables, x))
+    run = quantized_predict_fn(cfg, mode="dynamic")
+    assert np.abs(np.asarray(run(marked, x)) - ref).mean() < 0.9 * np.abs(np.asarray(run(q, x)) - ref).mean()
