@@ -362,6 +362,8 @@ def _nnx_bind(model: nnx.Module, qkernels: dict[str, QArray], session: _Session)
 
             node.dot_general = dot
         elif isinstance(node, nnx.Conv):
+            if name in session.asymmetric:
+                raise ValueError(f"{ASYM_COLLECTION}/{name}: asymmetric activations are for Linear layers, not Conv")
 
             def conv(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dilation=None,
                      dimension_numbers=None, feature_group_count=1, *args, _name=name, _k=kernel, **kwargs):
@@ -373,8 +375,6 @@ def _nnx_bind(model: nnx.Module, qkernels: dict[str, QArray], session: _Session)
                                       mode=mode, act_scale=session.scale_for(_name))
 
             node.conv_general_dilated = conv
-            if name in session.asymmetric:
-                raise ValueError(f"{ASYM_COLLECTION}/{name}: asymmetric activations are for Linear layers, not Conv")
         else:
             continue
         node.promote_dtype = _nnx_passthrough_promote

@@ -138,44 +138,36 @@ def check_qvariables(config: ModelConfig, qvariables: Mapping[str, Any], input_s
             raise ArtifactError(
                 f"{kind} is {dtype}{list(shape)}, the model expects {spec.dtype}{list(spec.shape)}"
             )
-    if ACT_COLLECTION in qvariables:
-        scales = qvariables[ACT_COLLECTION]
-        if not isinstance(scales, Mapping):
-            raise ArtifactError(f"variables[{ACT_COLLECTION!r}] must map layer paths to scales, got {type(scales).__name__}")
-        for layer, scale in scales.items():
-            value = np.asarray(scale)
-            if value.shape != () or value.dtype != np.float32 or not (np.isfinite(value) and value > 0):
-                raise ArtifactError(
-                    f"activation scale {ACT_COLLECTION}/{layer} must be a positive finite float32 scalar, "
-                    f"got {value.dtype}{list(value.shape)}"
-                )
+    for layer, scale in _collection(qvariables, ACT_COLLECTION, "scales"):
+        value = np.asarray(scale)
+        if value.shape != () or value.dtype != np.float32 or not (np.isfinite(value) and value > 0):
+            raise ArtifactError(
+                f"activation scale {ACT_COLLECTION}/{layer} must be a positive finite float32 scalar, "
+                f"got {value.dtype}{list(value.shape)}"
+            )
+    for layer, factor in _collection(qvariables, SMOOTH_COLLECTION, "smoothing factors"):
+        value = np.asarray(factor)
+        kernel = have.get(f"params/{layer}/kernel")
+        if value.dtype != np.float32 or not np.all(np.isfinite(value) & (value > 0)):
+            raise ArtifactError(f"smoothing factors {SMOOTH_COLLECTION}/{layer} must be positive finite float32")
+        if kernel is None or tuple(np.shape(kernel))[: value.ndim] != value.shape:
+            raise ArtifactError(f"smoothing factors {SMOOTH_COLLECTION}/{layer} of shape {value.shape} fit no "
+                                f"kernel's input dimensions")
+    for layer, mark in _collection(qvariables, ASYM_COLLECTION, "True"):
+        value = np.asarray(mark)
+        if value.shape != () or value.dtype != np.bool_ or not value:
+            raise ArtifactError(f"asymmetric-activation mark {ASYM_COLLECTION}/{layer} must be a boolean True, "
+                                f"got {value.dtype}{list(value.shape)}")
+        if not isinstance(have.get(f"params/{layer}/kernel"), QArray):
+            raise ArtifactError(f"asymmetric-activation mark {ASYM_COLLECTION}/{layer} names no quantized kernel")
 
 
-    if SMOOTH_COLLECTION in qvariables:
-        factors = qvariables[SMOOTH_COLLECTION]
-        if not isinstance(factors, Mapping):
-            raise ArtifactError(f"variables[{SMOOTH_COLLECTION!r}] must map layer paths to smoothing factors")
-        for layer, factor in factors.items():
-            value = np.asarray(factor)
-            kernel = have.get(f"params/{layer}/kernel")
-            if value.dtype != np.float32 or not np.all(np.isfinite(value) & (value > 0)):
-                raise ArtifactError(f"smoothing factors {SMOOTH_COLLECTION}/{layer} must be positive finite float32")
-            if kernel is None or tuple(np.shape(kernel))[: value.ndim] != value.shape:
-                raise ArtifactError(f"smoothing factors {SMOOTH_COLLECTION}/{layer} of shape {value.shape} fit no "
-                                    f"kernel's input dimensions")
-
-
-    if ASYM_COLLECTION in qvariables:
-        marks = qvariables[ASYM_COLLECTION]
-        if not isinstance(marks, Mapping):
-            raise ArtifactError(f"variables[{ASYM_COLLECTION!r}] must map layer paths to True")
-        for layer, mark in marks.items():
-            value = np.asarray(mark)
-            if value.shape != () or value.dtype != np.bool_ or not value:
-                raise ArtifactError(f"asymmetric-activation mark {ASYM_COLLECTION}/{layer} must be a boolean True, "
-                                    f"got {value.dtype}{list(value.shape)}")
-            if not isinstance(have.get(f"params/{layer}/kernel"), QArray):
-                raise ArtifactError(f"asymmetric-activation mark {ASYM_COLLECTION}/{layer} names no quantized kernel")
+def _collection(qvariables: Mapping[str, Any], name: str, what: str) -> list[tuple[str, Any]]:
+    """The ``(layer, value)`` items of the per-layer collection ``name`` (none if absent); not a mapping: an error."""
+    entries = qvariables.get(name, {})
+    if not isinstance(entries, Mapping):
+        raise ArtifactError(f"variables[{name!r}] must map layer paths to {what}, got {type(entries).__name__}")
+    return list(entries.items())
 
 
 def _decode_layout(config: ModelConfig, raw: Variables, header: dict[str, Any]) -> Variables:

@@ -36,7 +36,13 @@ from jaxopt_serve.models.config import ModelConfig
 from jaxopt_serve.models.functional import Variables
 from jaxopt_serve.quant.qarray import QuantSpec, quantize_array
 from jaxopt_serve.quant.rules import QuantRule, dequantize_tree, first_match, quantize
-from jaxopt_serve.quant.runtime import SMOOTH_COLLECTION, mark_asymmetric, observe_inputs, quantized_dot
+from jaxopt_serve.quant.runtime import (
+    ASYM_COLLECTION,
+    SMOOTH_COLLECTION,
+    mark_asymmetric,
+    observe_inputs,
+    quantized_dot,
+)
 
 
 def smooth_factors(x_absmax: np.ndarray, w_absmax: np.ndarray, alpha: float) -> np.ndarray:
@@ -90,7 +96,7 @@ def smooth_quantize(
     probe = quantize(variables, rules).variables
     if asymmetric is not None:
         probe = mark_asymmetric(probe, asymmetric)
-    marked = set(probe.get("quant_asym", {}))
+    marks = probe.get(ASYM_COLLECTION, {})
     observed = observe_inputs(config, probe, samples, method=method, **apply_kwargs)
     float_params = dequantize_tree(variables)["params"]
     smooth: dict[str, np.ndarray] = {}
@@ -108,13 +114,13 @@ def smooth_quantize(
         else:
             rule = first_match(f"params/{path}/kernel", rules)
             spec = rules[rule].spec if rule is not None and rules[rule].spec is not None else QuantSpec()
-            best, _ = search_alpha(x, kernel, spec, grid, act_symmetric=path not in marked)
+            best, _ = search_alpha(x, kernel, spec, grid, act_symmetric=path not in marks)
         s = smooth_factors(*_absmax(x, kernel, n), best)
         target["kernel"] = jnp.asarray(kernel * _broadcast(s, kernel.ndim))
         smooth[path] = s
     smoothed = {**variables, "params": params}
     result = {**quantize(smoothed, rules).variables, SMOOTH_COLLECTION: smooth}
-    return mark_asymmetric(result, asymmetric) if asymmetric is not None else result
+    return {**result, ASYM_COLLECTION: marks} if marks else result
 
 
 def search_alpha(
@@ -139,9 +145,10 @@ def search_alpha(
         raise ValueError(f"input of shape {x.shape} does not contract kernel of shape {kernel.shape}")
     x = np.asarray(x, np.float32).reshape(-1, *kernel.shape[:n])
     exact = x.reshape(len(x), -1) @ kernel.reshape(-1, int(np.prod(kernel.shape[n:])))
+    absmax = _absmax(x, kernel, n)
     errors = []
     for a in grid:
-        s = smooth_factors(*_absmax(x, kernel, n), a)
+        s = smooth_factors(*absmax, a)
         q = quantize_array(jnp.asarray(kernel * _broadcast(s, kernel.ndim)), spec)
         y = quantized_dot(jnp.asarray(x / s), q, n_contract=n, mode="dynamic", act_symmetric=act_symmetric)
         errors.append(float(np.mean((np.asarray(y).reshape(exact.shape) - exact) ** 2)))
