@@ -1,5 +1,7 @@
 """jaxopt_serve: make Flax models smaller and faster to serve on XLA.
 
+Start from your own model: ``Model.linen(module, variables, x)``, ``Model.nnx(module, x)`` or
+``Model.function(f, params, x)`` (``jaxopt_serve.model``); every chapter takes that handle.
 The public API is re-exported here (the ``prune`` and ``distill`` functions stay in their
 packages, ``jaxopt_serve.prune.prune`` and ``jaxopt_serve.distill.distill``, so the package names are
 not shadowed); implementation lives in topic packages
@@ -9,7 +11,9 @@ not shadowed); implementation lives in topic packages
 
 from jaxopt_serve.artifact import Artifact, ArtifactError, load_artifact, save_artifact
 from jaxopt_serve.data import Dataset, load_digits
-from jaxopt_serve.distill import DistillConfig
+from jaxopt_serve.model import Model, as_model
+from jaxopt_serve.exported import load_exported
+from jaxopt_serve.distill import DistillConfig, distill_models
 from jaxopt_serve.engine import InferenceEngine, export_model, make_mesh, model_parallel_rules
 from jaxopt_serve.extras import MissingExtraError
 from jaxopt_serve.models import (
@@ -34,6 +38,7 @@ from jaxopt_serve.prune import (
     PruneRule,
     deep_compress,
     gradual_pruning,
+    model_prune_rules,
     sparse_artifact,
     structured_prune,
 )
@@ -42,10 +47,15 @@ from jaxopt_serve.quant import (
     QuantRule,
     QuantSpec,
     calibrate,
+    execution_report,
+    gptq_quantize,
+    int4_rules,
+    model_rules,
     qat_finetune,
     quantize,
     quantized_artifact,
     quantized_predict_fn,
+    smooth_quantize,
 )
 from jaxopt_serve.serve import DynamicBatcher, PredictServer
 from jaxopt_serve.train import (
@@ -55,60 +65,72 @@ from jaxopt_serve.train import (
     classification_loss,
     default_optimizer,
     fit,
+    reestimate_batch_stats,
     train_classifier,
 )
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "accuracy",
     "Artifact",
     "ArtifactError",
+    "as_model",
+    "calibrate",
+    "classification_loss",
     "CNN",
     "CNNConfig",
+    "config_from_dict",
+    "count_params",
     "Dataset",
-    "DynamicBatcher",
+    "deep_compress",
+    "default_optimizer",
+    "distill_models",
     "DistillConfig",
+    "DynamicBatcher",
+    "execution_report",
+    "export_model",
+    "fit",
     "FitResult",
+    "gptq_quantize",
+    "gradual_pruning",
     "InferenceEngine",
+    "init_variables",
+    "int4_rules",
+    "load_artifact",
+    "load_digits",
+    "load_exported",
+    "make_apply",
+    "make_mesh",
+    "MissingExtraError",
     "MLP",
     "MLPConfig",
-    "MissingExtraError",
+    "Model",
+    "model_parallel_rules",
+    "model_prune_rules",
+    "model_rules",
     "ModelConfig",
+    "nnx_module",
+    "nnx_variables",
     "NNXMLP",
     "NNXMLPConfig",
+    "predict_fn",
     "PredictServer",
     "PruneRule",
     "QArray",
-    "QuantRule",
-    "QuantSpec",
-    "TrainState",
-    "TransformerConfig",
-    "TransformerEncoder",
-    "accuracy",
-    "calibrate",
-    "deep_compress",
-    "export_model",
-    "gradual_pruning",
-    "sparse_artifact",
-    "structured_prune",
     "qat_finetune",
     "quantize",
     "quantized_artifact",
     "quantized_predict_fn",
-    "classification_loss",
-    "config_from_dict",
-    "count_params",
-    "default_optimizer",
-    "fit",
-    "init_variables",
-    "load_artifact",
-    "load_digits",
-    "make_apply",
-    "make_mesh",
-    "model_parallel_rules",
-    "nnx_module",
-    "nnx_variables",
-    "predict_fn",
+    "QuantRule",
+    "QuantSpec",
+    "reestimate_batch_stats",
     "save_artifact",
+    "smooth_quantize",
+    "sparse_artifact",
+    "structured_prune",
     "train_classifier",
+    "TrainState",
+    "TransformerConfig",
+    "TransformerEncoder",
 ]

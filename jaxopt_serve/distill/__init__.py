@@ -1,6 +1,8 @@
-"""Knowledge distillation: softened-logit KL x T^2 plus hard labels, hidden-state losses, a resumable trainer."""
+"""Knowledge distillation: softened-logit KL x T^2 plus hard labels, hidden-state losses, a resumable trainer,
+and ``distill_models`` for any teacher and student ``Model``."""
 
 from jaxopt_serve.distill.losses import distillation_loss, hidden_cosine, hidden_mse, soft_kl
+from jaxopt_serve.distill.models import ModelDistillResult, distill_models
 from jaxopt_serve.distill.trainer import (
     DistillConfig,
     DistillResult,
@@ -14,7 +16,9 @@ from jaxopt_serve.distill.trainer import (
 __all__ = [
     "DistillConfig",
     "DistillResult",
+    "ModelDistillResult",
     "distill",
+    "distill_models",
     "distillation_loss",
     "hidden_cosine",
     "hidden_mse",

@@ -29,6 +29,7 @@ from jaxopt_serve.models.nnx_mlp import NNXMLPConfig
 from jaxopt_serve.models.transformer import TransformerConfig
 from jaxopt_serve.quant.qarray import QArray, is_qarray
 from jaxopt_serve.quant.rules import path_str
+from jaxopt_serve.trace import path_of
 
 DATA, MODEL = "data", "model"
 
@@ -68,8 +69,27 @@ def make_mesh(data: int = 1, model: int = 1, *, devices: Sequence[jax.Device] | 
     return Mesh(grid, (DATA, MODEL), axis_types=(jax.sharding.AxisType.Auto,) * 2)
 
 
-def model_parallel_rules(config: ModelConfig) -> list[ShardingRule]:
-    """Tensor-parallel rules for a reference model (split along the mesh's ``"model"`` axis)."""
+def model_parallel_rules(config: Any, *, size: int | None = None) -> list[ShardingRule]:
+    """Tensor-parallel rules (split along the mesh's ``"model"`` axis) for a reference config or any ``Model``.
+
+    For a ``Model`` the rules come from its traced program: every weight (a
+    parameter used as the weight of a dot product or convolution) is split along
+    an output-feature axis (for an attention projection, the heads before the
+    head dimension) that ``size`` (the mesh's ``"model"`` axis) divides; other
+    leaves are replicated. No contracted axis is split. Pass your own
+    ``ShardingRule`` s to override.
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> from jaxopt_serve.model import Model
+        >>> m = Model.function(lambda p, x: x @ p["w"], {"w": jnp.ones((4, 8))}, jnp.ones((1, 4)))
+        >>> model_parallel_rules(m, size=2)
+        [ShardingRule(pattern='params/w', spec=P(None, 'model'))]
+    """
+    from jaxopt_serve.model import Model
+
+    if isinstance(config, Model):
+        return _traced_rules(config, size)
     if isinstance(config, (MLPConfig, NNXMLPConfig)):
         rules = []
         for i in range(len(config.features)):
@@ -97,6 +117,21 @@ def model_parallel_rules(config: ModelConfig) -> list[ShardingRule]:
             ShardingRule(r"params/layer_\d+/output/kernel", (MODEL, None)),
         ]
     raise ValueError(f"no built-in model-parallel rules for {config.name!r}; pass rules=[ShardingRule(...)]")
+
+
+def _traced_rules(model: Any, size: int | None) -> list[ShardingRule]:
+    from jaxopt_serve.quant.select import weight_axes
+
+    leaves = {path_of(p): leaf for p, leaf in jax.tree_util.tree_leaves_with_path(model.variables, is_leaf=is_qarray)}
+    rules = []
+    for path, axes in weight_axes(model).items():
+        shape = leaves[path].shape if is_qarray(leaves[path]) else np.shape(leaves[path])
+        # Output features, never a contracted axis: the first one the mesh divides (attention heads before
+        # the head dimension, so the attention's own contractions stay whole).
+        axis = next((a for a in axes.free if size is None or shape[a] % size == 0), None)
+        if axis is not None:
+            rules.append(ShardingRule(re.escape(path), (None,) * axis + (MODEL,)))
+    return rules
 
 
 def variable_specs(variables: Mapping[str, Any], rules: Sequence[ShardingRule], mesh: Mesh) -> Any:

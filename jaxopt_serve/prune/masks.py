@@ -92,6 +92,37 @@ def default_prune_rules(sparsity: float = 0.5) -> list[PruneRule]:
     return [PruneRule(r"params/(.*/)?kernel", sparsity)]
 
 
+def model_prune_rules(model: Any, sparsity: float = 0.5, *, n_m: tuple[int, int] | None = None) -> list[PruneRule]:
+    """Rules pruning every weight of a ``Model``, found from its traced program (``quant.select``).
+
+    A weight is a parameter used as the weight of a dot product or convolution;
+    N:M groups run along the axis the weight is contracted on (its input
+    features), whatever the layer is called. With ``n_m``, weights whose input
+    axis ``M`` does not divide (a first conv on one channel) stay dense.
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> from jaxopt_serve.model import Model
+        >>> m = Model.function(lambda p, x: x @ p["w"].T, {"w": jnp.ones((8, 4))}, jnp.ones((1, 4)))
+        >>> [(r.pattern, r.n_m, r.axis) for r in model_prune_rules(m, n_m=(2, 4))]
+        [('params/w', (2, 4), 1)]
+    """
+    from jaxopt_serve.quant.select import weight_axes, weight_paths
+
+    axes = weight_axes(model)
+    leaves = {path_str(p): leaf for p, leaf in jax.tree_util.tree_leaves_with_path(model.variables)}
+    rules = []
+    for path in weight_paths(model):
+        axis = axes[path].input if path in axes else None
+        if n_m is not None and (axis is None or np.shape(leaves[path])[axis] % n_m[1]):
+            continue
+        if n_m is not None:
+            rules.append(PruneRule(re.escape(path), n_m=n_m, axis=axis))
+        else:
+            rules.append(PruneRule(re.escape(path), sparsity))
+    return rules
+
+
 @dataclasses.dataclass(frozen=True)
 class Selection:
     """A leaf chosen by a rule: its path, its rule, and its N:M axis (resolved)."""

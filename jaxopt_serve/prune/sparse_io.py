@@ -20,7 +20,9 @@ leaves are stored as in the dense or quantized layouts; with
 stored as float16 (and so are the scales of the sparse quantized leaves) and
 restored to the model's dtype (float32 scales) on load. The payload is
 LZMA-compressed. Loading restores exactly the tree that was saved (up to the
-optional float16 rounding) and checks it against the model.
+optional float16 rounding) and checks it against the model: a reference
+``ModelConfig``, or any ``Model`` given in its place (the file then loads with
+``load_artifact(path, model=model)``; see ``jaxopt_serve.artifact``).
 """
 
 from __future__ import annotations
@@ -30,9 +32,18 @@ from collections.abc import Mapping
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
-from jaxopt_serve.artifact import Artifact, ArtifactError, register_layout
+from jaxopt_serve.artifact import (
+    Artifact,
+    ArtifactError,
+    _leaf_specs,
+    _resolve_target,
+    _shape_dtype,
+    register_layout,
+)
+from jaxopt_serve.model import Model
 from jaxopt_serve.models.config import ModelConfig
 from jaxopt_serve.models.functional import Variables, init_variables
 from jaxopt_serve.quant.qarray import QArray, is_qarray, pack, unpack
@@ -45,9 +56,9 @@ _QTYPES = ("int8", "int4")
 
 
 def sparse_artifact(
-    config: ModelConfig,
+    config: ModelConfig | Model,
     variables: Variables,
-    input_shape: tuple[int, ...],
+    input_shape: tuple[int, ...] | None = None,
     metadata: dict[str, Any] | None = None,
     *,
     min_sparsity: float = 0.25,
@@ -56,9 +67,12 @@ def sparse_artifact(
     """An ``Artifact`` with layout ``"sparse"`` for (pruned, optionally quantized) ``variables``.
 
     Args:
-        config: the model.
+        config: the model: a reference ``ModelConfig``, or any ``Model`` (then
+            ``load_artifact(path, model=model)`` loads the file, and the
+            artifact's ``.model`` holds ``variables``).
         variables: plain float variables or ``quantize(...).variables``.
-        input_shape: one example's shape.
+        input_shape: one example's shape; required with a ``ModelConfig``,
+            taken from the example inputs of a ``Model``.
         metadata: free-form JSON-ready information.
         min_sparsity: leaves with at least this fraction of zeros are stored sparse.
         float_dtype: ``"float16"`` stores the remaining dense float leaves at half size.
@@ -77,14 +91,26 @@ def sparse_artifact(
         True
         >>> bool(np.array_equal(load_artifact(path).variables["params"]["dense_0"]["kernel"], v["params"]["dense_0"]["kernel"]))
         True
+
+        Any model, e.g. a plain function:
+
+        >>> import jax.numpy as jnp
+        >>> from jaxopt_serve.model import Model
+        >>> from jaxopt_serve.prune import model_prune_rules
+        >>> m = Model.function(lambda p, x: x @ p["w"], {"w": jnp.linspace(-1, 1, 256).reshape(16, 16)}, jnp.ones((1, 16)))
+        >>> pruned = {"params": prune(m.variables["params"], model_prune_rules(m, 0.8)).params}
+        >>> size = save_artifact(path, sparse_artifact(m, pruned))
+        >>> loaded = load_artifact(path, model=m)
+        >>> float((np.asarray(loaded.variables["params"]["w"]) == 0).mean()) >= 0.8
+        True
     """
     if not 0.0 <= min_sparsity <= 1.0:
         raise ValueError(f"min_sparsity must be in [0, 1], got {min_sparsity}")
     if float_dtype not in (None, "float16", "bfloat16"):
         raise ValueError(f"float_dtype must be None, 'float16' or 'bfloat16', got {float_dtype!r}")
+    config, model, input_shape = _resolve_target(config, input_shape, "sparse_artifact")
     variables = jax.tree.map(lambda x: x.canonical() if is_qarray(x) else x, dict(variables), is_leaf=is_qarray)
-    input_shape = tuple(int(d) for d in input_shape)
-    check_qvariables(config, variables, input_shape)
+    check_qvariables(config if config is not None else model, variables, input_shape)
     for path, leaf in jax.tree_util.tree_leaves_with_path(variables, is_leaf=is_qarray):
         if isinstance(leaf, QArray) and _sparse_zeros(leaf) >= min_sparsity and not _storable(leaf):
             raise ValueError(
@@ -92,7 +118,13 @@ def sparse_artifact(
                 f"{leaf!r}"
             )
     meta = {**dict(metadata or {}), "sparse": {"min_sparsity": min_sparsity, "float_dtype": float_dtype}}
-    return Artifact(config, variables, input_shape, meta, LAYOUT, compression="lzma")
+    return Artifact(config, variables, input_shape, meta, LAYOUT, compression="lzma",
+                    model=model.with_variables(variables) if model is not None else None)
+
+
+def _is_key(leaf: Any) -> bool:
+    dtype = getattr(leaf, "dtype", None)
+    return dtype is not None and jax.dtypes.issubdtype(dtype, jax.dtypes.prng_key)
 
 
 def _storable(q: QArray) -> bool:
@@ -135,8 +167,10 @@ def encode_sparse(variables: Variables, *, min_sparsity: float = 0.25, float_dty
     return encode_qtree(tree)
 
 
-def decode_sparse(config: ModelConfig, raw: Mapping[str, Any], input_shape: tuple[int, ...]) -> Variables:
-    """Inverse of ``encode_sparse``; checks the result against ``config``'s model.
+def decode_sparse(
+    config: ModelConfig | Model, raw: Mapping[str, Any], input_shape: tuple[int, ...] | None = None
+) -> Variables:
+    """Inverse of ``encode_sparse``; checks the result against ``config``'s model (or a ``Model`` in its place).
 
     Raises:
         ArtifactError: a sparse entry is malformed (mask or value count does not
@@ -145,16 +179,21 @@ def decode_sparse(config: ModelConfig, raw: Mapping[str, Any], input_shape: tupl
     """
     tree = _decode(raw, ())
     tree = decode_qtree(tree)
-    expected = jax.eval_shape(lambda: init_variables(config, 0, input_shape))
-    dtypes = {path_str(p): s.dtype for p, s in jax.tree_util.tree_leaves_with_path(expected)}
+    if isinstance(config, Model) and config.config is None:
+        dtypes = {path: dtype for path, (_, dtype) in _leaf_specs(config.variables).items()}
+    else:
+        config, _, input_shape = _resolve_target(config, input_shape, "decode_sparse")
+        expected = jax.eval_shape(lambda: init_variables(config, 0, input_shape))
+        dtypes = {path_str(p): _shape_dtype(s)[1] for p, s in jax.tree_util.tree_leaves_with_path(expected)}
 
     def restore(path, leaf):
-        if isinstance(leaf, QArray):
+        if isinstance(leaf, QArray) or _is_key(leaf):
             return leaf
         want = dtypes.get(path_str(path))
         array = np.asarray(leaf)
-        if want is not None and np.issubdtype(array.dtype, np.floating) and array.dtype != want:
-            return array.astype(want)
+        if want is not None and not want.startswith("key<") and np.issubdtype(array.dtype, np.floating):
+            want = jnp.dtype(want)
+            return array.astype(want) if array.dtype != want else array
         return array
 
     tree = jax.tree_util.tree_map_with_path(restore, tree, is_leaf=is_qarray)
@@ -245,8 +284,9 @@ def _encode_layout(variables: Variables, metadata: dict[str, Any]) -> Variables:
     return encode_sparse(variables, min_sparsity=options.get("min_sparsity", 0.25), float_dtype=options.get("float_dtype"))
 
 
-def _decode_layout(config: ModelConfig, raw: Variables, header: dict[str, Any]) -> Variables:
-    return decode_sparse(config, raw, tuple(header["input_shape"]))
+def _decode_layout(target: ModelConfig | Model, raw: Variables, header: dict[str, Any]) -> Variables:
+    input_shape = header.get("input_shape")
+    return decode_sparse(target, raw, tuple(input_shape) if input_shape is not None else None)
 
 
 register_layout(LAYOUT, _decode_layout, _encode_layout)

@@ -21,12 +21,28 @@ from jaxopt_serve.quant.qat import (
     selected_specs,
     ternary_rules,
 )
-from jaxopt_serve.quant.runtime import MODES, quantized_conv, quantized_dot, quantized_predict_fn, serving_layout
+from jaxopt_serve.quant.runtime import (
+    MODES,
+    UnsupportedUse,
+    execution_report,
+    mark_asymmetric,
+    quantized_conv,
+    quantized_dot,
+    quantized_predict_fn,
+    serving_layout,
+)
+from jaxopt_serve.quant.select import int4_rules, model_rules, weight_paths
 from jaxopt_serve.quant.calibrate import calibrate
 from jaxopt_serve.quant.serialize import check_qvariables, decode_qtree, encode_qtree, quantized_artifact
 
 __all__ = [
     "MODES",
+    "UnsupportedUse",
+    "execution_report",
+    "int4_rules",
+    "mark_asymmetric",
+    "model_rules",
+    "weight_paths",
     "calibrate",
     "quantized_conv",
     "quantized_dot",

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 import jax
 import jax.numpy as jnp
@@ -10,38 +10,47 @@ import numpy as np
 
 from jaxopt_serve.models.config import ModelConfig
 from jaxopt_serve.models.functional import Variables
-from jaxopt_serve.quant.runtime import ACT_COLLECTION, observe_inputs
+from jaxopt_serve.model import Model
+from jaxopt_serve.quant.observe import calibration_batches, calibration_model, is_batch_stream, observe_batches
+from jaxopt_serve.quant.runtime import ACT_COLLECTION
 
 ActCalibration = Literal["absmax", "percentile", "mse"]
 
 
 def calibrate(
-    config: ModelConfig,
+    model: Model | ModelConfig,
     qvariables: Variables,
-    samples: np.ndarray,
+    samples: Any,
     *,
     method: ActCalibration = "percentile",
     percentile: float = 99.99,
     batch_size: int = 64,
     max_values: int = 1 << 20,
     seed: int = 0,
+    call_method: str | None = None,
+    **apply_kwargs: Any,
 ) -> Variables:
     """Fix one int8 activation scale per quantized layer from ``samples``; returns the variables with them.
 
-    The scales go into ``qvariables["quant_act"]`` (``{layer path: scale}``),
-    which ``quantized_predict_fn(config, mode="static")`` reads and artifacts store.
+    The scales go into ``qvariables["quant_act"]`` (``{layer key: scale}``, see
+    ``runtime.layer_key``), which ``quantized_predict_fn(model, mode="static")``
+    reads and artifacts store.
 
     Args:
-        config: the model.
+        model: a ``Model``, or a reference ``ModelConfig``.
         qvariables: output of ``quantize(...).variables``.
-        samples: inputs shaped like the model's (batch axis first), e.g. training images.
+        samples: one dataset (an array or the model's input pytree, split along axis 0
+            into batches of ``batch_size``) or a list / iterator of batches, e.g. a
+            data loader (see ``quant.observe``).
         method: ``"absmax"`` (the largest magnitude seen), ``"percentile"`` (that
             percentile of the magnitudes) or ``"mse"`` (the clip minimizing the
             squared int8 rounding-plus-clipping error over the observed values).
         percentile: for ``method="percentile"``.
-        batch_size: samples per calibration step.
+        batch_size: samples per calibration step when ``samples`` is one dataset.
         max_values: magnitudes kept per layer for percentile / MSE (a uniform subsample).
         seed: seeds that subsample.
+        call_method, apply_kwargs: for reference Linen configs, the method the forward pass
+            calls and its keyword arguments (a ``Model`` carries its own).
 
     Raises:
         ValueError: ``samples`` do not fit the model (the message gives their shape).
@@ -57,32 +66,22 @@ def calibrate(
     """
     if method not in ("absmax", "percentile", "mse"):
         raise ValueError(f"method must be 'absmax', 'percentile' or 'mse', got {method!r}")
-    samples = np.asarray(samples)
-    if samples.ndim == 0 or len(samples) == 0:
-        raise ValueError(f"calibration needs a non-empty batch of samples, got shape {samples.shape}")
+    if batch_size <= 0:
+        raise ValueError(f"batch_size must be > 0, got {batch_size}")
+    handle = calibration_model(model, call_method, apply_kwargs)
+    if not is_batch_stream(samples) and not isinstance(samples, (tuple, dict)):
+        samples = np.asarray(samples)
+        if samples.ndim == 0 or len(samples) == 0:
+            raise ValueError(f"calibration needs a non-empty batch of samples, got shape {samples.shape}")
     variables = {k: v for k, v in qvariables.items() if k != ACT_COLLECTION}
-    observe = jax.jit(lambda v, x: observe_inputs(config, v, x))
-    batch_size = min(batch_size, len(samples))
-    try:
-        jax.eval_shape(observe, variables, jax.ShapeDtypeStruct((batch_size, *samples.shape[1:]), samples.dtype))
-    except Exception as err:  # noqa: BLE001 - any tracing failure means the shape does not fit
-        raise ValueError(
-            f"calibration samples of shape {samples.shape} (dtype {samples.dtype}) do not fit the "
-            f"{config.name} model: {type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
-        ) from err
     rng = np.random.default_rng(seed)
     absmax: dict[str, float] = {}
     kept: dict[str, list[np.ndarray]] = {}
-    batches = range(0, len(samples), batch_size)
-    per_batch = max(1, max_values // len(batches))
-    for start in batches:
-        chunk = samples[start : start + batch_size]
-        n = len(chunk)
-        if n < batch_size:
-            chunk = np.concatenate([chunk, np.repeat(chunk[-1:], batch_size - n, axis=0)])
-        for path, x in observe(variables, chunk).items():
-            mags = np.abs(np.asarray(x)[:n]).ravel()
-            absmax[path] = max(absmax.get(path, 0.0), float(mags.max()))
+    per_batch = max(1, max_values // 16)
+    for observed, _ in observe_batches(handle, variables, calibration_batches(handle, samples, batch_size)):
+        for path, x in observed.items():
+            mags = np.abs(x).ravel()
+            absmax[path] = max(absmax.get(path, 0.0), float(mags.max()) if mags.size else 0.0)
             if method != "absmax":
                 if mags.size > per_batch:
                     mags = rng.choice(mags, per_batch, replace=False)
@@ -91,10 +90,11 @@ def calibrate(
     for path, peak in absmax.items():
         if method == "absmax":
             clip = peak
-        elif method == "percentile":
-            clip = float(np.percentile(np.concatenate(kept[path]), percentile))
         else:
-            clip = _mse_clip(np.concatenate(kept[path]), peak)
+            mags = np.concatenate(kept[path])
+            if mags.size > max_values:
+                mags = rng.choice(mags, max_values, replace=False)
+            clip = float(np.percentile(mags, percentile)) if method == "percentile" else _mse_clip(mags, peak)
         scales[path] = jnp.asarray(max(clip, 1e-12) / 127.0, jnp.float32)
     return {**variables, ACT_COLLECTION: scales}
 

@@ -30,37 +30,45 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxopt_serve.model import Model
 from jaxopt_serve.models.config import ModelConfig
 from jaxopt_serve.models.functional import Variables
-from jaxopt_serve.quant.qarray import QArray, QuantSpec, _integer, pack
+from jaxopt_serve.quant.observe import calibration_batches, calibration_model, observe_batches
+from jaxopt_serve.quant.qarray import QArray, QuantSpec, _integer, is_qarray, pack
 from jaxopt_serve.quant.rules import QuantRule, first_match, quantize
-from jaxopt_serve.quant.runtime import SMOOTH_COLLECTION, observe_inputs
-from jaxopt_serve.quant.smooth import contracted_dims, copy_tree, observed_layers
+from jaxopt_serve.quant.runtime import SMOOTH_COLLECTION
+from jaxopt_serve.quant.smooth import copy_tree, dense_inputs, get_leaf, leaf_parts, set_leaf
 
 
 def gptq_quantize(
-    config: ModelConfig,
+    model: Model | ModelConfig,
     variables: Variables,
     samples: Any,
     rules: Sequence[QuantRule],
     *,
     damp: float = 0.01,
     method: str | None = None,
+    batch_size: int = 64,
     **apply_kwargs: Any,
 ) -> Variables:
     """Quantize ``variables`` by ``rules``, with GPTQ error correction on Dense-like int kernels.
 
+    The Hessian ``H = X^T X`` of each layer is accumulated over every
+    calibration batch, so a data loader of any length can feed it.
+
     Args:
-        config: the model (Linen).
+        model: a ``Model``, or a reference ``ModelConfig``.
         variables: float variables (a ``"quant_smooth"`` collection from
             ``smooth_quantize`` is kept: its factors are already in the kernels).
-        samples: a calibration batch (the model's input).
+        samples: one calibration dataset or a list / iterator of batches (``quant.observe``).
         rules: quantization rules, as for ``quantize``.
         damp: added to the Hessian's diagonal, as a fraction of its mean.
-        method, apply_kwargs: what the forward pass calls (e.g. ``method="encode", attention_mask=mask``).
+        method, apply_kwargs: for reference Linen configs, what the forward pass calls
+            (e.g. ``method="encode", attention_mask=mask``); a ``Model`` carries its own.
+        batch_size: samples per step when ``samples`` is one dataset.
 
     Returns:
-        Quantized variables, for ``quantized_apply`` / ``quantized_predict_fn`` in ``"weight_only"`` mode
+        Quantized variables, for ``quantized_predict_fn`` in ``"weight_only"`` mode
         (or any mode, for int8).
 
     Example:
@@ -75,27 +83,42 @@ def gptq_quantize(
     """
     if not damp > 0:
         raise ValueError(f"damp must be > 0, got {damp!r}")
+    handle = calibration_model(model, method, apply_kwargs)
     rtn = quantize(variables, rules).variables
-    observed = observe_inputs(config, rtn, samples, method=method, **apply_kwargs)
     smooth = variables.get(SMOOTH_COLLECTION, {})
+    hessians: dict[str, np.ndarray] = {}
+    float_params = variables["params"]
+    for observed, contracted in observe_batches(handle, rtn, calibration_batches(handle, samples, batch_size)):
+        for key, x, kernel, n in dense_inputs(observed, contracted, float_params):
+            x = x.astype(np.float64).reshape(-1, int(np.prod(kernel.shape[:n])))
+            if key in smooth:
+                x = x / np.asarray(smooth[key], np.float64).reshape(1, -1)
+            h = x.T @ x
+            hessians[key] = hessians[key] + h if key in hessians else h
     params = copy_tree(rtn["params"])
-    for path, x, node, target in observed_layers(observed, variables["params"], params):
-        name = f"params/{path}/kernel"
-        index = first_match(name, rules)
+    for key, h in hessians.items():
+        parts = leaf_parts(float_params, key)
+        index = first_match("params/" + "/".join(parts), rules)
         if index is None:
             continue
         spec = rules[index].spec
-        kernel = np.asarray(node["kernel"], np.float32)
-        x = np.asarray(x, np.float32)
-        if path in smooth:
-            x = x / np.asarray(smooth[path], np.float32)
-        n_in = contracted_dims(x.shape, kernel.shape)
-        qkernel = target["kernel"]
-        if n_in == 0 or not _supported(spec, qkernel, n_in):
+        kernel = np.asarray(get_leaf(float_params, parts), np.float32)
+        qkernel = get_leaf(params, parts)
+        n_in = _n_in(kernel.shape, h.shape[0])
+        if n_in == 0 or not is_qarray(qkernel) or not _supported(spec, qkernel, n_in):
             continue
-        target["kernel"] = _gptq_kernel(kernel, x.reshape(-1, int(np.prod(kernel.shape[:n_in]))), spec, qkernel, n_in,
-                                        damp)
+        set_leaf(params, parts, _gptq_kernel(kernel, h, spec, qkernel, n_in, damp))
     return {**rtn, "params": params}
+
+
+def _n_in(kernel_shape: tuple[int, ...], d_in: int) -> int:
+    """How many leading kernel axes multiply to ``d_in``."""
+    size = 1
+    for n, dim in enumerate(kernel_shape[:-1], start=1):
+        size *= dim
+        if size == d_in:
+            return n
+    return 0
 
 
 def _supported(spec: QuantSpec, q: QArray, n_in: int) -> bool:
@@ -106,10 +129,10 @@ def _supported(spec: QuantSpec, q: QArray, n_in: int) -> bool:
     return q.granularity == "group" and q.axis < n_in and q.axis == n_in - 1
 
 
-def _gptq_kernel(kernel: np.ndarray, x: np.ndarray, spec: QuantSpec, like: QArray, n_in: int, damp: float) -> QArray:
-    d_in = x.shape[1]
+def _gptq_kernel(kernel: np.ndarray, h: np.ndarray, spec: QuantSpec, like: QArray, n_in: int, damp: float) -> QArray:
+    d_in = h.shape[0]
     w = kernel.reshape(d_in, -1).astype(np.float64)
-    h = x.T.astype(np.float64) @ x.astype(np.float64)
+    h = np.array(h, np.float64)
     dead = np.diag(h) == 0
     h[dead, dead] = 1.0
     w[dead] = 0.0

@@ -34,23 +34,31 @@ from jaxopt_serve.quant.rules import (
     path_str,
     quantize,
 )
+from jaxopt_serve.model import Model
+from jaxopt_serve.train.batch_stats import reestimate_batch_stats as reestimate_model_batch_stats
 from jaxopt_serve.train.loop import FitResult, classification_loss, fit
 from jaxopt_serve.train.recipes import default_optimizer
 
 QAT_LEARNING_RATE = 1e-3
 
 
-def ternary_rules() -> list[QuantRule]:
-    """The ternary recipe: every kernel ternary per channel, the classifier kernel int8 per channel.
+def ternary_rules(model: Any = None) -> list[QuantRule]:
+    """The ternary recipe: every weight ternary per channel, the last weight layer int8 per channel.
 
     Keeping the last layer at higher precision is common practice (it holds few
     weights but decides every logit); biases, batch norm and embeddings stay
-    float, as with ``default_rules``.
+    float, as with ``default_rules``. Given a ``Model``, the weights and the last
+    weight layer are found from its traced program (``quant.select``); without
+    one, by the reference models' names (``classifier``).
 
     Example:
         >>> [(rule.pattern, rule.spec.qtype) for rule in ternary_rules()]
         [('params/classifier/kernel', 'int8'), ('params/(.*/)?kernel', 'ternary')]
     """
+    if model is not None:
+        from jaxopt_serve.quant.select import model_rules
+
+        return model_rules(model, QuantSpec(qtype="ternary"), last=QuantSpec(qtype="int8"))
     return [
         QuantRule(r"params/classifier/kernel", QuantSpec(qtype="int8")),
         QuantRule(r"params/(.*/)?kernel", QuantSpec(qtype="ternary")),
@@ -126,8 +134,10 @@ def fake_quantize_tree(tree: Mapping[str, Any], rules: Sequence[QuantRule], *, p
     return jax.tree_util.tree_map_with_path(visit, tree, is_leaf=is_qarray)
 
 
-def qat_apply(config: ModelConfig, rules: Sequence[QuantRule]) -> ApplyFn:
-    """``make_apply(config)`` with the params selected by ``rules`` fake-quantized in the forward pass.
+def qat_apply(config: Any, rules: Sequence[QuantRule]) -> ApplyFn:
+    """The model's training-loop apply function with the params selected by ``rules`` fake-quantized.
+
+    ``config`` is a ``Model`` (any Linen, NNX or plain-function model) or a reference ``ModelConfig``.
 
     Only ``variables["params"]`` is fake-quantized; the other collections
     (``batch_stats``) pass through, and their updates are returned as usual.
@@ -141,7 +151,7 @@ def qat_apply(config: ModelConfig, rules: Sequence[QuantRule]) -> ApplyFn:
         (2, 10)
     """
     rules = _check_rules(rules)
-    apply = make_apply(config)
+    apply = _apply_of(config)
 
     def apply_fake_quantized(variables: Variables, x: jax.Array, *, train: bool = False, rng: jax.Array | None = None):
         params = fake_quantize_tree(variables["params"], rules, prefix="params")
@@ -151,7 +161,7 @@ def qat_apply(config: ModelConfig, rules: Sequence[QuantRule]) -> ApplyFn:
 
 
 def qat_finetune(
-    config: ModelConfig,
+    config: Any,
     variables: Variables,
     dataset: Any,
     rules: Sequence[QuantRule],
@@ -162,6 +172,7 @@ def qat_finetune(
     seed: int = 0,
     progress: bool = True,
     reestimate_stats: bool = True,
+    logits_of: Any = None,
 ) -> tuple[QuantizeResult, FitResult]:
     """Fine-tune ``variables`` with fake-quantized weights, then quantize them for real.
 
@@ -173,7 +184,7 @@ def qat_finetune(
     weights (``reestimate_batch_stats``).
 
     Args:
-        config: the model.
+        config: the model: a ``Model`` or a reference ``ModelConfig``.
         variables: trained float variables (the starting point).
         dataset: a ``Dataset`` (its training split is used) or ``(x, y)`` arrays.
         rules: which leaves to quantize and how (``ternary_rules()``, ``default_rules(spec)``, ...).
@@ -187,6 +198,8 @@ def qat_finetune(
             the final quantized weights; without it they are moving averages
             over the last steps' ever-changing quantized weights, which costs
             several accuracy points on some seeds.
+        logits_of: for a model whose output is not the logits array, the function
+            that picks them (e.g. ``lambda out: out["logits"]``).
 
     Returns:
         ``(QuantizeResult, FitResult)``: the quantized variables with the
@@ -218,7 +231,7 @@ def qat_finetune(
     data = _training_arrays(dataset)
     selected_specs(variables, rules)  # fail on a bad path/spec before compiling anything
     result = fit(
-        classification_loss(qat_apply(config, rules)),
+        classification_loss(qat_apply(config, rules), logits_of=logits_of),
         variables,
         data,
         optimizer=default_optimizer(steps, learning_rate=learning_rate),
@@ -232,7 +245,7 @@ def qat_finetune(
         # Measured on the weights that will be served (eager ``quantize`` may put a
         # few weights sitting on a ternary threshold on the other side than the
         # jit-compiled ``fake_quantize`` of the last step did).
-        served = reestimate_batch_stats(make_apply(config), dequantize_tree(quantized.variables), data[0],
+        served = reestimate_batch_stats(_apply_of(config), dequantize_tree(quantized.variables), data[0],
                                         batch_size=max(batch_size, 256))
         state = {name: tree for name, tree in served.items() if name != "params"}
         quantized = dataclasses.replace(quantized, variables={**quantized.variables, **state})
@@ -263,7 +276,7 @@ def reestimate_batch_stats(
         apply_fn: ``make_apply(config)``, or ``qat_apply(config, rules)`` to
             measure the statistics of the fake-quantized network.
         variables: float variables (params and the state to recompute).
-        x: inputs, example axis first (e.g. the training images).
+        x: inputs, example axis first (e.g. the training images); any pytree of arrays.
         batch_size: examples per pass.
 
     Raises:
@@ -281,43 +294,24 @@ def reestimate_batch_stats(
     """
     if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size <= 0:
         raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
-    x = np.asarray(x)
-    if x.ndim == 0 or len(x) == 0:
-        raise ValueError(f"x must hold at least one example, got shape {x.shape}")
+    x = jax.tree.map(np.asarray, x)
+    first = jax.tree.leaves(x)[0] if jax.tree.leaves(x) else np.zeros(())
+    if first.ndim == 0 or len(first) == 0:
+        raise ValueError(f"x must hold at least one example, got shape {first.shape}")
     state = {name: tree for name, tree in variables.items() if name != "params"}
     if not jax.tree.leaves(state):
         return variables
-    batch_size = min(batch_size, len(x))
-
-    @jax.jit
-    def batch_statistics(variables, batch):
-        state = {name: tree for name, tree in variables.items() if name != "params"}
-        _, at_zero = apply_fn({**variables, **jax.tree.map(jnp.zeros_like, state)}, batch, train=True)
-        _, at_one = apply_fn({**variables, **jax.tree.map(jnp.ones_like, state)}, batch, train=True)
-
-        def solve(z, o):  # z = (1 - momentum) * stat, o - z = momentum
-            keep = 1.0 - (o - z)
-            return jnp.where(jnp.abs(keep) > 1e-6, z / jnp.where(keep == 0, 1.0, keep), jnp.nan)
-
-        return jax.tree.map(solve, at_zero, at_one)
-
-    count = len(x) // batch_size
-    total = batch_statistics(variables, x[:batch_size])
-    for index in range(1, count):
-        total = jax.tree.map(jnp.add, total, batch_statistics(variables, x[index * batch_size : (index + 1) * batch_size]))
-    averaged = jax.tree.map(lambda t: t / count, total)
-    for path, leaf in jax.tree_util.tree_leaves_with_path(averaged):
-        if not bool(jnp.isfinite(leaf).all()):
-            raise ValueError(
-                f"{path_str(path)}: not a running statistic (its train-mode update is not a moving average with "
-                f"momentum < 1), or the inputs hold NaN/inf"
-            )
-    return {**variables, **{name: {**_as_dict(variables[name]), **_as_dict(tree)} for name, tree in averaged.items()}}
-
-
-def _as_dict(tree: Any) -> dict[str, Any]:
-    return dict(tree) if isinstance(tree, Mapping) else tree
-
+    rows = len(first)
+    batch_size = min(batch_size, rows)
+    model = Model.function(
+        lambda v, inputs: apply_fn(v, inputs)[0],
+        variables,
+        jax.tree.map(lambda a: a[:1], x),
+        train_fn=lambda v, inputs, rng=None: apply_fn(v, inputs, train=True, rng=rng),
+    )
+    batches = (jax.tree.map(lambda a, i=i: a[i * batch_size : (i + 1) * batch_size], x)
+               for i in range(rows // batch_size))
+    return reestimate_model_batch_stats(model, variables, batches, rng=None)
 
 
 def _prefix(tree: Any, prefix: str | None) -> str:
@@ -330,7 +324,6 @@ def _join(prefix: str, path: str) -> str:
     return f"{prefix}/{path}" if prefix else path
 
 
-
 def _check_rules(rules: Sequence[QuantRule]) -> list[QuantRule]:
     if isinstance(rules, QuantRule) or not isinstance(rules, Sequence):
         raise TypeError(f"rules must be a sequence of QuantRule, got {type(rules).__name__}")
@@ -338,6 +331,12 @@ def _check_rules(rules: Sequence[QuantRule]) -> list[QuantRule]:
         if not isinstance(rule, QuantRule):
             raise TypeError(f"rules[{index}] must be a QuantRule, got {type(rule).__name__}")
     return list(rules)
+
+
+def _apply_of(config: Any) -> ApplyFn:
+    from jaxopt_serve.model import Model
+
+    return config.apply_with_mode if isinstance(config, Model) else make_apply(config)
 
 
 def _training_arrays(dataset: Any) -> tuple[np.ndarray, np.ndarray]:

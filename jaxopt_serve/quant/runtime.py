@@ -1,17 +1,18 @@
 """Run a model on quantized variables without rewriting the model.
 
-Linen models: every ``nn.Dense``, ``nn.DenseGeneral``, ``nn.Conv`` and
-``nn.Einsum`` whose ``kernel`` is a ``QArray`` is intercepted
-(``flax.linen.intercept_methods``) and computed here. NNX models: the
-``dot_general`` / ``conv_general_dilated`` seams of ``nnx.Linear`` and
-``nnx.Conv`` are pointed at the same functions. The rest of the model runs
-unchanged. Modes:
+Any ``Model`` (Linen, NNX, a plain function) or reference config: the model is
+traced to a jaxpr with float placeholders for its quantized leaves
+(``QArray``), and the jaxpr is evaluated here (``jaxopt_serve.trace``). Every
+``dot_general`` (``@``, ``jnp.dot``, ``jnp.einsum``, any Flax layer) and
+``conv_general_dilated`` whose weight operand is a quantized leaf, directly or
+through reshapes, transposes and dtype converts, runs in the chosen mode; the
+rest of the program runs as written. Modes:
 
 * ``"weight_only"``: dequantize the kernel inside the compiled function, then
-  a float dot/conv (what TPU and GPU fuse into the matmul).
-* ``"dynamic"``: quantize activations per row (per example for convs) at run
-  time and run a real ``int8 x int8 -> int32`` ``lax.dot_general`` /
-  ``lax.conv_general_dilated``, then rescale.
+  the model's own float dot/conv (what TPU and GPU fuse into the matmul).
+* ``"dynamic"``: quantize activations per row of the dot (per example for
+  convs) at run time and run a real ``int8 x int8 -> int32`` dot / convolution,
+  then rescale by the activation and weight scales.
 * ``"static"``: like ``"dynamic"`` with per-layer activation scales fixed by
   ``calibrate`` (stored in the variables under ``"quant_act"``).
 * ``"auto"``: on CPU, ``"dynamic"`` for dots with kernels of 65,536 elements
@@ -20,18 +21,22 @@ unchanged. Modes:
   for convolutions (XLA:CPU's int8 convolution measured slower than f32 on the
   CI CPU) and on every other backend.
 
-Asymmetric activations: the Dense and DenseGeneral layers listed under
-``variables["quant_asym"]`` (``mark_asymmetric``) quantize their inputs per
-row over ``[min, max]`` with a zero point instead of ``[-absmax, absmax]`` in
-``"dynamic"`` mode: twice the resolution for one-signed inputs such as a GELU's
-output. The integer dot stays the same; the zero point costs one
-``zero_point x column sums of the kernel`` correction. ``"static"`` mode
-keeps its calibrated symmetric scales.
+Integer convolutions go through ``intconv.int8_conv`` (windows + one integer
+dot): XLA:CPU's own int8 convolution returns wrong int32 values under some
+shardings (see that module).
 
-Kernels whose scale varies along the contraction axes (per-group, or
-per-channel on an input axis), asymmetric conv kernels, and Einsum layers
-always take the ``"weight_only"`` path: the integer dot would need a scale
-inside the sum.
+Asymmetric activations: the layers listed under ``variables["quant_asym"]``
+(``mark_asymmetric``) quantize their dot inputs per row over ``[min, max]``
+with a zero point in ``"dynamic"`` mode: twice the resolution for one-signed
+inputs such as a GELU's output. The zero point costs one
+``zero_point x column sums of the kernel`` correction. ``"static"`` mode keeps
+its calibrated symmetric scales. SmoothQuant factors (``"quant_smooth"``)
+divide a smoothed dot's input along its contracted axes, in every mode.
+
+Kernels whose scale varies along the contracted axes (per-group, or
+per-channel on an input axis) and asymmetric conv kernels take the
+``"weight_only"`` path in every mode: the integer dot would need a scale
+inside the sum. ``execution_report`` says which path each kernel took.
 """
 
 from __future__ import annotations
@@ -42,16 +47,26 @@ import re
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Literal
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import nnx
 
+from jaxopt_serve.model import Model, as_model
 from jaxopt_serve.models.config import ModelConfig
-from jaxopt_serve.models.functional import Variables, nnx_module, predict_fn
+from jaxopt_serve.models.functional import Variables, predict_fn
+from jaxopt_serve.quant.intconv import int8_conv
 from jaxopt_serve.quant.qarray import QArray, has_qarrays, is_qarray
-from jaxopt_serve.quant.rules import path_str
+from jaxopt_serve.trace import (
+    Tagged,
+    UnsupportedUse,
+    interpret,
+    keepdims_constant_along,
+    path_of,
+    replay,
+    trace,
+    view_axes,
+    view_keepdims,
+)
 
 Mode = Literal["weight_only", "dynamic", "static", "auto"]
 MODES = ("weight_only", "dynamic", "static", "auto")
@@ -89,22 +104,8 @@ def _resolve(mode: str, kernel_size: int) -> str:
     return "dynamic"
 
 
-def _quantize_activations(
-    x2: jax.Array, act_scale: jax.Array | None, symmetric: bool = True
-) -> tuple[jax.Array, jax.Array, jax.Array | None]:
-    """int8 rows of ``x2`` (rows, k), their scales (one per row, or the static scalar) and zero points.
-
-    Symmetric: ``x ~ scale * q``, no zero point. Asymmetric (dynamic only): each
-    row's ``[min(x, 0), max(x, 0)]`` maps onto ``[-128, 127]``, ``x ~ scale * (q - zero)``,
-    and zero is represented exactly.
-    """
-    if not symmetric and act_scale is None:
-        lo = jnp.minimum(jnp.min(x2, axis=-1, keepdims=True), 0.0)
-        hi = jnp.maximum(jnp.max(x2, axis=-1, keepdims=True), 0.0)
-        scale = jnp.where(hi > lo, (hi - lo) / 255.0, 1.0)
-        zero = jnp.round(-lo / scale) - 128.0
-        xq = jnp.clip(jnp.round(x2 / scale) + zero, -128, 127).astype(jnp.int8)
-        return xq, scale, zero.astype(jnp.int32)
+def _quantize_activations(x2: jax.Array, act_scale: jax.Array | None) -> tuple[jax.Array, jax.Array, None]:
+    """int8 rows of ``x2`` (rows, k) and their scales (one per row, or the static scalar): ``x ~ scale * q``."""
     if act_scale is None:
         absmax = jnp.max(jnp.abs(x2), axis=-1, keepdims=True)
         scale = jnp.where(absmax > 0, absmax / _QMAX, 1.0)
@@ -147,44 +148,17 @@ def quantized_dot(
     in_dims, out_dims = kernel.shape[:n_contract], kernel.shape[n_contract:]
     if tuple(x.shape[x.ndim - n_contract :]) != tuple(in_dims):
         raise ValueError(f"input shape {x.shape} does not end with the kernel's input dims {in_dims} (kernel {kernel.shape})")
-    lead = x.shape[: x.ndim - n_contract]
-    k, f = math.prod(in_dims), math.prod(out_dims)
-    x2 = x.reshape(-1, k)
-    rows = x2.shape[0]
-    mode = _resolve(mode, k * f)
-    if mode == "weight_only" or not _integer_ok(kernel, range(n_contract)):
-        y = x2 @ kernel.dequantize(x.dtype).reshape(k, f)
-    else:
-        if mode == "static" and act_scale is None:
-            raise ValueError("mode='static' needs activation scales: run quant.calibrate(...) first")
-        static = mode == "static"
-        xq, sx, zx = _quantize_activations(x2.astype(jnp.float32), act_scale if static else None,
-                                           symmetric=act_symmetric or static)
-        padded = rows == 1
-        if padded:  # XLA:CPU's int8 matrix-vector product is slow; two rows take the fast path
-            xq = jnp.concatenate([xq, jnp.zeros_like(xq)])
-        if kernel.transposed and n_contract == 1:  # values are (f, k): both operands contract their rows
-            acc = jax.lax.dot_general(xq, kernel.values, (((1,), (1,)), ((), ())), preferred_element_type=jnp.int32)
-            column_sums = lambda: jnp.sum(kernel.values.astype(jnp.int32), axis=1)[None, :]  # noqa: E731
-        else:
-            wq = kernel.int_values().reshape(k, f)
-            acc = jax.lax.dot_general(xq, wq, (((1,), (0,)), ((), ())), preferred_element_type=jnp.int32)
-            column_sums = lambda: jnp.sum(wq.astype(jnp.int32), axis=0)[None, :]  # noqa: E731
-        if padded:
-            acc = acc[:1]
-            xq = xq[:1]
-        # sum_k (xq - zx)(wq - zw) = xq.wq - zw sum(xq) - zx sum(wq) + k zx zw
-        zw = None
-        if kernel.zero_point is not None:
-            zw = jnp.broadcast_to(kernel.zero_point, (1,) * n_contract + tuple(out_dims)).reshape(1, f).astype(jnp.int32)
-            acc = acc - jnp.sum(xq.astype(jnp.int32), axis=1, keepdims=True) * zw
-        if zx is not None:
-            acc = acc - zx * column_sums()
-            if zw is not None:
-                acc = acc + k * zx * zw
-        sw = jnp.broadcast_to(kernel.scale, (1,) * n_contract + tuple(out_dims)).reshape(1, f)
-        y = acc.astype(jnp.float32) * sx * sw
-    return y.reshape(*lead, *out_dims).astype(x.dtype)
+    cx, cw = tuple(range(x.ndim - n_contract, x.ndim)), tuple(range(n_contract))
+    dims = ((cx, cw), ((), ()))
+    mode = _resolve(mode, kernel.size)
+    if mode == "weight_only" or not _integer_ok(kernel, cw):
+        return jax.lax.dot_general(x, kernel.dequantize(x.dtype), dims)
+    if mode == "static" and act_scale is None:
+        raise ValueError("mode='static' needs activation scales: run quant.calibrate(...) first")
+    static = mode == "static"
+    y = _integer_dot(x, kernel.int_values(), kernel.scale, kernel.zero_point, 1, dims, cx, (), cw, (),
+                     act_scale=act_scale if static else None, symmetric=act_symmetric or static)
+    return y.astype(x.dtype)
 
 
 def quantized_conv(
@@ -225,206 +199,404 @@ def quantized_conv(
     flat = x.reshape(x.shape[0], -1).astype(jnp.float32)
     xq, sx, _ = _quantize_activations(flat, act_scale if mode == "static" else None)
     xq = xq.reshape(x.shape)
-    acc = conv(xq, kernel.int_values(), preferred_element_type=jnp.int32)
+    acc = int8_conv(xq, kernel.int_values(), window_strides=window_strides, padding=padding, lhs_dilation=lhs_dilation,
+                    rhs_dilation=rhs_dilation, dimension_numbers=dimension_numbers,
+                    feature_group_count=feature_group_count)
     sx = jnp.reshape(sx, (-1,) + (1,) * (x.ndim - 1)) if sx.ndim else sx
     return (acc.astype(jnp.float32) * sx * kernel.scale.reshape(-1)).astype(x.dtype)
 
 
-# ---------------------------------------------------------------------------- Linen
+# ---------------------------------------------------------------------------- execution on the traced program
 
 
-def _tuple(value: Any, n: int) -> tuple[int, ...]:
-    if value is None:
-        return (1,) * n
-    if isinstance(value, int):
-        return (value,) * n
-    return tuple(value)
+def layer_key(path: str) -> str:
+    """The key of a quantized leaf in ``quant_act`` / ``quant_smooth`` / ``quant_asym``.
 
+    The leaf's path without the ``params/`` collection and a trailing ``/kernel``:
+    ``"params/dense_0/kernel"`` -> ``"dense_0"``, ``"params/w1"`` -> ``"w1"``.
 
-def _conv_padding(padding: Any, nd: int, where: str) -> str | list[tuple[int, int]]:
-    if isinstance(padding, str):
-        if padding.upper() in ("SAME", "VALID"):
-            return padding.upper()
-        raise ValueError(f"{where}: quantized execution supports SAME, VALID or explicit conv padding, got {padding!r}")
-    if isinstance(padding, int):
-        return [(padding, padding)] * nd
-    return [(p, p) if isinstance(p, int) else tuple(p) for p in padding]
+    Example:
+        >>> layer_key("params/block/attn/query/kernel"), layer_key("params/w1")
+        ('block/attn/query', 'w1')
+    """
+    if path.startswith("params/"):
+        path = path[len("params/"):]
+    return path[: -len("/kernel")] if path.endswith("/kernel") else path
 
 
 class _Session:
-    """State of one quantized forward pass: mode, activation scales, what was consumed or observed."""
+    """State of one quantized forward pass: mode, per-leaf metadata, and a record of what ran how."""
 
-    def __init__(self, mode: str, act_scales: Mapping[str, jax.Array] | None, observe: bool = False,
-                 smooth: Mapping[str, jax.Array] | None = None, asymmetric: Mapping[str, Any] | None = None) -> None:
+    def __init__(self, mode: str, act_scales: Mapping[str, Any] | None = None, *, observe: bool = False,
+                 smooth: Mapping[str, Any] | None = None, asymmetric: Mapping[str, Any] | None = None) -> None:
         self.mode = mode
-        self.act_scales = act_scales or {}
-        self.smooth = smooth or {}
+        self.act_scales = dict(act_scales or {})
+        self.smooth = dict(smooth or {})
         self.asymmetric = set(asymmetric or ())
         self.observe = observe
-        self.consumed: set[str] = set()
         self.observed: dict[str, jax.Array] = {}
+        self.contracted: dict[str, tuple[int, ...] | None] = {}
+        self.record: dict[str, list[tuple[str, str]]] = {}
 
-    def scale_for(self, path: str) -> jax.Array | None:
-        if self.mode != "static":
-            return None
-        if path not in self.act_scales:
-            raise ValueError(f"{path}: mode='static' but no calibrated activation scale for this layer; run calibrate()")
-        return self.act_scales[path]
+    def scale_for(self, key: str) -> jax.Array:
+        if key not in self.act_scales:
+            raise ValueError(f"{key}: mode='static' but no calibrated activation scale for this layer; run calibrate()")
+        return jnp.asarray(self.act_scales[key], jnp.float32)
 
-    def note(self, path: str, x: jax.Array) -> None:
-        self.consumed.add(path)
-        if self.observe:
-            self.observed[path] = x
+    def note(self, tagged: Tagged, primitive: str, how: str) -> None:
+        self.record.setdefault(tagged.path, []).append((primitive, how))
 
-    def linen_interceptor(self, next_fun, args, kwargs, context):
-        module = context.module
-        if context.method_name != "__call__" or not isinstance(module, (nn.Dense, nn.DenseGeneral, nn.Conv, nn.Einsum)):
-            return next_fun(*args, **kwargs)
-        if not module.has_variable("params", "kernel"):
-            return next_fun(*args, **kwargs)
-        kernel = module.get_variable("params", "kernel")
-        if not is_qarray(kernel):
-            return next_fun(*args, **kwargs)
-        path = "/".join(module.scope.path)
-        x = args[0] if args else kwargs["inputs"]
-        self.note(path, x)
-        bias = module.get_variable("params", "bias") if module.use_bias else None
-        mode = "weight_only" if self.observe else self.mode
-        if path in self.asymmetric and not isinstance(module, (nn.Dense, nn.DenseGeneral)):
-            raise ValueError(f"{ASYM_COLLECTION}/{path}: asymmetric activations are for Dense and DenseGeneral layers, "
-                             f"not {type(module).__name__}")
-        if isinstance(module, nn.Conv):
-            y = self._linen_conv(module, path, x, kernel, mode)
-        elif isinstance(module, nn.Einsum):
-            y = jnp.einsum(module.einsum_str, x, kernel.dequantize(x.dtype))
-        else:
-            y = self._linen_dense(module, path, x, kernel, mode)
-        if bias is not None:
-            y = y + jnp.reshape(bias, (1,) * (y.ndim - bias.ndim) + bias.shape)
-        return y
+    # -- consumers -----------------------------------------------------------------------------
 
-    def _linen_dense(self, module, path, x, kernel, mode):
-        if isinstance(module, nn.DenseGeneral):
-            axes = (module.axis,) if isinstance(module.axis, int) else tuple(module.axis)
-            if module.batch_dims:
-                raise ValueError(f"{path}: quantized DenseGeneral with batch_dims is not supported")
-            axes = tuple(a % x.ndim for a in axes)
-            keep = [a for a in range(x.ndim) if a not in axes]
-            x = jnp.transpose(x, keep + list(axes))
-            n = len(axes)
-        else:
-            n = 1
-        if path in self.smooth:  # the kernel holds W * s: divide the input by s, in every mode
-            x = x / jnp.asarray(self.smooth[path], x.dtype)
-        return quantized_dot(x, kernel, n_contract=n, mode=mode, act_scale=self.scale_for(path),
-                             act_symmetric=path not in self.asymmetric)
-
-    def _linen_conv(self, module, path, x, kernel, mode):
-        nd = kernel.ndim - 2
-        if module.mask is not None:
-            raise ValueError(f"{path}: quantized Conv with a mask is not supported")
-        if x.ndim != nd + 2:
-            raise ValueError(f"{path}: quantized Conv needs a batched input of rank {nd + 2}, got shape {x.shape}")
-        return quantized_conv(
-            x,
-            kernel,
-            window_strides=_tuple(module.strides, nd),
-            padding=_conv_padding(module.padding, nd, path),
-            lhs_dilation=_tuple(module.input_dilation, nd),
-            rhs_dilation=_tuple(module.kernel_dilation, nd),
-            feature_group_count=module.feature_group_count,
-            mode=mode,
-            act_scale=self.scale_for(path),
+    def consume(self, eqn: Any, invals: list[Any]) -> list[Any]:
+        name = eqn.primitive.name
+        tagged = [(i, v) for i, v in enumerate(invals) if isinstance(v, Tagged)]
+        if name == "dot_general" and len(tagged) == 1:
+            return [self._dot(eqn, invals, tagged[0][0])]
+        if name == "conv_general_dilated" and [i for i, _ in tagged] == [1]:
+            return [self._conv(eqn, invals)]
+        if name in ("dot_general", "conv_general_dilated"):  # both operands quantized, or a quantized conv input
+            for _, t in tagged:
+                self.note(t, name, "dequantized")
+            vals = [self._dequantized(v) if isinstance(v, Tagged) else v for v in invals]
+            return [eqn.primitive.bind(*vals, **eqn.params)]
+        paths = ", ".join(t.path for _, t in tagged)
+        raise UnsupportedUse(
+            f"{paths}: this quantized leaf is consumed by `{name}`, which quantized execution does not run "
+            f"(supported: dot_general / matmul / einsum, conv_general_dilated, through reshapes, transposes and "
+            f"dtype converts). Keep it float with a rule `QuantRule({paths.split(', ')[0]!r}, None)`."
         )
 
+    def _dequantized(self, t: Tagged) -> jax.Array:
+        return replay(t.views, t.leaf.dequantize(t.leaf.dtype))
 
-# ---------------------------------------------------------------------------- NNX
+    def _dot(self, eqn: Any, invals: list[Any], wi: int) -> jax.Array:
+        t: Tagged = invals[wi]
+        q: QArray = t.leaf
+        x = invals[1 - wi]
+        (lc, rc), (lb, rb) = eqn.params["dimension_numbers"]
+        cw, bw = (rc, rb) if wi == 1 else (lc, lb)
+        cx, bx = (lc, lb) if wi == 1 else (rc, rb)
+        out_dtype = eqn.outvars[0].aval.dtype
+        key = layer_key(t.path)
+        axes = view_axes(t.views, q.ndim)
+        original = None if axes is None else tuple(axes[a] for a in cw)
+        self.contracted[key] = original
+        if key in self.smooth:
+            x = x / _factors_for(self.smooth[key], original, cx, cw, x.ndim, t.path).astype(x.dtype)
+        if self.observe:
+            self.observed[key] = _canonical_input(x, cx, cw, axes)
+        mode = "weight_only" if self.observe else _resolve(self.mode, q.size)
+        scale = None
+        if mode != "weight_only" and q.granularity != "group" and q.bits <= 8:
+            scale = view_keepdims(q.scale, q.shape, t.views)
+        if scale is None or not keepdims_constant_along(scale, cw):
+            self.note(t, "dot_general", "dequantized")
+            w = self._dequantized(t)
+            operands = (x, w) if wi == 1 else (w, x)
+            return eqn.primitive.bind(*operands, **eqn.params)
+        zero = None if q.zero_point is None else view_keepdims(q.zero_point, q.shape, t.views)
+        self.note(t, "dot_general", "int8")
+        wq = replay(t.views, q.int_values(), skip_converts=True)
+        act_scale = self.scale_for(key) if mode == "static" else None
+        y = _integer_dot(x, wq, scale, zero, wi, eqn.params["dimension_numbers"], cx, bx, cw, bw,
+                         act_scale=act_scale, symmetric=mode == "static" or key not in self.asymmetric)
+        return y.astype(out_dtype)
 
-
-def _nnx_passthrough_promote(args, /, *, dtype=None, inexact=True):
-    del dtype, inexact
-    return args
-
-
-def _nnx_bind(model: nnx.Module, qkernels: dict[str, QArray], session: _Session) -> None:
-    for node_path, node in list(nnx.iter_graph(model)):
-        name = "/".join(str(p) for p in node_path)
-        if name not in qkernels:
-            continue
-        kernel = qkernels[name]
-        if isinstance(node, nnx.Linear):
-
-            def dot(lhs, rhs, dimension_numbers, *args, _name=name, _k=kernel, **kwargs):
-                session.note(_name, lhs)
-                mode = "weight_only" if session.observe else session.mode
-                return quantized_dot(lhs, _k, n_contract=1, mode=mode, act_scale=session.scale_for(_name),
-                                     act_symmetric=_name not in session.asymmetric)
-
-            node.dot_general = dot
-        elif isinstance(node, nnx.Conv):
-            if name in session.asymmetric:
-                raise ValueError(f"{ASYM_COLLECTION}/{name}: asymmetric activations are for Linear layers, not Conv")
-
-            def conv(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dilation=None,
-                     dimension_numbers=None, feature_group_count=1, *args, _name=name, _k=kernel, **kwargs):
-                session.note(_name, lhs)
-                mode = "weight_only" if session.observe else session.mode
-                return quantized_conv(lhs, _k, window_strides=window_strides, padding=padding,
-                                      lhs_dilation=lhs_dilation, rhs_dilation=rhs_dilation,
-                                      dimension_numbers=dimension_numbers, feature_group_count=feature_group_count,
-                                      mode=mode, act_scale=session.scale_for(_name))
-
-            node.conv_general_dilated = conv
+    def _conv(self, eqn: Any, invals: list[Any]) -> jax.Array:
+        x, t = invals
+        q: QArray = t.leaf
+        params = eqn.params
+        dn = params["dimension_numbers"]
+        key = layer_key(t.path)
+        if key in self.smooth:
+            raise ValueError(f"{SMOOTH_COLLECTION}/{key}: smoothing factors are for dot products, not convolutions")
+        if key in self.asymmetric:
+            raise ValueError(f"{ASYM_COLLECTION}/{key}: asymmetric activations are for dot products, not convolutions")
+        if self.observe:
+            self.observed[key] = x
+        mode = "weight_only" if self.observe or self.mode == "auto" else self.mode
+        scale = None
+        if (mode != "weight_only" and q.granularity != "group" and q.bits <= 8 and q.zero_point is None
+                and params.get("batch_group_count", 1) == 1):
+            scale = view_keepdims(q.scale, q.shape, t.views)
+        out_feature = dn.rhs_spec[0]
+        if scale is None or not keepdims_constant_along(scale, [a for a in range(scale.ndim) if a != out_feature]):
+            self.note(t, "conv_general_dilated", "dequantized")
+            return eqn.primitive.bind(x, self._dequantized(t), **params)
+        self.note(t, "conv_general_dilated", "int8")
+        wq = replay(t.views, q.int_values(), skip_converts=True)
+        batch_axis = dn.lhs_spec[0]
+        if mode == "static":
+            sx = self.scale_for(key)
+            xq = jnp.clip(jnp.round(x.astype(jnp.float32) / sx), -_QMAX, _QMAX).astype(jnp.int8)
+            sx_out = sx
         else:
-            continue
-        node.promote_dtype = _nnx_passthrough_promote
+            reduce = tuple(a for a in range(x.ndim) if a != batch_axis)
+            absmax = jnp.max(jnp.abs(x.astype(jnp.float32)), axis=reduce, keepdims=True)
+            sx = jnp.where(absmax > 0, absmax / _QMAX, 1.0)
+            xq = jnp.clip(jnp.round(x.astype(jnp.float32) / sx), -_QMAX, _QMAX).astype(jnp.int8)
+            out_shape = [1] * x.ndim
+            out_shape[dn.out_spec[0]] = x.shape[batch_axis]
+            sx_out = sx.reshape(out_shape)
+        conv_params = {k: v for k, v in params.items() if k not in ("preferred_element_type", "precision")}
+        acc = int8_conv(xq, wq, **conv_params)
+        sw_shape = [1] * x.ndim
+        sw_shape[dn.out_spec[1]] = scale.shape[out_feature]
+        y = acc.astype(jnp.float32) * sx_out * scale.reshape(sw_shape)
+        return y.astype(eqn.outvars[0].aval.dtype)
+
+
+def _factors_for(s: Any, original: tuple[int, ...] | None, cx: Sequence[int], cw: Sequence[int], x_ndim: int,
+                 path: str) -> jax.Array:
+    """SmoothQuant factors (shaped like the kernel's leading input axes) laid along the input's contracted axes."""
+    s = jnp.asarray(s, jnp.float32)
+    if original is None or sorted(original) != list(range(s.ndim)):
+        raise ValueError(f"{path}: smoothing factors of shape {tuple(s.shape)} need the kernel's leading axes "
+                         f"contracted directly; this operation contracts {original}")
+    order = sorted(range(len(cx)), key=lambda i: cx[i])  # contracted axes in the input's order
+    s = jnp.transpose(s, [original[i] for i in order])
+    shape = [1] * x_ndim
+    for k, i in enumerate(order):
+        shape[cx[i]] = s.shape[k]
+    return s.reshape(shape)
+
+
+def _canonical_input(x: jax.Array, cx: Sequence[int], cw: Sequence[int], axes: list[int] | None) -> jax.Array:
+    """The dot's input with its contracted axes last, ordered like the kernel's (original) axes."""
+    pairs = list(zip(cx, cw))
+    if axes is not None:
+        pairs.sort(key=lambda p: axes[p[1]])
+    keep = [a for a in range(x.ndim) if a not in cx]
+    return jnp.transpose(x, keep + [p[0] for p in pairs])
+
+
+def _to_out(a: jax.Array, ndim: int, contract: Sequence[int], batch: Sequence[int], is_lhs: bool, n_other_free: int):
+    """A keepdims array over one dot operand (size 1 on the contracted axes) in the dot's output layout."""
+    a = jnp.broadcast_to(a, a.shape) if a.ndim == ndim else a.reshape((1,) * ndim)
+    free = [d for d in range(ndim) if d not in contract and d not in batch]
+    a = jnp.transpose(a, list(batch) + free + list(contract))
+    a = a.reshape(a.shape[: len(batch) + len(free)])
+    nb = len(batch)
+    shape = a.shape + (1,) * n_other_free if is_lhs else a.shape[:nb] + (1,) * n_other_free + a.shape[nb:]
+    return a.reshape(shape)
+
+
+def _integer_dot(x, wq, sw, zw, wi, dims, cx, bx, cw, bw, *, act_scale, symmetric):
+    """``int8 x int8 -> int32`` dot_general with per-row activation scales, then the float rescale."""
+    x32 = x.astype(jnp.float32)
+    n_x_free = x.ndim - len(cx) - len(bx)
+    n_w_free = wq.ndim - len(cw) - len(bw)
+    x_is_lhs = wi == 1
+    zx = None
+    if act_scale is not None:
+        sx = act_scale
+        xq = jnp.clip(jnp.round(x32 / sx), -_QMAX, _QMAX).astype(jnp.int8)
+    elif symmetric:
+        absmax = jnp.max(jnp.abs(x32), axis=tuple(cx), keepdims=True)
+        sx = jnp.where(absmax > 0, absmax / _QMAX, 1.0)
+        xq = jnp.clip(jnp.round(x32 / sx), -_QMAX, _QMAX).astype(jnp.int8)
+    else:
+        lo = jnp.minimum(jnp.min(x32, axis=tuple(cx), keepdims=True), 0.0)
+        hi = jnp.maximum(jnp.max(x32, axis=tuple(cx), keepdims=True), 0.0)
+        sx = jnp.where(hi > lo, (hi - lo) / 255.0, 1.0)
+        zero = jnp.round(-lo / sx) - 128.0
+        xq = jnp.clip(jnp.round(x32 / sx) + zero, -128, 127).astype(jnp.int8)
+        zx = zero.astype(jnp.int32)
+    # XLA:CPU's int8 matrix-vector product is slow: a single row is padded to two.
+    free_x = [d for d in range(x.ndim) if d not in cx and d not in bx]
+    pad_axis = free_x[0] if (not bx and free_x and math.prod(x.shape[d] for d in free_x) == 1) else None
+    if pad_axis is not None:
+        xq = jnp.concatenate([xq, jnp.zeros_like(xq)], axis=pad_axis)
+    operands = (xq, wq) if x_is_lhs else (wq, xq)
+    acc = int8_dot_general(*operands, dims)
+    if pad_axis is not None:
+        out_axis = len(bx) + free_x.index(pad_axis) + (0 if x_is_lhs else n_w_free)
+        acc = jax.lax.slice_in_dim(acc, 0, 1, axis=out_axis)
+        xq = jax.lax.slice_in_dim(xq, 0, 1, axis=pad_axis)
+    x_out = functools.partial(_to_out, ndim=x.ndim, contract=cx, batch=bx, is_lhs=x_is_lhs, n_other_free=n_w_free)
+    w_out = functools.partial(_to_out, ndim=wq.ndim, contract=cw, batch=bw, is_lhs=not x_is_lhs, n_other_free=n_x_free)
+    # sum_k (xq - zx)(wq - zw) = xq.wq - zw sum(xq) - zx sum(wq) + k zx zw
+    if zw is not None:
+        zw_out = w_out(zw.astype(jnp.int32))
+        acc = acc - x_out(jnp.sum(xq.astype(jnp.int32), axis=tuple(cx), keepdims=True)) * zw_out
+    if zx is not None:
+        acc = acc - x_out(zx) * w_out(jnp.sum(wq.astype(jnp.int32), axis=tuple(cw), keepdims=True))
+        if zw is not None:
+            acc = acc + math.prod(wq.shape[a] for a in cw) * x_out(zx) * zw_out
+    sx_out = x_out(sx) if jnp.ndim(sx) else sx
+    return acc.astype(jnp.float32) * sx_out * w_out(sw)
+
+
+def int8_dot_general(lhs: jax.Array, rhs: jax.Array, dims: Any) -> jax.Array:
+    """``int8 x int8 -> int32`` ``lax.dot_general``."""
+    return jax.lax.dot_general(lhs, rhs, dims, preferred_element_type=jnp.int32)
 
 
 # ---------------------------------------------------------------------------- entry points
 
 
-def _quantized_kernels(params: Any) -> dict[str, QArray]:
-    """``{module path: QArray}`` for quantized ``kernel`` leaves; other quantized leaves are an error."""
-    found: dict[str, QArray] = {}
-    for path, leaf in jax.tree_util.tree_leaves_with_path(params, is_leaf=is_qarray):
-        if not is_qarray(leaf):
-            continue
-        name = path_str(path)
-        if not name.endswith("kernel"):
-            raise ValueError(
-                f"params/{name}: quantized execution handles quantized kernels of Dense, DenseGeneral, Conv and "
-                f"Einsum layers only; keep this leaf float (a QuantRule with spec=None) or dequantize it"
-            )
-        found[name.rsplit("/", 1)[0] if "/" in name else ""] = leaf
-    return found
+def quantized_leaves(variables: Any) -> dict[str, QArray]:
+    """``{leaf path: QArray}`` of a variables tree (paths like ``"params/dense_0/kernel"``)."""
+    return {path_of(p): leaf for p, leaf in jax.tree_util.tree_leaves_with_path(variables, is_leaf=is_qarray)
+            if is_qarray(leaf)}
 
 
-def _run(config: ModelConfig, variables: Variables, x: jax.Array, session: _Session, method: str | None = None,
-         **kwargs: Any) -> jax.Array:
-    params = variables["params"]
-    qkernels = _quantized_kernels(params)
-    rest = {k: v for k, v in variables.items() if k not in COLLECTIONS}
-    try:
-        if config.framework == "nnx":
-            placeholder = jax.tree.map(lambda l: jnp.zeros(l.shape, l.dtype) if is_qarray(l) else l, params, is_leaf=is_qarray)
-            model = nnx_module(config, {**rest, "params": placeholder})
-            _nnx_bind(model, qkernels, session)
-            out = model(x)
-        else:
-            with nn.intercept_methods(session.linen_interceptor):
-                out = config.build().apply(rest, x, train=False, method=method, **kwargs)
-    except (TypeError, AttributeError) as err:
-        missed = sorted(set(qkernels) - session.consumed)
-        if missed:
-            raise ValueError(
-                f"quantized kernels under {missed} belong to layers quantized execution does not support "
-                f"(supported: Dense, DenseGeneral, Conv, Einsum, nnx.Linear, nnx.Conv): {err}"
-            ) from err
-        raise
-    missed = sorted(set(qkernels) - session.consumed)
-    if missed:
-        raise ValueError(f"quantized kernels under {missed} were never used by the model: the paths do not fit it")
-    return out
+def _run(model: Model, variables: Variables, inputs: tuple[Any, ...], session: _Session) -> Any:
+    """Run ``model`` on ``variables`` with every quantized leaf's consumers rewritten by ``session``."""
+    model_vars = {k: v for k, v in variables.items() if k not in COLLECTIONS}
+    leaves_p, treedef = jax.tree_util.tree_flatten_with_path(model_vars, is_leaf=is_qarray)
+    names = [path_of(p) for p, _ in leaves_p]
+    leaves = [leaf for _, leaf in leaves_p]
+    if not any(is_qarray(leaf) for leaf in leaves):
+        return model(variables, *inputs)
+    specs = [jax.ShapeDtypeStruct(leaf.shape, jnp.dtype(leaf.dtype)) if is_qarray(leaf) else leaf for leaf in leaves]
+
+    def float_model(flat: list[Any], *xs: Any) -> Any:
+        return model(jax.tree.unflatten(treedef, flat), *xs)
+
+    closed, out_tree = trace(float_model, specs, *inputs)
+    args: list[Any] = []
+    for name, leaf, var in zip(names, leaves, closed.jaxpr.invars):
+        args.append(Tagged(name, leaf, (), var.aval) if is_qarray(leaf) else leaf)
+    args.extend(jax.tree.leaves(inputs))
+    outs = interpret(closed.jaxpr, closed.consts, args, session.consume)
+    for v in outs:
+        if isinstance(v, Tagged):
+            raise UnsupportedUse(f"{v.path}: the model returns this quantized leaf itself; keep it float")
+    unused = sorted(name for name, leaf in zip(names, leaves) if is_qarray(leaf) and name not in session.record)
+    if unused:
+        raise ValueError(f"quantized leaves {unused} are never used by the model: the paths do not fit it")
+    return jax.tree.unflatten(out_tree, outs)
+
+
+def _session(mode: str, variables: Variables) -> _Session:
+    return _Session(mode, variables.get(ACT_COLLECTION), smooth=variables.get(SMOOTH_COLLECTION),
+                    asymmetric=variables.get(ASYM_COLLECTION))
+
+
+def _check_mode(mode: str) -> None:
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+
+
+def quantized_predict_fn(model: Model | ModelConfig, *, mode: Mode = "auto") -> Callable[..., Any]:
+    """``predict(qvariables, *inputs) -> outputs``: ``model`` run on quantized variables.
+
+    Every ``dot_general`` (``@``, ``jnp.dot``, ``jnp.einsum``, any Flax layer) and
+    ``conv_general_dilated`` whose weight operand is a quantized leaf (or a
+    reshape / transpose / dtype convert of one) runs in ``mode``; everything else
+    runs as written. ``qvariables`` is the output of ``quantize(...)``
+    (``calibrate``d for ``mode="static"``); leaves that are not ``QArray`` run as
+    usual, so a float tree gives the float model. Wrap the result in ``jax.jit``.
+
+    Args:
+        model: a ``Model`` (``Model.linen`` / ``Model.nnx`` / ``Model.function``), or a reference ``ModelConfig``.
+        mode: ``"weight_only"``, ``"dynamic"``, ``"static"`` or ``"auto"`` (module docstring).
+
+    Raises:
+        UnsupportedUse: a quantized leaf reaches an operation other than a dot or a
+            convolution (the message names the leaf and the operation).
+
+    Example:
+        >>> import jax, jax.numpy as jnp
+        >>> from jaxopt_serve.model import Model
+        >>> from jaxopt_serve.quant import QuantRule, quantize
+        >>> f = lambda p, x: jax.nn.relu(x @ p["w1"]) @ p["w2"]
+        >>> params = {"w1": jnp.linspace(-1, 1, 64 * 32).reshape(64, 32), "w2": jnp.ones((32, 4)) / 8}
+        >>> x = jnp.linspace(-1, 1, 3 * 64).reshape(3, 64)
+        >>> model = Model.function(f, params, x)
+        >>> q = quantize(model.variables, [QuantRule("params/w.*")]).variables
+        >>> out = jax.jit(quantized_predict_fn(model, mode="dynamic"))(q, x)
+        >>> ref = f(params, x)
+        >>> bool(jnp.abs(out - ref).max() < 0.02 * jnp.abs(ref).max())
+        True
+    """
+    _check_mode(mode)
+    handle = model if isinstance(model, Model) else None
+
+    def predict(variables: Variables, *inputs: Any) -> Any:
+        m = handle if handle is not None else as_model(model, variables)
+        return _run(m, variables, inputs, _session(mode, variables))
+
+    return predict
+
+
+def quantized_apply(
+    config: ModelConfig, variables: Variables, x: jax.Array, *, mode: Mode = "auto", method: str | None = None,
+    **kwargs: Any,
+) -> jax.Array:
+    """Like ``quantized_predict_fn`` for any method of a reference Linen model, with extra keyword arguments.
+
+    Example: the Transformer's hidden states, quantized:
+    ``quantized_apply(cfg, q, tokens, mode="dynamic", method="encode", attention_mask=mask)``.
+    """
+    _check_mode(mode)
+    return _run(_method_model(config, method, kwargs), variables, (x,), _session(mode, variables))
+
+
+def _method_model(config: ModelConfig, method: str | None, kwargs: Mapping[str, Any]) -> Model:
+    """A reference model as a ``Model`` running ``method`` with ``kwargs`` (Linen) or its inference call."""
+    if method is None and not kwargs:
+        return Model.from_config(config, {"params": {}})
+    if config.framework != "linen":
+        raise ValueError("method= and keyword arguments are for Linen models")
+    module = config.build()
+
+    def apply(variables: Variables, x: Any) -> Any:
+        model_vars = {k: v for k, v in variables.items() if k not in COLLECTIONS}
+        return module.apply(model_vars, x, method=method, **kwargs)
+
+    return Model(apply, None, {}, (np.zeros((1,), np.float32),), "config", config.name, config)
+
+
+def execution_report(model: Model | ModelConfig, variables: Variables, *inputs: Any,
+                     mode: Mode = "auto") -> dict[str, list[tuple[str, str]]]:
+    """How each quantized leaf was computed: ``{leaf path: [(operation, "int8" | "dequantized"), ...]}``.
+
+    Traced, not run. ``"int8"`` is an integer dot or convolution on the stored
+    values; ``"dequantized"`` a float operation on the dequantized weight
+    (``weight_only`` mode, per-group scales, or scales inside the contraction).
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> from jaxopt_serve.model import Model
+        >>> from jaxopt_serve.quant import quantize
+        >>> m = Model.function(lambda p, x: x @ p["kernel"], {"kernel": jnp.ones((8, 4))}, jnp.ones((2, 8)))
+        >>> execution_report(m, quantize(m.variables).variables, jnp.ones((2, 8)), mode="dynamic")
+        {'params/kernel': [('dot_general', 'int8')]}
+    """
+    _check_mode(mode)
+    session = _session(mode, variables)
+    handle = model if isinstance(model, Model) else as_model(model, variables)
+    jax.eval_shape(lambda v, *xs: _run(handle, v, xs, session), variables, *inputs)
+    return session.record
+
+
+def inference_fn(model: Model | ModelConfig, variables: Any, *, mode: Mode = "auto") -> Callable[..., Any]:
+    """The inference function for ``variables``: quantized (``mode``) when they hold ``QArray`` leaves, else float."""
+    if has_qarrays(variables):
+        return quantized_predict_fn(model, mode=mode)
+    if isinstance(model, Model):
+        return model.apply_fn
+    return predict_fn(model)
+
+
+def observe_inputs(
+    model: Model | ModelConfig, variables: Variables, *inputs: Any, method: str | None = None, **kwargs: Any
+) -> dict[str, jax.Array]:
+    """The input of every quantized dot or convolution for a batch (weight-only compute), keyed by ``layer_key``.
+
+    Dot inputs come with their contracted axes last, ordered like the kernel's
+    axes; they are taken before any smoothing division (as the float model sees them).
+    """
+    session = _Session("weight_only", None, observe=True, smooth=variables.get(SMOOTH_COLLECTION))
+    session.smooth = {}  # observe the float model's inputs
+    handle = model if isinstance(model, Model) else _method_model(model, method, kwargs)
+    if isinstance(model, Model) and (method is not None or kwargs):
+        raise ValueError("method= and keyword arguments are for reference configs; build the Model with them instead")
+    _run(handle, variables, inputs, session)
+    return session.observed
 
 
 def serving_layout(variables: Any) -> Any:
@@ -452,54 +624,6 @@ def serving_layout(variables: Any) -> Any:
     return jax.tree.map(convert, variables, is_leaf=is_qarray)
 
 
-def quantized_predict_fn(config: ModelConfig, *, mode: Mode = "auto") -> Callable[[Variables, jax.Array], jax.Array]:
-    """``predict(qvariables, x) -> outputs`` running ``config``'s model on quantized variables.
-
-    ``qvariables`` is the output of ``quantize(...)`` (optionally ``calibrate``d
-    for ``mode="static"``). Leaves that are not ``QArray`` run as usual, so a
-    float tree gives the float model. Wrap the result in ``jax.jit``.
-
-    Example:
-        >>> import jax, jax.numpy as jnp
-        >>> from jaxopt_serve.models import MLPConfig, init_variables, predict_fn
-        >>> from jaxopt_serve.quant import quantize
-        >>> cfg = MLPConfig(features=(32,))
-        >>> v = init_variables(cfg, 0)
-        >>> q = quantize(v).variables
-        >>> x = jnp.ones((4, 8, 8, 1))
-        >>> out = jax.jit(quantized_predict_fn(cfg, mode="dynamic"))(q, x)
-        >>> bool(jnp.allclose(out, predict_fn(cfg)(v, x), atol=0.05))
-        True
-    """
-    if mode not in MODES:
-        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
-
-    def predict(variables: Variables, x: jax.Array) -> jax.Array:
-        return _run(config, variables, x, _session(mode, variables))
-
-    return predict
-
-
-def quantized_apply(
-    config: ModelConfig, variables: Variables, x: jax.Array, *, mode: Mode = "auto", method: str | None = None,
-    **kwargs: Any,
-) -> jax.Array:
-    """Like ``quantized_predict_fn`` but for any method of a Linen model, with extra keyword arguments.
-
-    Example: the Transformer's hidden states, quantized:
-    ``quantized_apply(cfg, q, tokens, mode="dynamic", method="encode", attention_mask=mask)``.
-    """
-    if mode not in MODES:
-        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
-    if config.framework != "linen" and (method is not None or kwargs):
-        raise ValueError("method= and keyword arguments are for Linen models")
-    return _run(config, variables, x, _session(mode, variables), method, **kwargs)
-
-
-def _session(mode: str, variables: Variables) -> _Session:
-    return _Session(mode, variables.get(ACT_COLLECTION), smooth=variables.get(SMOOTH_COLLECTION),
-                    asymmetric=variables.get(ASYM_COLLECTION))
-
 
 def mark_asymmetric(variables: Variables, pattern: str) -> Variables:
     """``variables`` with the quantized Dense layers whose path matches ``pattern`` set to asymmetric activations.
@@ -522,27 +646,14 @@ def mark_asymmetric(variables: Variables, pattern: str) -> Variables:
         compiled = re.compile(pattern)
     except re.error as err:
         raise ValueError(f"pattern {pattern!r} is not a regular expression: {err}") from None
-    layers = sorted(name for name in _quantized_kernels(variables["params"]) if compiled.fullmatch(name))
+    layers = sorted(name for name in _layer_keys(variables) if compiled.fullmatch(name))
     if not layers:
-        known = sorted(_quantized_kernels(variables["params"]))
+        known = sorted(_layer_keys(variables))
         raise ValueError(f"pattern {pattern!r} matches no quantized kernel's layer; quantized layers: {known}")
     marks = {**variables.get(ASYM_COLLECTION, {}), **{name: np.bool_(True) for name in layers}}
     return {**variables, ASYM_COLLECTION: marks}
 
 
-def inference_fn(config: ModelConfig, variables: Any, *, mode: Mode = "auto") -> Callable[[Variables, jax.Array], jax.Array]:
-    """The inference function for ``variables``: quantized (``mode``) when they hold ``QArray`` leaves, else float."""
-    return quantized_predict_fn(config, mode=mode) if has_qarrays(variables) else predict_fn(config)
 
-
-def observe_inputs(
-    config: ModelConfig, variables: Variables, x: jax.Array, *, method: str | None = None, **kwargs: Any
-) -> dict[str, jax.Array]:
-    """The input of every quantized layer for a batch ``x`` (weight-only compute), keyed by layer path.
-
-    Inputs are taken before any smoothing division (as the float model sees them).
-    """
-    session = _Session("weight_only", None, observe=True, smooth=variables.get(SMOOTH_COLLECTION))
-    # (the asymmetric marks do not matter here: observation computes weight-only)
-    _run(config, variables, x, session, method, **kwargs)
-    return session.observed
+def _layer_keys(variables: Variables) -> list[str]:
+    return sorted({layer_key(path) for path in quantized_leaves({k: v for k, v in variables.items() if k not in COLLECTIONS})})

@@ -16,6 +16,10 @@ variable it replaces, that every float leaf has the shape and dtype the model
 expects, and that nothing is missing or extra (static activation scales under
 ``"quant_act"`` aside); the ``ArtifactError`` names the variable's path.
 
+The model is a reference ``ModelConfig`` (checked against freshly initialised
+variables) or any ``Model`` (checked against the model's own variables; the
+file then has a format-2 header and loads with ``load_artifact(path, model=model)``).
+
 Importing ``jaxopt_serve.quant`` registers the layout with ``load_artifact``.
 """
 
@@ -29,12 +33,22 @@ from typing import Any
 import jax
 import numpy as np
 
-from jaxopt_serve.artifact import Artifact, ArtifactError, register_layout
+from jaxopt_serve.artifact import (
+    Artifact,
+    ArtifactError,
+    _compare_leaves,
+    _leaf_specs,
+    _model_leaves,
+    _resolve_target,
+    _shape_dtype,
+    register_layout,
+)
+from jaxopt_serve.model import Model
 from jaxopt_serve.models.config import ModelConfig
 from jaxopt_serve.models.functional import Variables, init_variables
 from jaxopt_serve.quant.qarray import BITS, QArray, is_qarray
 from jaxopt_serve.quant.rules import QuantizeResult, path_str
-from jaxopt_serve.quant.runtime import ACT_COLLECTION, ASYM_COLLECTION, COLLECTIONS, SMOOTH_COLLECTION
+from jaxopt_serve.quant.runtime import ACT_COLLECTION, ASYM_COLLECTION, SMOOTH_COLLECTION
 
 LAYOUT = "quantized"
 QARRAY_KEY = "__qarray__"
@@ -72,9 +86,9 @@ def decode_qtree(encoded: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def quantized_artifact(
-    config: ModelConfig,
+    config: ModelConfig | Model,
     qvariables: Variables | QuantizeResult,
-    input_shape: tuple[int, ...],
+    input_shape: tuple[int, ...] | None = None,
     metadata: dict[str, Any] | None = None,
 ) -> Artifact:
     """An ``Artifact`` with layout ``"quantized"`` for ``qvariables``, ready for ``save_artifact``.
@@ -83,10 +97,13 @@ def quantized_artifact(
     as ``load_artifact`` will.
 
     Args:
-        config: the model.
+        config: the model: a reference ``ModelConfig``, or any ``Model`` (then
+            ``load_artifact(path, model=model)`` loads the file, and the
+            artifact's ``.model`` holds ``qvariables``).
         qvariables: ``quantize(...).variables`` (or the ``QuantizeResult``),
             optionally with ``"quant_act"`` activation scales from ``calibrate``.
-        input_shape: shape of one example (no batch axis).
+        input_shape: shape of one example (no batch axis); required with a
+            ``ModelConfig``, taken from the example inputs of a ``Model``.
         metadata: free-form JSON-ready information.
 
     Raises:
@@ -104,40 +121,56 @@ def quantized_artifact(
         >>> size = save_artifact(path, quantized_artifact(cfg, q, (8, 8, 1)))
         >>> load_artifact(path).variables["params"]["dense_0"]["kernel"]
         QArray(int4, shape=(64, 64), channel, axis=1, 2304 bytes)
+
+        Any model, e.g. a plain function, with ``quant_act`` scales from ``calibrate``:
+
+        >>> import jax.numpy as jnp
+        >>> from jaxopt_serve.model import Model
+        >>> from jaxopt_serve.quant import calibrate, model_rules
+        >>> f = lambda p, x: jnp.tanh(x @ p["w1"]) @ p["w2"]
+        >>> x = jnp.linspace(-1, 1, 8 * 16).reshape(8, 16)
+        >>> m = Model.function(f, {"w1": jnp.ones((16, 32)) / 16, "w2": jnp.ones((32, 4))}, x)
+        >>> q = calibrate(m, quantize(m.variables, model_rules(m)).variables, x)
+        >>> path = os.path.join(tempfile.mkdtemp(), "f-int8.jxs")
+        >>> size = save_artifact(path, quantized_artifact(m, q))
+        >>> loaded = load_artifact(path, model=m)
+        >>> sorted(loaded.variables["quant_act"]), loaded.variables["params"]["w1"]
+        (['w1', 'w2'], QArray(int8, shape=(16, 32), channel, axis=1, 640 bytes))
     """
     if isinstance(qvariables, QuantizeResult):
         qvariables = qvariables.variables
     if not isinstance(qvariables, Mapping):
         raise TypeError(f"qvariables must be a variables dict or a QuantizeResult, got {type(qvariables).__name__}")
-    input_shape = tuple(int(d) for d in input_shape)
+    config, model, input_shape = _resolve_target(config, input_shape, "quantized_artifact")
     qvariables = jax.tree.map(lambda x: x.canonical() if is_qarray(x) else x, dict(qvariables), is_leaf=is_qarray)
-    check_qvariables(config, qvariables, input_shape)
-    return Artifact(config, dict(qvariables), input_shape, dict(metadata or {}), LAYOUT)
+    check_qvariables(config if config is not None else model, qvariables, input_shape)
+    qvariables = dict(qvariables)
+    return Artifact(config, qvariables, input_shape, dict(metadata or {}), LAYOUT,
+                    model=model.with_variables(qvariables) if model is not None else None)
 
 
-def check_qvariables(config: ModelConfig, qvariables: Mapping[str, Any], input_shape: tuple[int, ...]) -> None:
-    """Check that (quantized) variables fit ``config``'s model built for ``input_shape``.
+def check_qvariables(config: ModelConfig | Model, qvariables: Mapping[str, Any],
+                     input_shape: tuple[int, ...] | None = None) -> None:
+    """Check that (quantized) variables fit ``config``'s model built for ``input_shape``, or a ``Model``.
+
+    With a ``Model`` in place of the config, the variables are compared with the
+    model's own (``input_shape`` is not needed); either way the ``quant_act`` /
+    ``quant_smooth`` / ``quant_asym`` entries are checked too.
 
     Raises:
         ArtifactError: a variable is missing or extra, a float leaf has another
             shape or dtype than the model's, or a ``QArray`` does not have the
             shape and dtype of the variable it replaces; the message names the path.
     """
-    expected = jax.eval_shape(lambda: init_variables(config, 0, input_shape))
-    want = {path_str(path): leaf for path, leaf in jax.tree_util.tree_leaves_with_path(expected)}
-    rest = {name: tree for name, tree in qvariables.items() if name not in COLLECTIONS}
-    have = {path_str(path): leaf for path, leaf in jax.tree_util.tree_leaves_with_path(rest, is_leaf=is_qarray)}
-    missing, extra = sorted(set(want) - set(have)), sorted(set(have) - set(want))
-    if missing or extra:
-        raise ArtifactError(f"variables do not fit {config.name}: missing {missing}, unexpected {extra}")
-    for key, spec in want.items():
-        leaf = have[key]
-        kind = f"quantized variable {key} ({leaf.qtype})" if isinstance(leaf, QArray) else f"variable {key}"
-        shape, dtype = tuple(np.shape(leaf)) if not isinstance(leaf, QArray) else leaf.shape, _dtype_of(leaf)
-        if shape != tuple(spec.shape) or dtype != np.dtype(spec.dtype):
-            raise ArtifactError(
-                f"{kind} is {dtype}{list(shape)}, the model expects {spec.dtype}{list(spec.shape)}"
-            )
+    if isinstance(config, Model) and config.config is None:
+        want, name = _leaf_specs(config.variables), f"the {config.kind} model {config.name!r}"
+    else:
+        config, _, input_shape = _resolve_target(config, input_shape, "check_qvariables")
+        expected = jax.eval_shape(lambda: init_variables(config, 0, input_shape))
+        want = {path_str(p): _shape_dtype(leaf) for p, leaf in jax.tree_util.tree_leaves_with_path(expected)}
+        name = config.name
+    have = _model_leaves(qvariables)
+    _compare_leaves(want, have, name)
     for layer, scale in _collection(qvariables, ACT_COLLECTION, "scales"):
         value = np.asarray(scale)
         if value.shape != () or value.dtype != np.float32 or not (np.isfinite(value) and value > 0):
@@ -147,7 +180,7 @@ def check_qvariables(config: ModelConfig, qvariables: Mapping[str, Any], input_s
             )
     for layer, factor in _collection(qvariables, SMOOTH_COLLECTION, "smoothing factors"):
         value = np.asarray(factor)
-        kernel = have.get(f"params/{layer}/kernel")
+        kernel = _kernel_of(have, layer)
         if value.dtype != np.float32 or not np.all(np.isfinite(value) & (value > 0)):
             raise ArtifactError(f"smoothing factors {SMOOTH_COLLECTION}/{layer} must be positive finite float32")
         if kernel is None or tuple(np.shape(kernel))[: value.ndim] != value.shape:
@@ -158,8 +191,14 @@ def check_qvariables(config: ModelConfig, qvariables: Mapping[str, Any], input_s
         if value.shape != () or value.dtype != np.bool_ or not value:
             raise ArtifactError(f"asymmetric-activation mark {ASYM_COLLECTION}/{layer} must be a boolean True, "
                                 f"got {value.dtype}{list(value.shape)}")
-        if not isinstance(have.get(f"params/{layer}/kernel"), QArray):
+        if not isinstance(_kernel_of(have, layer), QArray):
             raise ArtifactError(f"asymmetric-activation mark {ASYM_COLLECTION}/{layer} names no quantized kernel")
+
+
+def _kernel_of(leaves: Mapping[str, Any], layer: str) -> Any:
+    """The leaf whose ``runtime.layer_key`` is ``layer``: ``params/<layer>/kernel`` or ``params/<layer>``; a ``QArray`` first."""
+    found = [leaves[p] for p in (f"params/{layer}/kernel", f"params/{layer}") if p in leaves]
+    return next((leaf for leaf in found if isinstance(leaf, QArray)), found[0] if found else None)
 
 
 def _collection(qvariables: Mapping[str, Any], name: str, what: str) -> list[tuple[str, Any]]:
@@ -170,9 +209,10 @@ def _collection(qvariables: Mapping[str, Any], name: str, what: str) -> list[tup
     return list(entries.items())
 
 
-def _decode_layout(config: ModelConfig, raw: Variables, header: dict[str, Any]) -> Variables:
+def _decode_layout(target: ModelConfig | Model, raw: Variables, header: dict[str, Any]) -> Variables:
     variables = decode_qtree(raw)
-    check_qvariables(config, variables, tuple(header["input_shape"]))
+    input_shape = header.get("input_shape")
+    check_qvariables(target, variables, tuple(input_shape) if input_shape is not None else None)
     return variables
 
 
@@ -305,10 +345,6 @@ def _is_int(x: Any) -> bool:
 def _name(path: tuple[str, ...]) -> str:
     return "/".join(path)
 
-
-
-def _dtype_of(leaf: Any) -> np.dtype:
-    return np.dtype(leaf.dtype) if hasattr(leaf, "dtype") else np.asarray(leaf).dtype
 
 
 register_layout(LAYOUT, _decode_layout, lambda variables, metadata: encode_qtree(variables))

@@ -32,15 +32,16 @@ from typing import Any
 import jax.numpy as jnp
 import numpy as np
 
+from jaxopt_serve.model import Model
 from jaxopt_serve.models.config import ModelConfig
 from jaxopt_serve.models.functional import Variables
 from jaxopt_serve.quant.qarray import QuantSpec, quantize_array
+from jaxopt_serve.quant.observe import calibration_batches, calibration_model, observe_batches
 from jaxopt_serve.quant.rules import QuantRule, dequantize_tree, first_match, quantize
 from jaxopt_serve.quant.runtime import (
     ASYM_COLLECTION,
     SMOOTH_COLLECTION,
     mark_asymmetric,
-    observe_inputs,
     quantized_dot,
 )
 
@@ -58,7 +59,7 @@ def smooth_factors(x_absmax: np.ndarray, w_absmax: np.ndarray, alpha: float) -> 
 
 
 def smooth_quantize(
-    config: ModelConfig,
+    model: Model | ModelConfig,
     variables: Variables,
     samples: Any,
     rules: Sequence[QuantRule],
@@ -66,25 +67,33 @@ def smooth_quantize(
     alpha: float | Sequence[float] = 0.5,
     asymmetric: str | None = None,
     method: str | None = None,
+    batch_size: int = 64,
+    max_rows: int = 4096,
     **apply_kwargs: Any,
 ) -> Variables:
     """Quantize ``variables`` by ``rules`` after SmoothQuant smoothing calibrated on ``samples``.
 
+    Works on any ``Model`` (Linen, NNX, plain function): every quantized kernel
+    consumed by a dot product that contracts its leading axes is smoothed; the
+    others (convolutions, kernels used transposed) are quantized unsmoothed.
+
     Args:
-        config: the model (Linen).
+        model: a ``Model``, or a reference ``ModelConfig``.
         variables: float variables.
-        samples: a calibration batch (the model's input).
+        samples: one calibration dataset or a list / iterator of batches (``quant.observe``).
         rules: quantization rules (int8 per-channel kernels are the usual choice).
         alpha: migration strength, 0 (none) to 1 (all of it into the weights);
             or several candidates, searched per layer (see the module docstring).
-        asymmetric: a regular expression of layer paths (e.g. ``"layer_[0-9]+/output"``)
+        asymmetric: a regular expression of layer keys (e.g. ``"layer_[0-9]+/output"``)
             whose inputs are quantized asymmetrically at run time; ``None``: none.
-        method, apply_kwargs: what the forward pass calls, e.g. ``method="encode",
-            attention_mask=mask`` for the Transformer's hidden states.
+        method, apply_kwargs: for reference Linen configs, what the forward pass calls, e.g.
+            ``method="encode", attention_mask=mask`` (a ``Model`` carries its own).
+        batch_size: samples per step when ``samples`` is one dataset.
+        max_rows: input rows per layer kept for the alpha search.
 
     Returns:
         Quantized variables with ``"quant_smooth"`` factors (and ``"quant_asym"``
-        marks), for ``quantized_predict_fn`` / ``quantized_apply`` in any mode.
+        marks), for ``quantized_predict_fn`` in any mode.
 
     Raises:
         ValueError: an alpha outside [0, 1], or an ``asymmetric`` pattern that matches no quantized layer.
@@ -93,34 +102,80 @@ def smooth_quantize(
     grid = [float(a) for a in (np.atleast_1d(alpha) if not isinstance(alpha, (int, float)) else [alpha])]
     if not grid or any(not 0.0 <= a <= 1.0 for a in grid):
         raise ValueError(f"alpha must be in [0, 1] (or a non-empty sequence of such values), got {alpha!r}")
+    handle = calibration_model(model, method, apply_kwargs)
     probe = quantize(variables, rules).variables
     if asymmetric is not None:
         probe = mark_asymmetric(probe, asymmetric)
     marks = probe.get(ASYM_COLLECTION, {})
-    observed = observe_inputs(config, probe, samples, method=method, **apply_kwargs)
     float_params = dequantize_tree(variables)["params"]
+    x_absmax: dict[str, np.ndarray] = {}
+    rows: dict[str, list[np.ndarray]] = {}
+    for observed, contracted in observe_batches(handle, probe, calibration_batches(handle, samples, batch_size)):
+        for key, x, kernel, n in dense_inputs(observed, contracted, float_params):
+            x = x.reshape(-1, *kernel.shape[:n])
+            peak = np.abs(x).max(axis=0)
+            x_absmax[key] = np.maximum(x_absmax[key], peak) if key in x_absmax else peak
+            kept = sum(len(r) for r in rows.get(key, []))
+            if kept < max_rows:
+                rows.setdefault(key, []).append(x[: max_rows - kept])
     smooth: dict[str, np.ndarray] = {}
     params = copy_tree(variables["params"])
-    for path, x, node, target in observed_layers(observed, float_params, params):
-        if "kernel" not in node or np.ndim(node["kernel"]) < 2 or np.ndim(node["kernel"]) > 3 + 1:
-            continue
-        kernel = np.asarray(node["kernel"], np.float32)
-        x = np.asarray(x, np.float32)
-        n = contracted_dims(x.shape, kernel.shape)
-        if n == 0 or kernel.ndim == 4:  # no Dense-like contraction (e.g. a conv): leave it
-            continue
+    for key, peak in x_absmax.items():
+        parts = leaf_parts(float_params, key)
+        kernel = np.asarray(get_leaf(float_params, parts), np.float32)
+        n = peak.ndim
         if len(grid) == 1:
             best = grid[0]
         else:
-            rule = first_match(f"params/{path}/kernel", rules)
+            rule = first_match("params/" + "/".join(parts), rules)
             spec = rules[rule].spec if rule is not None and rules[rule].spec is not None else QuantSpec()
-            best, _ = search_alpha(x, kernel, spec, grid, act_symmetric=path not in marks)
-        s = smooth_factors(*_absmax(x, kernel, n), best)
-        target["kernel"] = jnp.asarray(kernel * _broadcast(s, kernel.ndim))
-        smooth[path] = s
+            best, _ = search_alpha(np.concatenate(rows[key]), kernel, spec, grid, act_symmetric=key not in marks)
+        w_absmax = np.abs(kernel.reshape(*kernel.shape[:n], -1)).max(axis=-1)
+        s = smooth_factors(peak, w_absmax, best)
+        set_leaf(params, parts, jnp.asarray(kernel * _broadcast(s, kernel.ndim)))
+        smooth[key] = s
     smoothed = {**variables, "params": params}
     result = {**quantize(smoothed, rules).variables, SMOOTH_COLLECTION: smooth}
     return {**result, ASYM_COLLECTION: marks} if marks else result
+
+
+def dense_inputs(observed: dict[str, np.ndarray], contracted: dict[str, Any], params: Any
+                 ) -> Iterator[tuple[str, np.ndarray, np.ndarray, int]]:
+    """``(layer key, input, float kernel, n)`` for each observed dot that contracts the kernel's ``n`` leading axes.
+
+    Convolutions and kernels contracted on other axes (e.g. ``x @ w.T``) are left out.
+    """
+    for key, x in observed.items():
+        axes = contracted.get(key)
+        if not axes or tuple(axes) != tuple(range(len(axes))):
+            continue
+        kernel = np.asarray(get_leaf(params, leaf_parts(params, key)), np.float32)
+        n = len(axes)
+        if kernel.ndim <= n or tuple(x.shape[x.ndim - n:]) != tuple(kernel.shape[:n]):
+            continue
+        yield key, x, kernel, n
+
+
+def leaf_parts(params: Any, key: str) -> list[str]:
+    """The path inside ``params`` of the kernel a layer key names (``key/kernel`` when that exists, else ``key``)."""
+    parts = key.split("/") if key else []
+    node = params
+    for part in parts:
+        node = node[part]
+    return [*parts, "kernel"] if isinstance(node, dict) and "kernel" in node else parts
+
+
+def get_leaf(tree: Any, parts: Sequence[str]) -> Any:
+    for part in parts:
+        tree = tree[part]
+    return tree
+
+
+def set_leaf(tree: dict, parts: Sequence[str], value: Any) -> None:
+    """Replace a leaf of nested dicts in place (copy the dicts first with ``copy_tree``)."""
+    for part in parts[:-1]:
+        tree = tree[part]
+    tree[parts[-1]] = value
 
 
 def search_alpha(
@@ -169,15 +224,6 @@ def _broadcast(s: np.ndarray, kernel_ndim: int) -> np.ndarray:
 def copy_tree(tree: Any) -> Any:
     """A copy of the nested dicts of ``tree`` (leaves shared), to replace leaves in."""
     return {k: copy_tree(v) for k, v in tree.items()} if isinstance(tree, dict) else tree
-
-
-def observed_layers(observed: dict[str, Any], source: dict, target: dict) -> Iterator[tuple[str, Any, dict, dict]]:
-    """``(path, input, source node, target node)`` per observed layer, the nodes found by the layer path."""
-    for path, x in observed.items():
-        node, out = source, target
-        for part in path.split("/"):
-            node, out = node[part], out[part]
-        yield path, x, node, out
 
 
 def contracted_dims(x_shape: tuple[int, ...], kernel_shape: tuple[int, ...]) -> int:

@@ -1,11 +1,17 @@
 """Dynamic batching in front of the inference engine.
 
 Callers ``submit(x)`` (a batch of one or more examples) and get a
-``concurrent.futures.Future``; ``await batcher.predict(x)`` is the asyncio
-form. One worker thread takes waiting requests in arrival order until their
-rows reach ``max_batch`` or ``max_wait_ms`` has passed since the first one,
-runs them as one engine call (the engine pads to its bucket) and hands each
-request its own rows back.
+``concurrent.futures.Future``; ``await batcher.predict_async(x)`` is the asyncio
+form. A request is whatever the engine takes as one input: an array, a pytree
+(``{"input_ids": ..., "attention_mask": ...}``), or a tuple of the inputs of a
+model with several; axis 0 of every leaf holds the request's rows. One worker
+thread takes waiting requests in arrival order until their rows reach
+``max_batch`` or ``max_wait_ms`` has passed since the first one, concatenates
+them leaf by leaf, runs them as one engine call (the engine pads to its
+bucket) and hands each request its own rows of every output leaf back. With
+an engine that buckets sequence lengths (``length_buckets``), requests of
+different lengths are zero-padded to the longest one in the batch and every
+request's outputs are cut back to its own length along ``output_length_axes``.
 
 Overload is explicit: the queue holds at most ``max_queue`` requests and
 ``submit`` on a full queue raises ``Overloaded`` at once. A request whose
@@ -26,6 +32,7 @@ from typing import Any
 
 import numpy as np
 
+from jaxopt_serve.engine.pytrees import batch_rows, concat_rows, take_rows
 from jaxopt_serve.serve.metrics import ServingMetrics
 
 
@@ -42,10 +49,13 @@ class Closed(RuntimeError):
 
 
 class _Request:
-    __slots__ = ("x", "future", "arrived", "deadline", "loop")
+    __slots__ = ("x", "rows", "length", "future", "arrived", "deadline", "loop")
 
-    def __init__(self, x: np.ndarray, deadline: float | None, loop: asyncio.AbstractEventLoop | None = None) -> None:
-        self.x = x
+    def __init__(self, x: Any, rows: int, length: int | None, deadline: float | None,
+                 loop: asyncio.AbstractEventLoop | None = None) -> None:
+        self.x = x  # a checked request: an array or a pytree of arrays, rows on axis 0 of every leaf
+        self.rows = rows
+        self.length = length  # its sequence length, for an engine with length buckets
         self.loop = loop  # asyncio requests: resolved on their loop, one wake-up per batch
         self.future: Any = loop.create_future() if loop is not None else concurrent.futures.Future()
         self.arrived = time.perf_counter()
@@ -85,7 +95,8 @@ class DynamicBatcher:
 
     Args:
         engine: an ``InferenceEngine`` (or anything with ``check_input``, ``__call__``,
-            ``bucket_for``, ``max_batch`` and ``compile_count``).
+            ``bucket_for``, ``max_batch`` and ``compile_count``; ``request_length``,
+            ``pad_request`` and ``cut_outputs`` when it has ``length_buckets``).
         max_batch: rows per engine call (default: the engine's largest bucket).
         max_wait_ms: how long the first request of a batch may wait for company; 0 (default)
             batches greedily: whatever queued while the engine was busy runs next, so an idle
@@ -133,7 +144,7 @@ class DynamicBatcher:
     # -- intake -------------------------------------------------------------------------------------
 
     def submit(self, x: Any, *, timeout_s: float | None = None, _loop: Any = None) -> Any:
-        """Queue ``x`` (a batch of examples); its future resolves to the outputs for those rows.
+        """Queue ``x`` (a batch of examples, any pytree the engine takes); its future resolves to their outputs.
 
         Raises (at once, nothing queued):
             ValueError: ``x`` does not fit the model, or has more rows than ``max_request_rows``.
@@ -141,10 +152,12 @@ class DynamicBatcher:
             Closed: the batcher is shutting down.
         """
         x = self.engine.check_input(x)
-        if len(x) > self.max_request_rows:
-            raise ValueError(f"a request may hold at most {self.max_request_rows} examples, got {len(x)}")
+        rows = batch_rows(x)
+        if rows > self.max_request_rows:
+            raise ValueError(f"a request may hold at most {self.max_request_rows} examples, got {rows}")
+        length = self.engine.request_length(x) if getattr(self.engine, "length_buckets", None) else None
         timeout = self.timeout_s if timeout_s is None else timeout_s
-        request = _Request(x, time.perf_counter() + timeout if timeout is not None else None, _loop)
+        request = _Request(x, rows, length, time.perf_counter() + timeout if timeout is not None else None, _loop)
         with self._cond:
             if self._closing:
                 raise Closed("the batcher is shutting down; no new requests")
@@ -157,11 +170,11 @@ class DynamicBatcher:
             self._cond.notify()
         return request.future
 
-    def predict(self, x: Any, *, timeout_s: float | None = None) -> np.ndarray:
+    def predict(self, x: Any, *, timeout_s: float | None = None) -> Any:
         """``submit(x).result()``: block until the outputs are ready."""
         return self.submit(x, timeout_s=timeout_s).result()
 
-    async def predict_async(self, x: Any, *, timeout_s: float | None = None) -> np.ndarray:
+    async def predict_async(self, x: Any, *, timeout_s: float | None = None) -> Any:
         """The asyncio form of ``predict``: the outputs for ``x``, awaited on the running loop.
 
         The worker resolves all of a batch's requests from one loop with a
@@ -181,16 +194,16 @@ class DynamicBatcher:
                 self._cond.wait()
             first_arrival = self._queue[0].arrived
             while True:
-                rows = sum(len(r.x) for r in self._queue)
+                rows = sum(r.rows for r in self._queue)
                 remaining = first_arrival + self.max_wait - time.perf_counter()
                 if rows >= self.max_batch or remaining <= 0 or self._closing:
                     break
                 self._cond.wait(remaining)
             batch, rows = [], 0
-            while self._queue and (not batch or rows + len(self._queue[0].x) <= self.max_batch):
+            while self._queue and (not batch or rows + self._queue[0].rows <= self.max_batch):
                 request = self._queue.popleft()
                 batch.append(request)
-                rows += len(request.x)
+                rows += request.rows
             self.metrics.queue_length = len(self._queue)
             return batch
 
@@ -208,7 +221,7 @@ class DynamicBatcher:
                 elif request.loop is not None or request.future.set_running_or_notify_cancel():
                     live.append(request)
             if live:
-                x = live[0].x if len(live) == 1 else np.concatenate([r.x for r in live])
+                x = self._combine(live)
                 start = time.perf_counter()
                 try:
                     out = self.engine(x)
@@ -217,18 +230,33 @@ class DynamicBatcher:
                     settled += [(request, None, err) for request in live]
                 else:
                     done = time.perf_counter()
-                    rows = len(x)
+                    rows = sum(r.rows for r in live)
                     bucket = self.engine.bucket_for(min(rows, self.engine.max_batch))
                     self.metrics.record_batch(rows=rows, bucket=bucket, exec_ms=(done - start) * 1e3)
                     self.metrics.compile_count = self.engine.compile_count
                     offset = 0
                     for request in live:
-                        n = len(request.x)
-                        settled.append((request, out[offset : offset + n], None))
-                        offset += n
+                        settled.append((request, self._own(out, offset, request), None))
+                        offset += request.rows
                         self.metrics.record_request(latency_ms=(done - request.arrived) * 1e3,
                                                     queue_ms=(start - request.arrived) * 1e3)
             _settle(settled)
+
+    def _combine(self, live: list[_Request]) -> Any:
+        """One engine batch: the requests concatenated leaf by leaf (padded to one length first, if any)."""
+        if len(live) == 1:
+            return live[0].x
+        requests = [r.x for r in live]
+        lengths = {r.length for r in live}
+        if len(lengths) > 1:
+            longest = max(lengths)
+            requests = [self.engine.pad_request(x, longest) for x in requests]
+        return concat_rows(requests)
+
+    def _own(self, out: Any, offset: int, request: _Request) -> Any:
+        """A request's rows of every output leaf (cut back to its own length, if any)."""
+        mine = take_rows(out, offset, offset + request.rows)
+        return self.engine.cut_outputs(mine, request.length) if request.length is not None else mine
 
     # -- shutdown -------------------------------------------------------------------------------------
 

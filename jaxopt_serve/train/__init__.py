@@ -1,5 +1,6 @@
 """Training: a seeded, jit-compiled optax loop reused by every chapter."""
 
+from jaxopt_serve.train.batch_stats import reestimate_batch_stats
 from jaxopt_serve.train.loop import (
     FitResult,
     LossFn,
@@ -25,4 +26,5 @@ __all__ = [
     "fit",
     "init_state",
     "make_train_step",
+    "reestimate_batch_stats",
 ]

@@ -76,11 +76,14 @@ def test_dynamic_mode_runs_an_int8_dot_and_weight_only_does_not(name):
     config = MODELS[name]
     qvariables = quantize(init_variables(config, 0)).variables
     x = _inputs(config, 4)
-    op = "convolution" if name == "cnn" else "dot"
+    # Integer convolutions run as windows + one int8 dot (intconv.int8_conv): XLA:CPU's own int8 convolution
+    # returns wrong values under some shardings. So both models must show int8 dots, and no int8 convolution.
+    op = "dot_general"
     dynamic = jax.jit(quantized_predict_fn(config, mode="dynamic")).lower(qvariables, x).as_text()
     weight_only = jax.jit(quantized_predict_fn(config, mode="weight_only")).lower(qvariables, x).as_text()
     int_ops = [line for line in dynamic.splitlines() if f"stablehlo.{op}" in line and "tensor<" in line and "xi8>" in line]
     assert int_ops and all("xi32>" in line.split("->")[-1] for line in int_ops)
+    assert not [line for line in dynamic.splitlines() if "stablehlo.convolution" in line and "xi8>" in line]
     assert not [line for line in weight_only.splitlines() if f"stablehlo.{op}" in line and "xi8>" in line.split("->")[0]]
 
 
@@ -110,7 +113,7 @@ def test_asymmetric_kernels_match_their_dequantized_model():
 def test_quantized_embedding_is_a_clear_error():
     config = MODELS["transformer"]
     q = quantize(init_variables(config, 0), [QuantRule(r".*word_embeddings/embedding", QuantSpec())]).variables
-    with pytest.raises(ValueError, match="word_embeddings/embedding: quantized execution handles quantized kernels"):
+    with pytest.raises(ValueError, match="word_embeddings/embedding: this quantized leaf is consumed by `gather`"):
         quantized_predict_fn(config)(q, _inputs(config, 2))
 
 

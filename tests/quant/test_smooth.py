@@ -105,3 +105,22 @@ def test_bad_asymmetric_marks_are_named(outlier_case):
         check_qvariables(CONFIG, {**q, ASYM_COLLECTION: {"dense_9": np.bool_(True)}}, (32,))
     with pytest.raises(ArtifactError, match="boolean True"):
         check_qvariables(CONFIG, mark_asymmetric(q, "dense_0") | {ASYM_COLLECTION: {"dense_0": np.float32(1)}}, (32,))
+
+
+def test_nnx_smoothquant_matches_linen_on_the_same_weights(outlier_case):
+    """NNX and Linen run SmoothQuant through the same traced-program rewrite, so the same weights give the same
+    quality (it was once off by orders of magnitude in NNX, where the smoothing division was skipped)."""
+    from jaxopt_serve.models import NNXMLPConfig
+
+    variables, x = outlier_case
+    nnx_config = NNXMLPConfig(features=CONFIG.features, num_classes=CONFIG.num_classes, input_shape=CONFIG.input_shape)
+    ref = predict_fn(CONFIG)(variables, x)
+    errors = {}
+    for config in (CONFIG, nnx_config):
+        np.testing.assert_allclose(predict_fn(config)(variables, x), ref, rtol=1e-5, atol=1e-5)  # the same function
+        smooth = smooth_quantize(config, variables, x[:64], RULES, alpha=0.5)
+        assert set(smooth[SMOOTH_COLLECTION]) == {"dense_0", "classifier"}
+        errors[config.name] = _error(jax.jit(quantized_predict_fn(config, mode="dynamic"))(smooth, x), ref)
+    plain = _error(jax.jit(quantized_predict_fn(CONFIG, mode="dynamic"))(quantize(variables, RULES).variables, x), ref)
+    assert errors["nnx_mlp"] < 0.5 * plain
+    assert abs(errors["nnx_mlp"] - errors[CONFIG.name]) <= 1e-3 * errors[CONFIG.name]
