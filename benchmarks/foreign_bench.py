@@ -9,15 +9,18 @@ an NNX attention model, a Linen model of raw ``self.param`` weights used with
 built and trained by the helpers of ``tests/foreign/conftest.py``. It computes
 at full scale what ``tests/foreign/test_quant.py`` checks on small batches:
 
-* int8 per-channel (``model_rules``) in every mode, static calibrated on the
-  training split: minimum per-example logit cosine to float over 256 held-out
-  examples, and which kernels ``execution_report`` says ran int8 in dynamic mode;
+* int8 per-channel (``model_rules``) in every mode, static calibrated as the
+  tests do (``calibrate``, absmax, the first 256 training examples; the cosine
+  with the whole training split is listed too): minimum per-example logit
+  cosine to float over 256 held-out examples, and which kernels
+  ``execution_report`` says ran int8 in dynamic mode;
 * int4 per-group (``int4_rules``), weight-only: the same cosine;
 * ``export_model`` (int8, dynamic) loaded in a fresh interpreter where
   jaxopt_serve cannot be imported (``tests/standalone.py``) against in-process;
 * every mode on three meshes of 8 CPU devices (data 8x1, model 1x8, 2-D 2x4,
   ``model_parallel_rules``) against one device;
-* the MiniLM sentence encoder served by an engine (skipped while
+* the MiniLM sentence encoder: ``SentenceEncoder.engine`` against the
+  encoder's own jitted embedding function on 64 sentences (skipped while
   ``SentenceEncoder`` has no ``engine``);
 * the qwix peer (``pip install qwix==0.1.8``, the ``bench`` extra): W8A8 PTQ
   with dynamic activation scales, logit cosine and jit time at batch 256 next
@@ -25,6 +28,10 @@ at full scale what ``tests/foreign/test_quant.py`` checks on small batches:
   Flax modules, so it is tried on the Linen and NNX models; each failure is
   recorded with its exception. Its rules quantize every dot / conv except the
   attention modules' own score and value products, which ours keeps float too.
+  qwix patches JAX functions while tracing, which JAX's trace caches do not
+  see (a ``jnp.matmul`` traced under qwix replays qwix's int8 code in a float
+  model of the same shapes), so each qwix model is compiled ahead of time
+  between two ``jax.clear_caches()``, and every timed function is AOT-compiled.
 
 Sharded runs reorder float sums (about 2e-7 of the output scale). In the
 integer modes that can move an activation across an int8 rounding boundary,
@@ -41,8 +48,10 @@ from __future__ import annotations
 
 import argparse
 import functools
+import json
 import math
 import os
+import platform
 import sys
 import tempfile
 import time
@@ -64,13 +73,15 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 sys.path.insert(0, os.path.join(os.path.dirname(HERE), "tests"))  # the foreign zoo and the standalone loader
 
-from common import Report  # noqa: E402
+from common import Report, _print_rows as print_rows  # noqa: E402
 from foreign import conftest as zoo  # noqa: E402
 from foreign import models as zoo_models  # noqa: E402
 from jax.sharding import NamedSharding, PartitionSpec as P  # noqa: E402
 from standalone import run_standalone  # noqa: E402
 
 from jaxopt_serve.data import load_digits  # noqa: E402
+from jaxopt_serve.fileio import atomic_write  # noqa: E402
+from jaxopt_serve.timing import device_description  # noqa: E402
 from jaxopt_serve.engine import export_model, make_mesh, model_parallel_rules  # noqa: E402
 from jaxopt_serve.engine.sharding import DATA, shard_variables  # noqa: E402
 from jaxopt_serve.quant import calibrate, quantize, quantized_predict_fn, serving_layout  # noqa: E402
@@ -78,6 +89,7 @@ from jaxopt_serve.quant.runtime import MODES, execution_report  # noqa: E402
 from jaxopt_serve.quant.select import int4_rules, model_rules, weight_paths  # noqa: E402
 
 HELD_OUT = 256
+CALIBRATION_BATCH = 128
 INT8_MIN_COSINE = 0.999
 INT4_MIN_COSINE = 0.98
 SHARDED_REL_TOL = 1e-5
@@ -106,19 +118,46 @@ class BenchReport(Report):
             self.checks[-1]["note"] = note
 
     def print(self) -> None:
-        checks, self.checks = self.checks, [c for c in self.checks if c["value"] is not None]
-        try:
-            super().print()
-        finally:
-            self.checks = checks
-        for c in checks:
-            if c["value"] is None:
-                print(f"{c['name']}  null  target {c['op']} {c['target']}  SKIPPED")
-        notes = [c for c in checks if c.get("note")]
+        """Like ``Report.print``, with values to 6 significant digits (1e-06 is not printed as 0) and notes."""
+        print(f"\n== {self.title} on {device_description()}; CPU: {cpu_name()} ==")
+        for name, rows in self.tables.items():
+            print(f"\n-- {name} --")
+            print_rows(rows)
+        print("\n-- acceptance checks --")
+        print_rows([{"check": c["name"], "value": "null" if c["value"] is None else f"{c['value']:.6g}",
+                     "target": f"{c['op']} {c['target']:.6g}",
+                     "result": "SKIP" if c["passed"] is None else "PASS" if c["passed"] else "MISS"}
+                    for c in self.checks])
+        notes = [c for c in self.checks if c.get("note")]
         if notes:
             print("\n-- notes --")
             for c in notes:
                 print(f"{c['name']}: {c['note']}")
+
+
+    def write(self, path: str | None) -> None:
+        if path:
+            payload = {"device": device_description(), "cpu": cpu_name(), "checks": self.checks, "tables": self.tables}
+            atomic_write(path, (json.dumps(payload, indent=2) + "\n").encode())
+            print(f"wrote {path}")
+
+
+def cpu_name() -> str:
+    """The host CPU's model name, core count and widest x86 vector extension, e.g. ``AMD EPYC, 2 cores, AVX2``."""
+    name, flags = platform.processor() or platform.machine(), set()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                if key.strip() == "model name" and name in ("", platform.machine(), platform.processor()):
+                    name = value.strip()
+                elif key.strip() == "flags":
+                    flags = set(value.split())
+    except OSError:
+        pass
+    vector = next((label for flag, label in (("avx512f", "AVX-512"), ("avx2", "AVX2"), ("avx", "AVX")) if flag in flags),
+                  None)
+    return ", ".join(x for x in (name, f"{os.cpu_count()} cores", vector) if x)
 
 
 # ---------------------------------------------------------------------------------------------- helpers
@@ -202,12 +241,18 @@ def quantization_steps(name: str, case: dict[str, Any]) -> dict[str, Any]:
     weights = weight_paths(model)
     rules = model_rules(model)
     q = quantize(model.variables, rules).variables
-    qs = calibrate(model, q, case["x_train"], method="absmax", batch_size=256)
+    # Static scales as the tests calibrate them: absmax over the first TRAIN_SUBSET training examples.
+    qs = calibrate(model, q, zoo.take(case["x_train"], slice(0, zoo.TRAIN_SUBSET)), method="absmax",
+                   batch_size=CALIBRATION_BATCH)
     outputs, cosines = {}, {}
+    predict = {mode: jax.jit(quantized_predict_fn(model, mode=mode)) for mode in MODES}
     for mode in MODES:
-        out = jax.jit(quantized_predict_fn(model, mode=mode))(qs, held)
+        out = predict[mode](qs, held)
         outputs[mode] = jax.tree.map(np.asarray, out)
         cosines[mode] = float(cosine_per_example(logits_of(out), reference).min())
+    # For the record, not a check: absmax over the whole training split (more outliers, coarser static scales).
+    q_all = calibrate(model, q, case["x_train"], method="absmax", batch_size=CALIBRATION_BATCH)
+    static_all = float(cosine_per_example(logits_of(predict["static"](q_all, held)), reference).min())
     report = execution_report(model, qs, held, mode="dynamic")
     eligible = {r.pattern.replace("\\", "") for r in rules} | set(weights)
     int8 = sorted(p for p in eligible if report.get(p) and all(how == "int8" for _, how in report[p]))
@@ -216,7 +261,8 @@ def quantization_steps(name: str, case: dict[str, Any]) -> dict[str, Any]:
     out4 = jax.jit(quantized_predict_fn(model, mode="weight_only"))(q4, held)
     cos4 = float(cosine_per_example(logits_of(out4), reference).min())
     return {"q": qs, "outputs": outputs, "cosines": cosines, "eligible": len(eligible), "int8": len(int8),
-            "not_int8": not_int8, "int4_cosine": cos4, "float_out": float_out}
+            "not_int8": not_int8, "int4_cosine": cos4, "float_out": float_out,
+            "static_all": static_all, "train_n": len(jax.tree.leaves(case["x_train"])[0])}
 
 
 def export_steps(cases: dict[str, dict[str, Any]], quant: dict[str, dict[str, Any]]) -> dict[str, float]:
@@ -288,7 +334,8 @@ def qwix_predict(name: str, case: dict[str, Any]) -> tuple[Any, Any, int]:
         abstract = jax.eval_shape(functools.partial(qmodel.init, **kwargs), jax.random.key(0), held)
         qparams = qwix.quantize_params(model.variables["params"], abstract["params"])
         variables = {**model.variables, "params": qparams}
-        fn = jax.jit(lambda v, x: qmodel.apply(v, x, **kwargs))
+        # Compiled ahead of time, so that the caches can be cleared after qwix (see qwix_section).
+        fn = jax.jit(lambda v, x: qmodel.apply(v, x, **kwargs)).lower(variables, held).compile()
         jax.block_until_ready(fn(variables, held))  # the failure, if any, surfaces here
         count = sum(1 for leaf in jax.tree.leaves(qparams, is_leaf=is_aux) if is_aux(leaf))
         return fn, variables, count
@@ -297,7 +344,7 @@ def qwix_predict(name: str, case: dict[str, Any]) -> tuple[Any, Any, int]:
         module.eval()
         qmodule = qwix.quantize_model(module, provider, held[:2])
         graphdef, state = nnx.split(qmodule)
-        fn = jax.jit(lambda s, x: nnx.merge(graphdef, s)(x))
+        fn = jax.jit(lambda s, x: nnx.merge(graphdef, s)(x)).lower(state, held).compile()
         jax.block_until_ready(fn(state, held))
         count = sum(1 for leaf in jax.tree.leaves(nnx.to_pure_dict(state), is_leaf=is_aux) if is_aux(leaf))
         if count == 0:  # NNX keeps WithAux inside Params; look at the module's attributes
@@ -322,23 +369,29 @@ def qwix_section(report: BenchReport, cases: dict[str, dict[str, Any]], quant: d
     for name, case in cases.items():
         model, held, logits_of = case["model"], case["held"], case["logits_of"]
         q = quant[name]["q"]
-        ours = jax.jit(quantized_predict_fn(model, mode="dynamic"))
         qs = serving_layout(q)
-        f32 = jax.jit(model)
-        reference = logits_of(quant[name]["float_out"])
+        reference = logits_of(quant[name]["float_out"])  # computed before qwix was ever called
         row: dict[str, Any] = {"model": name, "kind": model.kind, "weights": quant[name]["eligible"],
                                "ours cos": quant[name]["cosines"]["dynamic"]}
-        fns = {"f32": lambda: f32(model.variables, held), "ours": lambda: ours(q, held),
-               "ours serving": lambda: ours(qs, held)}
+        qfn = None
         try:
-            # qwix intercepts lax.dot_general while tracing; a jnp.matmul already traced at this shape (training,
-            # our runs) would replay its cached jaxpr unseen and leave that weight float. Start from clean caches.
+            # qwix patches jax.lax.dot_general & co. while its module traces. JAX's trace caches do not know: a
+            # jnp.matmul traced earlier at these shapes replays unseen (that weight silently stays float), and a
+            # jnp.matmul qwix traced replays qwix's int8 code inside any later model, the float one included.
+            # So: qwix compiles ahead of time on clean caches, and the caches are cleared again after it.
             jax.clear_caches()
             qfn, qarg, qcount = qwix_predict(name, case)
         except Exception as err:  # noqa: BLE001 - record whatever qwix raises
             failures[name] = first_line(err)
-            qfn = None
             print(f"[qwix] {name}: {failures[name]}", flush=True)
+        finally:
+            jax.clear_caches()
+        aot = lambda fn, *args: jax.jit(fn).lower(*args).compile()  # noqa: E731
+        f32 = aot(model, model.variables, held)
+        ours = aot(quantized_predict_fn(model, mode="dynamic"), q, held)
+        ours_serving = aot(quantized_predict_fn(model, mode="dynamic"), qs, held)
+        fns = {"f32": lambda: f32(model.variables, held), "ours": lambda: ours(q, held),
+               "ours serving": lambda: ours_serving(qs, held)}
         if qfn is not None:
             row["qwix int8 weights"] = qcount
             row["qwix cos"] = float(cosine_per_example(logits_of(qfn(qarg, held)), reference).min())
@@ -355,7 +408,7 @@ def qwix_section(report: BenchReport, cases: dict[str, dict[str, Any]], quant: d
         rows.append(row)
         print(f"[qwix] {name}: {({k: round(v, 3) for k, v in ms.items()})}", flush=True)
     report.table(f"qwix {qwix.__version__} W8A8 PTQ (dynamic activations) vs ours (mode='dynamic'), batch {HELD_OUT}, "
-                 f"jit, median of {rounds} interleaved runs; cos = min per-example logit cosine to f32", rows)
+                 f"AOT-compiled jit, median of {rounds} interleaved runs; cos = min per-example logit cosine to f32", rows)
     ours_ok = {n for n in cases if quant[n]["cosines"]["dynamic"] >= INT8_MIN_COSINE and quant[n]["not_int8"] == {}}
     where = sorted(ours_ok & set(failures))
     report.check("models_quantized_where_qwix_fails", len(where), 0, ">=",
@@ -483,6 +536,8 @@ def main(argv: list[str] | None = None) -> int:
             passing.append(name)
         for row in rows:
             del row["passed"]
+        rows.append({"step": f"(info) int8 static, calibrated on all {r['train_n']} training examples",
+                     "value": r["static_all"], "target": "", "result": ""})
         if r["not_int8"]:
             rows.append({"step": "kernels not int8 in dynamic mode", "value": str(r["not_int8"]), "target": "",
                          "result": ""})

@@ -457,15 +457,9 @@ def _is_key(leaf: Any) -> bool:
 
 def _path(key_path: Any) -> str:
     """``"params/dense_0/kernel"`` from a jax key path (the quantization rules' path form)."""
-    parts = []
-    for key in key_path:
-        for attr in ("key", "name", "idx"):
-            if hasattr(key, attr):
-                parts.append(str(getattr(key, attr)))
-                break
-        else:
-            parts.append(str(key))
-    return "/".join(parts)
+    from jaxopt_serve.quant.rules import path_str
+
+    return path_str(key_path)
 
 
 def _unwrap_keys(variables: Mapping[str, Any]) -> dict[str, Any]:

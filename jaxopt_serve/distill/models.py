@@ -21,7 +21,7 @@ import optax
 from jaxopt_serve.distill.losses import check_temperature, distillation_loss, soft_kl
 from jaxopt_serve.model import Model
 from jaxopt_serve.train.batch_stats import reestimate_batch_stats
-from jaxopt_serve.train.loop import BN_BATCHES, BN_RNG_SALT, LogitsOf, fit, select_logits
+from jaxopt_serve.train.loop import BN_RNG_SALT, LogitsOf, _bn_batches, fit, select_logits
 
 Variables = dict[str, Any]
 DistillLoss = Callable[[Any, Any, Any], Any]
@@ -141,12 +141,7 @@ def distill_models(
         raise ValueError(
             f"unlabeled batches (labeled=False) need alpha=1 (soft loss only) or a custom loss, got alpha={alpha}"
         )
-    if isinstance(reestimate_bn, bool):
-        bn_batches = BN_BATCHES if reestimate_bn else 0
-    elif isinstance(reestimate_bn, int) and reestimate_bn >= 0:
-        bn_batches = reestimate_bn
-    else:
-        raise ValueError(f"reestimate_bn must be a bool or a number of batches >= 0, got {reestimate_bn!r}")
+    bn_batches = _bn_batches(reestimate_bn, student)
     if optimizer is None:
         from jaxopt_serve.train.recipes import default_optimizer
 

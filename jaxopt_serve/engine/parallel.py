@@ -8,20 +8,20 @@ from typing import Any, Callable
 import jax
 import numpy as np
 
-from jaxopt_serve.models.config import ModelConfig
 from jaxopt_serve.models.functional import Variables
 from jaxopt_serve.quant.qarray import has_qarrays
 from jaxopt_serve.quant.runtime import inference_fn
 
 
 def pmap_predict_fn(
-    config: ModelConfig, *, devices: Sequence[jax.Device] | None = None, quant_mode: str = "auto"
-) -> Callable[[Variables, Any], np.ndarray]:
-    """``f(variables, x) -> outputs`` that runs ``x`` split across ``devices`` with ``jax.pmap``.
+    config: Any, *, devices: Sequence[jax.Device] | None = None, quant_mode: str = "auto"
+) -> Callable[..., Any]:
+    """``f(variables, *inputs) -> outputs`` that runs the inputs split across ``devices`` with ``jax.pmap``.
 
-    The batch is padded to a multiple of the device count, reshaped to
-    ``(devices, per_device, ...)`` and the outputs are flattened and cut back.
-    Quantized variables run quantized.
+    ``config`` is a ``Model`` (inputs and outputs any pytrees) or a reference
+    ``ModelConfig``. Every input leaf is padded along axis 0 to a multiple of the
+    device count and reshaped to ``(devices, per_device, ...)``; every output leaf
+    is flattened back and cut to the batch. Quantized variables run quantized.
 
     Example:
         >>> import numpy as np
@@ -34,17 +34,21 @@ def pmap_predict_fn(
     n = len(devices)
     compiled: dict[bool, Any] = {}
 
-    def predict(variables: Variables, x: Any) -> np.ndarray:
+    def predict(variables: Variables, *inputs: Any) -> Any:
         quantized = has_qarrays(variables)
         if quantized not in compiled:
             base = inference_fn(config, variables, mode=quant_mode)
-            compiled[quantized] = jax.pmap(base, in_axes=(None, 0), devices=devices)
-        x = np.asarray(x)
-        rows = len(x)
+            compiled[quantized] = jax.pmap(lambda v, xs: base(v, *xs), in_axes=(None, 0), devices=devices)
+        inputs = jax.tree.map(np.asarray, inputs)
+        rows = len(jax.tree.leaves(inputs)[0])
         per = -(-rows // n)
-        padded = np.concatenate([x, np.zeros((per * n - rows, *x.shape[1:]), x.dtype)]) if per * n != rows else x
-        out = compiled[quantized](variables, padded.reshape(n, per, *x.shape[1:]))
-        out = np.asarray(out)
-        return out.reshape(n * per, *out.shape[2:])[:rows]
+
+        def split(x: np.ndarray) -> np.ndarray:
+            if per * n != rows:
+                x = np.concatenate([x, np.zeros((per * n - rows, *x.shape[1:]), x.dtype)])
+            return x.reshape(n, per, *x.shape[1:])
+
+        out = compiled[quantized](variables, jax.tree.map(split, inputs))
+        return jax.tree.map(lambda o: np.asarray(o).reshape(n * per, *o.shape[2:])[:rows], out)
 
     return predict

@@ -37,18 +37,9 @@ def slash_names(tree: Any, *, empty: str = "outputs") -> list[str]:
         >>> slash_names(({"logits": 1}, 2)), slash_names(3)
         (['0/logits', '1'], ['outputs'])
     """
-    names = []
-    for path, _ in jax.tree_util.tree_flatten_with_path(tree)[0]:
-        parts = []
-        for entry in path:
-            for attr in ("key", "idx", "name"):
-                if hasattr(entry, attr):
-                    parts.append(str(getattr(entry, attr)))
-                    break
-            else:
-                parts.append(str(entry))
-        names.append("/".join(parts) or empty)
-    return names
+    from jaxopt_serve.quant.rules import path_str
+
+    return [path_str(path) or empty for path, _ in jax.tree_util.tree_flatten_with_path(tree)[0]]
 
 
 def batch_rows(tree: Any) -> int:

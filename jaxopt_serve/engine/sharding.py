@@ -23,7 +23,6 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from jaxopt_serve.models.cnn import CNNConfig
-from jaxopt_serve.models.config import ModelConfig
 from jaxopt_serve.models.mlp import MLPConfig
 from jaxopt_serve.models.nnx_mlp import NNXMLPConfig
 from jaxopt_serve.models.transformer import TransformerConfig

@@ -9,7 +9,7 @@ the module's state, so both kinds look the same to the rest of the library.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from typing import Any, Protocol
 
 import jax
@@ -17,6 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from jaxopt_serve.model import _deep_update, plain as _plain
 from jaxopt_serve.models.config import ModelConfig
 
 Variables = dict[str, Any]
@@ -119,21 +120,6 @@ def _nnx_apply(config: ModelConfig) -> ApplyFn:
         return nnx_module(config, variables)(x, train=train), {}
 
     return apply
-
-
-def _plain(tree: Any) -> Any:
-    """Nested plain dicts (Flax may hand back FrozenDicts or int-keyed NNX dicts)."""
-    if isinstance(tree, Mapping):
-        return {str(k) if not isinstance(k, str) else k: _plain(v) for k, v in tree.items()}
-    return tree
-
-
-def _deep_update(target: dict, source: Mapping) -> None:
-    for key, value in source.items():
-        if isinstance(value, Mapping) and isinstance(target.get(key), Mapping):
-            _deep_update(target[key], value)
-        else:
-            target[key] = value
 
 
 def count_params(variables: Variables) -> int:

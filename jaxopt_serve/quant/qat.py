@@ -19,10 +19,8 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
-from jaxopt_serve.models.config import ModelConfig
 from jaxopt_serve.models.functional import ApplyFn, Variables, make_apply
 from jaxopt_serve.quant.qarray import QuantSpec, fake_quantize, is_qarray, resolve_axis
 from jaxopt_serve.quant.rules import (

@@ -186,10 +186,18 @@ def dequantize_tree(variables: Any) -> Any:
 
 
 def tree_nbytes(variables: Any) -> int:
-    """Bytes of every array in ``variables``, quantized arrays counted with their scales."""
+    """Bytes of every array in ``variables``, quantized arrays counted with their scales.
+
+    RNG keys (an NNX model's dropout streams) count as their key data.
+    """
     total = 0
     for leaf in jax.tree.leaves(variables, is_leaf=is_qarray):
-        total += leaf.nbytes if isinstance(leaf, QArray) else int(np.prod(np.shape(leaf))) * np.dtype(leaf.dtype).itemsize
+        if isinstance(leaf, QArray):
+            total += leaf.nbytes
+            continue
+        if jax.dtypes.issubdtype(getattr(leaf, "dtype", np.float32), jax.dtypes.prng_key):
+            leaf = jax.random.key_data(leaf)
+        total += int(np.prod(np.shape(leaf))) * np.dtype(leaf.dtype).itemsize
     return total
 
 

@@ -145,7 +145,7 @@ def quantized_dot(
     """
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
-    in_dims, out_dims = kernel.shape[:n_contract], kernel.shape[n_contract:]
+    in_dims = kernel.shape[:n_contract]
     if tuple(x.shape[x.ndim - n_contract :]) != tuple(in_dims):
         raise ValueError(f"input shape {x.shape} does not end with the kernel's input dims {in_dims} (kernel {kernel.shape})")
     cx, cw = tuple(range(x.ndim - n_contract, x.ndim)), tuple(range(n_contract))
@@ -156,8 +156,12 @@ def quantized_dot(
     if mode == "static" and act_scale is None:
         raise ValueError("mode='static' needs activation scales: run quant.calibrate(...) first")
     static = mode == "static"
-    y = _integer_dot(x, kernel.int_values(), kernel.scale, kernel.zero_point, 1, dims, cx, (), cw, (),
-                     act_scale=act_scale if static else None, symmetric=act_symmetric or static)
+    wq, sw, zw = kernel.int_values(), kernel.scale, kernel.zero_point
+    if kernel.transposed and n_contract == 1:  # (out, in) as stored: XLA:CPU's fast int8 layout
+        wq, sw, zw, cw, _ = _stored_transposed(kernel, sw, zw, cw, ())
+        dims = ((cx, cw), ((), ()))
+    y = _integer_dot(x, wq, sw, zw, 1, dims, cx, (), cw, (), act_scale=act_scale if static else None,
+                     symmetric=act_symmetric or static)
     return y.astype(x.dtype)
 
 
@@ -297,9 +301,15 @@ class _Session:
             return eqn.primitive.bind(*operands, **eqn.params)
         zero = None if q.zero_point is None else view_keepdims(q.zero_point, q.shape, t.views)
         self.note(t, "dot_general", "int8")
-        wq = replay(t.views, q.int_values(), skip_converts=True)
+        dims = eqn.params["dimension_numbers"]
+        if q.transposed and all(p.name == "convert_element_type" for p, _ in t.views):
+            # serving_layout stores 2-D int8 values as (out, in): contract them as stored (XLA:CPU's fast layout)
+            wq, scale, zero, cw, bw = _stored_transposed(q, scale, zero, cw, bw)
+            dims = ((cx, cw), (bx, bw)) if wi == 1 else ((cw, cx), (bw, bx))
+        else:
+            wq = replay(t.views, q.int_values(), skip_converts=True)
         act_scale = self.scale_for(key) if mode == "static" else None
-        y = _integer_dot(x, wq, scale, zero, wi, eqn.params["dimension_numbers"], cx, bx, cw, bw,
+        y = _integer_dot(x, wq, scale, zero, wi, dims, cx, bx, cw, bw,
                          act_scale=act_scale, symmetric=mode == "static" or key not in self.asymmetric)
         return y.astype(out_dtype)
 
@@ -345,6 +355,12 @@ class _Session:
         sw_shape[dn.out_spec[1]] = scale.shape[out_feature]
         y = acc.astype(jnp.float32) * sx_out * scale.reshape(sw_shape)
         return y.astype(eqn.outvars[0].aval.dtype)
+
+
+def _stored_transposed(q: QArray, scale: Any, zero: Any, cw: Sequence[int], bw: Sequence[int]) -> tuple:
+    """A 2-D ``serving_layout`` kernel as stored ``(out, in)``: values, scale, zero point and axes, all swapped."""
+    swap = tuple(1 - a for a in cw), tuple(1 - a for a in bw)
+    return q.values, jnp.transpose(scale), None if zero is None else jnp.transpose(zero), *swap
 
 
 def _factors_for(s: Any, original: tuple[int, ...] | None, cx: Sequence[int], cw: Sequence[int], x_ndim: int,

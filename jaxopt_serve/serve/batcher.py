@@ -30,7 +30,6 @@ import threading
 import time
 from typing import Any
 
-import numpy as np
 
 from jaxopt_serve.engine.pytrees import batch_rows, concat_rows, take_rows
 from jaxopt_serve.serve.metrics import ServingMetrics

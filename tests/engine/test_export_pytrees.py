@@ -4,16 +4,11 @@ import hashlib
 import io
 import json
 import re
-import shutil
-import subprocess
-import sys
-import textwrap
 
 import jax
 import numpy as np
 import pytest
 
-import jaxopt_serve.exported
 from jaxopt_serve.engine import export_model
 from jaxopt_serve.exported import MAGIC, PREFIX, load_exported, pack_exported, read_exported
 from standalone import run_standalone as _run_standalone

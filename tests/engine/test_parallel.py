@@ -77,3 +77,23 @@ def test_rule_that_does_not_divide_a_dimension_names_the_path():
     with pytest.raises(ValueError, match=r"params/classifier/kernel: dimension 1 \(size 10\) of shape \(16, 10\) is not "
                                          r"divisible by mesh axis 'model' of size 4"):
         InferenceEngine(CNN, random_variables(CNN), mesh=make_mesh(data=2, model=4), rules=rules)
+
+
+def test_pmap_path_takes_any_model_with_pytree_inputs_and_outputs():
+    import jax.numpy as jnp
+
+    from jaxopt_serve.model import Model
+    from jaxopt_serve.quant import model_rules, quantize, quantized_predict_fn
+
+    def f(params, inputs):
+        return {"y": inputs["x"] @ params["w"], "label": jnp.argmax(inputs["x"], -1)}
+
+    rng = np.random.default_rng(0)
+    x = {"x": rng.normal(size=(11, 16)).astype(np.float32)}
+    model = Model.function(f, {"w": rng.normal(size=(16, 8)).astype(np.float32)}, x)
+    q = quantize(model.variables, model_rules(model)).variables
+    out = pmap_predict_fn(model, quant_mode="dynamic")(q, x)  # 11 rows over 8 devices: padded, then cut back
+    ref = quantized_predict_fn(model, mode="dynamic")(q, x)
+    assert out["label"].dtype == np.int32 and out["y"].shape == (11, 8)
+    np.testing.assert_array_equal(out["label"], ref["label"])
+    np.testing.assert_allclose(out["y"], ref["y"], rtol=1e-6, atol=1e-6)

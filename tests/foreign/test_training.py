@@ -306,3 +306,24 @@ def test_distill_with_a_custom_loss_on_a_dict_output_teacher(foreign_models, dig
                             log_every=10)
     assert [entry["step"] for entry in result.history] == [10.0, 20.0, 30.0]
     assert result.history[-1]["mse"] < 0.7 * result.history[0]["mse"]  # measured 3.80 vs 7.49
+
+
+@pytest.mark.parametrize("name", ["vit", "raw_params", "plain_fn"])
+def test_distill_every_other_foreign_teacher_for_100_steps(foreign_models, name):
+    """The teachers the tests above do not cover, into a small plain-function student on the same inputs."""
+    case = foreign_models[name]
+    pixels = (lambda x: x["pixels"]) if name == "vit" else (lambda x: x)
+
+    def student_fn(params, x):
+        return models.plain_mlp(params, pixels(x))
+
+    example = jax.tree.map(lambda a: a[:2], case.train_inputs)
+    student = Model.function(student_fn, models.init_plain_mlp(jax.random.key(4), (64, 32, 10)), example)
+    n = len(case.train_labels)
+    batches = [(jax.tree.map(lambda a, i=i: a[i : i + 32], case.train_inputs), case.train_labels[i : i + 32])
+               for i in range(0, n - 31, 32)]
+    result = distill_models(case.model, student, batches, steps=100, optimizer=optax.adam(3e-3),
+                            logits_of=case.logits_of, teacher_logits_of=case.logits_of)
+    losses = result.losses
+    assert len(losses) == 100
+    assert np.mean(losses[-10:]) < 0.5 * np.mean(losses[:10]), (name, np.mean(losses[:10]), np.mean(losses[-10:]))

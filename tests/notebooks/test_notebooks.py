@@ -28,6 +28,7 @@ FIGURES = {
     "03_distillation": ["distillation_pareto_accuracy_vs_size.png"],
     "04_acceleration_parallelism": ["acceleration_throughput_vs_batch.png"],
     "05_serving_batch_inference": ["serving_throughput_p99_vs_clients.png"],
+    "06_your_own_model": ["your_model_accuracy_vs_size.png"],
 }
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
