@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from jaxopt_serve.model import _deep_update, plain as _plain
+from jaxopt_serve.model import _deep_update, nnx_state_to_variables, plain as _plain
 from jaxopt_serve.models.config import ModelConfig
 
 Variables = dict[str, Any]
@@ -96,13 +96,8 @@ def predict_fn(config: ModelConfig) -> Callable[[Variables, jax.Array], jax.Arra
 
 
 def nnx_variables(model: nnx.Module) -> Variables:
-    """An NNX module's state as ``{"params": pure dict, <other state>: ...}``."""
-    params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
-    rest = nnx.to_pure_dict(nnx.state(model, nnx.Not(nnx.Param)))
-    variables: Variables = {"params": _plain(params)}
-    if jax.tree.leaves(rest):
-        variables["state"] = _plain(rest)
-    return variables
+    """An NNX module's state as ``{"params": pure dict, "state": everything else}`` (see ``Model.nnx``)."""
+    return nnx_state_to_variables(nnx.state(model))
 
 
 def nnx_module(config: ModelConfig, variables: Variables) -> nnx.Module:
