@@ -348,7 +348,7 @@ def qwix_predict(name: str, case: dict[str, Any]) -> tuple[Any, Any, int]:
         jax.block_until_ready(fn(state, held))
         count = sum(1 for leaf in jax.tree.leaves(nnx.to_pure_dict(state), is_leaf=is_aux) if is_aux(leaf))
         if count == 0:  # NNX keeps WithAux inside Params; look at the module's attributes
-            count = sum(1 for _, m in qmodule.iter_modules() for v in vars(m).values()
+            count = sum(1 for _, m in nnx.iter_modules(qmodule) for v in vars(m).values()
                         if is_aux(getattr(v, "value", v)) or is_aux(v))
         return fn, state, count
     # A plain function: hand it to qwix as it is, to record what it says.
