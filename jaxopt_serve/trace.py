@@ -152,21 +152,15 @@ def interpret(
 def trace(fn: Callable[..., Any], *args: Any) -> tuple[Any, Any]:
     """``(closed jaxpr, output tree)`` of ``fn(*args)``; arguments may be arrays or ``ShapeDtypeStruct`` s."""
     flat, in_tree = jax.tree.flatten(args)
-
-    def flat_fn(*leaves: Any) -> list[Any]:
-        out = fn(*jax.tree.unflatten(in_tree, leaves))
-        return jax.tree.leaves(out), jax.tree.structure(out)
-
-    holder: dict[str, Any] = {}
+    out_tree: list[Any] = []
 
     def run(*leaves: Any) -> list[Any]:
-        out, tree = flat_fn(*leaves)
-        holder["tree"] = tree
-        return out
+        out = fn(*jax.tree.unflatten(in_tree, leaves))
+        out_tree.append(jax.tree.structure(out))
+        return jax.tree.leaves(out)
 
     avals = [jax.ShapeDtypeStruct(jnp.shape(x), jnp.result_type(x)) for x in flat]
-    closed = jax.make_jaxpr(run)(*avals)
-    return closed, holder["tree"]
+    return jax.make_jaxpr(run)(*avals), out_tree[-1]
 
 
 def leaf_uses(fn: Callable[..., Any], variables: Any, *inputs: Any, tag: Sequence[str] | None = None) -> list[Use]:
