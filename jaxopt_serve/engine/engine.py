@@ -111,24 +111,6 @@ def enable_compilation_cache(directory: str | os.PathLike[str], *, min_compile_s
     return path
 
 
-def serving_fn(model: Model | ModelConfig, variables: Any, *, mode: str = "auto") -> Callable[..., Any]:
-    """``f(variables, *inputs) -> outputs`` for ``model``: float variables run the model, quantized ones quantized.
-
-    A ``ModelConfig`` gives ``f(variables, x)`` as before.
-    """
-    try:
-        return inference_fn(model, variables, mode=mode)
-    except (AttributeError, TypeError):
-        # TODO(quant runtime): remove this fallback once inference_fn accepts a Model.
-        if not isinstance(model, Model):
-            raise
-        if model.config is not None:
-            return inference_fn(model.config, variables, mode=mode)
-        if has_qarrays(variables):
-            raise
-        return lambda v, *xs: model(v, *xs)
-
-
 def _example_of(example: Any, input_shape: Sequence[int] | None, input_dtype: Any) -> tuple[Any, ...]:
     """Example inputs for ``predict=`` without a model: ``example`` (a tuple: one per input) or one array."""
     if example is not None:
@@ -300,7 +282,7 @@ class InferenceEngine:
         elif isinstance(model, ModelConfig) and variables is None:
             raise ValueError(f"a {type(model).__name__} needs its variables: InferenceEngine(config, variables)")
         handle = as_model(model, variables, input_shape=input_shape)
-        base = predict if predict is not None else serving_fn(model, variables, mode=quant_mode)
+        base = predict if predict is not None else inference_fn(model, variables, mode=quant_mode)
         return handle, variables, handle.example, base
 
     def _init_lengths(self, length_buckets: Any, length_axes: Any, output_length_axes: Any) -> None:

@@ -22,7 +22,6 @@ from typing import Any
 import jax
 import numpy as np
 
-from jaxopt_serve.engine.engine import serving_fn
 from jaxopt_serve.engine.pytrees import axes_per_leaf, leaf_names, slash_names
 from jaxopt_serve.exported import pack_exported
 from jaxopt_serve.extras import require
@@ -31,6 +30,7 @@ from jaxopt_serve.model import Model, as_model
 from jaxopt_serve.models.config import ModelConfig
 from jaxopt_serve.models.functional import Variables
 from jaxopt_serve.quant.qarray import has_qarrays
+from jaxopt_serve.quant.runtime import inference_fn
 
 
 def export_model(
@@ -94,7 +94,7 @@ def export_model(
     is_key = [jax.dtypes.issubdtype(getattr(leaf, "dtype", np.float32), jax.dtypes.prng_key) for leaf in all_leaves]
     leaves = [leaf for leaf, key in zip(all_leaves, is_key) if not key]
     paths = [path for path, key in zip(all_paths, is_key) if not key]
-    base = serving_fn(model, variables, mode=quant_mode)
+    base = inference_fn(model, variables, mode=quant_mode)
 
     def run(flat: list[jax.Array], inputs: tuple[Any, ...]) -> Any:
         stored = iter(flat)
