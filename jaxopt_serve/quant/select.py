@@ -57,16 +57,22 @@ def _dtype(a: Any) -> Any:
 
 def weight_paths(model: Model, variables: Any | None = None) -> list[str]:
     """The model's weights (see the module docstring), ordered by their first use in the program."""
+    return _weights(model, variables)[0]
+
+
+def _weights(model: Model, variables: Any | None) -> tuple[list[str], dict[str, list[Use]], Any]:
+    """One trace: ``(weight paths in first-use order, every params leaf's uses, the variables looked at)``."""
     variables = model.variables if variables is None else variables
     leaves = {path_of(p): leaf for p, leaf in jax.tree_util.tree_leaves_with_path(variables, is_leaf=is_qarray)}
+    uses = param_uses(model, variables)
     found = []
-    for path, uses in param_uses(model, variables).items():
+    for path, leaf_uses_ in uses.items():
         leaf = leaves[path]
-        if not uses or len(np.shape(leaf)) < 2 or not jnp.issubdtype(_dtype(leaf), jnp.floating):
+        if not leaf_uses_ or len(np.shape(leaf)) < 2 or not jnp.issubdtype(_dtype(leaf), jnp.floating):
             continue
-        if all(_is_weight_use(u) for u in uses):
-            found.append((min(u.order for u in uses), max(u.order for u in uses), path))
-    return [path for *_, path in sorted(found)]
+        if all(_is_weight_use(u) for u in leaf_uses_):
+            found.append((min(u.order for u in leaf_uses_), max(u.order for u in leaf_uses_), path))
+    return [path for *_, path in sorted(found)], uses, variables
 
 
 def _is_weight_use(use: Use) -> bool:
@@ -77,12 +83,14 @@ def _is_weight_use(use: Use) -> bool:
 
 def weight_layers(model: Model, variables: Any | None = None) -> tuple[str, str]:
     """``(first, last)``: the weight used first and the weight used last in the program."""
-    uses = param_uses(model, variables)
-    paths = weight_paths(model, variables)
+    paths, uses, _ = _weights(model, variables)
+    return _ends(model, paths, uses)
+
+
+def _ends(model: Model, paths: list[str], uses: dict[str, list[Use]]) -> tuple[str, str]:
     if not paths:
         raise ValueError(f"{model.name}: no parameter is used as the weight of a dot product or convolution")
-    last = max(paths, key=lambda p: max(u.order for u in uses[p]))
-    return paths[0], last
+    return paths[0], max(paths, key=lambda p: max(u.order for u in uses[p]))
 
 
 Ends = QuantSpec | None | Literal["same"]
@@ -101,12 +109,9 @@ def model_rules(model: Model, spec: QuantSpec | None = None, *, first: Ends = "s
         variables: the variables to look at (default: the model's own).
     """
     spec = spec or QuantSpec()
-    paths = weight_paths(model, variables)
-    if not paths:
-        raise ValueError(f"{model.name}: no parameter is used as the weight of a dot product or convolution")
-    head, tail = weight_layers(model, variables)
-    leaves = {path_of(p): leaf for p, leaf in jax.tree_util.tree_leaves_with_path(
-        model.variables if variables is None else variables, is_leaf=is_qarray)}
+    paths, uses, variables = _weights(model, variables)
+    head, tail = _ends(model, paths, uses)
+    leaves = {path_of(p): leaf for p, leaf in jax.tree_util.tree_leaves_with_path(variables, is_leaf=is_qarray)}
     rules = []
     for path in paths:
         chosen: Any = _fitting(spec, tuple(np.shape(leaves[path])), path)
@@ -175,10 +180,9 @@ def weight_axes(model: Model, variables: Any | None = None) -> dict[str, WeightA
     """
     from jaxopt_serve.trace import view_axes
 
-    variables = model.variables if variables is None else variables
-    uses = param_uses(model, variables)
+    paths, uses, variables = _weights(model, variables)
     out: dict[str, WeightAxes] = {}
-    for path in weight_paths(model, variables):
+    for path in paths:
         use = uses[path][0]
         axes = view_axes(use.views, _leaf_ndim(variables, path))
         if axes is None:
