@@ -33,7 +33,10 @@ at full scale what ``tests/foreign/test_quant.py`` checks on small batches:
   model of the same shapes), so each qwix model is compiled ahead of time
   between two ``jax.clear_caches()``, and every timed function is AOT-compiled.
 
-Sharded runs reorder float sums (about 2e-7 of the output scale). In the
+Sharded runs differ from one device in the last bit of some float results
+(about 2e-7 of the output scale), even on the data-parallel mesh: XLA compiles
+the same float ops differently for the smaller per-device batch
+(``benchmarks/batch_invariance_repro.py`` shows it on one device). In the
 integer modes that can move an activation across an int8 rounding boundary,
 so a few outputs differ by up to one activation step: the overall sharded
 check can miss for that reason alone; the float and integer modes are
