@@ -22,6 +22,7 @@ from typing import Any
 import jax
 import numpy as np
 
+from jaxopt_serve import native
 from jaxopt_serve.engine.pytrees import axes_per_leaf, leaf_names, slash_names
 from jaxopt_serve.exported import pack_exported
 from jaxopt_serve.extras import require
@@ -104,7 +105,10 @@ def export_model(
     batch, length = export.symbolic_shape("b, l")
     input_specs = _input_specs(example, axes, batch, length)
     leaf_specs = [jax.ShapeDtypeStruct(np.shape(leaf), leaf.dtype) for leaf in leaves]
-    exported = export.export(jax.jit(run), platforms=platforms)(leaf_specs, input_specs)
+    # The file must run without jaxopt_serve (and on other platforms): XLA's own integer ops, not the native
+    # kernels' FFI calls, which only this package registers.
+    with native.use_kernel("xla"):
+        exported = export.export(jax.jit(run), platforms=platforms)(leaf_specs, input_specs)
     out_names = leaf_names(exported.out_tree.unflatten([0] * exported.out_tree.num_leaves), root="outputs")
 
     inputs = []

@@ -42,6 +42,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxopt_serve import native
+
 
 def int8_conv(
     lhs: jax.Array,
@@ -162,7 +164,9 @@ def int8_conv(
     patches = columns[0] if len(columns) == 1 else jnp.concatenate(columns, axis=-1)
     kernel = k.reshape(groups, math.prod(window_shape) * cin, cout // groups)
 
-    if groups == 1:
+    if groups == 1 and native.available():  # the native int8 GEMM (exact, like the dot below)
+        y = native.int8_matmul(patches[0], native.pack_int8(kernel[0]))
+    elif groups == 1:
         y = jax.lax.dot_general(patches[0], kernel[0], (((nd + 1,), (0,)), ((), ())),
                                 precision=precision, preferred_element_type=jnp.int32)
     else:

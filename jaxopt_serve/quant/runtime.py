@@ -51,6 +51,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxopt_serve import native
 from jaxopt_serve.model import Model, as_model
 from jaxopt_serve.models.config import ModelConfig
 from jaxopt_serve.models.functional import Variables, predict_fn
@@ -309,8 +310,10 @@ class _Session:
         else:
             wq = replay(t.views, q.int_values(), skip_converts=True)
         act_scale = self.scale_for(key) if mode == "static" else None
-        y = _integer_dot(x, wq, scale, zero, wi, dims, cx, bx, cw, bw,
-                         act_scale=act_scale, symmetric=mode == "static" or key not in self.asymmetric)
+        symmetric = mode == "static" or key not in self.asymmetric
+        if zero is None and symmetric and (y := _native_dot(x, wq, scale, wi, dims, act_scale)) is not None:
+            return y.astype(out_dtype)
+        y = _integer_dot(x, wq, scale, zero, wi, dims, cx, bx, cw, bw, act_scale=act_scale, symmetric=symmetric)
         return y.astype(out_dtype)
 
     def _conv(self, eqn: Any, invals: list[Any]) -> jax.Array:
@@ -355,6 +358,27 @@ class _Session:
         sw_shape[dn.out_spec[1]] = scale.shape[out_feature]
         y = acc.astype(jnp.float32) * sx_out * scale.reshape(sw_shape)
         return y.astype(eqn.outvars[0].aval.dtype)
+
+
+def _native_dot(x: jax.Array, wq: jax.Array, scale: jax.Array, wi: int, dims: Any,
+                act_scale: Any) -> jax.Array | None:
+    """The W8A8 dot on the native CPU kernel, or ``None`` where it does not apply (then XLA's integer dot runs).
+
+    It applies to a 2-D int8 weight contracted on one axis with no batch axes,
+    a per-output-channel weight scale and symmetric activations (dynamic per
+    row, or one static scale); the result equals ``_integer_dot``'s.
+    """
+    (lc, rc), (lb, rb) = dims
+    if not native.available() or wq.ndim != 2 or lb or rb or len(lc) != 1:
+        return None
+    if act_scale is not None and jnp.size(act_scale) != 1:
+        return None
+    cx, cw = (lc[0], rc[0]) if wi == 1 else (rc[0], lc[0])
+    w = wq if cw == 0 else wq.T
+    x_rows = jnp.moveaxis(x, cx, -1)
+    y = native.w8a8_matmul(x_rows, native.pack_int8(w), jnp.reshape(scale, -1),
+                           act_scale=None if act_scale is None else jnp.reshape(act_scale, ()))
+    return y if wi == 1 else jnp.moveaxis(y, -1, 0)
 
 
 def _stored_transposed(q: QArray, scale: Any, zero: Any, cw: Sequence[int], bw: Sequence[int]) -> tuple:

@@ -5,6 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from jaxopt_serve import native
 from jaxopt_serve.models import CNNConfig, MLPConfig, NNXMLPConfig, TransformerConfig, init_variables, predict_fn
 from jaxopt_serve.quant import QuantRule, QuantSpec, quantize
 from jaxopt_serve.quant.calibrate import calibrate
@@ -78,8 +79,15 @@ def test_dynamic_mode_runs_an_int8_dot_and_weight_only_does_not(name):
     x = _inputs(config, 4)
     # Integer convolutions run as windows + one int8 dot (intconv.int8_conv): XLA:CPU's own int8 convolution
     # returns wrong values under some shardings. So both models must show int8 dots, and no int8 convolution.
+    # With the native kernels available (the default on x86) every int8 product is one of their FFI calls;
+    # forced off, XLA's int8 -> int32 dot.
     op = "dot_general"
-    dynamic = jax.jit(quantized_predict_fn(config, mode="dynamic")).lower(qvariables, x).as_text()
+    if native.available():
+        text = jax.jit(quantized_predict_fn(config, mode="dynamic")).lower(qvariables, x).as_text()
+        assert "jxs_" in text and not [line for line in text.splitlines() if "xi8>" in line and "stablehlo.dot" in line]
+    with native.use_kernel("xla"):
+        dynamic = jax.jit(quantized_predict_fn(config, mode="dynamic")).lower(qvariables, x).as_text()
+    assert "jxs_" not in dynamic
     weight_only = jax.jit(quantized_predict_fn(config, mode="weight_only")).lower(qvariables, x).as_text()
     int_ops = [line for line in dynamic.splitlines() if f"stablehlo.{op}" in line and "tensor<" in line and "xi8>" in line]
     assert int_ops and all("xi32>" in line.split("->")[-1] for line in int_ops)

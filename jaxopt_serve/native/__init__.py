@@ -1,0 +1,272 @@
+"""Native int8 and int4 matrix products for XLA:CPU, called from jit-compiled code through ``jax.ffi``.
+
+XLA:CPU's own ``int8 x int8 -> int32`` dot is about as fast as its f32 dot on
+CPUs without AMX. These kernels (``qgemm.cc``, built when the package is
+installed) keep the weight packed once as rows of output features, quantize
+the activations per row inside the call, sum in int32 and rescale to float in
+the same pass, on a persistent thread pool. The integer sums equal
+``lax.dot_general(int8, int8, preferred_element_type=int32)`` bit for bit.
+
+Which path runs is picked per CPU: ``"avx2"`` (AVX2 + FMA, ``vpmaddwd``) or
+``"portable"`` (plain C++, any CPU). ``JAXOPT_SERVE_KERNEL`` (``auto``,
+``avx2``, ``portable`` or ``xla``) or ``use_kernel(...)`` forces one; ``xla``
+turns the kernels off, and so does a package built without a compiler (the
+quantized runtime then uses XLA's integer dot). Non-CPU backends never use them.
+
+Example:
+    >>> import numpy as np, jax.numpy as jnp
+    >>> from jaxopt_serve import native
+    >>> wq = np.arange(-6, 6, dtype=np.int8).reshape(4, 3)
+    >>> xq = np.ones((2, 4), np.int8)
+    >>> got = native.int8_matmul(xq, native.pack_int8(wq)) if native.available() else xq.astype(np.int32) @ wq
+    >>> np.asarray(got).tolist()
+    [[-6, -2, 2], [-6, -2, 2]]
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import dataclasses
+import functools
+import importlib.machinery
+import os
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+__all__ = [
+    "Int4Weight",
+    "Int8Weight",
+    "available",
+    "int4_matmul",
+    "int8_matmul",
+    "kernel_isa",
+    "load_error",
+    "pack_int4",
+    "pack_int8",
+    "supported_kernels",
+    "use_kernel",
+    "w8a8_matmul",
+]
+
+ISA_CODES = {"portable": 0, "avx2": 1}
+KERNEL_ENV = "JAXOPT_SERVE_KERNEL"
+K_ALIGN = 32  # int8 weights: the input axis is padded to a multiple of this
+_TARGETS = {"jxs_int8_matmul": "JxsInt8Matmul", "jxs_w8a8_matmul": "JxsW8A8Matmul",
+            "jxs_int4_matmul": "JxsInt4Matmul"}
+_forced = threading.local()
+
+
+@functools.cache
+def _library() -> tuple[ctypes.CDLL | None, str | None]:
+    """``(library, None)``, or ``(None, why it is not there)``; registers the FFI targets once."""
+    here = Path(__file__).parent
+    found = [p for suffix in importlib.machinery.EXTENSION_SUFFIXES for p in here.glob(f"_qgemm{suffix}")]
+    if not found:
+        return None, ("the native kernels were not built (no C++ compiler when the package was installed?); "
+                      "reinstall with g++ or clang++ on PATH: pip install --force-reinstall --no-deps .")
+    try:
+        lib = ctypes.CDLL(str(found[0]))
+        for target, symbol in _TARGETS.items():
+            jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(getattr(lib, symbol)), platform="cpu")
+    except (OSError, AttributeError) as err:
+        return None, f"the native kernels in {found[0].name} could not be loaded: {err}"
+    lib.jxs_supported_isas.restype = ctypes.c_int
+    return lib, None
+
+
+def load_error() -> str | None:
+    """Why the native library is unavailable, or ``None`` when it loaded."""
+    return _library()[1]
+
+
+def supported_kernels() -> list[str]:
+    """The kernel paths this CPU and build can run, fastest first (empty when the library is missing)."""
+    lib, _ = _library()
+    if lib is None:
+        return []
+    bits = lib.jxs_supported_isas()
+    return [name for name, code in sorted(ISA_CODES.items(), key=lambda kv: -kv[1]) if bits & (1 << code)]
+
+
+@contextlib.contextmanager
+def use_kernel(name: str) -> Iterator[None]:
+    """Force a kernel path (``"avx2"``, ``"portable"``, ``"xla"`` or ``"auto"``) for code traced inside.
+
+    Raises:
+        ValueError: an unknown name, or a path this CPU cannot run.
+    """
+    _check_kernel_name(name, "use_kernel")
+    previous = getattr(_forced, "name", None)
+    _forced.name = name
+    try:
+        yield
+    finally:
+        _forced.name = previous
+
+
+def _check_kernel_name(name: str, where: str) -> None:
+    if name not in ("auto", "xla", *ISA_CODES):
+        raise ValueError(f"{where}: unknown kernel {name!r}; use 'auto', 'xla' or one of {sorted(ISA_CODES)}")
+    if name in ISA_CODES and name not in supported_kernels():
+        raise ValueError(f"{where}: kernel {name!r} cannot run here; supported: {supported_kernels() or 'none'}"
+                         + (f" ({load_error()})" if load_error() else ""))
+
+
+def kernel_isa() -> str | None:
+    """The kernel path code traced now would use, or ``None`` (XLA's own ops)."""
+    name = getattr(_forced, "name", None) or os.environ.get(KERNEL_ENV, "auto") or "auto"
+    _check_kernel_name(name, KERNEL_ENV)
+    if name == "xla" or jax.default_backend() != "cpu":
+        return None
+    if name == "auto":
+        kernels = supported_kernels()
+        return kernels[0] if kernels else None
+    return name
+
+
+def available() -> bool:
+    """Whether quantized products traced now run on the native kernels."""
+    return kernel_isa() is not None
+
+
+# --------------------------------------------------------------------------------------------- weights
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class Int8Weight:
+    """An int8 ``(K, N)`` weight packed as ``(P, Kp / 2, 16, 2)``: panels of 16 output features, pairs of inputs.
+
+    ``Kp`` is ``K`` rounded up to 32 and ``P`` is ``N / 16`` rounded up; the padding is zeros.
+    """
+
+    panels: jax.Array
+    in_features: int = dataclasses.field(metadata=dict(static=True))
+    out_features: int = dataclasses.field(metadata=dict(static=True))
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class Int4Weight:
+    """A 4-bit ``(K, N)`` weight: ``codes`` ``(N, Kp/2)`` uint8 (low nibble first), ``scale`` and ``zero`` ``(N, Kp/group)``.
+
+    Entry ``(k, n)`` stands for ``(code - zero) * scale`` of its group.
+    """
+
+    codes: jax.Array
+    scale: jax.Array
+    zero: jax.Array
+    in_features: int = dataclasses.field(metadata=dict(static=True))
+    group: int = dataclasses.field(metadata=dict(static=True))
+
+
+def _pad_to(n: int, multiple: int) -> int:
+    return -(-n // multiple) * multiple
+
+
+def pack_int8(wq: Any) -> Int8Weight:
+    """Pack an int8 ``(K, N)`` weight (input features first, as Flax stores kernels) for the kernels.
+
+    Raises:
+        ValueError: ``wq`` is not a 2-D int8 array.
+    """
+    if jnp.ndim(wq) != 2 or jnp.result_type(wq) != jnp.int8:
+        raise ValueError(f"pack_int8: expected a 2-D int8 (in, out) weight, got {jnp.result_type(wq)} "
+                         f"{tuple(jnp.shape(wq))}")
+    k, n = jnp.shape(wq)
+    kp, np_ = _pad_to(k, K_ALIGN), _pad_to(n, 16)
+    w = jnp.pad(jnp.asarray(wq), ((0, kp - k), (0, np_ - n)))
+    panels = w.reshape(kp // 2, 2, np_ // 16, 16).transpose(2, 0, 3, 1)
+    return Int8Weight(panels, k, n)
+
+
+def pack_int4(codes: Any, zero: Any, scale: Any, group: int) -> Int4Weight:
+    """Pack 4-bit codes ``(K, N)`` (values 0..15) with per-group ``zero`` and ``scale`` ``(K / group, N)``.
+
+    Entry ``(k, n)`` stands for ``(codes[k, n] - zero[k // group, n]) * scale[k // group, n]``.
+
+    Raises:
+        ValueError: shapes that do not fit, or ``group`` not a positive multiple of 16.
+    """
+    k, n = jnp.shape(codes)
+    if group <= 0 or group % 16:
+        raise ValueError(f"pack_int4: group must be a positive multiple of 16, got {group}")
+    g = -(-k // group)
+    for name, a in (("zero", zero), ("scale", scale)):
+        if tuple(jnp.shape(a)) != (g, n):
+            raise ValueError(f"pack_int4: {name} must have shape {(g, n)} for codes {(k, n)}, got {jnp.shape(a)}")
+    kp = g * group
+    c = jnp.pad(jnp.asarray(codes, jnp.uint8).T, ((0, 0), (0, kp - k)))
+    c = c.reshape(n, kp // 2, 2)
+    packed = (c[..., 0] & 15) | ((c[..., 1] & 15) << 4)
+    return Int4Weight(packed.astype(jnp.uint8), jnp.asarray(scale, jnp.float32).T, jnp.asarray(zero, jnp.float32).T,
+                      k, group)
+
+
+# ------------------------------------------------------------------------------------------ products
+
+
+def _isa_code() -> int:
+    isa = kernel_isa()
+    if isa is None:
+        raise RuntimeError("native kernels are off here (" + (load_error() or
+                           f"{KERNEL_ENV}=xla or a non-CPU backend") + "); check native.available() first")
+    return ISA_CODES[isa]
+
+
+def _rows(x: jax.Array, k: int, what: str) -> tuple[jax.Array, tuple[int, ...]]:
+    if x.shape[-1] != k:
+        raise ValueError(f"{what}: input has {x.shape[-1]} features on its last axis, the weight expects {k}")
+    lead = x.shape[:-1]
+    return x.reshape(int(np.prod(lead, dtype=np.int64)), k), lead
+
+
+def int8_matmul(xq: Any, w: Int8Weight) -> jax.Array:
+    """``xq @ w`` for int8 ``xq`` ``(..., K)``: exact int32 ``(..., N)``."""
+    xq = jnp.asarray(xq)
+    if xq.dtype != jnp.int8:
+        raise ValueError(f"int8_matmul: xq must be int8, got {xq.dtype}")
+    x2, lead = _rows(xq, w.in_features, "int8_matmul")
+    n = w.out_features
+    out = jax.ffi.ffi_call("jxs_int8_matmul", jax.ShapeDtypeStruct((x2.shape[0], n), jnp.int32),
+                           vmap_method="sequential")(x2, w.panels, isa=np.int64(_isa_code()), n=np.int64(n))
+    return out.reshape(*lead, n)
+
+
+def w8a8_matmul(x: Any, w: Int8Weight, w_scale: Any, bias: Any = None, *, act_scale: Any = None) -> jax.Array:
+    """``x @ dequant(w)`` with int8 activations: ``round(x / s_row) @ w * s_row * w_scale (+ bias)`` in one call.
+
+    ``s_row`` is each row's absmax / 127 (dynamic), or ``act_scale`` (a
+    calibrated scalar, static). ``x`` is float ``(..., K)``; returns f32 ``(..., N)``.
+    """
+    x = jnp.asarray(x, jnp.float32)
+    x2, lead = _rows(x, w.in_features, "w8a8_matmul")
+    n = w.out_features
+    w_scale = jnp.asarray(w_scale, jnp.float32).reshape(-1)
+    if w_scale.shape[0] != n:
+        raise ValueError(f"w8a8_matmul: w_scale has {w_scale.shape[0]} entries for {n} output features")
+    b = jnp.zeros((1,), jnp.float32) if bias is None else jnp.asarray(bias, jnp.float32).reshape(-1)
+    s = jnp.ones((1,), jnp.float32) if act_scale is None else jnp.asarray(act_scale, jnp.float32).reshape(1)
+    out = jax.ffi.ffi_call("jxs_w8a8_matmul", jax.ShapeDtypeStruct((x2.shape[0], n), jnp.float32),
+                           vmap_method="sequential")(
+        x2, w.panels, w_scale, b, s, isa=np.int64(_isa_code()), mode=np.int64(act_scale is not None),
+        has_bias=np.int64(bias is not None))
+    return out.reshape(*lead, n)
+
+
+def int4_matmul(x: Any, w: Int4Weight) -> jax.Array:
+    """``x @ dequant(w)`` for a 4-bit weight, float activations (weight-only): f32 ``(..., N)``."""
+    x = jnp.asarray(x, jnp.float32)
+    x2, lead = _rows(x, w.in_features, "int4_matmul")
+    n = w.codes.shape[0]
+    out = jax.ffi.ffi_call("jxs_int4_matmul", jax.ShapeDtypeStruct((x2.shape[0], n), jnp.float32),
+                           vmap_method="sequential")(
+        x2, w.codes, w.scale, w.zero, isa=np.int64(_isa_code()), group=np.int64(w.group))
+    return out.reshape(*lead, n)

@@ -1,0 +1,43 @@
+"""Builds the native kernels (jaxopt_serve/native/qgemm.cc) against the XLA FFI headers that jaxlib ships.
+
+Everything else about the package is in pyproject.toml. The extension is optional: without a C++
+compiler the install still succeeds, with a warning, and the quantized runtime uses XLA's own
+integer ops (``jaxopt_serve.native.load_error()`` says why).
+"""
+
+from pathlib import Path
+
+from setuptools import Extension, setup
+from setuptools.command.build_ext import build_ext
+
+
+class BuildNative(build_ext):
+    def build_extensions(self) -> None:
+        import jaxlib  # a build requirement (pyproject.toml): its include/ holds xla/ffi/api/*.h
+
+        include = Path(jaxlib.__file__).parent / "include"
+        for ext in self.extensions:
+            ext.include_dirs.append(str(include))
+        super().build_extensions()
+
+    def build_extension(self, ext: Extension) -> None:
+        try:
+            super().build_extension(ext)
+        except Exception as err:  # noqa: BLE001 - any compiler failure leaves the XLA fallback
+            print(f"WARNING: jaxopt_serve's native kernels were not built ({err}); quantized models will run on "
+                  "XLA's integer ops. Install a C++ compiler (g++ or clang++) and reinstall to get them.")
+
+
+setup(
+    ext_modules=[
+        Extension(
+            "jaxopt_serve.native._qgemm",
+            ["jaxopt_serve/native/qgemm.cc"],
+            language="c++",
+            extra_compile_args=["-O3", "-std=c++17", "-pthread"],
+            extra_link_args=["-pthread"],
+            optional=True,
+        )
+    ],
+    cmdclass={"build_ext": BuildNative},
+)

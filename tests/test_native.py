@@ -1,0 +1,132 @@
+"""The native int8 / int4 kernels: exact integer sums, the float epilogue, dispatch, jit and sharding."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from hypothesis import given, settings, strategies as st
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from jaxopt_serve import native
+from jaxopt_serve.models import MLPConfig, init_variables
+from jaxopt_serve.quant import quantize, quantized_predict_fn
+
+KERNELS = native.supported_kernels()
+needs_native = pytest.mark.skipif(not KERNELS, reason=f"native kernels not built: {native.load_error()}")
+
+
+def _xla_int32(xq, wq):
+    return np.asarray(jax.lax.dot_general(xq, wq, (((1,), (0,)), ((), ())), preferred_element_type=jnp.int32))
+
+
+def _xla_w8a8(x, wq, sw, act_scale=None):
+    """The quantized runtime's XLA formulation: per-row (or static) scale, int32 dot, acc * sx * sw."""
+    if act_scale is None:
+        absmax = jnp.max(jnp.abs(x), axis=1, keepdims=True)
+        sx = jnp.where(absmax > 0, absmax / 127.0, 1.0)
+    else:
+        sx = jnp.float32(act_scale)
+    xq = jnp.clip(jnp.round(x / sx), -127, 127).astype(jnp.int8)
+    acc = jax.lax.dot_general(xq, wq, (((1,), (0,)), ((), ())), preferred_element_type=jnp.int32)
+    return np.asarray(acc.astype(jnp.float32) * sx * sw)
+
+
+@needs_native
+@settings(max_examples=25, deadline=None)
+@given(m=st.integers(1, 13), k=st.integers(1, 70), n=st.integers(1, 40), seed=st.integers(0, 2**16))
+def test_int32_sums_equal_xla_bit_for_bit_on_every_kernel(m, k, n, seed):
+    rng = np.random.default_rng(seed)
+    xq = rng.integers(-128, 128, (m, k)).astype(np.int8)  # -128 included: the widest int16 products
+    wq = rng.integers(-128, 128, (k, n)).astype(np.int8)
+    want = _xla_int32(xq, wq)
+    packed = native.pack_int8(wq)
+    for kernel in KERNELS:
+        with native.use_kernel(kernel):
+            got = np.asarray(jax.jit(native.int8_matmul)(xq, packed))
+        np.testing.assert_array_equal(got, want, err_msg=f"{kernel} m={m} k={k} n={n}")
+
+
+@needs_native
+@pytest.mark.parametrize("kernel", KERNELS)
+@pytest.mark.parametrize("static", [False, True])
+def test_w8a8_epilogue_matches_the_xla_formulation(kernel, static):
+    rng = np.random.default_rng(1)
+    x = rng.normal(size=(37, 200)).astype(np.float32)
+    x[3] = 0.0  # an all-zero row takes scale 1
+    w = rng.normal(size=(200, 70)).astype(np.float32)
+    sw = (np.abs(w).max(0) / 127).astype(np.float32)
+    wq = np.clip(np.round(w / sw), -127, 127).astype(np.int8)
+    act = float(np.abs(x).max() / 127) if static else None
+    bias = rng.normal(size=70).astype(np.float32)
+    with native.use_kernel(kernel):
+        got = jax.jit(lambda x, p: native.w8a8_matmul(x, p, sw, bias, act_scale=act))(x, native.pack_int8(wq))
+    want = _xla_w8a8(x, wq, sw, act) + bias
+    np.testing.assert_allclose(np.asarray(got), want, rtol=1e-6, atol=1e-6 * np.abs(want).max())
+
+
+@needs_native
+@pytest.mark.parametrize("kernel", KERNELS)
+def test_int4_weight_only_matches_the_dequantized_weight(kernel):
+    rng = np.random.default_rng(2)
+    k, n, group = 100, 24, 32  # K not a multiple of the group: padded
+    g = -(-k // group)
+    codes = rng.integers(0, 16, (k, n)).astype(np.uint8)
+    zero = rng.integers(0, 16, (g, n)).astype(np.float32)
+    scale = rng.uniform(0.01, 0.1, (g, n)).astype(np.float32)
+    w = (codes - np.repeat(zero, group, 0)[:k]) * np.repeat(scale, group, 0)[:k]
+    x = rng.normal(size=(5, 3, k)).astype(np.float32)  # leading axes are rows
+    with native.use_kernel(kernel):
+        got = np.asarray(jax.jit(native.int4_matmul)(x, native.pack_int4(codes, zero, scale, group)))
+    want = x @ w
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * np.abs(want).max())
+
+
+def test_dispatch_names_and_the_xla_switch():
+    with pytest.raises(ValueError, match="unknown kernel 'avx9'"):
+        with native.use_kernel("avx9"):
+            pass
+    with native.use_kernel("xla"):
+        assert not native.available() and native.kernel_isa() is None
+    if KERNELS:
+        assert native.kernel_isa() == KERNELS[0]
+        for kernel in KERNELS:
+            with native.use_kernel(kernel):
+                assert native.kernel_isa() == kernel
+
+
+def test_shape_errors_name_the_shapes():
+    with pytest.raises(ValueError, match=r"2-D int8 \(in, out\) weight, got float32 \(3,\)"):
+        native.pack_int8(np.zeros(3, np.float32))
+    with pytest.raises(ValueError, match="group must be a positive multiple of 16, got 10"):
+        native.pack_int4(np.zeros((20, 4), np.uint8), np.zeros((2, 4)), np.ones((2, 4)), 10)
+    if KERNELS:
+        with pytest.raises(ValueError, match="input has 5 features on its last axis, the weight expects 4"):
+            native.w8a8_matmul(np.zeros((2, 5), np.float32), native.pack_int8(np.zeros((4, 3), np.int8)), np.ones(3))
+
+
+def test_a_missing_library_falls_back_to_xla_with_the_reason(monkeypatch):
+    config = MLPConfig(features=(64,))
+    q = quantize(init_variables(config, 0)).variables
+    x = np.random.default_rng(3).normal(size=(4, 64)).astype(np.float32)
+    want = np.asarray(jax.jit(quantized_predict_fn(config, mode="dynamic"))(q, x))
+    monkeypatch.setattr(native, "_library", lambda: (None, "the native kernels were not built (test)"))
+    assert native.supported_kernels() == [] and not native.available()
+    assert native.load_error() == "the native kernels were not built (test)"
+    text = jax.jit(quantized_predict_fn(config, mode="dynamic")).lower(q, x).as_text()
+    assert "jxs_" not in text
+    np.testing.assert_allclose(np.asarray(jax.jit(quantized_predict_fn(config, mode="dynamic"))(q, x)), want,
+                               rtol=1e-6, atol=1e-6)
+
+
+@needs_native
+def test_kernels_under_sharding_equal_one_device():
+    mesh = jax.sharding.Mesh(np.asarray(jax.devices()[:8]).reshape(8), ("data",))
+    rng = np.random.default_rng(4)
+    x = rng.normal(size=(16, 96)).astype(np.float32)
+    wq = rng.integers(-127, 128, (96, 40)).astype(np.int8)
+    sw = np.full(40, 0.01, np.float32)
+    packed = native.pack_int8(wq)
+    f = jax.jit(lambda x, p: native.w8a8_matmul(x, p, sw))
+    one = np.asarray(f(x, packed))
+    sharded = np.asarray(f(jax.device_put(x, NamedSharding(mesh, P("data"))), packed))
+    np.testing.assert_array_equal(sharded, one)
