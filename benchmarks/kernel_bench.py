@@ -22,9 +22,10 @@ are null, with a note, when ``jaxopt_serve.native`` is missing or ``native.avail
 likewise when torch is not importable. ``kernel_int32_mismatches`` counts int32 entries where
 ``native.int8_matmul`` differs from ``lax.dot_general`` over ragged shapes. ``--json PATH`` writes (atomically)
 ``{"device", "cpu", "native", "torch", "config", "checks": [{"name", "value", "target", "op", "passed"}], "tables"}``;
-a skipped check has value and passed null, ``"skipped": true`` and a note. ``cpu.load_average_1min`` (start, end)
-flags runs that shared the CPU with other work: on a 2-core machine a busy neighbour stalls multi-threaded calls
-(torch's OpenMP barriers most of all) by whole scheduler time slices, so quiet-machine numbers need a load near 0.
+a skipped check has value and passed null, ``"skipped": true`` and a note. ``cpu.other_processes_cpu_share`` (the share of all
+cores' time that other processes used while timing) flags runs that shared the CPU: on a 2-core machine a busy
+neighbour stalls multi-threaded calls (torch's OpenMP barriers most of all) by whole scheduler time slices, so
+trust only runs where it is near 0.
 """
 
 from __future__ import annotations
@@ -81,12 +82,27 @@ def cpu_info() -> dict[str, Any]:
 
     flags = set(field("flags").split())
     return {"model_name": field("model name") or None, "usable_cores": usable_cores(),
-            "flags": {f: f in flags for f in CPU_FLAGS}, "load_average_1min": load_average()}
+            "flags": {f: f in flags for f in CPU_FLAGS}}
 
 
-def load_average() -> float | None:
-    """1-minute load average: near the core count during a run means other processes shared the CPU."""
-    return os.getloadavg()[0] if hasattr(os, "getloadavg") else None
+def cpu_busy_seconds() -> tuple[float, float, float] | None:
+    """(busy CPU seconds of the whole machine, CPU seconds of this process, wall seconds), or None off Linux."""
+    path = Path("/proc/stat")
+    if not path.exists():
+        return None
+    user, nice, system, _idle, _iowait, irq, softirq, steal = (int(v) for v in path.read_text().split()[1:9])
+    own = os.times()
+    busy = (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
+    return busy, own.user + own.system, time.perf_counter()
+
+
+def other_cpu_share(start: tuple[float, float, float] | None) -> float | None:
+    """Share of the usable cores' time since ``start`` that other processes used (0 on a quiet machine)."""
+    end = cpu_busy_seconds()
+    if start is None or end is None:
+        return None
+    machine, own, wall = (e - s for e, s in zip(end, start))
+    return round(max(0.0, machine - own) / (wall * (os.cpu_count() or 1)), 4)
 
 
 def usable_cores() -> int:
@@ -459,9 +475,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                           {"cpu": cpu, "native": native_meta, "torch": torch_meta,
                            "config": {"size": args.size, "batches": args.batches, "rounds": args.rounds,
                                       "seed": args.seed, "int4_group": GROUP}})
+    start = cpu_busy_seconds()
     with torch.inference_mode() if torch is not None else contextlib.nullcontext():
         ms, notes = run_cases(args, report, native, native_meta["note"], torch, torch_meta["note"])
-    cpu["load_average_1min"] = {"start": cpu["load_average_1min"], "end": load_average()}
+    cpu["other_processes_cpu_share"] = other_cpu_share(start)
     add_checks(report, ms, args.batches, notes)
     mismatch_check(report, native, native_meta["note"], args.seed)
     report.print()

@@ -69,7 +69,7 @@ from jaxopt_serve.model import Model, as_model, check_inputs
 from jaxopt_serve.models.config import ModelConfig
 from jaxopt_serve.models.functional import Variables
 from jaxopt_serve.quant.qarray import has_qarrays
-from jaxopt_serve.quant.runtime import inference_fn
+from jaxopt_serve.quant.runtime import inference_fn, serving_layout
 
 NanPolicy = Literal["propagate", "error"]
 
@@ -224,6 +224,11 @@ class InferenceEngine:
         self.dtype = dtype
         self.nan_policy = nan_policy
         self.quantized = has_qarrays(variables)
+        split_weights = mesh is not None and mesh.shape.get("model", 1) > 1
+        if (self.quantized and quant_mode != "weight_only" and jax.default_backend() == "cpu" and predict is None
+                and not split_weights):
+            # int8 kernels packed once for the native CPU kernels (a model-parallel mesh keeps the split layout)
+            variables = serving_layout(variables)
         compute = jnp.bfloat16 if dtype == "bfloat16" else None
 
         def cast(tree: Any, to: Any) -> Any:

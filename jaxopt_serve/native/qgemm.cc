@@ -197,19 +197,22 @@ template <int MR>
 __attribute__((target("avx2,fma"))) inline void PanelAvx2(const int16_t* x, int64_t kp, const int8_t* panel,
                                                            int32_t out[][16]) {
   __m256i acc[MR][2];
+#pragma GCC unroll 8
   for (int r = 0; r < MR; ++r) acc[r][0] = acc[r][1] = _mm256_setzero_si256();
-  const int32_t* xr[MR];
-  for (int r = 0; r < MR; ++r) xr[r] = reinterpret_cast<const int32_t*>(x + r * kp);
+  const int32_t* xr = reinterpret_cast<const int32_t*>(x);
+  const int64_t stride = kp / 2;  // int32 (pairs of int16) per row
   for (int64_t kk = 0; kk < kp / 2; ++kk) {
     const __m128i* p = reinterpret_cast<const __m128i*>(panel + kk * 32);
     __m256i lo = _mm256_cvtepi8_epi16(_mm_loadu_si128(p));
     __m256i hi = _mm256_cvtepi8_epi16(_mm_loadu_si128(p + 1));
+#pragma GCC unroll 8
     for (int r = 0; r < MR; ++r) {
-      __m256i xb = _mm256_set1_epi32(xr[r][kk]);
+      __m256i xb = _mm256_set1_epi32(xr[r * stride + kk]);
       acc[r][0] = _mm256_add_epi32(acc[r][0], _mm256_madd_epi16(xb, lo));
       acc[r][1] = _mm256_add_epi32(acc[r][1], _mm256_madd_epi16(xb, hi));
     }
   }
+#pragma GCC unroll 8
   for (int r = 0; r < MR; ++r) {
     _mm256_storeu_si256(reinterpret_cast<__m256i*>(out[r]), acc[r][0]);
     _mm256_storeu_si256(reinterpret_cast<__m256i*>(out[r] + 8), acc[r][1]);

@@ -100,6 +100,9 @@ class QArray:
         transposed: int8 2-D values stored as ``(out, in)`` (see ``runtime.serving_layout``),
             which XLA:CPU's integer dot reads faster; ``int_values`` and
             ``dequantize`` undo it, artifacts store the original layout.
+        packed: int8 2-D values stored as the native CPU kernels' panels
+            ``(P, Kp / 2, 16, 2)`` (see ``jaxopt_serve.native.pack_int8`` and
+            ``runtime.serving_layout``); undone the same way.
 
     Example:
         >>> import jax.numpy as jnp
@@ -121,6 +124,7 @@ class QArray:
     axis: int | None = dataclasses.field(metadata=dict(static=True))
     group_size: int | None = dataclasses.field(metadata=dict(static=True))
     transposed: bool = dataclasses.field(default=False, metadata=dict(static=True))
+    packed: bool = dataclasses.field(default=False, metadata=dict(static=True))
 
     @property
     def bits(self) -> int:
@@ -144,12 +148,17 @@ class QArray:
         """The integer values as int8, in the original shape (unpacked if needed)."""
         if self.transposed:
             return self.values.T
+        if self.packed:
+            p, half, _, _ = self.values.shape
+            return jnp.transpose(self.values, (1, 3, 0, 2)).reshape(2 * half, 16 * p)[: self.shape[0], : self.shape[1]]
         if self.bits == 8:
             return self.values
         return unpack(self.values, self.qtype, self.size).reshape(self.shape)
 
     def canonical(self) -> QArray:
         """The same array with values in the original layout (undoes ``serving_layout``)."""
+        if self.packed:
+            return dataclasses.replace(self, values=self.int_values(), packed=False)
         if not self.transposed:
             return self
         return dataclasses.replace(self, values=self.values.T, transposed=False)

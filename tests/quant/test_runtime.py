@@ -188,17 +188,25 @@ def test_serving_layout_gives_the_same_outputs_and_saves_canonically(tmp_path):
 
     config = MODELS["mlp"]
     q = quantize(init_variables(config, 0)).variables
-    served = serving_layout(q)
-    kernel = served["params"]["dense_0"]["kernel"]
-    assert kernel.transposed and kernel.values.shape == (64, 64) and kernel.shape == (64, 64)
-    np.testing.assert_array_equal(kernel.int_values(), q["params"]["dense_0"]["kernel"].int_values())
     x = _inputs(config, 4)
-    for mode in ("dynamic", "weight_only"):
-        predict = jax.jit(quantized_predict_fn(config, mode=mode))
-        np.testing.assert_allclose(predict(served, x), predict(q, x), rtol=1e-6, atol=1e-6)
+    # Packed for the native kernels where they run, (out, in) for XLA's integer dot otherwise.
+    for kernel_path in [*native.supported_kernels()[:1], "xla"]:
+        with native.use_kernel(kernel_path):
+            served = serving_layout(q)
+            kernel = served["params"]["dense_0"]["kernel"]
+            if kernel_path == "xla":
+                assert kernel.transposed and kernel.values.shape == (64, 64) and kernel.shape == (64, 64)
+            else:
+                assert kernel.packed and kernel.values.shape == (4, 32, 16, 2) and kernel.shape == (64, 64)
+            np.testing.assert_array_equal(kernel.int_values(), q["params"]["dense_0"]["kernel"].int_values())
+            for mode in ("dynamic", "static", "weight_only"):
+                calibrated = calibrate(config, served, x, method="absmax") if mode == "static" else served
+                reference = calibrate(config, q, x, method="absmax") if mode == "static" else q
+                predict = jax.jit(quantized_predict_fn(config, mode=mode))
+                np.testing.assert_allclose(predict(calibrated, x), predict(reference, x), rtol=1e-6, atol=1e-6)
     save_artifact(tmp_path / "q.jxs", quantized_artifact(config, served, config.example_shape()))
     loaded = load_artifact(tmp_path / "q.jxs").variables["params"]["dense_0"]["kernel"]
-    assert not loaded.transposed
+    assert not loaded.transposed and not loaded.packed
     np.testing.assert_array_equal(loaded.values, q["params"]["dense_0"]["kernel"].values)
 
 
