@@ -19,8 +19,17 @@ def _xla_int32(xq, wq):
     return np.asarray(jax.lax.dot_general(xq, wq, (((1,), (0,)), ((), ())), preferred_element_type=jnp.int32))
 
 
-def _xla_w8a8(x, wq, sw, act_scale=None):
+def _xla_w8a8(x, wq, sw, act_scale=None, symmetric=True):
     """The quantized runtime's XLA formulation: per-row (or static) scale, int32 dot, acc * sx * sw."""
+    if not symmetric:
+        lo = jnp.minimum(jnp.min(x, axis=1, keepdims=True), 0.0)
+        hi = jnp.maximum(jnp.max(x, axis=1, keepdims=True), 0.0)
+        sx = jnp.where(hi > lo, (hi - lo) / 255.0, 1.0)
+        zero = jnp.round(-lo / sx) - 128.0
+        xq = jnp.clip(jnp.round(x / sx) + zero, -128, 127).astype(jnp.int8)
+        acc = jax.lax.dot_general(xq, wq, (((1,), (0,)), ((), ())), preferred_element_type=jnp.int32)
+        acc = acc - zero.astype(jnp.int32) * jnp.sum(wq.astype(jnp.int32), axis=0)
+        return np.asarray(acc.astype(jnp.float32) * sx * sw)
     if act_scale is None:
         absmax = jnp.max(jnp.abs(x), axis=1, keepdims=True)
         sx = jnp.where(absmax > 0, absmax / 127.0, 1.0)
@@ -47,9 +56,20 @@ def test_int32_sums_equal_xla_bit_for_bit_on_every_kernel(m, k, n, seed):
 
 
 @needs_native
+@pytest.mark.parametrize("m,k,n", [(100, 50, 20), (60, 1024, 1040)])  # rows split over threads; panels split
+def test_both_work_splits_are_exact(m, k, n):
+    rng = np.random.default_rng(5)
+    xq = rng.integers(-128, 128, (m, k)).astype(np.int8)
+    wq = rng.integers(-128, 128, (k, n)).astype(np.int8)
+    got = np.asarray(jax.jit(native.int8_matmul)(xq, native.pack_int8(wq)))
+    np.testing.assert_array_equal(got, _xla_int32(xq, wq))
+
+
+@needs_native
 @pytest.mark.parametrize("kernel", KERNELS)
-@pytest.mark.parametrize("static", [False, True])
-def test_w8a8_epilogue_matches_the_xla_formulation(kernel, static):
+@pytest.mark.parametrize("how", ["dynamic", "static", "asymmetric"])
+def test_w8a8_epilogue_matches_the_xla_formulation(kernel, how):
+    static = how == "static"
     rng = np.random.default_rng(1)
     x = rng.normal(size=(37, 200)).astype(np.float32)
     x[3] = 0.0  # an all-zero row takes scale 1
@@ -59,8 +79,9 @@ def test_w8a8_epilogue_matches_the_xla_formulation(kernel, static):
     act = float(np.abs(x).max() / 127) if static else None
     bias = rng.normal(size=70).astype(np.float32)
     with native.use_kernel(kernel):
-        got = jax.jit(lambda x, p: native.w8a8_matmul(x, p, sw, bias, act_scale=act))(x, native.pack_int8(wq))
-    want = _xla_w8a8(x, wq, sw, act) + bias
+        got = jax.jit(lambda x, p: native.w8a8_matmul(x, p, sw, bias, act_scale=act, symmetric=how != "asymmetric"))(
+            x, native.pack_int8(wq))
+    want = _xla_w8a8(x, wq, sw, act, symmetric=how != "asymmetric") + bias
     np.testing.assert_allclose(np.asarray(got), want, rtol=1e-6, atol=1e-6 * np.abs(want).max())
 
 

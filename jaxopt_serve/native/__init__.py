@@ -240,12 +240,17 @@ def int8_matmul(xq: Any, w: Int8Weight) -> jax.Array:
     return out.reshape(*lead, n)
 
 
-def w8a8_matmul(x: Any, w: Int8Weight, w_scale: Any, bias: Any = None, *, act_scale: Any = None) -> jax.Array:
+def w8a8_matmul(x: Any, w: Int8Weight, w_scale: Any, bias: Any = None, *, act_scale: Any = None,
+                symmetric: bool = True) -> jax.Array:
     """``x @ dequant(w)`` with int8 activations: ``round(x / s_row) @ w * s_row * w_scale (+ bias)`` in one call.
 
     ``s_row`` is each row's absmax / 127 (dynamic), or ``act_scale`` (a
-    calibrated scalar, static). ``x`` is float ``(..., K)``; returns f32 ``(..., N)``.
+    calibrated scalar, static). ``symmetric=False`` (dynamic only): each row's
+    range ``[min(x, 0), max(x, 0)]`` in 255 steps with a zero point, corrected
+    exactly in the int32 sums. ``x`` is float ``(..., K)``; returns f32 ``(..., N)``.
     """
+    if not symmetric and act_scale is not None:
+        raise ValueError("w8a8_matmul: asymmetric activations are dynamic; pass act_scale=None")
     x = jnp.asarray(x, jnp.float32)
     x2, lead = _rows(x, w.in_features, "w8a8_matmul")
     n = w.out_features
@@ -256,7 +261,7 @@ def w8a8_matmul(x: Any, w: Int8Weight, w_scale: Any, bias: Any = None, *, act_sc
     s = jnp.ones((1,), jnp.float32) if act_scale is None else jnp.asarray(act_scale, jnp.float32).reshape(1)
     out = jax.ffi.ffi_call("jxs_w8a8_matmul", jax.ShapeDtypeStruct((x2.shape[0], n), jnp.float32),
                            vmap_method="sequential")(
-        x2, w.panels, w_scale, b, s, isa=np.int64(_isa_code()), mode=np.int64(act_scale is not None),
+        x2, w.panels, w_scale, b, s, isa=np.int64(_isa_code()), mode=np.int64(1 if act_scale is not None else 0 if symmetric else 2),
         has_bias=np.int64(bias is not None))
     return out.reshape(*lead, n)
 

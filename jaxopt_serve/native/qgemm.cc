@@ -275,32 +275,55 @@ void Int8Core(int isa, const int16_t* x16, int64_t m, const int8_t* w, int64_t k
 }
 
 // Quantizes (or widens) the m rows of the activations into an int16 (m, kp) buffer, in parallel.
-void WidenInt8(const int8_t* x, int64_t m, int64_t k, int64_t kp, int16_t* out) {
-  for (int64_t r = 0; r < m; ++r) {
-    for (int64_t i = 0; i < k; ++i) out[r * kp + i] = x[r * k + i];
-    for (int64_t i = k; i < kp; ++i) out[r * kp + i] = 0;
+// Rows [r0, r1) of int8 activations widened to int16 rows of `out`, zero padded to kp.
+void WidenRowRange(const int8_t* x, int64_t r0, int64_t r1, int64_t k, int64_t kp, int16_t* out) {
+  for (int64_t r = r0; r < r1; ++r) {
+    int16_t* o = out + (r - r0) * kp;
+    for (int64_t i = 0; i < k; ++i) o[i] = x[r * k + i];
+    for (int64_t i = k; i < kp; ++i) o[i] = 0;
   }
 }
 
-void QuantizeRows(int isa, const float* x, int64_t m, int64_t k, int64_t kp, const float* static_scale,
-                  int16_t* out, float* scales) {
-  auto rows = [&](int64_t r0, int64_t r1) {
-    for (int64_t r = r0; r < r1; ++r) {
-      const float* xr = x + r * k;
-#ifdef JXS_X86
-      if (isa == 1) {
-        float s = static_scale ? *static_scale : RowScaleAvx2(xr, k);
-        scales[r] = s;
-        QuantizeRowAvx2(xr, k, kp, s, out + r * kp);
-        continue;
-      }
-#endif
-      float s = static_scale ? *static_scale : RowScale(xr, k);
-      scales[r] = s;
-      QuantizeRowPortable(xr, k, kp, s, out + r * kp);
+// Asymmetric per-row quantization (the runtime's XLA formulation): the row's range [min(x, 0), max(x, 0)]
+// over 255 steps, zero = round(-lo / s) - 128, q = clip(round(x / s) + zero, -128, 127).
+void QuantizeRowAsym(const float* x, int64_t k, int64_t kp, int16_t* out, float* scale, int32_t* zero) {
+  float lo = 0.f, hi = 0.f;
+  for (int64_t i = 0; i < k; ++i) {
+    lo = std::min(lo, x[i]);
+    hi = std::max(hi, x[i]);
+  }
+  const float s = hi > lo ? (hi - lo) / 255.f : 1.f;
+  const float z = std::nearbyint(-lo / s) - 128.f;
+  for (int64_t i = 0; i < k; ++i)
+    out[i] = static_cast<int16_t>(std::min(127.f, std::max(-128.f, std::nearbyint(x[i] / s) + z)));
+  for (int64_t i = k; i < kp; ++i) out[i] = 0;
+  *scale = s;
+  *zero = static_cast<int32_t>(z);
+}
+
+// Rows [r0, r1) of float activations -> int16 rows of `out` (row r0 first); their scales into scales[r]
+// (and, with `zeros`, asymmetric with zero points into zeros[r]).
+void QuantizeRowRange(int isa, const float* x, int64_t r0, int64_t r1, int64_t k, int64_t kp,
+                      const float* static_scale, int16_t* out, float* scales, int32_t* zeros = nullptr) {
+  for (int64_t r = r0; r < r1; ++r) {
+    const float* xr = x + r * k;
+    int16_t* o = out + (r - r0) * kp;
+    if (zeros) {
+      QuantizeRowAsym(xr, k, kp, o, scales + r, zeros + r);
+      continue;
     }
-  };
-  ParallelColumns(m, m * k, 1, rows);
+#ifdef JXS_X86
+    if (isa == 1) {
+      float s = static_scale ? *static_scale : RowScaleAvx2(xr, k);
+      scales[r] = s;
+      QuantizeRowAvx2(xr, k, kp, s, o);
+      continue;
+    }
+#endif
+    float s = static_scale ? *static_scale : RowScale(xr, k);
+    scales[r] = s;
+    QuantizeRowPortable(xr, k, kp, s, o);
+  }
 }
 
 int64_t Rows(ffi::Span<const int64_t> d) {
@@ -321,11 +344,32 @@ ffi::Error CheckPacked(ffi::Span<const int64_t> wd, int64_t k, int64_t n) {
   return ffi::Error::Success();
 }
 
-template <typename Emit>
-void RunInt8(int isa, const int16_t* x16, int64_t m, const int8_t* w, int64_t kp, int64_t n, Emit emit) {
+// Runs the product for all m rows. prep(r0, r1, buf) writes rows [r0, r1) as int16 into buf.
+// Small weights (convolutions, narrow layers): threads split the rows and each prepares and runs
+// chunks of rows that stay in cache. Large weights: rows are prepared once, threads split the panels.
+constexpr int64_t kRowChunk = 8 * kMR;
+
+template <typename Prep, typename Emit>
+void RunInt8(int isa, int64_t m, const int8_t* w, int64_t kp, int64_t n, Prep prep, Emit emit) {
   const int64_t panels = (n + 15) / 16;
+  const int64_t weight_bytes = panels * 16 * kp;
+  if (weight_bytes <= (int64_t{1} << 20) && m > kRowChunk) {
+    const int64_t chunks = (m + kRowChunk - 1) / kRowChunk;
+    ParallelColumns(chunks, m * n * kp, 1, [&](int64_t c0, int64_t c1) {
+      std::vector<int16_t> buf(static_cast<size_t>(kRowChunk * kp));
+      for (int64_t c = c0; c < c1; ++c) {
+        const int64_t r0 = c * kRowChunk, r1 = std::min(m, r0 + kRowChunk);
+        prep(r0, r1, buf.data());
+        Int8Core(isa, buf.data(), r1 - r0, w, kp, n, 0, panels,
+                 [&](int64_t r, int64_t col, int32_t s) { emit(r0 + r, col, s); });
+      }
+    });
+    return;
+  }
+  std::vector<int16_t> x16(static_cast<size_t>(m * kp));
+  ParallelColumns(m, m * kp * 8, 1, [&](int64_t r0, int64_t r1) { prep(r0, r1, x16.data() + r0 * kp); });
   ParallelColumns(panels, m * n * kp, 1, [&](int64_t p0, int64_t p1) {
-    Int8Core(isa, x16, m, w, kp, n, p0, p1, emit);
+    Int8Core(isa, x16.data(), m, w, kp, n, p0, p1, emit);
   });
 }
 
@@ -337,15 +381,31 @@ ffi::Error Int8MatmulImpl(ffi::Buffer<ffi::S8> x, ffi::Buffer<ffi::S8> w, ffi::R
   const int64_t k = xd.back(), m = Rows(xd);
   if (auto e = CheckPacked(wd, k, n); e.failure()) return e;
   const int64_t kp = wd[1] * 2;
-  std::vector<int16_t> x16(static_cast<size_t>(m * kp));
-  WidenInt8(x.typed_data(), m, k, kp, x16.data());
+  const int8_t* xs = x.typed_data();
   int32_t* out = y->typed_data();
-  RunInt8(static_cast<int>(isa), x16.data(), m, w.typed_data(), kp, n,
-          [&](int64_t r, int64_t c, int32_t s) { out[r * n + c] = s; });
+  RunInt8(
+      static_cast<int>(isa), m, w.typed_data(), kp, n,
+      [&](int64_t r0, int64_t r1, int16_t* buf) { WidenRowRange(xs, r0, r1, k, kp, buf); },
+      [&](int64_t r, int64_t c, int32_t s) { out[r * n + c] = s; });
   return ffi::Error::Success();
 }
 
-// mode 0: dynamic per-row scale; 1: static scale from `act_scale` (shape (1,)).
+// Sum over k of each output column of a packed weight, for the activation zero-point correction.
+std::vector<int32_t> ColumnSums(const int8_t* w, int64_t kp, int64_t n) {
+  const int64_t panels = (n + 15) / 16;
+  std::vector<int32_t> sums(static_cast<size_t>(panels * 16), 0);
+  ParallelColumns(panels, panels * 16 * kp, 1, [&](int64_t p0, int64_t p1) {
+    for (int64_t p = p0; p < p1; ++p) {
+      const int8_t* panel = w + p * 16 * kp;
+      for (int64_t kk = 0; kk < kp / 2; ++kk)
+        for (int c = 0; c < 16; ++c) sums[p * 16 + c] += panel[kk * 32 + 2 * c] + panel[kk * 32 + 2 * c + 1];
+    }
+  });
+  return sums;
+}
+
+// mode 0: dynamic per-row scale; 1: static scale from `act_scale` (shape (1,)); 2: dynamic asymmetric
+// (per-row scale and zero point).
 ffi::Error W8A8MatmulImpl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::S8> w, ffi::Buffer<ffi::F32> w_scale,
                           ffi::Buffer<ffi::F32> bias, ffi::Buffer<ffi::F32> act_scale,
                           ffi::ResultBuffer<ffi::F32> y, int64_t isa, int64_t mode, int64_t has_bias) {
@@ -355,17 +415,25 @@ ffi::Error W8A8MatmulImpl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::S8> w, ffi::
   if (has_bias && static_cast<int64_t>(bias.element_count()) != n)
     return ffi::Error::InvalidArgument("bias must have one entry per output feature");
   const int64_t kp = wd[1] * 2;
-  std::vector<int16_t> x16(static_cast<size_t>(m * kp));
   std::vector<float> sx(static_cast<size_t>(m));
-  QuantizeRows(static_cast<int>(isa), x.typed_data(), m, k, kp, mode == 1 ? act_scale.typed_data() : nullptr,
-               x16.data(), sx.data());
+  std::vector<int32_t> zx(mode == 2 ? static_cast<size_t>(m) : 0);
+  std::vector<int32_t> colsum = mode == 2 ? ColumnSums(w.typed_data(), kp, n) : std::vector<int32_t>();
+  int32_t* zeros = mode == 2 ? zx.data() : nullptr;
+  const float* xs = x.typed_data();
+  const float* fixed = mode == 1 ? act_scale.typed_data() : nullptr;
   const float* sw = w_scale.typed_data();
   const float* b = has_bias ? bias.typed_data() : nullptr;
   float* out = y->typed_data();
-  RunInt8(static_cast<int>(isa), x16.data(), m, w.typed_data(), kp, n, [&](int64_t r, int64_t c, int32_t s) {
-    float v = static_cast<float>(s) * sx[r] * sw[c];  // the order XLA's path uses
-    out[r * n + c] = b ? v + b[c] : v;
-  });
+  RunInt8(
+      static_cast<int>(isa), m, w.typed_data(), kp, n,
+      [&](int64_t r0, int64_t r1, int16_t* buf) {
+        QuantizeRowRange(static_cast<int>(isa), xs, r0, r1, k, kp, fixed, buf, sx.data(), zeros);
+      },
+      [&](int64_t r, int64_t c, int32_t s) {
+        if (zeros) s -= zeros[r] * colsum[c];
+        float v = static_cast<float>(s) * sx[r] * sw[c];  // the order XLA's path uses
+        out[r * n + c] = b ? v + b[c] : v;
+      });
   return ffi::Error::Success();
 }
 

@@ -67,7 +67,7 @@ def calibrate(
         raise ValueError(f"method must be 'absmax', 'percentile' or 'mse', got {method!r}")
     if batch_size <= 0:
         raise ValueError(f"batch_size must be > 0, got {batch_size}")
-    handle = calibration_model(model, call_method, apply_kwargs)
+    handle, samples = calibration_model(model, call_method, apply_kwargs, samples)
     if not is_batch_stream(samples) and not isinstance(samples, (tuple, dict)):
         samples = np.asarray(samples)
         if samples.ndim == 0 or len(samples) == 0:

@@ -83,7 +83,7 @@ def gptq_quantize(
     """
     if not damp > 0:
         raise ValueError(f"damp must be > 0, got {damp!r}")
-    handle = calibration_model(model, method, apply_kwargs)
+    handle, samples = calibration_model(model, method, apply_kwargs, samples)
     rtn = quantize(variables, rules).variables
     smooth = variables.get(SMOOTH_COLLECTION, {})
     hessians: dict[str, np.ndarray] = {}

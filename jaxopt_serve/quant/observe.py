@@ -24,6 +24,7 @@ from jaxopt_serve.model import Model
 from jaxopt_serve.models.config import ModelConfig
 from jaxopt_serve.quant.runtime import (
     ACT_COLLECTION,
+    COLLECTIONS,
     SMOOTH_COLLECTION,
     _method_model,
     _run,
@@ -58,16 +59,42 @@ def calibration_batches(model: Model, samples: Any, batch_size: int) -> Iterator
         yield jax.tree.map(lambda a, s=start: np.asarray(a)[s : s + batch_size], inputs)
 
 
-def calibration_model(model: Model | ModelConfig, method: str | None, kwargs: Mapping[str, Any]) -> Model:
-    """``model`` as a handle; ``method`` / ``kwargs`` (reference Linen configs only) choose what the forward pass calls."""
+def calibration_model(model: Model | ModelConfig, method: str | None, kwargs: Mapping[str, Any],
+                      samples: Any = None) -> tuple[Model, Any]:
+    """``(handle, samples)``: ``model`` as a handle, and the samples as the handle takes them.
+
+    ``method`` / ``kwargs`` (reference Linen configs only) choose what the
+    forward pass calls. A keyword argument that is an array with one row per
+    sample (an attention mask next to the token ids) is split into batches
+    with the samples: it becomes an extra input of the handle.
+    """
     if isinstance(model, Model):
         if method is not None or kwargs:
             raise ValueError("method= and keyword arguments are for reference configs; "
                              "build the Model with them instead (Model.linen(..., method=..., eval_kwargs=...))")
-        return model
-    if isinstance(model, ModelConfig):
-        return _method_model(model, method, kwargs)
-    raise TypeError(f"expected a jaxopt_serve Model or a ModelConfig, got {type(model).__name__}")
+        return model, samples
+    if not isinstance(model, ModelConfig):
+        raise TypeError(f"expected a jaxopt_serve Model or a ModelConfig, got {type(model).__name__}")
+    total = None if samples is None or is_batch_stream(samples) else _rows(samples)
+    per_sample = {k: v for k, v in kwargs.items() if total is not None and np.ndim(v) >= 1 and np.shape(v)[0] == total}
+    if not per_sample:
+        return _method_model(model, method, kwargs), samples
+    fixed = {k: v for k, v in kwargs.items() if k not in per_sample}
+    names = list(per_sample)
+    module = model.build()
+
+    def apply(variables: Any, x: Any, *rows: Any) -> Any:
+        model_vars = {k: v for k, v in variables.items() if k not in COLLECTIONS}
+        return module.apply(model_vars, x, method=method, **fixed, **dict(zip(names, rows)))
+
+    example = (np.zeros((1,), np.float32),) * (1 + len(names))
+    handle = Model(apply, None, {}, example, "config", model.name, model)
+    return handle, (samples, *(per_sample[k] for k in names))
+
+
+def _rows(samples: Any) -> int | None:
+    leaves = jax.tree.leaves(samples)
+    return int(np.shape(leaves[0])[0]) if leaves and np.ndim(leaves[0]) >= 1 else None
 
 
 def observe_batches(model: Model, qvariables: Any, batches: Iterator[tuple[Any, ...]]

@@ -307,13 +307,13 @@ class _Session:
         only_converts = all(p.name == "convert_element_type" for p, _ in t.views)
         if q.packed and only_converts and tuple(cw) == (0,) and not bw and zero is None and native.available():
             # serving_layout packed this kernel for the native W8A8 kernel: no repacking per call
-            if mode == "static" or key not in self.asymmetric:
-                act_scale = self.scale_for(key) if mode == "static" else None
-                if act_scale is None or jnp.size(act_scale) == 1:
-                    y = native.w8a8_matmul(jnp.moveaxis(x, cx[0], -1), native.Int8Weight(q.values, *q.shape),
-                                           jnp.reshape(scale, -1),
-                                           act_scale=None if act_scale is None else jnp.reshape(act_scale, ()))
-                    return (y if wi == 1 else jnp.moveaxis(y, -1, 0)).astype(out_dtype)
+            act_scale = self.scale_for(key) if mode == "static" else None
+            if act_scale is None or jnp.size(act_scale) == 1:
+                y = native.w8a8_matmul(jnp.moveaxis(x, cx[0], -1), native.Int8Weight(q.values, *q.shape),
+                                       jnp.reshape(scale, -1),
+                                       act_scale=None if act_scale is None else jnp.reshape(act_scale, ()),
+                                       symmetric=mode == "static" or key not in self.asymmetric)
+                return (y if wi == 1 else jnp.moveaxis(y, -1, 0)).astype(out_dtype)
         if q.transposed and only_converts:
             # serving_layout stores 2-D int8 values as (out, in): contract them as stored (XLA:CPU's fast layout)
             wq, scale, zero, cw, bw = _stored_transposed(q, scale, zero, cw, bw)
@@ -322,7 +322,7 @@ class _Session:
             wq = replay(t.views, q.int_values(), skip_converts=True)
         act_scale = self.scale_for(key) if mode == "static" else None
         symmetric = mode == "static" or key not in self.asymmetric
-        if zero is None and symmetric and (y := _native_dot(x, wq, scale, wi, dims, act_scale)) is not None:
+        if zero is None and (y := _native_dot(x, wq, scale, wi, dims, act_scale, symmetric)) is not None:
             return y.astype(out_dtype)
         y = _integer_dot(x, wq, scale, zero, wi, dims, cx, bx, cw, bw, act_scale=act_scale, symmetric=symmetric)
         return y.astype(out_dtype)
@@ -372,12 +372,13 @@ class _Session:
 
 
 def _native_dot(x: jax.Array, wq: jax.Array, scale: jax.Array, wi: int, dims: Any,
-                act_scale: Any) -> jax.Array | None:
+                act_scale: Any, symmetric: bool) -> jax.Array | None:
     """The W8A8 dot on the native CPU kernel, or ``None`` where it does not apply (then XLA's integer dot runs).
 
     It applies to a 2-D int8 weight contracted on one axis with no batch axes,
-    a per-output-channel weight scale and symmetric activations (dynamic per
-    row, or one static scale); the result equals ``_integer_dot``'s.
+    a per-output-channel weight scale and activations quantized per row
+    (symmetric or asymmetric) or by one static scale; the result equals
+    ``_integer_dot``'s.
     """
     (lc, rc), (lb, rb) = dims
     if not native.available() or wq.ndim != 2 or lb or rb or len(lc) != 1:
@@ -388,7 +389,7 @@ def _native_dot(x: jax.Array, wq: jax.Array, scale: jax.Array, wi: int, dims: An
     w = wq if cw == 0 else wq.T
     x_rows = jnp.moveaxis(x, cx, -1)
     y = native.w8a8_matmul(x_rows, native.pack_int8(w), jnp.reshape(scale, -1),
-                           act_scale=None if act_scale is None else jnp.reshape(act_scale, ()))
+                           act_scale=None if act_scale is None else jnp.reshape(act_scale, ()), symmetric=symmetric)
     return y if wi == 1 else jnp.moveaxis(y, -1, 0)
 
 

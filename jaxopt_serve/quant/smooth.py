@@ -102,7 +102,7 @@ def smooth_quantize(
     grid = [float(a) for a in (np.atleast_1d(alpha) if not isinstance(alpha, (int, float)) else [alpha])]
     if not grid or any(not 0.0 <= a <= 1.0 for a in grid):
         raise ValueError(f"alpha must be in [0, 1] (or a non-empty sequence of such values), got {alpha!r}")
-    handle = calibration_model(model, method, apply_kwargs)
+    handle, samples = calibration_model(model, method, apply_kwargs, samples)
     probe = quantize(variables, rules).variables
     if asymmetric is not None:
         probe = mark_asymmetric(probe, asymmetric)
