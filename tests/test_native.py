@@ -151,3 +151,24 @@ def test_kernels_under_sharding_equal_one_device():
     one = np.asarray(f(x, packed))
     sharded = np.asarray(f(jax.device_put(x, NamedSharding(mesh, P("data"))), packed))
     np.testing.assert_array_equal(sharded, one)
+
+
+def test_a_machine_without_a_compiler_installs_with_a_warning(tmp_path):
+    """setup.py's build with a failing compiler: the build succeeds, says why, and leaves no library."""
+    import os
+    import shutil
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    shutil.copy(root / "setup.py", tmp_path / "setup.py")
+    (tmp_path / "jaxopt_serve" / "native").mkdir(parents=True)
+    shutil.copy(root / "jaxopt_serve" / "native" / "qgemm.cc", tmp_path / "jaxopt_serve" / "native" / "qgemm.cc")
+    env = {**os.environ, "CC": "false", "CXX": "false"}
+    done = subprocess.run([sys.executable, "setup.py", "-q", "build_ext", "--inplace"], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "native kernels were not built" in done.stdout + done.stderr
+    assert "Install a C++ compiler" in done.stdout + done.stderr
+    assert not list((tmp_path / "jaxopt_serve" / "native").glob("_qgemm*"))
