@@ -64,7 +64,7 @@ from jaxopt_serve.engine.pytrees import (
     pad_rows,
     take_rows,
 )
-from jaxopt_serve.engine.sharding import DATA, ShardingRule, shard_variables
+from jaxopt_serve.engine.sharding import DATA, MODEL, ShardingRule, shard_variables
 from jaxopt_serve.model import Model, as_model, check_inputs
 from jaxopt_serve.models.config import ModelConfig
 from jaxopt_serve.models.functional import Variables
@@ -224,7 +224,7 @@ class InferenceEngine:
         self.dtype = dtype
         self.nan_policy = nan_policy
         self.quantized = has_qarrays(variables)
-        split_weights = mesh is not None and mesh.shape.get("model", 1) > 1
+        split_weights = mesh is not None and mesh.shape.get(MODEL, 1) > 1
         if (self.quantized and quant_mode != "weight_only" and jax.default_backend() == "cpu" and predict is None
                 and not split_weights):
             # int8 kernels packed once for the native CPU kernels (a model-parallel mesh keeps the split layout)
@@ -247,7 +247,7 @@ class InferenceEngine:
                 raise ValueError(f"rules must be a sequence of ShardingRule or 'auto', got {rules!r}")
             if self.model is None or mesh is None:
                 raise ValueError("rules='auto' needs a model and a mesh (mesh=make_mesh(...))")
-            from jaxopt_serve.engine.sharding import MODEL, model_parallel_rules
+            from jaxopt_serve.engine.sharding import model_parallel_rules
 
             size = mesh.shape[MODEL]
             rules = model_parallel_rules(self.model.with_variables(variables), size=size) if size > 1 else []

@@ -194,7 +194,7 @@ __attribute__((target("avx2,fma"))) void QuantizeRowAvx2(const float* x, int64_t
 // col 1 k, ...); widened to int16 it is two vectors of 8 columns, and vpmaddwd with the row's
 // (x_k, x_k+1) pair broadcast gives 8 exact int32 partial sums. No horizontal sums are needed.
 template <int MR>
-__attribute__((target("avx2,fma"))) inline void PanelAvx2(const int16_t* x, int64_t kp, const int8_t* panel,
+__attribute__((target("avx2,fma"))) void PanelAvx2(const int16_t* x, int64_t kp, const int8_t* panel,
                                                            int32_t out[][16]) {
   __m256i acc[MR][2];
 #pragma GCC unroll 8
@@ -217,12 +217,6 @@ __attribute__((target("avx2,fma"))) inline void PanelAvx2(const int16_t* x, int6
     _mm256_storeu_si256(reinterpret_cast<__m256i*>(out[r]), acc[r][0]);
     _mm256_storeu_si256(reinterpret_cast<__m256i*>(out[r] + 8), acc[r][1]);
   }
-}
-
-template <int MR>
-__attribute__((target("avx2,fma"))) void RowsAvx2(const int16_t* x, int64_t kp, const int8_t* panel,
-                                                  int32_t out[][16]) {
-  PanelAvx2<MR>(x, kp, panel, out);
 }
 #endif
 
@@ -256,12 +250,12 @@ void Int8Core(int isa, const int16_t* x16, int64_t m, const int8_t* w, int64_t k
 #ifdef JXS_X86
         if (isa == 1) {
           switch (rows) {
-            case 6: RowsAvx2<6>(xr, kp, panel, tile); break;
-            case 5: RowsAvx2<5>(xr, kp, panel, tile); break;
-            case 4: RowsAvx2<4>(xr, kp, panel, tile); break;
-            case 3: RowsAvx2<3>(xr, kp, panel, tile); break;
-            case 2: RowsAvx2<2>(xr, kp, panel, tile); break;
-            default: RowsAvx2<1>(xr, kp, panel, tile); break;
+            case 6: PanelAvx2<6>(xr, kp, panel, tile); break;
+            case 5: PanelAvx2<5>(xr, kp, panel, tile); break;
+            case 4: PanelAvx2<4>(xr, kp, panel, tile); break;
+            case 3: PanelAvx2<3>(xr, kp, panel, tile); break;
+            case 2: PanelAvx2<2>(xr, kp, panel, tile); break;
+            default: PanelAvx2<1>(xr, kp, panel, tile); break;
           }
         } else
 #endif
@@ -439,7 +433,7 @@ ffi::Error W8A8MatmulImpl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::S8> w, ffi::
 
 // int4 weight-only: w (N, Kp/2) codes, scale and zero (N, G) with G = Kp / group.
 // y[r, c] = sum_g scale[c, g] * (sum_{k in g} x[r, k] * code[c, k] - zero[c, g] * sum_{k in g} x[r, k]).
-void Int4Portable(const float* x, int64_t m, int64_t k, const uint8_t* w, const float* sc, const float* zp,
+void Int4Portable(const float* x, int64_t m, const uint8_t* w, const float* sc, const float* zp,
                   int64_t kp, int64_t group, int64_t n0, int64_t n1, int64_t n, const float* xsum, float* out) {
   const int64_t g = kp / group;
   for (int64_t c = n0; c < n1; ++c) {
@@ -458,7 +452,6 @@ void Int4Portable(const float* x, int64_t m, int64_t k, const uint8_t* w, const 
       out[r * n + c] = total;
     }
   }
-  (void)k;
 }
 
 #ifdef JXS_X86
@@ -534,7 +527,7 @@ ffi::Error Int4MatmulImpl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::U8> w, ffi::
       return Int4Avx2(xp.data(), m, w.typed_data(), scale.typed_data(), zero.typed_data(), kp, group, n0, n1, n,
                       xsum.data(), out);
 #endif
-    Int4Portable(xp.data(), m, k, w.typed_data(), scale.typed_data(), zero.typed_data(), kp, group, n0, n1, n,
+    Int4Portable(xp.data(), m, w.typed_data(), scale.typed_data(), zero.typed_data(), kp, group, n0, n1, n,
                  xsum.data(), out);
   });
   return ffi::Error::Success();

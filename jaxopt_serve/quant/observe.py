@@ -93,6 +93,7 @@ def calibration_model(model: Model | ModelConfig, method: str | None, kwargs: Ma
 
 
 def _rows(samples: Any) -> int | None:
+    """The length of the first leaf's axis 0, or ``None`` when it has none."""
     leaves = jax.tree.leaves(samples)
     return int(np.shape(leaves[0])[0]) if leaves and np.ndim(leaves[0]) >= 1 else None
 

@@ -304,26 +304,24 @@ class _Session:
         zero = None if q.zero_point is None else view_keepdims(q.zero_point, q.shape, t.views)
         self.note(t, "dot_general", "int8")
         dims = eqn.params["dimension_numbers"]
+        act_scale = self.scale_for(key) if mode == "static" else None
+        symmetric = mode == "static" or key not in self.asymmetric
+        # The native W8A8 kernel: symmetric int8 weights, one static scale or per-row activation scales.
+        use_native = native.available() and zero is None and (act_scale is None or jnp.size(act_scale) == 1)
         only_converts = all(p.name == "convert_element_type" for p, _ in t.views)
-        if q.packed and only_converts and tuple(cw) == (0,) and not bw and zero is None and native.available():
-            # serving_layout packed this kernel for the native W8A8 kernel: no repacking per call
-            act_scale = self.scale_for(key) if mode == "static" else None
-            if act_scale is None or jnp.size(act_scale) == 1:
-                y = native.w8a8_matmul(jnp.moveaxis(x, cx[0], -1), native.Int8Weight(q.values, *q.shape),
-                                       jnp.reshape(scale, -1),
-                                       act_scale=None if act_scale is None else jnp.reshape(act_scale, ()),
-                                       symmetric=mode == "static" or key not in self.asymmetric)
-                return (y if wi == 1 else jnp.moveaxis(y, -1, 0)).astype(out_dtype)
+        if use_native and q.packed and only_converts and tuple(cw) == (0,) and not bw:
+            # serving_layout packed this kernel for the native kernel: no repacking per call
+            packed = native.Int8Weight(q.values, *q.shape)
+            return _native_dot(x, packed, scale, wi, cx[0], act_scale, symmetric).astype(out_dtype)
         if q.transposed and only_converts:
             # serving_layout stores 2-D int8 values as (out, in): contract them as stored (XLA:CPU's fast layout)
             wq, scale, zero, cw, bw = _stored_transposed(q, scale, zero, cw, bw)
             dims = ((cx, cw), (bx, bw)) if wi == 1 else ((cw, cx), (bw, bx))
         else:
             wq = replay(t.views, q.int_values(), skip_converts=True)
-        act_scale = self.scale_for(key) if mode == "static" else None
-        symmetric = mode == "static" or key not in self.asymmetric
-        if zero is None and (y := _native_dot(x, wq, scale, wi, dims, act_scale, symmetric)) is not None:
-            return y.astype(out_dtype)
+        if use_native and wq.ndim == 2 and len(cw) == 1 and not bw:
+            packed = native.pack_int8(wq if cw[0] == 0 else wq.T)  # packed in the traced program, per call
+            return _native_dot(x, packed, scale, wi, cx[0], act_scale, symmetric).astype(out_dtype)
         y = _integer_dot(x, wq, scale, zero, wi, dims, cx, bx, cw, bw, act_scale=act_scale, symmetric=symmetric)
         return y.astype(out_dtype)
 
@@ -371,24 +369,16 @@ class _Session:
         return y.astype(eqn.outvars[0].aval.dtype)
 
 
-def _native_dot(x: jax.Array, wq: jax.Array, scale: jax.Array, wi: int, dims: Any,
-                act_scale: Any, symmetric: bool) -> jax.Array | None:
-    """The W8A8 dot on the native CPU kernel, or ``None`` where it does not apply (then XLA's integer dot runs).
+def _native_dot(x: jax.Array, packed: native.Int8Weight, scale: jax.Array, wi: int, cx: int, act_scale: Any,
+                symmetric: bool) -> jax.Array:
+    """The W8A8 dot on the native CPU kernel; equals ``_integer_dot``'s result.
 
-    It applies to a 2-D int8 weight contracted on one axis with no batch axes,
-    a per-output-channel weight scale and activations quantized per row
-    (symmetric or asymmetric) or by one static scale; the result equals
-    ``_integer_dot``'s.
+    ``packed`` is the 2-D int8 weight, contracted with ``x``'s axis ``cx``
+    (``wi``: the weight's operand position), ``scale`` its per-output-channel
+    scale; activations are quantized per row (symmetric or asymmetric) or by
+    the static scalar ``act_scale``.
     """
-    (lc, rc), (lb, rb) = dims
-    if not native.available() or wq.ndim != 2 or lb or rb or len(lc) != 1:
-        return None
-    if act_scale is not None and jnp.size(act_scale) != 1:
-        return None
-    cx, cw = (lc[0], rc[0]) if wi == 1 else (rc[0], lc[0])
-    w = wq if cw == 0 else wq.T
-    x_rows = jnp.moveaxis(x, cx, -1)
-    y = native.w8a8_matmul(x_rows, native.pack_int8(w), jnp.reshape(scale, -1),
+    y = native.w8a8_matmul(jnp.moveaxis(x, cx, -1), packed, jnp.reshape(scale, -1),
                            act_scale=None if act_scale is None else jnp.reshape(act_scale, ()), symmetric=symmetric)
     return y if wi == 1 else jnp.moveaxis(y, -1, 0)
 
