@@ -35,10 +35,17 @@ array) with the key implementation's name in ``variables_spec``, and wrapped
 back with ``jax.random.wrap_key_data`` on load: the RNG state round-trips
 exactly, so dropout draws the same masks after loading as before saving.
 
-A file that is shorter than its header says is reported as truncated; any
-changed byte fails the checksum. Writes go to a temporary file in the same
-directory, are flushed to disk, then renamed over the target, so a crash never
-leaves a half-written artifact under the real name.
+Loading reads regular files only (a directory, FIFO or device is refused
+before any read), reads the fixed prefix and the header first, and compares
+the size the header announces with the file's before reading the payload. A
+file that is shorter than its header says is reported as truncated; any
+changed byte fails the checksum. Every header field is checked for its type
+(an ``ArtifactError`` naming the file and the field), every stored variable
+must be an array, and variables holding NaN or inf are refused unless
+``allow_nonfinite=True``. Writes go to a temporary file in the same directory,
+are flushed to disk, then renamed over the target, so a crash never leaves a
+half-written artifact under the real name (and the next save removes the
+temporary file a killed save left behind).
 """
 
 from __future__ import annotations
@@ -58,7 +65,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import serialization
 
-from jaxopt_serve.fileio import atomic_write
+from jaxopt_serve.fileio import NotARegularFileError, RegularFile, atomic_write
 from jaxopt_serve.model import LIBRARY_COLLECTIONS, Model, plain
 from jaxopt_serve.models.config import ModelConfig, config_from_dict
 from jaxopt_serve.models.functional import Variables, init_variables
@@ -236,7 +243,8 @@ def save_artifact(path: str | os.PathLike[str], artifact: Artifact) -> int:
     return len(data)
 
 
-def load_artifact(path: str | os.PathLike[str], *, check_shapes: bool = True, model: Model | None = None) -> Artifact:
+def load_artifact(path: str | os.PathLike[str], *, check_shapes: bool = True, model: Model | None = None,
+                  allow_nonfinite: bool = False) -> Artifact:
     """Read an artifact written by ``save_artifact``, verifying length and checksum.
 
     Args:
@@ -253,11 +261,17 @@ def load_artifact(path: str | os.PathLike[str], *, check_shapes: bool = True, mo
             them. Optional for reference-model artifacts (then checked against
             both the config and the model). With a model, the variables come
             back as ``jax.Array`` s (ready to run); without one, as numpy arrays.
+        allow_nonfinite: load variables holding NaN or inf (refused by default:
+            such a model answers NaN or garbage for every input).
 
     Raises:
-        ArtifactError: the file is truncated, corrupted, of an unknown version,
-            saved without a config and ``model`` is missing, or its variables do
-            not fit its model (the message names the path and both shapes).
+        ArtifactError: the path is not a regular file; the file is truncated,
+            corrupted, of an unknown version, has a header field of the wrong
+            type, stores something else than arrays, holds non-finite
+            variables, was saved without a config and ``model`` is missing, or
+            its variables do not fit its model (the message names the file, and
+            the field or the variable's path).
+        OSError: the file is missing or cannot be read.
 
     Example:
         >>> import os, tempfile
@@ -276,23 +290,26 @@ def load_artifact(path: str | os.PathLike[str], *, check_shapes: bool = True, mo
     path = Path(path)
     if model is not None:
         model = _require_model(model, "load_artifact")
-    data = path.read_bytes()
-    header = _parse(path, data)
+    header, payload = _read(path)
     saved_from = _saved_from(path, header) if header["format_version"] == MODEL_FORMAT_VERSION else None
     if saved_from is not None and model is None:
         raise ArtifactError(f"{saved_from}, which has no config: pass that model to load it, "
                             f"load_artifact(path, model=model)")
-    start = _PREFIX.size + _header_length(data)
-    payload = data[start : start + header["payload_bytes"]]
     compression = header.get("compression")
     if compression == "lzma":
         try:
-            payload = lzma.LZMADecompressor().decompress(payload, max_length=_MAX_PAYLOAD)
+            decompressor = lzma.LZMADecompressor()
+            payload = decompressor.decompress(payload, max_length=_MAX_PAYLOAD)
         except lzma.LZMAError as err:
             raise ArtifactError(f"artifact {path} is corrupted: its LZMA payload cannot be decompressed ({err})") from err
+        if not decompressor.eof:
+            raise ArtifactError(f"artifact {path} is corrupted: its LZMA payload is incomplete or inflates past "
+                                f"{_MAX_PAYLOAD:,} bytes")
     elif compression is not None:
         raise ArtifactError(f"artifact {path}: unknown payload compression {compression!r}; known: ['lzma']")
-    raw = serialization.msgpack_restore(payload)
+    raw = _restore(path, payload)
+    if not allow_nonfinite:
+        _check_finite(path, raw)
     layout = header.get("layout", "dense")
     if layout != "dense" and layout not in _LAYOUTS:
         raise ArtifactError(f"artifact {path}: unknown variables layout {layout!r}; known: {['dense', *_LAYOUTS]}")
@@ -303,8 +320,8 @@ def load_artifact(path: str | os.PathLike[str], *, check_shapes: bool = True, mo
     else:
         try:
             config = config_from_dict(header["model"])
-        except (ValueError, TypeError) as err:
-            raise ArtifactError(f"artifact {path}: its model config is invalid: {err}") from err
+        except (ValueError, TypeError, KeyError, AttributeError) as err:
+            raise ArtifactError(f"artifact {path}: header field 'model' is not a valid model config: {err!r}") from err
         input_shape, where, target = tuple(header["input_shape"]), f"artifact {path}", config
     try:
         if layout == "dense":
@@ -321,6 +338,9 @@ def load_artifact(path: str | os.PathLike[str], *, check_shapes: bool = True, mo
         if str(err).startswith(f"artifact {path}"):
             raise
         raise ArtifactError(f"{where}: {err}") from err
+    except (ValueError, TypeError, KeyError, IndexError, AttributeError) as err:
+        # a layout decoder or an init meeting data it did not expect: still an error naming the file
+        raise ArtifactError(f"{where}: its {layout} variables do not fit the model ({type(err).__name__}: {err})") from err
     if model is not None:  # ready to run; immutable, so an NNX training step cannot write into the loaded arrays
         variables = jax.tree.map(jnp.asarray, variables)
     return Artifact(config, variables, input_shape, header.get("metadata", {}), layout, compression,
@@ -505,54 +525,182 @@ def _saved_from(path: Path, header: dict[str, Any]) -> str:
 
 
 def _header_input_shape(path: Path, header: dict[str, Any]) -> tuple[int, ...] | None:
-    spec = header.get("input_spec")
-    if not isinstance(spec, list):
-        raise ArtifactError(f"artifact {path} is corrupted: its header has no input_spec list")
-    if len(spec) == 1 and isinstance(spec[0], dict) and spec[0].get("path") == "0":
-        return tuple(int(d) for d in spec[0]["shape"])
+    spec = header["input_spec"]  # checked by _check_header
+    if len(spec) == 1 and spec[0]["path"] == "0":
+        return tuple(spec[0]["shape"])
     return None
 
 
-def _header_length(data: bytes) -> int:
-    return _PREFIX.unpack_from(data)[1]
+def _read(path: Path) -> tuple[dict[str, Any], bytes]:
+    """``(header, payload)`` of the artifact at ``path``: size checked against the header, checksum verified.
 
-
-
-def _parse(path: Path, data: bytes) -> dict[str, Any]:
-    if len(data) < _PREFIX.size:
-        raise ArtifactError(f"artifact {path} is truncated: {len(data)} bytes, not even a header")
-    magic, header_len = _PREFIX.unpack_from(data)
-    if magic != MAGIC:
-        raise ArtifactError(f"{path} is not a jaxopt_serve artifact (bad magic bytes {magic!r})")
-    if _PREFIX.size + header_len > len(data):
-        raise ArtifactError(
-            f"artifact {path} is truncated: its header needs {_PREFIX.size + header_len} bytes, file has {len(data)}"
-        )
+    Only the 16-byte prefix and the header are read before the file's size is
+    compared with the size the header announces; a directory, FIFO or device is
+    refused before any read.
+    """
     try:
-        header = json.loads(data[_PREFIX.size : _PREFIX.size + header_len].decode("utf-8"))
-        payload_bytes = int(header["payload_bytes"])
-    except (ValueError, KeyError, TypeError) as err:
-        raise ArtifactError(f"artifact {path} is corrupted: its header cannot be read ({err})") from err
-    expected = _PREFIX.size + header_len + payload_bytes + _DIGEST_BYTES
-    if len(data) < expected:
-        raise ArtifactError(f"artifact {path} is truncated: expected {expected} bytes, found {len(data)}")
-    if len(data) > expected:
-        raise ArtifactError(
-            f"artifact {path} is corrupted: {len(data) - expected} unexpected bytes after the expected {expected}"
-        )
-    stored = data[-_DIGEST_BYTES:]
-    actual = hashlib.sha256(data[:-_DIGEST_BYTES]).digest()
+        file = RegularFile(path, "artifact")
+    except NotARegularFileError as err:
+        raise ArtifactError(str(err)) from None
+    with file:
+        size = file.size
+        if size < _PREFIX.size:
+            raise ArtifactError(f"artifact {path} is truncated: {size} bytes, not even a header")
+        prefix = file.read_exact(0, _PREFIX.size, "prefix")
+        magic, header_len = _PREFIX.unpack(prefix)
+        if magic != MAGIC:
+            raise ArtifactError(f"{path} is not a jaxopt_serve artifact (bad magic bytes {magic!r})")
+        if _PREFIX.size + header_len > size:
+            raise ArtifactError(
+                f"artifact {path} is truncated: its header needs {_PREFIX.size + header_len} bytes, file has {size}"
+            )
+        header_bytes = file.read_exact(_PREFIX.size, header_len, "header")
+        try:
+            header = json.loads(header_bytes.decode("utf-8"))
+        except (ValueError, RecursionError) as err:
+            raise ArtifactError(f"artifact {path} is corrupted: its header cannot be read ({err})") from err
+        if not isinstance(header, dict):
+            raise ArtifactError(f"artifact {path} is corrupted: its header is a JSON {type(header).__name__}, "
+                                f"not an object")
+        payload_bytes = header.get("payload_bytes")
+        if not _is_int(payload_bytes) or payload_bytes < 0:
+            raise ArtifactError(f"artifact {path} is corrupted: header field 'payload_bytes' must be a "
+                                f"non-negative integer, got {_short(payload_bytes)}")
+        expected = _PREFIX.size + header_len + payload_bytes + _DIGEST_BYTES
+        if size < expected:
+            raise ArtifactError(f"artifact {path} is truncated: expected {expected} bytes, found {size}")
+        if size > expected:
+            raise ArtifactError(
+                f"artifact {path} is corrupted: {size - expected} unexpected bytes after the expected {expected}"
+            )
+        payload = file.read_exact(_PREFIX.size + header_len, payload_bytes, "payload")
+        stored = file.read_exact(expected - _DIGEST_BYTES, _DIGEST_BYTES, "checksum")
+    actual = hashlib.sha256(prefix + header_bytes + payload).digest()
     if stored != actual:
         raise ArtifactError(
             f"artifact {path} is corrupted: SHA-256 checksum mismatch (stored {stored.hex()[:16]}..., "
             f"computed {actual.hex()[:16]}...)"
         )
-    if header.get("format_version") not in _VERSIONS:
+    version = header.get("format_version")
+    if not _is_int(version) or version not in _VERSIONS:
         raise ArtifactError(
-            f"artifact {path} has format version {header.get('format_version')!r}; this version reads "
+            f"artifact {path} has format version {version!r}; this version reads "
             f"{' and '.join(map(str, _VERSIONS))}"
         )
-    return header
+    _check_header(path, header)
+    return header, payload
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+def _is_shape(value: Any, *, allow_none: bool = False) -> bool:
+    return isinstance(value, list) and all((_is_int(d) and d >= 0) or (allow_none and d is None) for d in value)
+
+
+def _is_dtype(value: Any) -> bool:
+    if not isinstance(value, str):
+        return False
+    if value.startswith("key<") and value.endswith(">"):
+        return True
+    try:
+        return _is_numeric(jnp.dtype(value))
+    except (TypeError, ValueError):
+        return False
+
+
+def _is_numeric(dtype: np.dtype) -> bool:
+    return dtype.kind in "biuf" or bool(jnp.issubdtype(dtype, jnp.floating))
+
+
+def _field_error(path: Path, field: str, expected: str, value: Any) -> ArtifactError:
+    return ArtifactError(f"artifact {path} is corrupted: header field {field!r} must be {expected}, got {_short(value)}")
+
+
+def _check_header(path: Path, header: dict[str, Any]) -> None:
+    """Every structural header field of the right type (``ArtifactError`` naming the file and the field)."""
+    checks: list[tuple[str, Callable[[Any], bool], str]] = [
+        ("layout", lambda v: isinstance(v, str), "a string"),
+        ("compression", lambda v: v is None or isinstance(v, str), "a string"),
+        ("metadata", lambda v: isinstance(v, dict), "a JSON object"),
+    ]
+    if header["format_version"] == FORMAT_VERSION:
+        checks += [
+            ("model", lambda v: isinstance(v, dict) and isinstance(v.get("name"), str)
+             and isinstance(v.get("fields", {}), dict), "a model config {'name': ..., 'fields': {...}}"),
+            ("input_shape", _is_shape, "a list of non-negative integers"),
+            ("input_dtype", _is_dtype, "a numeric dtype name"),
+        ]
+        required = ("model", "input_shape")
+    else:
+        checks += [
+            ("model", lambda v: isinstance(v, dict) and isinstance(v.get("name"), str)
+             and isinstance(v.get("kind"), str), "{'name': str, 'kind': str}"),
+            ("input_spec", lambda v: isinstance(v, list), "a list of {'path', 'shape', 'dtype'}"),
+            ("variables_spec", lambda v: isinstance(v, list), "a list of {'path', 'shape', 'dtype'}"),
+        ]
+        required = ("model", "input_spec")
+    for name in required:
+        if name not in header:
+            raise ArtifactError(f"artifact {path} is corrupted: its header has no {name!r} field")
+    for name, check, expected in checks:
+        if name in header and not check(header[name]):
+            raise _field_error(path, name, expected, header[name])
+    for name in ("input_spec", "variables_spec"):
+        for i, entry in enumerate(header.get(name, [])):
+            ok = (isinstance(entry, dict) and isinstance(entry.get("path"), str) and _is_shape(entry.get("shape"))
+                  and _is_dtype(entry.get("dtype"))
+                  and all(isinstance(entry.get(k, ""), str) for k in ("qtype", "impl")))
+            if not ok:
+                raise _field_error(path, f"{name}[{i}]", "{'path': str, 'shape': [int, ...], 'dtype': str}", entry)
+
+
+def _restore(path: Path, payload: bytes) -> dict[str, Any]:
+    """The payload's msgpack tree: nested dicts with string keys and numeric arrays (errors name the file and path)."""
+    try:
+        raw = serialization.msgpack_restore(payload)
+    except Exception as err:  # noqa: BLE001 - msgpack raises many types on malformed bytes; all mean "corrupted"
+        raise ArtifactError(f"artifact {path} is corrupted: its variables cannot be decoded "
+                            f"({type(err).__name__}: {err})") from err
+    if not isinstance(raw, dict):
+        raise ArtifactError(f"artifact {path} is corrupted: its variables are a {type(raw).__name__}, "
+                            f"not a dict of collections")
+
+    def check(tree: Any, where: str) -> None:
+        if isinstance(tree, dict):
+            for key, value in tree.items():
+                if not isinstance(key, str):
+                    raise ArtifactError(f"artifact {path} is corrupted: variable {where or '/'} has the key "
+                                        f"{_short(key)}, not a string")
+                check(value, f"{where}/{key}" if where else key)
+        elif not isinstance(tree, np.ndarray) or not _is_numeric(tree.dtype):
+            kind = f"a {tree.dtype} array" if isinstance(tree, np.ndarray) else f"a {type(tree).__name__}"
+            raise ArtifactError(f"artifact {path} is corrupted: variable {where} is stored as {kind} "
+                                f"({_short(tree)}), not a numeric array")
+
+    check(raw, "")
+    return raw
+
+
+def _check_finite(path: Path, raw: Mapping[str, Any]) -> None:
+    """Refuse stored float arrays holding NaN or inf (the first one found is named)."""
+
+    def visit(tree: Any, where: str) -> None:
+        if isinstance(tree, dict):
+            for key, value in tree.items():
+                visit(value, f"{where}/{key}" if where else key)
+        elif jnp.issubdtype(tree.dtype, jnp.floating) and not np.isfinite(tree).all():
+            bad = int(tree.size - np.isfinite(tree).sum())
+            raise ArtifactError(f"artifact {path}: variable {where} holds {bad} non-finite value(s) (NaN or inf) "
+                                f"of {tree.size}; load_artifact(..., allow_nonfinite=True) loads it anyway")
+
+    visit(raw, "")
 
 
 def _check_variables(path: Path, config: ModelConfig, variables: Variables, input_shape: tuple[int, ...]) -> None:

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 from jaxopt_serve.extras import MissingExtraError
 
@@ -14,14 +16,168 @@ QUANT_BITS = ("8", "4", "ternary", "binary")
 
 
 def _positive_int(text: str) -> int:
-    value = int(text)
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
     if value <= 0:
         raise argparse.ArgumentTypeError(f"expected a positive integer, got {text}")
     return value
 
 
+def _port(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a port number in 0..65535, got {text!r}") from None
+    if not 0 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"expected a port number in 0..65535 (0: any free port), got {text}")
+    return value
+
+
+class _Parser(argparse.ArgumentParser):
+    """Usage errors as one line (``jaxopt-serve train: error: ...``) and exit status 2."""
+
+    def error(self, message: str):  # type: ignore[override]
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+# Values checked before any work: (command or None for all, attribute, flag, check, what it must be).
+_VALUE_CHECKS: list[tuple[str | None, str, str, Callable[[Any], bool], str]] = [
+    (None, "learning_rate", "--learning-rate", lambda v: _finite(v) and v > 0, "> 0 and finite"),
+    (None, "temperature", "--temperature", lambda v: _finite(v) and v > 0, "> 0 and finite"),
+    (None, "alpha", "--alpha", lambda v: _finite(v) and 0 <= v <= 1, "in [0, 1]"),
+    (None, "hidden_weight", "--hidden-weight", lambda v: _finite(v) and v >= 0, ">= 0 and finite"),
+    (None, "val_fraction", "--val-fraction", lambda v: _finite(v) and 0 <= v < 1, "in [0, 1)"),
+    ("serve", "timeout", "--timeout", lambda v: v is None or (_finite(v) and v > 0), "> 0 and finite (seconds)"),
+    ("serve", "max_body_mb", "--max-body-mb", lambda v: _finite(v) and 0 < v <= 1 << 20, "> 0 and finite (megabytes)"),
+    ("serve", "max_wait_ms", "--max-wait-ms", lambda v: _finite(v) and 0 <= v <= 3.6e6, ">= 0 and finite (milliseconds)"),
+]
+# command -> (attribute, flag) of the files it reads and of the files it writes
+_INPUTS = {"eval": [("artifact", "artifact")], "quantize": [("artifact", "artifact")],
+           "prune": [("artifact", "artifact")], "distill": [("teacher", "teacher")],
+           "export": [("artifact", "artifact")], "serve": [("artifact", "artifact")],
+           "infer": [("artifact", "artifact")], "embed": [("input", "--input")]}
+_OUTPUTS = {"train": [("output", "-o")], "quantize": [("output", "-o")], "prune": [("output", "-o")],
+            "distill": [("output", "-o"), ("checkpoint", "--checkpoint")], "export": [("output", "-o")],
+            "embed": [("output", "--output")], "demo": [("json", "--json")]}
+EXPORT_PLATFORMS = ("cpu", "cuda", "rocm", "tpu")
+
+
+def _finite(value: float) -> bool:
+    import math
+
+    return math.isfinite(value)
+
+
+def check_arguments(args: argparse.Namespace) -> None:
+    """Every value and path of ``args`` checked before any work; ``ValueError`` naming the flag otherwise."""
+    for command, attr, flag, check, what in _VALUE_CHECKS:
+        if (command is None or command == args.command) and hasattr(args, attr) and not check(getattr(args, attr)):
+            raise ValueError(f"{flag} must be {what}, got {getattr(args, attr)}")
+    for attr, flag in _INPUTS.get(args.command, []):
+        check_input_file(getattr(args, attr), flag)
+    for attr, flag in _OUTPUTS.get(args.command, []):
+        if getattr(args, attr, None) is not None:
+            check_output_file(getattr(args, attr), flag)
+    if args.command == "distill" and args.student_config.startswith("@"):
+        check_input_file(args.student_config[1:], "--student-config @FILE")
+    if args.command == "demo" and args.out_dir is not None:
+        check_output_dir(args.out_dir, "--out-dir")
+    if args.command == "embed" and args.model_dir != "minilm":
+        import os
+
+        if not os.path.isdir(args.model_dir):
+            raise ValueError(f"model_dir {args.model_dir} is not a directory (a checkpoint directory, or 'minilm')")
+    if args.command == "export":
+        unknown = [p for p in args.platforms or [] if p.lower() not in EXPORT_PLATFORMS]
+        if unknown:
+            raise ValueError(f"--platform {unknown[0]!r} is not a platform JAX exports for; "
+                             f"known: {', '.join(EXPORT_PLATFORMS)}")
+    if args.command == "serve":
+        check_listen_address(args.host, args.port)
+
+
+def check_input_file(path: str, flag: str) -> None:
+    """``path`` names an existing regular file (not a directory, FIFO or device)."""
+    import os
+    import stat
+
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        raise ValueError(f"{flag} {path}: No such file or directory") from None
+    except OSError as err:
+        raise ValueError(f"{flag} {path}: {err.strerror or err}") from None
+    if not stat.S_ISREG(mode):
+        kind = ("a directory" if stat.S_ISDIR(mode) else "a FIFO (named pipe)" if stat.S_ISFIFO(mode)
+                else "a device" if stat.S_ISCHR(mode) or stat.S_ISBLK(mode) else "not a regular file")
+        raise ValueError(f"{flag} {path} is {kind}, not a file")
+    if not os.access(path, os.R_OK):
+        raise ValueError(f"{flag} {path}: permission denied (not readable)")
+
+
+def check_output_file(path: str, flag: str) -> None:
+    """``path`` can be written: not a directory, and under a writable directory (missing ones are created)."""
+    import os
+    from pathlib import Path
+
+    target = Path(path)
+    if target.is_dir():
+        raise ValueError(f"{flag} {path} is a directory; give a file path")
+    if target.exists() and not target.is_file():
+        raise ValueError(f"{flag} {path} exists and is not a regular file")
+    _check_writable_parent(target.parent, flag, path)
+    if target.exists() and not os.access(target.parent, os.W_OK):
+        raise ValueError(f"{flag} {path}: permission denied (directory not writable)")
+
+
+def check_output_dir(path: str, flag: str) -> None:
+    """``path`` is, or can be created as, a writable directory."""
+    from pathlib import Path
+
+    target = Path(path)
+    if target.exists() and not target.is_dir():
+        raise ValueError(f"{flag} {path} is a file, not a directory")
+    _check_writable_parent(target, flag, path)
+
+
+def _check_writable_parent(directory, flag: str, path: str) -> None:
+    import os
+
+    existing = directory
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise ValueError(f"{flag} {path}: {existing} is a file, not a directory")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ValueError(f"{flag} {path}: permission denied (directory {existing} is not writable)")
+
+
+def check_listen_address(host: str, port: int) -> None:
+    """``host`` resolves to an address of this machine and ``port`` is free there (a trial bind, closed at once)."""
+    import socket
+
+    try:
+        infos = socket.getaddrinfo(host, port, socket.AF_INET, socket.SOCK_STREAM)
+    except (socket.gaierror, UnicodeError) as err:
+        reason = getattr(err, "strerror", None) or str(err)
+        raise ValueError(f"--host {host!r} cannot be resolved to an IPv4 address ({reason})") from None
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as http.server does
+        try:
+            sock.bind(infos[0][4])
+        except OSError as err:
+            reason = err.strerror or str(err)
+            if err.errno == errno.EADDRINUSE:
+                reason = f"port {port} is already in use"
+            elif err.errno == errno.EADDRNOTAVAIL:
+                reason = f"{host} is not an address of this machine"
+            raise ValueError(f"cannot listen on {host}:{port}: {reason}") from None
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="jaxopt-serve",
         description="Make Flax models smaller and faster to serve on XLA.",
     )
@@ -153,13 +309,16 @@ def build_parser() -> argparse.ArgumentParser:
                            "accepted requests.")
     serve.add_argument("artifact", help="artifact to serve (float, quantized or sparse)")
     serve.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1)")
-    serve.add_argument("--port", type=int, default=8000, help="port (default: 8000; 0 picks a free one)")
+    serve.add_argument("--port", type=_port, default=8000, help="port (default: 8000; 0 picks a free one)")
     serve.add_argument("--max-batch", type=_positive_int, default=64, help="rows per engine call (default: 64)")
     serve.add_argument("--max-wait-ms", type=float, default=0.0,
                        help="how long a request may wait for company (default: 0, greedy batching)")
     serve.add_argument("--max-queue", type=_positive_int, default=1024, help="waiting requests before 503 (default: 1024)")
     serve.add_argument("--timeout", type=float, help="per-request timeout in seconds (default: none)")
     serve.add_argument("--max-body-mb", type=float, default=8.0, help="largest request body (default: 8 MB)")
+    serve.add_argument("--nonfinite", choices=("error", "propagate"), default="error",
+                       help="rows with a NaN or inf input: error (default: refused, naming the rows) or "
+                       "propagate (their outputs are NaN; other rows unaffected)")
 
     infer = sub.add_parser("infer", help="batch inference over a .npy/.npz file, resumable",
                            description="Run an artifact over every row of a .npy (or uncompressed .npz) file, "
@@ -170,6 +329,9 @@ def build_parser() -> argparse.ArgumentParser:
     infer.add_argument("--key", help="array name inside an .npz")
     infer.add_argument("--output", required=True, help=".npy output path")
     infer.add_argument("--chunk-size", type=_positive_int, default=1024, help="rows per chunk (default: 1024)")
+    infer.add_argument("--nonfinite", choices=("error", "propagate"), default="error",
+                       help="rows with a NaN or inf input: error (default: stops, naming the rows) or "
+                       "propagate (their outputs are NaN; other rows unaffected)")
     infer.add_argument("--no-progress", action="store_true", help="no progress bar")
 
     embed = sub.add_parser("embed", help="sentence embeddings from a BERT-family checkpoint directory",
@@ -197,6 +359,7 @@ def _train(args: argparse.Namespace) -> int:
         config, dataset, steps=args.steps, batch_size=args.batch_size, learning_rate=args.learning_rate,
         seed=args.seed, progress=not args.no_progress,
     )
+    _check_trained(artifact.variables, "--learning-rate")
     size = save_artifact(args.output, artifact)
     print(f"saved {args.model} to {args.output} ({size:,} bytes); test accuracy {artifact.metadata['test_accuracy']:.2%}")
     return 0
@@ -211,13 +374,16 @@ def _eval(args: argparse.Namespace) -> int:
     from jaxopt_serve.train import accuracy
 
     artifact = load_artifact(args.artifact)
+    if args.mode == "static" and "quant_act" not in artifact.variables:
+        raise ValueError(f"--mode static needs a calibrated artifact (activation scales, quant.calibrate); "
+                         f"{args.artifact} has none: use --mode auto, dynamic or weight_only")
     dataset = load_digits(seed=args.seed)
     if tuple(artifact.input_shape) != dataset.input_shape:
         print(f"error: artifact input shape {artifact.input_shape} does not match the digits {dataset.input_shape}",
               file=sys.stderr)
         return 2
     if artifact.layout == "quantized" or has_qarrays(artifact.variables):  # run it quantized, as it will be served
-        mode = args.mode if args.mode != "static" or "quant_act" in artifact.variables else "auto"
+        mode = args.mode
         predict = quantized_predict_fn(artifact.config, mode=mode)
     else:
         mode, predict = "f32", predict_fn(artifact.config)
@@ -367,6 +533,7 @@ def _distill(args: argparse.Namespace) -> int:
         "teacher": args.teacher, "teacher_test_accuracy": teacher_acc, "steps": result.steps,
         "best_val_accuracy": result.best_val_accuracy, "stopped_early": result.stopped_early,
         "temperature": args.temperature, "alpha": args.alpha, "hidden_pairs": [list(p) for p in pairs]}}
+    _check_trained(result.variables, "--learning-rate")
     size = save_artifact(args.output, Artifact(student_config, result.variables, teacher.input_shape, metadata))
     t_params, s_params = count_params(dequantize_tree(teacher.variables)), count_params(result.variables)
     print(f"distilled {args.teacher} ({t_params:,} params) into {student_config.name} ({s_params:,} params, "
@@ -383,9 +550,17 @@ def _export(args: argparse.Namespace) -> int:
     from jaxopt_serve.engine import InferenceEngine, export_model
     from jaxopt_serve.exported import load_exported
 
+    import jax
+
     artifact = load_artifact(args.artifact)
+    platforms = tuple(p.lower() for p in args.platforms) if args.platforms else None
     size = export_model(args.output, artifact.config, artifact.variables, input_shape=artifact.input_shape,
-                        quant_mode=args.quant_mode, platforms=tuple(args.platforms) if args.platforms else None)
+                        quant_mode=args.quant_mode, platforms=platforms)
+    here = jax.default_backend()
+    if platforms is not None and not ({here} | ({"cuda", "rocm"} if here == "gpu" else set())) & set(platforms):
+        print(f"exported {args.artifact} ({artifact.config.name}) to {args.output} ({size:,} bytes) for "
+              f"{', '.join(platforms)}; not checked here (this machine runs {here})")
+        return 0
     # read it back and compare with the engine on a small batch before reporting success
     shape = (3, *artifact.input_shape)
     x = np.zeros(shape, artifact.config.input_dtype)
@@ -397,13 +572,13 @@ def _export(args: argparse.Namespace) -> int:
     return 0
 
 
-def _engine_for(path: str, max_batch: int):
+def _engine_for(path: str, max_batch: int, nan_policy: str = "propagate"):
     from jaxopt_serve.artifact import load_artifact
     from jaxopt_serve.engine import InferenceEngine
 
     artifact = load_artifact(path)
     return artifact, InferenceEngine(artifact.config, artifact.variables, input_shape=artifact.input_shape,
-                                     max_batch=max_batch)
+                                     max_batch=max_batch, nan_policy=nan_policy)
 
 
 def _serve(args: argparse.Namespace) -> int:
@@ -412,10 +587,11 @@ def _serve(args: argparse.Namespace) -> int:
 
     from jaxopt_serve.serve import DynamicBatcher, PredictServer
 
-    artifact, engine = _engine_for(args.artifact, args.max_batch)
+    artifact, engine = _engine_for(args.artifact, args.max_batch, args.nonfinite)
     engine.warmup()
     batcher = DynamicBatcher(engine, max_wait_ms=args.max_wait_ms, max_queue=args.max_queue, timeout_s=args.timeout)
-    server = PredictServer(batcher, host=args.host, port=args.port, max_body_bytes=int(args.max_body_mb * (1 << 20)))
+    server = PredictServer(batcher, host=args.host, port=args.port, max_body_bytes=int(args.max_body_mb * (1 << 20)),
+                           nan_policy=args.nonfinite)
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
@@ -430,10 +606,14 @@ def _serve(args: argparse.Namespace) -> int:
 
 def _infer(args: argparse.Namespace) -> int:
     from jaxopt_serve.serve import run_batch_inference
+    from jaxopt_serve.serve.batch_infer import check_paths
 
+    check_paths(args.input, args.output, key=args.key)  # before loading the model
     _, engine = _engine_for(args.artifact, min(args.chunk_size, 1024))
     summary = run_batch_inference(engine, args.input, args.output, artifact_path=args.artifact, key=args.key,
-                                  chunk_size=args.chunk_size, progress=not args.no_progress)
+                                  chunk_size=args.chunk_size, progress=not args.no_progress, nan_policy=args.nonfinite)
+    for note in summary["notes"]:
+        print(f"note: {note}", file=sys.stderr)
     resumed = f", resumed at chunk {summary['resumed_at_chunk']}" if summary["resumed_at_chunk"] else ""
     print(f"wrote {args.output}: {summary['rows']:,} rows in {summary['chunks']} chunks{resumed}; "
           f"{summary['rows_per_second']:,.0f} rows/s")
@@ -536,13 +716,35 @@ def main(argv: Sequence[str] | None = None) -> int:
                "distill": _distill, "export": _export,
                "serve": _serve, "infer": _infer, "embed": _embed}[args.command]
     try:
+        check_arguments(args)  # every value and path, before any work
         return handler(args)
     except MissingExtraError as err:
-        print(f"error: {err}", file=sys.stderr)
+        print(f"error: {_one_line(err)}", file=sys.stderr)
         return 2
-    except (ValueError, FileNotFoundError) as err:
-        print(f"error: {err}", file=sys.stderr)
+    except ValueError as err:
+        print(f"error: {_one_line(err)}", file=sys.stderr)
         return 2
+    except OSError as err:  # a path or address the checks could not foresee (a race, a full disk, ...)
+        from jaxopt_serve.fileio import describe_os_error
+
+        print(f"error: {_one_line(describe_os_error(err))}", file=sys.stderr)
+        return 2
+
+
+def _one_line(message: object) -> str:
+    return " ".join(str(message).split())
+
+
+def _check_trained(variables, flag: str) -> None:
+    """Refuse to save a model whose training diverged (NaN or inf weights)."""
+    import jax
+    import numpy as np
+
+    bad = [jax.tree_util.keystr(p) for p, x in jax.tree_util.tree_leaves_with_path(variables)
+           if np.issubdtype(np.asarray(x).dtype, np.floating) and not np.isfinite(np.asarray(x)).all()]
+    if bad:
+        raise ValueError(f"training diverged: {len(bad)} variables hold NaN or inf (first {bad[0]}); "
+                         f"nothing was saved; try a smaller {flag}")
 
 
 if __name__ == "__main__":

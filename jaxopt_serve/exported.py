@@ -18,6 +18,18 @@ model's variables::
                                       (version 1: "0", "1", ...); no pickled objects
     SHA-256 of everything above       32 bytes
 
+Since version 3 the exported function takes its variables as a dict keyed by
+path, so the loader binds every array to the function by name: a header that
+lists two same-shape variables (a batch norm's mean and variance) in swapped
+order is refused instead of running with them exchanged. Versions 1 and 2
+(variables by position) still load.
+
+Loading reads regular files only (a directory, FIFO or device is refused
+before any read), compares the size the header announces with the file's
+before reading the rest, checks every header field's type (a ``ValueError``
+naming the file and the field), and refuses variables holding NaN or inf
+unless ``allow_nonfinite=True``.
+
 Inputs and outputs are pytrees: ``model(x)`` for one input (an array or a
 dict of arrays), ``model(a, b)`` (or ``model((a, b))``) for several; the
 outputs come back as numpy arrays in the function's output structure.
@@ -44,8 +56,8 @@ from typing import Any
 import numpy as np
 
 MAGIC = b"JXSEXPT\0"
-FORMAT_VERSION = 2
-READABLE_VERSIONS = (1, 2)
+FORMAT_VERSION = 3
+READABLE_VERSIONS = (1, 2, 3)
 PREFIX = struct.Struct("<8sQ")
 DIGEST_BYTES = 32
 
@@ -61,9 +73,13 @@ class ExportedModel:
             array input, else ``None``.
     """
 
-    def __init__(self, header: dict[str, Any], exported: Any, leaves: list[np.ndarray]) -> None:
+    def __init__(self, header: dict[str, Any], exported: Any, leaves: list[np.ndarray], *,
+                 nan_policy: str = "propagate") -> None:
         import jax
 
+        if nan_policy not in ("propagate", "error"):
+            raise ValueError(f"nan_policy must be 'propagate' or 'error', got {nan_policy!r}")
+        self.nan_policy = nan_policy
         self.header = header
         self.inputs = _input_leaves(header)
         self.num_inputs = int(header.get("num_inputs", 1))
@@ -71,7 +87,11 @@ class ExportedModel:
         self.input_dtype = np.dtype(header["input_dtype"]) if "input_dtype" in header else None
         self._exported = exported
         _check_variables(header, exported, leaves)
-        self._leaves = [jax.device_put(leaf) for leaf in leaves]
+        leaves = [jax.device_put(leaf) for leaf in leaves]
+        if _by_name(exported):  # version 3: the function binds its variables by path
+            self._leaves: Any = {spec["path"]: leaf for spec, leaf in zip(_variable_specs(header), leaves)}
+        else:
+            self._leaves = leaves
 
     def with_variables(self, variables: Mapping[str, Any]) -> ExportedModel:
         """The same function on other variables, given by path (``{"params/dense_0/kernel": array, ...}``).
@@ -84,7 +104,8 @@ class ExportedModel:
         extra = sorted(set(variables) - {s["path"] for s in specs})
         if missing or extra:
             raise ValueError(f"variables do not match the artifact: missing {missing[:5]}, unknown {extra[:5]}")
-        return ExportedModel(self.header, self._exported, [np.asarray(variables[s["path"]]) for s in specs])
+        return ExportedModel(self.header, self._exported, [np.asarray(variables[s["path"]]) for s in specs],
+                             nan_policy=self.nan_policy)
 
     def __call__(self, *args: Any) -> Any:
         import jax
@@ -106,8 +127,32 @@ class ExportedModel:
             got_names = ["inputs" + jax.tree_util.keystr(p) for p, _ in paths]
             raise ValueError(f"inputs do not have the exported structure: expected leaves {names}, got {got_names}")
         checked = _check_leaves(self.inputs, leaves)
+        bad = _nonfinite_rows(checked, self.nan_policy)
+        if bad is not None:  # "propagate": run as zero rows, float outputs NaN (as the engine does)
+            checked = [np.where(bad.reshape(-1, *[1] * (x.ndim - 1)), np.zeros((), x.dtype), x) for x in checked]
         out = self._exported.call(self._leaves, jax.tree.unflatten(treedef, checked))
-        return jax.tree.map(np.asarray, out)
+        out = jax.tree.map(np.asarray, out)
+        return out if bad is None else jax.tree.map(lambda o: _nan_rows(o, bad), out)
+
+
+def _nonfinite_rows(leaves: list[np.ndarray], policy: str) -> np.ndarray | None:
+    """Rows with a NaN or inf in a float leaf (``None``: none); ``ValueError`` naming them under ``"error"``."""
+    masks = [~np.isfinite(x.reshape(len(x), -1)).all(axis=1) for x in leaves if np.issubdtype(x.dtype, np.floating)]
+    bad = np.logical_or.reduce(masks) if masks else None
+    if bad is None or not bad.any():
+        return None
+    rows = np.flatnonzero(bad).tolist()
+    text = f"rows {rows[:10]}{f' and {len(rows) - 10} more' if len(rows) > 10 else ''}"
+    if policy == "error":
+        raise ValueError(f"non-finite inputs (NaN or inf) in {text}")
+    return bad
+
+
+def _nan_rows(out: np.ndarray, bad: np.ndarray) -> np.ndarray:
+    if not np.issubdtype(out.dtype, np.floating):
+        raise ValueError(f"non-finite inputs (NaN or inf) in rows {np.flatnonzero(bad)[:10].tolist()}: this model "
+                         f"has {out.dtype} outputs, which cannot be NaN; remove those rows")
+    return np.where(bad.reshape(-1, *[1] * (out.ndim - 1)), np.asarray(np.nan, out.dtype), out)
 
 
 def _input_leaves(header: dict[str, Any]) -> list[dict[str, Any]]:
@@ -170,46 +215,245 @@ def _variable_specs(header: dict[str, Any]) -> list[dict[str, Any]]:
     return [{"path": str(i), "shape": None, "dtype": None} for i in range(header["num_leaves"])]
 
 
+def _by_name(exported: Any) -> bool:
+    """Whether the exported function takes its variables as a dict keyed by path (version 3)."""
+    return isinstance(_variables_arg(exported), dict)
+
+
+def _variables_arg(exported: Any) -> Any:
+    """The exported function's first argument with each leaf replaced by its position."""
+    import jax
+
+    try:
+        (variables, _), _ = jax.tree.unflatten(exported.in_tree, range(exported.in_tree.num_leaves))
+    except (TypeError, ValueError):
+        return None
+    return variables
+
+
 def _check_variables(header: dict[str, Any], exported: Any, leaves: list[np.ndarray]) -> None:
-    """Count, shapes and dtypes of the variables against the header and the function (errors name the path)."""
+    """Count, names, shapes and dtypes of the variables against the header and the function (errors name the path)."""
     specs = _variable_specs(header)
     avals = list(exported.in_avals)[: len(specs)]
     expected = exported.in_tree.num_leaves - len(header.get("inputs", [None]))
     if len(leaves) != len(specs) or len(specs) != expected:
         raise ValueError(f"the artifact holds {len(leaves)} variables, its header lists {len(specs)} and its "
                          f"function takes {expected}")
+    arg = _variables_arg(exported)
+    version = header.get("format_version", FORMAT_VERSION)
+    if isinstance(arg, dict) != (version >= 3):
+        raise ValueError(f"the header says format version {version}, but the function takes its variables "
+                         f"{'by path' if isinstance(arg, dict) else 'by position'}")
     for spec, leaf, aval in zip(specs, leaves, avals):
         shape, dtype = tuple(np.shape(leaf)), np.dtype(leaf.dtype)
         for what, want in (("header", spec), ("function", {"shape": aval.shape, "dtype": aval.dtype})):
             if want["shape"] is not None and (tuple(want["shape"]) != shape or np.dtype(want["dtype"]) != dtype):
                 raise ValueError(f"variable {spec['path']}: {shape} {dtype} does not match the {what}'s "
                                  f"{tuple(want['shape'])} {np.dtype(want['dtype'])}")
+    if isinstance(arg, dict):  # sorted by path, as jax flattens a dict: the order the header must list them in
+        for spec, aval, name in zip(specs, avals, list(arg)):
+            if spec["path"] != name:
+                raise ValueError(f"variable {spec['path']}: the header lists it where the function takes {name} "
+                                 f"({tuple(aval.shape)} {np.dtype(aval.dtype)}); the header was altered")
 
 
-def read_exported(data: bytes, where: str = "exported artifact") -> tuple[dict[str, Any], bytes, list[np.ndarray]]:
-    """Verify and split the bytes of an exported artifact: ``(header, function bytes, variable arrays)``."""
-    if len(data) < PREFIX.size + DIGEST_BYTES:
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+def _is_int(value: Any, low: int = 0) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= low
+
+
+def _is_dtype(value: Any) -> bool:
+    try:
+        return isinstance(value, str) and _numeric(np.dtype(value))
+    except TypeError:
+        return False
+
+
+def _numeric(dtype: np.dtype) -> bool:
+    return dtype.kind in "biuf" or dtype.name in ("bfloat16", "float8_e4m3fn", "float8_e5m2")
+
+
+def _is_shape(value: Any, *, allow_none: bool = False) -> bool:
+    return isinstance(value, list) and all(_is_int(d) or (allow_none and d is None) for d in value)
+
+
+def _parse_header(data: bytes, where: str) -> tuple[dict[str, Any], int]:
+    """``(header, total file size it announces)`` from the bytes of the prefix and the header (fields checked)."""
+    if len(data) < PREFIX.size:
         raise ValueError(f"{where} is truncated ({len(data)} bytes)")
     magic, header_len = PREFIX.unpack_from(data)
     if magic != MAGIC:
         raise ValueError(f"{where} is not an exported jaxopt_serve model (bad magic bytes {magic!r})")
+    if PREFIX.size + header_len + DIGEST_BYTES > len(data):
+        raise ValueError(f"{where} is truncated: its header needs {PREFIX.size + header_len} bytes, "
+                         f"the file has {len(data)}")
+    try:
+        header = json.loads(data[PREFIX.size : PREFIX.size + header_len].decode("utf-8"))
+    except (ValueError, RecursionError) as err:
+        raise ValueError(f"{where} is corrupted: its header cannot be read ({err})") from err
+    if not isinstance(header, dict):
+        raise ValueError(f"{where} is corrupted: its header is a JSON {type(header).__name__}, not an object")
+    _check_header(header, where)
+    return header, PREFIX.size + header_len + header["function_bytes"] + header["variables_bytes"] + DIGEST_BYTES
+
+
+def _check_header(header: dict[str, Any], where: str) -> None:
+    """Every structural field of the header of the right type (``ValueError`` naming ``where`` and the field)."""
+
+    def fail(field: str, expected: str) -> None:
+        if "[" in field:
+            name, index = field[:-1].split("[")
+            got = _short(header[name][int(index)])
+        else:
+            got = _short(header[field]) if field in header else "nothing (the field is missing)"
+        raise ValueError(f"{where} is corrupted: header field {field!r} must be {expected}, got {got}")
+
+    version = header.get("format_version")
+    if not _is_int(version) or version not in READABLE_VERSIONS:
+        raise ValueError(f"{where} has format version {version!r}; this reader knows {list(READABLE_VERSIONS)}")
+    for field in ("function_bytes", "variables_bytes", "num_leaves"):
+        if not _is_int(header.get(field)):
+            fail(field, "a non-negative integer")
+    if not _is_int(header.get("num_inputs", 1), 1):
+        fail("num_inputs", "a positive integer")
+    if "model" in header and not isinstance(header["model"], str):
+        fail("model", "a string")
+    if version == 1 or "input_shape" in header:
+        if not _is_shape(header.get("input_shape")):
+            fail("input_shape", "a list of non-negative integers")
+        if not _is_dtype(header.get("input_dtype")):
+            fail("input_dtype", "a numeric dtype name")
+    if version >= 2:
+        variables = header.get("variables")
+        if not isinstance(variables, list):
+            fail("variables", "a list of {'path', 'shape', 'dtype'}")
+        for i, spec in enumerate(variables):
+            if not (isinstance(spec, dict) and isinstance(spec.get("path"), str) and _is_shape(spec.get("shape"))
+                    and _is_dtype(spec.get("dtype"))):
+                fail(f"variables[{i}]", "{'path': str, 'shape': [int, ...], 'dtype': str}")
+        paths = [spec["path"] for spec in variables]
+        if len(set(paths)) != len(paths):
+            fail("variables", "a list of distinct paths")
+        if len(variables) != header["num_leaves"]:
+            fail("num_leaves", f"the number of variables listed ({len(variables)})")
+        inputs = header.get("inputs")
+        if not isinstance(inputs, list) or not inputs:
+            fail("inputs", "a non-empty list of {'name', 'shape', 'dtype', 'length_axis'}")
+        for i, spec in enumerate(inputs):
+            ok = (isinstance(spec, dict) and isinstance(spec.get("name"), str)
+                  and _is_shape(spec.get("shape"), allow_none=True) and len(spec["shape"]) >= 1
+                  and _is_dtype(spec.get("dtype")))
+            axis = spec.get("length_axis") if isinstance(spec, dict) else None
+            if not ok or not (axis is None or (_is_int(axis, 1) and axis < len(spec["shape"]))):
+                fail(f"inputs[{i}]", "{'name': str, 'shape': [int | null, ...], 'dtype': str, 'length_axis': int | null}")
+
+
+def read_exported(data: bytes, where: str = "exported artifact") -> tuple[dict[str, Any], bytes, list[np.ndarray]]:
+    """Verify and split the bytes of an exported artifact: ``(header, function bytes, variable arrays)``.
+
+    Raises:
+        ValueError: the bytes are truncated, corrupted (checksum), of an unknown
+            version, have a header field of the wrong type, or variables that
+            are not the arrays the header lists; the message starts with ``where``.
+    """
+    if len(data) < PREFIX.size + DIGEST_BYTES:
+        raise ValueError(f"{where} is truncated ({len(data)} bytes)")
+    magic, _ = PREFIX.unpack_from(data)
+    if magic != MAGIC:
+        raise ValueError(f"{where} is not an exported jaxopt_serve model (bad magic bytes {magic!r})")
     if hashlib.sha256(data[:-DIGEST_BYTES]).digest() != data[-DIGEST_BYTES:]:
+        try:  # a readable header that announces another size: say truncated (or extended) rather than corrupted
+            _, expected = _parse_header(data, where)
+        except ValueError:
+            expected = len(data)
+        if expected != len(data):
+            what = "truncated" if len(data) < expected else "corrupted"
+            raise ValueError(f"{where} is {what}: its header announces {expected} bytes, the file has {len(data)}")
         raise ValueError(f"{where} is corrupted: SHA-256 checksum mismatch")
-    header = json.loads(data[PREFIX.size : PREFIX.size + header_len].decode("utf-8"))
-    if header.get("format_version") not in READABLE_VERSIONS:
-        raise ValueError(f"{where} has format version {header.get('format_version')!r}; "
-                         f"this reader knows {list(READABLE_VERSIONS)}")
-    start = PREFIX.size + header_len
+    header, expected = _parse_header(data, where)
+    if expected != len(data):
+        raise ValueError(f"{where} is corrupted: its header announces {expected} bytes, the file has {len(data)}")
+    start = PREFIX.size + PREFIX.unpack_from(data)[1]
     function = data[start : start + header["function_bytes"]]
     blob = data[start + header["function_bytes"] : start + header["function_bytes"] + header["variables_bytes"]]
-    names = [spec["path"] for spec in _variable_specs(header)]
-    with np.load(io.BytesIO(blob), allow_pickle=False) as npz:
-        stored = set(npz.files)
-        if stored != set(names) or len(names) != header["num_leaves"]:
-            raise ValueError(f"{where}: the stored variables {sorted(stored - set(names))[:5]} and the header's "
-                             f"{sorted(set(names) - stored)[:5]} differ ({len(stored)} stored, {len(names)} listed)")
-        leaves = [npz[name] for name in names]
+    specs = _variable_specs(header)
+    names = [spec["path"] for spec in specs]
+    try:
+        with np.load(io.BytesIO(blob), allow_pickle=False) as npz:
+            stored = set(npz.files)
+            if stored != set(names) or len(names) != header["num_leaves"]:
+                raise ValueError(f"{where}: the stored variables {sorted(stored - set(names))[:5]} and the header's "
+                                 f"{sorted(set(names) - stored)[:5]} differ ({len(stored)} stored, "
+                                 f"{len(names)} listed)")
+            leaves = [npz[name] for name in names]
+    except ValueError as err:
+        if str(err).startswith(where):
+            raise
+        raise ValueError(f"{where} is corrupted: its variables cannot be read ({err})") from err
+    except Exception as err:  # noqa: BLE001 - zipfile and numpy raise many types on malformed bytes
+        raise ValueError(f"{where} is corrupted: its variables cannot be read ({type(err).__name__}: {err})") from err
+    for spec, leaf in zip(specs, leaves):
+        if not _numeric(leaf.dtype) or (spec["shape"] is not None and (
+                list(leaf.shape) != spec["shape"] or leaf.dtype != np.dtype(spec["dtype"]))):
+            raise ValueError(f"{where}: variable {spec['path']} is stored as {leaf.dtype}{list(leaf.shape)}, "
+                             f"the header lists {spec['dtype']}{spec['shape']}")
     return header, function, leaves
+
+
+def _check_finite(leaves: list[np.ndarray], header: dict[str, Any], where: str) -> None:
+    for spec, leaf in zip(_variable_specs(header), leaves):
+        if leaf.dtype.kind == "f" or leaf.dtype.name == "bfloat16":
+            finite = np.isfinite(leaf)
+            if not finite.all():
+                raise ValueError(f"{where}: variable {spec['path']} holds {int(leaf.size - finite.sum())} non-finite "
+                                 f"value(s) (NaN or inf) of {leaf.size}; load_exported(..., allow_nonfinite=True) "
+                                 f"loads it anyway")
+
+
+def _read_file(path: Path) -> bytes:
+    """The bytes of the exported artifact at ``path``: a regular file, its size checked against its header first."""
+    import os
+    import stat
+
+    where = f"exported artifact {path}"
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))  # a FIFO must not block the open
+    try:
+        mode = os.fstat(fd).st_mode
+        if not stat.S_ISREG(mode):
+            kind = ("a directory" if stat.S_ISDIR(mode) else "a FIFO (named pipe)" if stat.S_ISFIFO(mode)
+                    else "a device" if stat.S_ISCHR(mode) or stat.S_ISBLK(mode) else "not a regular file")
+            raise ValueError(f"{where} is {kind}, not a file")
+        size = os.fstat(fd).st_size
+
+        def read(offset: int, length: int) -> bytes:
+            os.lseek(fd, offset, os.SEEK_SET)
+            chunks = []
+            while length > 0:
+                chunk = os.read(fd, min(length, 1 << 26))
+                if not chunk:
+                    raise ValueError(f"{where} changed while it was read")
+                chunks.append(chunk)
+                length -= len(chunk)
+            return b"".join(chunks)
+
+        head = read(0, min(size, PREFIX.size))
+        if size >= PREFIX.size and head[:8] == MAGIC:
+            header_len = PREFIX.unpack(head)[1]
+            if PREFIX.size + header_len + DIGEST_BYTES <= size:
+                try:
+                    _, expected = _parse_header(head + read(PREFIX.size, header_len), where)
+                except ValueError:
+                    expected = size  # unreadable header: the checksum over the whole (regular, finite) file decides
+                if expected != size:
+                    what = "truncated" if size < expected else "corrupted"
+                    raise ValueError(f"{where} is {what}: its header announces {expected} bytes, the file has {size}")
+        return read(0, size)
+    finally:
+        os.close(fd)
 
 
 def pack_exported(header: dict[str, Any], function: bytes, leaves: list[np.ndarray]) -> bytes:
@@ -227,9 +471,34 @@ def pack_exported(header: dict[str, Any], function: bytes, leaves: list[np.ndarr
     return body + hashlib.sha256(body).digest()
 
 
-def load_exported(path: str | Path) -> ExportedModel:
-    """Load an exported artifact written by ``jaxopt_serve.engine.export_model``."""
+def load_exported(path: str | Path, *, nan_policy: str = "propagate", allow_nonfinite: bool = False) -> ExportedModel:
+    """Load an exported artifact written by ``jaxopt_serve.engine.export_model``.
+
+    Every error about the file (not a regular file, truncated, corrupted, a
+    header field of the wrong type, variables that do not fit the function, or
+    holding NaN or inf while ``allow_nonfinite`` is false) is a ``ValueError``
+    whose message starts with ``exported artifact PATH``; a missing or
+    unreadable file raises the usual ``OSError``.
+
+    ``nan_policy`` decides what calls do with rows holding a NaN or inf in a
+    float input, as in ``InferenceEngine``: ``"propagate"`` runs them as zero
+    rows and returns NaN in their float outputs (no row depends on the other
+    rows of the call); ``"error"`` raises a ``ValueError`` naming them.
+    """
     from jax import export
 
-    header, function, leaves = read_exported(Path(path).read_bytes(), str(path))
-    return ExportedModel(header, export.deserialize(bytearray(function)), leaves)
+    where = f"exported artifact {path}"
+    header, function, leaves = read_exported(_read_file(Path(path)), where)
+    if not allow_nonfinite:
+        _check_finite(leaves, header, where)
+    try:
+        exported = export.deserialize(bytearray(function))
+    except Exception as err:  # noqa: BLE001 - flatbuffers and jax raise many types on malformed bytes
+        raise ValueError(f"{where} is corrupted: its function cannot be deserialized "
+                         f"({type(err).__name__}: {err})") from err
+    try:
+        return ExportedModel(header, exported, leaves, nan_policy=nan_policy)
+    except ValueError as err:
+        if str(err).startswith(where) or "nan_policy" in str(err):
+            raise
+        raise ValueError(f"{where}: {err}") from err

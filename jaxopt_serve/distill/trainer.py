@@ -6,8 +6,10 @@ The teacher runs inside the jit-compiled step (``teacher_mode="online"``) or
 once over the training set beforehand (``"precomputed"``). A validation split
 carved from the training set is scored every epoch; early stopping keeps the
 best student. With ``checkpoint=PATH`` the student, the optimizer state and
-the early-stopping record are written (msgpack, atomically) every epoch and
-at the end, and a later call with the same path resumes where it stopped:
+the early-stopping record are written (msgpack after a JSON record, with a
+SHA-256 checksum, atomically) every epoch and at the end, and a later call
+with the same path resumes where it stopped (a checkpoint that is corrupted,
+of another run, or whose arrays do not fit the student is refused by name):
 the batch order is a pure function of ``(seed, step)``, so a resumed run ends
 with exactly the parameters of an uninterrupted one.
 
@@ -21,6 +23,7 @@ learned linear projection maps the student's states to the teacher's width.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import os
 from collections.abc import Callable, Sequence
@@ -35,7 +38,7 @@ from flax import serialization
 
 from jaxopt_serve.data.digits import Dataset
 from jaxopt_serve.distill.losses import HIDDEN_LOSSES, check_temperature, distillation_loss
-from jaxopt_serve.fileio import atomic_write
+from jaxopt_serve.fileio import NotARegularFileError, RegularFile, atomic_write
 from jaxopt_serve.models.config import ModelConfig
 from jaxopt_serve.quant.qarray import has_qarrays
 from jaxopt_serve.models.functional import Variables, example_input, init_variables, make_apply, predict_fn
@@ -43,7 +46,7 @@ from jaxopt_serve.train.loop import TrainState, accuracy, fit, init_state
 from jaxopt_serve.train.recipes import default_optimizer
 
 Layer = int | str
-CHECKPOINT_VERSION = 1
+CHECKPOINT_VERSION = 2  # 2: payload size in the record and a SHA-256 trailer; 1 still loads
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -189,36 +192,102 @@ def _state_dict(state: TrainState, tracker: dict[str, Any]) -> dict[str, Any]:
 
 
 def save_checkpoint(path: str | os.PathLike[str], state: TrainState, tracker: dict[str, Any], fingerprint: dict) -> None:
-    """Write the run's state (msgpack) and its record (JSON) into one file, atomically."""
+    """Write the run's state (msgpack) and its record (JSON) into one checksummed file, atomically.
+
+    Layout: the record's length (8 bytes, little-endian), the record (JSON,
+    with ``payload_bytes``), the msgpack payload, the SHA-256 of all of it.
+    """
     payload = serialization.to_bytes(jax.device_get(_state_dict(state, tracker)))
-    record = {"version": CHECKPOINT_VERSION, "fingerprint": fingerprint,
+    record = {"version": CHECKPOINT_VERSION, "fingerprint": fingerprint, "payload_bytes": len(payload),
               **{k: v for k, v in tracker.items() if k not in ("best_params", "best_state")}}
     header = json.dumps(record, sort_keys=True).encode("utf-8")
-    atomic_write(path, len(header).to_bytes(8, "little") + header + payload)
+    body = len(header).to_bytes(8, "little") + header + payload
+    atomic_write(path, body + hashlib.sha256(body).digest())
 
 
 def load_checkpoint(path: str | os.PathLike[str], template: TrainState, fingerprint: dict) -> tuple[TrainState, dict]:
-    """Read a checkpoint written by ``save_checkpoint`` for the same run (same student, seed and data)."""
-    data = Path(path).read_bytes()
-    try:
-        size = int.from_bytes(data[:8], "little")
-        record = json.loads(data[8 : 8 + size].decode("utf-8"))
-    except (ValueError, UnicodeDecodeError) as err:
-        raise ValueError(f"checkpoint {path} cannot be read: {err}") from err
-    if record.get("version") != CHECKPOINT_VERSION:
-        raise ValueError(f"checkpoint {path} has version {record.get('version')!r}, expected {CHECKPOINT_VERSION}")
-    if record["fingerprint"] != fingerprint:
-        changed = sorted(k for k in fingerprint if record["fingerprint"].get(k) != fingerprint[k])
+    """Read a checkpoint written by ``save_checkpoint`` for the same run (same student, seed and data).
+
+    Raises:
+        ValueError: ``path`` is not a regular file, or the checkpoint is
+            truncated, corrupted, of another version or run, or holds arrays of
+            other shapes than the run's (the message names the file).
+    """
+    record, payload = _read_checkpoint(Path(path))
+    if record.get("fingerprint") != fingerprint:
+        stored = record.get("fingerprint") if isinstance(record.get("fingerprint"), dict) else {}
+        changed = sorted(k for k in fingerprint if stored.get(k) != fingerprint[k])
         raise ValueError(f"checkpoint {path} belongs to another run (differs in {changed}); use another path")
     blank = {"best_params": template.params, "best_state": template.model_state}
-    restored = serialization.from_bytes(_state_dict(template, blank), data[8 + size :])
+    expected = _state_dict(template, blank)
+    try:
+        restored = serialization.from_bytes(expected, payload)
+    except Exception as err:  # noqa: BLE001 - msgpack and flax raise many types on malformed bytes
+        raise ValueError(f"checkpoint {path} is corrupted: its state cannot be decoded "
+                         f"({type(err).__name__}: {err})") from err
+    _check_state(path, expected, restored)
     state = TrainState(
         step=jnp.asarray(restored["step"]), params=restored["params"], model_state=restored["model_state"],
         opt_state=restored["opt_state"], rng=jax.random.wrap_key_data(jnp.asarray(restored["rng"])),
     )
-    tracker = {k: v for k, v in record.items() if k not in ("version", "fingerprint")}
+    tracker = {k: v for k, v in record.items() if k not in ("version", "fingerprint", "payload_bytes")}
     tracker["best_params"], tracker["best_state"] = restored["best_params"], restored["best_state"]
     return jax.tree.map(jnp.asarray, state), tracker
+
+
+def _read_checkpoint(path: Path) -> tuple[dict[str, Any], bytes]:
+    """``(record, payload)`` of a checkpoint file, its size checked against the record before the payload is read."""
+    try:
+        file = RegularFile(path, "checkpoint")
+    except NotARegularFileError as err:
+        raise ValueError(str(err)) from None
+    with file:
+        if file.size < 8:
+            raise ValueError(f"checkpoint {path} is truncated: {file.size} bytes, not even a record length")
+        size = int.from_bytes(file.read_exact(0, 8, "record length"), "little")
+        if 8 + size > file.size:
+            raise ValueError(f"checkpoint {path} is truncated or corrupted: its record needs {8 + size} bytes, "
+                             f"the file has {file.size}")
+        head = file.read_exact(8, size, "record")
+        try:
+            record = json.loads(head.decode("utf-8"))
+        except (ValueError, RecursionError) as err:
+            raise ValueError(f"checkpoint {path} cannot be read: {err}") from err
+        if not isinstance(record, dict):
+            raise ValueError(f"checkpoint {path} is corrupted: its record is a JSON {type(record).__name__}, not an object")
+        version = record.get("version")
+        if version == 1:  # no size, no checksum: the rest of the file is the payload
+            return record, file.read_exact(8 + size, file.size - 8 - size, "payload")
+        if version != CHECKPOINT_VERSION:
+            raise ValueError(f"checkpoint {path} has version {version!r}, expected {CHECKPOINT_VERSION}")
+        payload_bytes = record.get("payload_bytes")
+        if not isinstance(payload_bytes, int) or isinstance(payload_bytes, bool) or payload_bytes < 0:
+            raise ValueError(f"checkpoint {path} is corrupted: its record field 'payload_bytes' must be a "
+                             f"non-negative integer, got {payload_bytes!r}")
+        expected = 8 + size + payload_bytes + 32
+        if file.size != expected:
+            what = "truncated" if file.size < expected else "corrupted"
+            raise ValueError(f"checkpoint {path} is {what}: expected {expected} bytes, found {file.size}")
+        payload = file.read_exact(8 + size, payload_bytes, "payload")
+        stored = file.read_exact(expected - 32, 32, "checksum")
+    if hashlib.sha256(len(head).to_bytes(8, "little") + head + payload).digest() != stored:
+        raise ValueError(f"checkpoint {path} is corrupted: SHA-256 checksum mismatch")
+    return record, payload
+
+
+def _check_state(path: str | os.PathLike[str], expected: Any, restored: Any) -> None:
+    """Every restored leaf an array of its template's shape and dtype (``ValueError`` naming the file and leaf)."""
+    want = jax.tree_util.tree_leaves_with_path(expected)
+    try:
+        have = jax.tree_util.tree_structure(expected).flatten_up_to(restored)
+    except (ValueError, TypeError) as err:
+        raise ValueError(f"checkpoint {path} is corrupted: its state has another structure than the run's ({err})") from err
+    for (key, leaf), got in zip(want, have):
+        name = jax.tree_util.keystr(key)
+        shape, dtype = np.shape(leaf), np.dtype(getattr(leaf, "dtype", np.asarray(leaf).dtype))
+        if not isinstance(got, (np.ndarray, np.generic, jax.Array)) or np.shape(got) != shape or got.dtype != dtype:
+            kind = f"{got.dtype}{list(np.shape(got))}" if hasattr(got, "dtype") else type(got).__name__
+            raise ValueError(f"checkpoint {path} is corrupted: {name} is {kind}, the run expects {dtype}{list(shape)}")
 
 
 # -- the trainer -----------------------------------------------------------------------------------------

@@ -36,9 +36,11 @@ along ``"model"``) or both.
 
 Inputs are checked before anything is dispatched (``Model.check_inputs``:
 structure, trailing shapes and dtype kind, naming the leaf), and the NaN
-policy decides what happens to non-finite float inputs (``"propagate"``:
-computed as given, the default; ``"error"``: a ``ValueError`` naming the leaf
-and the offending rows).
+policy decides what happens to rows with a non-finite float input
+(``jaxopt_serve.engine.nonfinite``): ``"propagate"`` (the default) runs them
+as zero rows and returns NaN in their float outputs, so no row's output
+depends on the other rows of its bucket; ``"error"`` raises a ``ValueError``
+naming the leaf and the offending rows.
 """
 
 from __future__ import annotations
@@ -54,6 +56,14 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from jaxopt_serve.engine.nonfinite import (
+    NanPolicy,
+    check_markable,
+    check_policy,
+    mark_rows,
+    nonfinite_rows,
+    replace_rows,
+)
 from jaxopt_serve.engine.pytrees import (
     axes_per_leaf,
     batch_rows,
@@ -70,8 +80,6 @@ from jaxopt_serve.models.config import ModelConfig
 from jaxopt_serve.models.functional import Variables
 from jaxopt_serve.quant.qarray import has_qarrays
 from jaxopt_serve.quant.runtime import inference_fn, serving_layout
-
-NanPolicy = Literal["propagate", "error"]
 
 
 def default_buckets(max_batch: int, multiple: int = 1) -> tuple[int, ...]:
@@ -151,7 +159,9 @@ class InferenceEngine:
             rules ``model_parallel_rules(model, size=...)`` derives from the model's traced program.
         donate: donate the padded input buffers to the computation (``"auto"``:
             on GPU/TPU, where XLA can reuse them; the CPU backend cannot).
-        nan_policy: ``"propagate"`` or ``"error"``.
+        nan_policy: rows with a NaN or inf in a float input: ``"propagate"`` runs them as zero
+            rows and returns NaN in their float outputs (bit-identical outputs for the other
+            rows, whatever shares their bucket); ``"error"`` raises a ``ValueError`` naming them.
         predict: ``f(variables, *inputs) -> outputs`` to serve instead of the
             model's own inference function (e.g. a custom quantized mode).
 
@@ -200,8 +210,7 @@ class InferenceEngine:
     ) -> None:
         if dtype not in ("float32", "bfloat16"):
             raise ValueError(f"dtype must be 'float32' or 'bfloat16', got {dtype!r}")
-        if nan_policy not in ("propagate", "error"):
-            raise ValueError(f"nan_policy must be 'propagate' or 'error', got {nan_policy!r}")
+        check_policy(nan_policy)
         self.model, variables, self.example, base = self._resolve(
             model, variables, example=example, input_shape=input_shape, input_dtype=input_dtype,
             quant_mode=quant_mode, predict=predict)
@@ -474,6 +483,9 @@ class InferenceEngine:
     def __call__(self, *args: Any) -> Any:
         """Outputs for the batch (numpy pytrees in, numpy pytrees out): ``engine(x)``, ``engine(a, b)``."""
         inputs, length = self._check(self.inputs_of(args))
+        bad = nonfinite_rows(inputs)  # "propagate": run as zero rows, their float outputs set to NaN below
+        if bad is not None:
+            inputs = replace_rows(inputs, bad)
         padded_length = None
         if length is not None:
             padded_length = self.length_bucket_for(length)
@@ -484,13 +496,18 @@ class InferenceEngine:
             chunk = take_rows(inputs, start, start + self.max_batch, root="inputs")
             n = batch_rows(chunk)
             bucket = self.bucket_for(n)
+            exe = self._executable(bucket, padded_length)
+            if bad is not None:
+                check_markable(jax.tree.map(lambda o: o.dtype, exe.out_info), bad)  # before dispatch
             chunk = pad_rows(chunk, bucket)
             if self._input_sharding is not None:  # also right with several processes: each places its own shards
                 chunk = jax.tree.map(
                     lambda c: jax.make_array_from_callback(c.shape, self._input_sharding, lambda idx, c=c: c[idx]), chunk)
-            out = jax.tree.map(_to_host, self._executable(bucket, padded_length)(self.variables, chunk))
+            out = jax.tree.map(_to_host, exe(self.variables, chunk))
             outputs.append(take_rows(out, 0, n))
         out = concat_rows(outputs)
+        if bad is not None:
+            out = mark_rows(out, bad)
         return self.cut_outputs(out, length) if length is not None else out
 
 

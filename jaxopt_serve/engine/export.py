@@ -5,8 +5,9 @@ every input leaf), so one artifact serves every batch size; leaves named in
 ``length_axes`` share a second symbolic dimension ``l`` (any sequence length).
 Inputs and outputs are pytrees. The variables travel as arrays next to the
 function, each stored under its path (``params/dense_0/kernel``) and listed in
-the header with its shape and dtype, so the loader binds them by path and
-refuses an artifact whose variables do not match the function; the tree
+the header with its shape and dtype. The exported function itself takes them
+as a dict keyed by path, so the loader binds them by path and refuses an
+artifact whose variables do not match the function by name, shape or dtype; the tree
 structure, quantization metadata included, is baked into the exported
 function. ``jaxopt_serve.exported.load_exported`` reads it back using only JAX
 and NumPy. Serialization needs the ``flatbuffers`` package (the ``export``
@@ -97,14 +98,17 @@ def export_model(
     paths = [path for path, key in zip(all_paths, is_key) if not key]
     base = inference_fn(model, variables, mode=quant_mode)
 
-    def run(flat: list[jax.Array], inputs: tuple[Any, ...]) -> Any:
-        stored = iter(flat)
+    if len(set(paths)) != len(paths):
+        raise ValueError(f"variables have duplicate paths: {sorted(p for p in paths if paths.count(p) > 1)[:5]}")
+
+    def run(named: dict[str, jax.Array], inputs: tuple[Any, ...]) -> Any:
+        stored = iter([named[p] for p in paths])
         full = [leaf if key else next(stored) for leaf, key in zip(all_leaves, is_key)]
         return base(jax.tree.unflatten(treedef, full), *inputs)
 
     batch, length = export.symbolic_shape("b, l")
     input_specs = _input_specs(example, axes, batch, length)
-    leaf_specs = [jax.ShapeDtypeStruct(np.shape(leaf), leaf.dtype) for leaf in leaves]
+    leaf_specs = {p: jax.ShapeDtypeStruct(np.shape(leaf), leaf.dtype) for p, leaf in zip(paths, leaves)}
     # The file must run without jaxopt_serve (and on other platforms): XLA's own integer ops, not the native
     # kernels' FFI calls, which only this package registers.
     with native.use_kernel("xla"):
@@ -123,14 +127,17 @@ def export_model(
         "inputs": inputs,
         "outputs": [{"name": n, "shape": [d if isinstance(d, int) else None for d in a.shape], "dtype": str(a.dtype)}
                     for n, a in zip(out_names, exported.out_avals)],
+        # listed in the order the function takes them (a dict flattens in sorted key order)
         "variables": [{"path": p, "shape": list(np.shape(leaf)), "dtype": str(leaf.dtype)}
-                      for p, leaf in zip(paths, leaves)],
+                      for p, leaf in sorted(zip(paths, leaves), key=lambda item: item[0])],
         "platforms": list(exported.platforms),
         "quantized": has_qarrays(variables),
     }
     if len(example) == 1 and isinstance(example[0], np.ndarray) and length_axes is None:
         header["input_shape"], header["input_dtype"] = list(example[0].shape[1:]), str(example[0].dtype)
-    data = pack_exported(header, exported.serialize(), [np.asarray(jax.device_get(leaf)) for leaf in leaves])
+    by_path = dict(zip(paths, leaves))
+    data = pack_exported(header, exported.serialize(),
+                         [np.asarray(jax.device_get(by_path[spec["path"]])) for spec in header["variables"]])
     atomic_write(path, data)
     return len(data)
 

@@ -19,6 +19,12 @@ Overload is explicit: the queue holds at most ``max_queue`` requests and
 run). ``close()`` stops intake and finishes every accepted request before
 returning. Every submitted request ends exactly one way: result, rejection,
 timeout, or an error from the model.
+
+Non-finite inputs follow the engine's ``nan_policy``: under ``"error"``
+``submit`` refuses such a request at once (``ValueError`` naming its rows),
+so it never joins a batch; under ``"propagate"`` its non-finite rows run as
+zero rows and come back NaN, and no request's outputs depend on the requests
+batched with it.
 """
 
 from __future__ import annotations

@@ -9,9 +9,12 @@ Routes:
     ``GET /v1/metrics``    the same metrics as JSON.
 
 Every bad request gets a 4xx with ``{"error": reason}`` and touches nothing
-else: 400 (malformed JSON or ``.npy``, wrong shape or dtype, NaN when the
-engine's policy refuses them), 404, 411 (no length), 413 (body over the
-limit), 415 (content type). Overload is 503, a request timeout 504.
+else: 400 (malformed JSON or ``.npy``, wrong shape or dtype, a NaN or inf in
+a row under ``nan_policy="error"``, the default; the reason names the rows),
+404, 411 (no length), 413 (body over the limit), 415 (content type).
+Overload is 503, a request timeout 504. With ``nan_policy="propagate"`` such
+rows go to the batcher and are answered as the engine's policy says (NaN
+outputs when it propagates too; JSON writes them as ``NaN``).
 
 Why the standard library: no dependency to install or keep patched, one
 thread per connection is enough when the batcher does the batching, and the
@@ -30,6 +33,7 @@ from typing import Any
 
 import numpy as np
 
+from jaxopt_serve.engine.nonfinite import NanPolicy, check_policy, nonfinite_error, nonfinite_rows
 from jaxopt_serve.serve.batcher import Closed, DynamicBatcher, Overloaded, RequestTimeout
 
 NPY = "application/x-npy"
@@ -37,6 +41,9 @@ NPY = "application/x-npy"
 
 class PredictServer:
     """Serve ``batcher`` over HTTP on ``host:port`` (port 0: a free one, see ``.port``).
+
+    ``nan_policy="error"`` (default) answers 400 to a request with a NaN or inf
+    in any row, naming the rows; ``"propagate"`` hands it to the batcher.
 
     Example:
         >>> import json, urllib.request, numpy as np
@@ -55,8 +62,9 @@ class PredictServer:
     """
 
     def __init__(self, batcher: DynamicBatcher, *, host: str = "127.0.0.1", port: int = 8000,
-                 max_body_bytes: int = 8 << 20) -> None:
+                 max_body_bytes: int = 8 << 20, nan_policy: NanPolicy = "error") -> None:
         self.batcher = batcher
+        self.nan_policy = check_policy(nan_policy)
         self.max_body_bytes = max_body_bytes
         handler = type("Handler", (_Handler,), {"app": self})
         self.httpd = _Server((host, port), handler)
@@ -146,6 +154,10 @@ class _Handler(BaseHTTPRequestHandler):
         wanted = self.app.batcher.engine.input_dtype
         if content_type == "application/json" and x.dtype.kind in "biu" and wanted.kind == "f":
             x = x.astype(wanted)  # JSON has one number type: 0 and 0.0 are the same input
+        bad = nonfinite_rows(x) if self.app.nan_policy == "error" else None
+        if bad is not None:
+            self._error(HTTPStatus.BAD_REQUEST, str(nonfinite_error(bad)))
+            return
         try:
             out = self.app.batcher.predict(x)
         except ValueError as err:
