@@ -17,7 +17,8 @@
   torch_dynamic_int8  ``torch.ao.quantization.quantize_dynamic(model, {Linear}, dtype=torch.qint8)``
 
 All variants of one (model, batch) are timed in alternating rounds in this process (the starting variant rotates
-each round), so machine drift hits them alike; speed-ups are baseline median / ours median. The ``ours_*`` rows
+each round; every round starts after a 50 ms pause and one untimed call, so one library's spinning idle threads
+and cache contents do not land on the next variant's clock), so machine drift hits them alike; speed-ups are baseline median / ours median. The ``ours_*`` rows
 are null, with a note, when ``jaxopt_serve.native`` is missing or ``native.available()`` is False; the torch rows
 likewise when torch is not importable. ``kernel_int32_mismatches`` counts int32 entries where
 ``native.int8_matmul`` differs from ``lax.dot_general`` over ragged shapes. ``--json PATH`` writes (atomically)
@@ -61,8 +62,9 @@ QMAX = 127.0
 GROUP = 32
 DEPTH = 3
 DIMS = (((1,), (0,)), ((), ()))
-ROUND_MS = 40.0  # calls per round are chosen so one round of a variant lasts about this long
-MAX_CALLS = 20
+ROUND_MS = 100.0  # calls per round are chosen so one round of a variant lasts about this long
+MAX_CALLS = 200
+SETTLE_S = 0.05  # pause before each timed round: other runtimes' spinning threads go idle (see interleaved_times)
 CPU_FLAGS = ("avx2", "avx512_vnni", "avx_vnni", "amx_int8")
 JAX_VARIANTS = ("xla_f32", "xla_w8a8", "ours_w8a8", "ours_int4")
 TORCH_VARIANTS = ("torch_f32", "torch_dynamic_int8")
@@ -262,12 +264,17 @@ def interleaved_times(fns: dict[str, Timed], *, rounds: int, warmup: int = 2) ->
     """Median ms per call of each fn, measured in alternating rounds (``common.paired_times`` for N variants).
 
     Each variant runs enough calls per round to last about ``ROUND_MS``; the first variant of a round rotates.
+    Before each round: a ``SETTLE_S`` pause, then one untimed call. Without it one library's idle threads,
+    still spinning after its own round (torch's OpenMP workers, the native kernels' pool), compete for the
+    2 cores with the next variant, and the first call finds the other variant's weights in the caches.
     """
     calls = {name: calls_per_round(fn, warmup) for name, fn in fns.items()}
     names = list(fns)
     samples: dict[str, list[float]] = {name: [] for name in names}
     for r in range(rounds):
         for name in names[r % len(names):] + names[: r % len(names)]:
+            time.sleep(SETTLE_S)
+            jax.block_until_ready(fns[name]())
             start = time.perf_counter()
             for _ in range(calls[name]):
                 jax.block_until_ready(fns[name]())

@@ -42,27 +42,46 @@ def _xla_w8a8(x, wq, sw, act_scale=None, symmetric=True):
 
 @needs_native
 @settings(max_examples=25, deadline=None)
-@given(m=st.integers(1, 13), k=st.integers(1, 70), n=st.integers(1, 40), seed=st.integers(0, 2**16))
-def test_int32_sums_equal_xla_bit_for_bit_on_every_kernel(m, k, n, seed):
+@given(m=st.integers(1, 13), k=st.integers(1, 70), n=st.integers(1, 40), seed=st.integers(0, 2**16),
+       bounded=st.booleans())
+def test_int32_sums_equal_xla_bit_for_bit_on_every_kernel(m, k, n, seed, bounded):
+    """Any int8 on the exact path (-128 included: the widest products); [-127, 127] on the bounded one."""
     rng = np.random.default_rng(seed)
-    xq = rng.integers(-128, 128, (m, k)).astype(np.int8)  # -128 included: the widest int16 products
-    wq = rng.integers(-128, 128, (k, n)).astype(np.int8)
+    lo = -127 if bounded else -128
+    xq = rng.integers(lo, 128, (m, k)).astype(np.int8)
+    wq = rng.integers(lo, 128, (k, n)).astype(np.int8)
+    if bounded:  # the extremes, where an int16 pair sum would saturate first
+        xq[0, :] = -127
+        wq[:, 0] = 127
     want = _xla_int32(xq, wq)
     packed = native.pack_int8(wq)
+    assert packed.bounded == bool(wq.min() > -128)
     for kernel in KERNELS:
         with native.use_kernel(kernel):
-            got = np.asarray(jax.jit(native.int8_matmul)(xq, packed))
-        np.testing.assert_array_equal(got, want, err_msg=f"{kernel} m={m} k={k} n={n}")
+            got = np.asarray(jax.jit(lambda x, p: native.int8_matmul(x, p, bounded=bounded))(xq, packed))
+        np.testing.assert_array_equal(got, want, err_msg=f"{kernel} m={m} k={k} n={n} bounded={bounded}")
 
 
 @needs_native
+@pytest.mark.parametrize("bounded", [False, True])
 @pytest.mark.parametrize("m,k,n", [(100, 50, 20), (60, 1024, 1040)])  # rows split over threads; panels split
-def test_both_work_splits_are_exact(m, k, n):
+def test_both_work_splits_are_exact(m, k, n, bounded):
     rng = np.random.default_rng(5)
-    xq = rng.integers(-128, 128, (m, k)).astype(np.int8)
-    wq = rng.integers(-128, 128, (k, n)).astype(np.int8)
-    got = np.asarray(jax.jit(native.int8_matmul)(xq, native.pack_int8(wq)))
+    lo = -127 if bounded else -128
+    xq = rng.integers(lo, 128, (m, k)).astype(np.int8)
+    wq = rng.integers(lo, 128, (k, n)).astype(np.int8)
+    got = np.asarray(jax.jit(lambda x, p: native.int8_matmul(x, p, bounded=bounded))(xq, native.pack_int8(wq)))
     np.testing.assert_array_equal(got, _xla_int32(xq, wq))
+
+
+def test_pack_int8_round_trips_and_checks_the_bound():
+    wq = np.arange(-128, 127, dtype=np.int8)[: 37 * 5].reshape(37, 5)
+    packed = native.pack_int8(wq)
+    assert not packed.bounded and packed.panels.shape == (1, 64 // 4, 16, 4)  # K 37 padded to 64
+    np.testing.assert_array_equal(native.unpack_int8(packed.panels, 37, 5), wq)
+    with pytest.raises(ValueError, match="bounded=True, but the weight holds -128"):
+        native.pack_int8(wq, bounded=True)
+    assert native.pack_int8(np.maximum(wq, -127)).bounded
 
 
 @needs_native
@@ -89,7 +108,7 @@ def test_w8a8_epilogue_matches_the_xla_formulation(kernel, how):
 @pytest.mark.parametrize("kernel", KERNELS)
 def test_int4_weight_only_matches_the_dequantized_weight(kernel):
     rng = np.random.default_rng(2)
-    k, n, group = 100, 24, 32  # K not a multiple of the group: padded
+    k, n, group = 100, 37, 32  # K not a multiple of the group, N not of the 8-column panels: padded
     g = -(-k // group)
     codes = rng.integers(0, 16, (k, n)).astype(np.uint8)
     zero = rng.integers(0, 16, (g, n)).astype(np.float32)

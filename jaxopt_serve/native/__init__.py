@@ -142,22 +142,30 @@ def available() -> bool:
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class Int8Weight:
-    """An int8 ``(K, N)`` weight packed as ``(P, Kp / 2, 16, 2)``: panels of 16 output features, pairs of inputs.
+    """An int8 ``(K, N)`` weight packed as ``(P, Kp / 4, 16, 4)``: panels of 16 output features, quads of inputs.
 
-    ``Kp`` is ``K`` rounded up to 32 and ``P`` is ``N / 16`` rounded up; the padding is zeros.
+    ``Kp`` is ``K`` rounded up to 32 and ``P`` is ``N / 16`` rounded up; the
+    padding is zeros. ``bounded``: every value is in ``[-127, 127]`` (no
+    ``-128``, as symmetric quantization makes them), which lets products with
+    activations in that range take the faster AVX2 path.
     """
 
     panels: jax.Array
     in_features: int = dataclasses.field(metadata=dict(static=True))
     out_features: int = dataclasses.field(metadata=dict(static=True))
+    bounded: bool = dataclasses.field(default=False, metadata=dict(static=True))
 
 
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class Int4Weight:
-    """A 4-bit ``(K, N)`` weight: ``codes`` ``(N, Kp/2)`` uint8 (low nibble first), ``scale`` and ``zero`` ``(N, Kp/group)``.
+    """A 4-bit ``(K, N)`` weight in panels of 8 output features.
 
-    Entry ``(k, n)`` stands for ``(code - zero) * scale`` of its group.
+    ``codes`` ``(P, Kp / 2, 8)`` uint8: byte ``(p, i, c)`` holds the codes of
+    inputs ``2 i`` (low nibble) and ``2 i + 1`` (high nibble) of output
+    ``8 p + c``. ``scale`` and ``zero`` ``(P, Kp / group, 8)``. Entry ``(k, n)``
+    stands for ``(code - zero) * scale`` of its group. ``Kp`` is ``K`` rounded
+    up to ``group``, ``P`` is ``N / 8`` rounded up; the padding is zeros.
     """
 
     codes: jax.Array
@@ -165,26 +173,44 @@ class Int4Weight:
     zero: jax.Array
     in_features: int = dataclasses.field(metadata=dict(static=True))
     group: int = dataclasses.field(metadata=dict(static=True))
+    out_features: int = dataclasses.field(metadata=dict(static=True))
 
 
 def _pad_to(n: int, multiple: int) -> int:
     return -(-n // multiple) * multiple
 
 
-def pack_int8(wq: Any) -> Int8Weight:
+def pack_int8(wq: Any, bounded: bool | None = None) -> Int8Weight:
     """Pack an int8 ``(K, N)`` weight (input features first, as Flax stores kernels) for the kernels.
 
+    ``bounded``: whether every value is in ``[-127, 127]``; ``None`` checks a
+    concrete array (inside a traced program it is taken as ``False``).
+
     Raises:
-        ValueError: ``wq`` is not a 2-D int8 array.
+        ValueError: ``wq`` is not a 2-D int8 array, or ``bounded=True`` for a concrete array holding -128.
     """
     if jnp.ndim(wq) != 2 or jnp.result_type(wq) != jnp.int8:
         raise ValueError(f"pack_int8: expected a 2-D int8 (in, out) weight, got {jnp.result_type(wq)} "
                          f"{tuple(jnp.shape(wq))}")
+    if bounded is None or bounded:
+        try:
+            fits = bool(np.asarray(wq).min(initial=0) > -128)
+        except (jax.errors.TracerArrayConversionError, jax.errors.ConcretizationTypeError):
+            fits = bool(bounded)
+        if bounded and not fits:
+            raise ValueError("pack_int8: bounded=True, but the weight holds -128")
+        bounded = fits
     k, n = jnp.shape(wq)
     kp, np_ = _pad_to(k, K_ALIGN), _pad_to(n, 16)
     w = jnp.pad(jnp.asarray(wq), ((0, kp - k), (0, np_ - n)))
-    panels = w.reshape(kp // 2, 2, np_ // 16, 16).transpose(2, 0, 3, 1)
-    return Int8Weight(panels, k, n)
+    panels = w.reshape(kp // 4, 4, np_ // 16, 16).transpose(2, 0, 3, 1)
+    return Int8Weight(panels, k, n, bool(bounded))
+
+
+def unpack_int8(panels: Any, in_features: int, out_features: int) -> jax.Array:
+    """The ``(K, N)`` int8 weight of ``Int8Weight`` panels (the inverse of ``pack_int8``)."""
+    p, quads, _, four = jnp.shape(panels)
+    return jnp.transpose(panels, (1, 3, 0, 2)).reshape(quads * four, 16 * p)[:in_features, :out_features]
 
 
 def pack_int4(codes: Any, zero: Any, scale: Any, group: int) -> Int4Weight:
@@ -202,12 +228,14 @@ def pack_int4(codes: Any, zero: Any, scale: Any, group: int) -> Int4Weight:
     for name, a in (("zero", zero), ("scale", scale)):
         if tuple(jnp.shape(a)) != (g, n):
             raise ValueError(f"pack_int4: {name} must have shape {(g, n)} for codes {(k, n)}, got {jnp.shape(a)}")
-    kp = g * group
-    c = jnp.pad(jnp.asarray(codes, jnp.uint8).T, ((0, 0), (0, kp - k)))
-    c = c.reshape(n, kp // 2, 2)
-    packed = (c[..., 0] & 15) | ((c[..., 1] & 15) << 4)
-    return Int4Weight(packed.astype(jnp.uint8), jnp.asarray(scale, jnp.float32).T, jnp.asarray(zero, jnp.float32).T,
-                      k, group)
+    kp, np_ = g * group, _pad_to(n, 8)
+    c = jnp.pad(jnp.asarray(codes, jnp.uint8) & 15, ((0, kp - k), (0, np_ - n))).reshape(kp // 2, 2, np_ // 8, 8)
+    packed = (c[:, 0] | (c[:, 1] << 4)).astype(jnp.uint8).transpose(1, 0, 2)
+
+    def per_group(a: Any) -> jax.Array:
+        return jnp.pad(jnp.asarray(a, jnp.float32), ((0, 0), (0, np_ - n))).reshape(g, np_ // 8, 8).transpose(1, 0, 2)
+
+    return Int4Weight(packed, per_group(scale), per_group(zero), k, group, n)
 
 
 # ------------------------------------------------------------------------------------------ products
@@ -228,15 +256,21 @@ def _rows(x: jax.Array, k: int, what: str) -> tuple[jax.Array, tuple[int, ...]]:
     return x.reshape(int(np.prod(lead, dtype=np.int64)), k), lead
 
 
-def int8_matmul(xq: Any, w: Int8Weight) -> jax.Array:
-    """``xq @ w`` for int8 ``xq`` ``(..., K)``: exact int32 ``(..., N)``."""
+def int8_matmul(xq: Any, w: Int8Weight, *, bounded: bool = False) -> jax.Array:
+    """``xq @ w`` for int8 ``xq`` ``(..., K)``: exact int32 ``(..., N)``.
+
+    ``bounded=True``: the caller guarantees ``xq`` in ``[-127, 127]`` (as
+    symmetric activation quantization makes it); with a bounded weight the
+    faster AVX2 path runs. Values outside that promise give wrong sums.
+    """
     xq = jnp.asarray(xq)
     if xq.dtype != jnp.int8:
         raise ValueError(f"int8_matmul: xq must be int8, got {xq.dtype}")
     x2, lead = _rows(xq, w.in_features, "int8_matmul")
     n = w.out_features
     out = jax.ffi.ffi_call("jxs_int8_matmul", jax.ShapeDtypeStruct((x2.shape[0], n), jnp.int32),
-                           vmap_method="sequential")(x2, w.panels, isa=np.int64(_isa_code()), n=np.int64(n))
+                           vmap_method="sequential")(x2, w.panels, isa=np.int64(_isa_code()), n=np.int64(n),
+                                                     bounded=np.int64(bounded and w.bounded))
     return out.reshape(*lead, n)
 
 
@@ -262,7 +296,7 @@ def w8a8_matmul(x: Any, w: Int8Weight, w_scale: Any, bias: Any = None, *, act_sc
     out = jax.ffi.ffi_call("jxs_w8a8_matmul", jax.ShapeDtypeStruct((x2.shape[0], n), jnp.float32),
                            vmap_method="sequential")(
         x2, w.panels, w_scale, b, s, isa=np.int64(_isa_code()), mode=np.int64(1 if act_scale is not None else 0 if symmetric else 2),
-        has_bias=np.int64(bias is not None))
+        has_bias=np.int64(bias is not None), bounded=np.int64(w.bounded))
     return out.reshape(*lead, n)
 
 
@@ -270,8 +304,8 @@ def int4_matmul(x: Any, w: Int4Weight) -> jax.Array:
     """``x @ dequant(w)`` for a 4-bit weight, float activations (weight-only): f32 ``(..., N)``."""
     x = jnp.asarray(x, jnp.float32)
     x2, lead = _rows(x, w.in_features, "int4_matmul")
-    n = w.codes.shape[0]
+    n = w.out_features
     out = jax.ffi.ffi_call("jxs_int4_matmul", jax.ShapeDtypeStruct((x2.shape[0], n), jnp.float32),
                            vmap_method="sequential")(
-        x2, w.codes, w.scale, w.zero, isa=np.int64(_isa_code()), group=np.int64(w.group))
+        x2, w.codes, w.scale, w.zero, isa=np.int64(_isa_code()), group=np.int64(w.group), n=np.int64(n))
     return out.reshape(*lead, n)

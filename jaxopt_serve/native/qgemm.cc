@@ -1,20 +1,24 @@
 // Quantized matrix products for XLA:CPU, called from jit-compiled programs through the XLA FFI.
 //
-// Weights are packed once (see jaxopt_serve/native/__init__.py) as rows of output features:
-//   int8:  (N, Kp) int8, Kp = K rounded up to a multiple of 32, zero padded;
-//   int4:  (N, Kp / 2) uint8, two 4-bit codes per byte (low nibble first), with per-group
-//          float scales and zero points (N, Kp / group).
+// Weights are packed once (see jaxopt_serve/native/__init__.py):
+//   int8:  (P, Kp / 4, 16, 4) int8, panels of 16 output columns by quads of inputs, Kp = K rounded up to a
+//          multiple of 32, zero padded;
+//   int4:  (P, Kp / 2, 8) uint8, panels of 8 output columns, two 4-bit codes per byte (inputs 2 kk and
+//          2 kk + 1, low nibble first), with per-group float scales and zero points (P, Kp / group, 8).
 // Targets:
 //   jxs_int8_matmul   int8 (M, K) x packed -> int32 (M, N)              exact integer product
 //   jxs_w8a8_matmul   f32 (M, K) x packed -> f32 (M, N)                 per-row int8 activations
 //                     (dynamic absmax / 127, or a given static scale), int32 sums, then
 //                     acc * x_scale * w_scale (+ bias)
 //   jxs_int4_matmul   f32 (M, K) x packed int4 -> f32 (M, N)            weight-only, float sums
-// Each has an AVX2 path and a portable path; `isa` (an attribute) picks one: 0 portable, 1 AVX2.
+// Each has an AVX2 path and a portable path; `isa` (an attribute) picks one: 0 portable, 1 AVX2. The int8
+// products take the bounded AVX2 microkernel (vpmaddubsw) when both operands are in [-127, 127], and the
+// exact one (vpmaddwd) for any int8 otherwise; both give the exact int32 sums.
 // Work is split over output columns across a persistent thread pool (no thread start per call).
 
 #include <algorithm>
 #include <atomic>
+#include <chrono>
 #include <cmath>
 #include <condition_variable>
 #include <cstdint>
@@ -38,16 +42,19 @@ namespace {
 
 // ------------------------------------------------------------------------------------------- threads
 
+// Workers spin (pausing, and yielding the core to any other runnable thread) for a while after each job
+// before they sleep on a condition variable: back-to-back calls, as in a model's consecutive layers, then
+// start without a futex wake-up, which on a virtual machine can cost more than a batch-1 product.
 class Pool {
  public:
-  explicit Pool(int threads) : size_(std::max(1, threads)) {
+  Pool(int threads, int64_t spin_us) : size_(std::max(1, threads)), spin_us_(spin_us) {
     for (int i = 1; i < size_; ++i) workers_.emplace_back([this, i] { Loop(i); });
   }
   ~Pool() {
     {
       std::lock_guard<std::mutex> lock(mu_);
       stop_ = true;
-      ++generation_;
+      generation_.fetch_add(1);
     }
     wake_.notify_all();
     for (auto& t : workers_) t.join();
@@ -63,49 +70,59 @@ class Pool {
       for (int i = 0; i < parts; ++i) fn(i);
       return;
     }
-    {
-      std::lock_guard<std::mutex> lock(mu_);
-      job_ = &fn;
-      parts_ = parts;
-      pending_ = parts - 1;
-      ++generation_;
+    job_ = &fn;
+    parts_ = parts;
+    pending_.store(parts - 1);
+    generation_.fetch_add(1);  // publishes job_ and parts_ to the workers
+    if (sleeping_.load() > 0) {
+      { std::lock_guard<std::mutex> lock(mu_); }
+      wake_.notify_all();
     }
-    wake_.notify_all();
     fn(0);
-    std::unique_lock<std::mutex> lock(mu_);
-    done_.wait(lock, [this] { return pending_ == 0; });
-    job_ = nullptr;
+    for (int64_t i = 0; pending_.load(std::memory_order_acquire) != 0; ++i) Relax(i);
   }
 
  private:
+  static void Relax(int64_t i) {
+#ifdef JXS_X86
+    _mm_pause();
+#endif
+    if (i % 256 == 255) std::this_thread::yield();
+  }
+
   void Loop(int index) {
-    uint64_t seen = 0;
+    uint64_t seen = 0;  // the generation at construction: a job posted before this thread starts is not missed
     for (;;) {
-      const std::function<void(int)>* job;
-      {
-        std::unique_lock<std::mutex> lock(mu_);
-        wake_.wait(lock, [&] { return stop_ || generation_ != seen; });
-        if (stop_) return;
-        seen = generation_;
-        if (index >= parts_) continue;
-        job = job_;
+      auto until = std::chrono::steady_clock::now() + std::chrono::microseconds(spin_us_);
+      for (int64_t i = 0; generation_.load(std::memory_order_acquire) == seen; ++i) {
+        Relax(i);
+        if (i % 1024 == 1023 && std::chrono::steady_clock::now() > until) {
+          std::unique_lock<std::mutex> lock(mu_);
+          sleeping_.fetch_add(1);
+          wake_.wait(lock, [&] { return generation_.load() != seen; });
+          sleeping_.fetch_sub(1);
+          break;
+        }
       }
-      (*job)(index);
-      {
-        std::lock_guard<std::mutex> lock(mu_);
-        if (--pending_ == 0) done_.notify_one();
+      if (stop_) return;
+      seen = generation_.load(std::memory_order_acquire);
+      if (index < parts_) {
+        (*job_)(index);
+        pending_.fetch_sub(1, std::memory_order_release);
       }
     }
   }
 
   const int size_;
+  const int64_t spin_us_;
   std::vector<std::thread> workers_;
   std::mutex mu_, run_mu_;
-  std::condition_variable wake_, done_;
+  std::condition_variable wake_;
   const std::function<void(int)>* job_ = nullptr;
-  int parts_ = 0, pending_ = 0;
-  uint64_t generation_ = 0;
-  bool stop_ = false;
+  int parts_ = 0;
+  std::atomic<int> pending_{0}, sleeping_{0};
+  std::atomic<uint64_t> generation_{0};
+  std::atomic<bool> stop_{false};
 };
 
 int ThreadCount() {
@@ -117,8 +134,17 @@ int ThreadCount() {
   return n == 0 ? 1 : static_cast<int>(n);
 }
 
+// How long idle workers spin before they sleep: JAXOPT_SERVE_SPIN_US, default 2000 (0: sleep at once).
+int64_t SpinMicros() {
+  if (const char* env = std::getenv("JAXOPT_SERVE_SPIN_US")) {
+    long v = std::atol(env);
+    if (v >= 0) return v;
+  }
+  return 2000;
+}
+
 Pool& GetPool() {
-  static Pool* pool = new Pool(ThreadCount());  // never destroyed: workers may outlive static teardown
+  static Pool* pool = new Pool(ThreadCount(), SpinMicros());  // never destroyed: workers may outlive static teardown
   return *pool;
 }
 
@@ -147,11 +173,12 @@ inline float RowScale(const float* x, int64_t k) {
   return m > 0.f ? m / 127.f : 1.f;
 }
 
-// xq[i] = clip(round_half_even(x[i] / s), -127, 127) as int16, zero padded to kp.
-void QuantizeRowPortable(const float* x, int64_t k, int64_t kp, float s, int16_t* out) {
+// xq[i] = clip(round_half_even(x[i] / s), -127, 127) as T (int8 or int16), zero padded to kp.
+template <typename T>
+void QuantizeRowPortable(const float* x, int64_t k, int64_t kp, float s, T* out) {
   for (int64_t i = 0; i < k; ++i) {
     float q = std::nearbyint(x[i] / s);
-    out[i] = static_cast<int16_t>(std::min(127.f, std::max(-127.f, q)));
+    out[i] = static_cast<T>(std::min(127.f, std::max(-127.f, q)));
   }
   for (int64_t i = k; i < kp; ++i) out[i] = 0;
 }
@@ -170,8 +197,8 @@ __attribute__((target("avx2,fma"))) float RowScaleAvx2(const float* x, int64_t k
   return r > 0.f ? r / 127.f : 1.f;
 }
 
-__attribute__((target("avx2,fma"))) void QuantizeRowAvx2(const float* x, int64_t k, int64_t kp, float s,
-                                                          int16_t* out) {
+template <typename T>
+__attribute__((target("avx2,fma"))) void QuantizeRowAvx2(const float* x, int64_t k, int64_t kp, float s, T* out) {
   const __m256 vs = _mm256_set1_ps(s), lo = _mm256_set1_ps(-127.f), hi = _mm256_set1_ps(127.f);
   int64_t i = 0;
   for (; i + 16 <= k; i += 16) {
@@ -181,35 +208,47 @@ __attribute__((target("avx2,fma"))) void QuantizeRowAvx2(const float* x, int64_t
     b = _mm256_min_ps(hi, _mm256_max_ps(lo, _mm256_round_ps(b, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC)));
     __m256i p = _mm256_packs_epi32(_mm256_cvtps_epi32(a), _mm256_cvtps_epi32(b));
     p = _mm256_permute4x64_epi64(p, 0xD8);  // packs works per 128-bit lane: restore order
-    _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + i), p);
+    if constexpr (sizeof(T) == 2) {
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + i), p);
+    } else {
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(out + i),
+                       _mm_packs_epi16(_mm256_castsi256_si128(p), _mm256_extracti128_si256(p, 1)));
+    }
   }
   QuantizeRowPortable(x + i, k - i, kp - i, s, out + i);
 }
 #endif
 
 // ----------------------------------------------------------------------------------- int8 GEMM cores
+//
+// A packed weight is (P, Kp / 4, 16, 4): panel p (16 output columns), input quad q, column c, input 4 q + i.
+// Per quad a panel holds 64 bytes: columns 0-7 (4 inputs each), then columns 8-15.
+// Two AVX2 microkernels read it:
+//   bounded (activations and weights in [-127, 127], as symmetric quantization makes them): int8 rows,
+//     vpmaddubsw(|x|, w * sign(x)) then vpmaddwd with ones; |x| * |w| <= 127 * 127, so the int16 pair
+//     sums never saturate and the result is exact;
+//   exact (any int8, including -128): int16 rows, vpmaddwd on 4 columns x 4 inputs at a time, the two
+//     partial sums of each column added at the end.
 
 #ifdef JXS_X86
-// One panel of 16 output columns, MR rows. The panel holds, per pair of k, 32 int8: (col 0 k, col 0 k+1,
-// col 1 k, ...); widened to int16 it is two vectors of 8 columns, and vpmaddwd with the row's
-// (x_k, x_k+1) pair broadcast gives 8 exact int32 partial sums. No horizontal sums are needed.
 template <int MR>
-__attribute__((target("avx2,fma"))) void PanelAvx2(const int16_t* x, int64_t kp, const int8_t* panel,
-                                                           int32_t out[][16]) {
+__attribute__((target("avx2,fma"))) void PanelBoundedAvx2(const int8_t* x, int64_t kp, const int8_t* panel,
+                                                          int32_t out[][16]) {
   __m256i acc[MR][2];
 #pragma GCC unroll 8
   for (int r = 0; r < MR; ++r) acc[r][0] = acc[r][1] = _mm256_setzero_si256();
-  const int32_t* xr = reinterpret_cast<const int32_t*>(x);
-  const int64_t stride = kp / 2;  // int32 (pairs of int16) per row
-  for (int64_t kk = 0; kk < kp / 2; ++kk) {
-    const __m128i* p = reinterpret_cast<const __m128i*>(panel + kk * 32);
-    __m256i lo = _mm256_cvtepi8_epi16(_mm_loadu_si128(p));
-    __m256i hi = _mm256_cvtepi8_epi16(_mm_loadu_si128(p + 1));
+  const __m256i ones = _mm256_set1_epi16(1);
+  for (int64_t q = 0; q < kp / 4; ++q) {
+    const __m256i w0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(panel + q * 64));
+    const __m256i w1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(panel + q * 64 + 32));
 #pragma GCC unroll 8
     for (int r = 0; r < MR; ++r) {
-      __m256i xb = _mm256_set1_epi32(xr[r * stride + kk]);
-      acc[r][0] = _mm256_add_epi32(acc[r][0], _mm256_madd_epi16(xb, lo));
-      acc[r][1] = _mm256_add_epi32(acc[r][1], _mm256_madd_epi16(xb, hi));
+      int32_t quad;
+      std::memcpy(&quad, x + r * kp + 4 * q, 4);
+      const __m256i xb = _mm256_set1_epi32(quad);
+      const __m256i ax = _mm256_abs_epi8(xb);
+      acc[r][0] = _mm256_add_epi32(acc[r][0], _mm256_madd_epi16(_mm256_maddubs_epi16(ax, _mm256_sign_epi8(w0, xb)), ones));
+      acc[r][1] = _mm256_add_epi32(acc[r][1], _mm256_madd_epi16(_mm256_maddubs_epi16(ax, _mm256_sign_epi8(w1, xb)), ones));
     }
   }
 #pragma GCC unroll 8
@@ -218,44 +257,88 @@ __attribute__((target("avx2,fma"))) void PanelAvx2(const int16_t* x, int64_t kp,
     _mm256_storeu_si256(reinterpret_cast<__m256i*>(out[r] + 8), acc[r][1]);
   }
 }
+
+template <int MR>
+__attribute__((target("avx2,fma"))) void PanelExactAvx2(const int16_t* x, int64_t kp, const int8_t* panel,
+                                                        int32_t out[][16]) {
+  __m256i acc[MR][4];
+#pragma GCC unroll 8
+  for (int r = 0; r < MR; ++r) acc[r][0] = acc[r][1] = acc[r][2] = acc[r][3] = _mm256_setzero_si256();
+  for (int64_t q = 0; q < kp / 4; ++q) {
+    const __m128i* p = reinterpret_cast<const __m128i*>(panel + q * 64);
+    __m256i w[4];
+#pragma GCC unroll 4
+    for (int j = 0; j < 4; ++j) w[j] = _mm256_cvtepi8_epi16(_mm_loadu_si128(p + j));  // 4 columns x 4 inputs
+#pragma GCC unroll 8
+    for (int r = 0; r < MR; ++r) {
+      int64_t quad;
+      std::memcpy(&quad, x + r * kp + 4 * q, 8);
+      const __m256i xb = _mm256_set1_epi64x(quad);
+#pragma GCC unroll 4
+      for (int j = 0; j < 4; ++j) acc[r][j] = _mm256_add_epi32(acc[r][j], _mm256_madd_epi16(xb, w[j]));
+    }
+  }
+#pragma GCC unroll 8
+  for (int r = 0; r < MR; ++r) {  // lanes (c0 a, c0 b, c1 a, ...): add the pairs, restore column order
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(out[r]),
+                        _mm256_permute4x64_epi64(_mm256_hadd_epi32(acc[r][0], acc[r][1]), 0xD8));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(out[r] + 8),
+                        _mm256_permute4x64_epi64(_mm256_hadd_epi32(acc[r][2], acc[r][3]), 0xD8));
+  }
+}
 #endif
 
-void PanelPortable(const int16_t* x, int rows, int64_t kp, const int8_t* panel, int32_t out[][16]) {
+template <typename T>
+void PanelPortable(const T* x, int rows, int64_t kp, const int8_t* panel, int32_t out[][16]) {
   for (int r = 0; r < rows; ++r) {
     for (int c = 0; c < 16; ++c) out[r][c] = 0;
-    for (int64_t kk = 0; kk < kp / 2; ++kk)
+    for (int64_t q = 0; q < kp / 4; ++q)
       for (int c = 0; c < 16; ++c)
-        out[r][c] += static_cast<int32_t>(x[r * kp + 2 * kk]) * panel[kk * 32 + 2 * c] +
-                     static_cast<int32_t>(x[r * kp + 2 * kk + 1]) * panel[kk * 32 + 2 * c + 1];
+        for (int i = 0; i < 4; ++i)
+          out[r][c] += static_cast<int32_t>(x[r * kp + 4 * q + i]) * panel[q * 64 + c * 4 + i];
   }
 }
 
-constexpr int kMR = 6;  // rows per register block (12 accumulators + 2 weight vectors + 1 broadcast)
+// Rows per register block: bounded 4 (8 accumulators), exact 2 (8 accumulators + 4 widened weights).
+template <typename T>
+constexpr int BlockRows() { return sizeof(T) == 1 ? 4 : 2; }
+
+#ifdef JXS_X86
+template <typename T, int MR>
+inline void PanelAvx2(const T* x, int64_t kp, const int8_t* panel, int32_t out[][16]) {
+  if constexpr (sizeof(T) == 1) PanelBoundedAvx2<MR>(x, kp, panel, out);
+  else PanelExactAvx2<MR>(x, kp, panel, out);
+}
+#endif
 
 // Sums for rows [0, m) and panels [p0, p1) (columns 16 p ...); emit(row, col, int32) for col < n.
 // Panels go in groups that fit L2 and every row block runs over a group before the next.
-template <typename Emit>
-void Int8Core(int isa, const int16_t* x16, int64_t m, const int8_t* w, int64_t kp, int64_t n, int64_t p0,
+template <typename T, typename Emit>
+void Int8Core(int isa, const T* xr0, int64_t m, const int8_t* w, int64_t kp, int64_t n, int64_t p0,
               int64_t p1, Emit emit) {
+  constexpr int kMR = BlockRows<T>();
   const int64_t panel_bytes = kp * 16;
   const int64_t group = std::max<int64_t>(1, (int64_t{256} * 1024) / panel_bytes);
-  int32_t tile[kMR][16];
+  int32_t tile[4][16];
   for (int64_t g0 = p0; g0 < p1; g0 += group) {
     const int64_t g1 = std::min(p1, g0 + group);
     for (int64_t r = 0; r < m; r += kMR) {
       const int rows = static_cast<int>(std::min<int64_t>(kMR, m - r));
       for (int64_t p = g0; p < g1; ++p) {
         const int8_t* panel = w + p * panel_bytes;
-        const int16_t* xr = x16 + r * kp;
+        const T* xr = xr0 + r * kp;
 #ifdef JXS_X86
         if (isa == 1) {
-          switch (rows) {
-            case 6: PanelAvx2<6>(xr, kp, panel, tile); break;
-            case 5: PanelAvx2<5>(xr, kp, panel, tile); break;
-            case 4: PanelAvx2<4>(xr, kp, panel, tile); break;
-            case 3: PanelAvx2<3>(xr, kp, panel, tile); break;
-            case 2: PanelAvx2<2>(xr, kp, panel, tile); break;
-            default: PanelAvx2<1>(xr, kp, panel, tile); break;
+          if constexpr (kMR == 4) {
+            switch (rows) {
+              case 4: PanelAvx2<T, 4>(xr, kp, panel, tile); break;
+              case 3: PanelAvx2<T, 3>(xr, kp, panel, tile); break;
+              case 2: PanelAvx2<T, 2>(xr, kp, panel, tile); break;
+              default: PanelAvx2<T, 1>(xr, kp, panel, tile); break;
+            }
+          } else {
+            if (rows == 2) PanelAvx2<T, 2>(xr, kp, panel, tile);
+            else PanelAvx2<T, 1>(xr, kp, panel, tile);
           }
         } else
 #endif
@@ -269,10 +352,11 @@ void Int8Core(int isa, const int16_t* x16, int64_t m, const int8_t* w, int64_t k
 }
 
 // Quantizes (or widens) the m rows of the activations into an int16 (m, kp) buffer, in parallel.
-// Rows [r0, r1) of int8 activations widened to int16 rows of `out`, zero padded to kp.
-void WidenRowRange(const int8_t* x, int64_t r0, int64_t r1, int64_t k, int64_t kp, int16_t* out) {
+// Rows [r0, r1) of int8 activations copied (int8) or widened (int16) to rows of `out`, zero padded to kp.
+template <typename T>
+void WidenRowRange(const int8_t* x, int64_t r0, int64_t r1, int64_t k, int64_t kp, T* out) {
   for (int64_t r = r0; r < r1; ++r) {
-    int16_t* o = out + (r - r0) * kp;
+    T* o = out + (r - r0) * kp;
     for (int64_t i = 0; i < k; ++i) o[i] = x[r * k + i];
     for (int64_t i = k; i < kp; ++i) o[i] = 0;
   }
@@ -280,7 +364,8 @@ void WidenRowRange(const int8_t* x, int64_t r0, int64_t r1, int64_t k, int64_t k
 
 // Asymmetric per-row quantization (the runtime's XLA formulation): the row's range [min(x, 0), max(x, 0)]
 // over 255 steps, zero = round(-lo / s) - 128, q = clip(round(x / s) + zero, -128, 127).
-void QuantizeRowAsym(const float* x, int64_t k, int64_t kp, int16_t* out, float* scale, int32_t* zero) {
+template <typename T>
+void QuantizeRowAsym(const float* x, int64_t k, int64_t kp, T* out, float* scale, int32_t* zero) {
   float lo = 0.f, hi = 0.f;
   for (int64_t i = 0; i < k; ++i) {
     lo = std::min(lo, x[i]);
@@ -289,7 +374,7 @@ void QuantizeRowAsym(const float* x, int64_t k, int64_t kp, int16_t* out, float*
   const float s = hi > lo ? (hi - lo) / 255.f : 1.f;
   const float z = std::nearbyint(-lo / s) - 128.f;
   for (int64_t i = 0; i < k; ++i)
-    out[i] = static_cast<int16_t>(std::min(127.f, std::max(-128.f, std::nearbyint(x[i] / s) + z)));
+    out[i] = static_cast<T>(std::min(127.f, std::max(-128.f, std::nearbyint(x[i] / s) + z)));
   for (int64_t i = k; i < kp; ++i) out[i] = 0;
   *scale = s;
   *zero = static_cast<int32_t>(z);
@@ -297,11 +382,12 @@ void QuantizeRowAsym(const float* x, int64_t k, int64_t kp, int16_t* out, float*
 
 // Rows [r0, r1) of float activations -> int16 rows of `out` (row r0 first); their scales into scales[r]
 // (and, with `zeros`, asymmetric with zero points into zeros[r]).
+template <typename T>
 void QuantizeRowRange(int isa, const float* x, int64_t r0, int64_t r1, int64_t k, int64_t kp,
-                      const float* static_scale, int16_t* out, float* scales, int32_t* zeros = nullptr) {
+                      const float* static_scale, T* out, float* scales, int32_t* zeros = nullptr) {
   for (int64_t r = r0; r < r1; ++r) {
     const float* xr = x + r * k;
-    int16_t* o = out + (r - r0) * kp;
+    T* o = out + (r - r0) * kp;
     if (zeros) {
       QuantizeRowAsym(xr, k, kp, o, scales + r, zeros + r);
       continue;
@@ -326,11 +412,11 @@ int64_t Rows(ffi::Span<const int64_t> d) {
   return m;
 }
 
-// A packed int8 weight is (P, Kp / 2, 16, 2): P panels of 16 output columns.
+// A packed int8 weight is (P, Kp / 4, 16, 4): P panels of 16 output columns.
 ffi::Error CheckPacked(ffi::Span<const int64_t> wd, int64_t k, int64_t n) {
-  if (wd.size() != 4 || wd[2] != 16 || wd[3] != 2)
-    return ffi::Error::InvalidArgument("packed int8 weight must have shape (panels, Kp / 2, 16, 2)");
-  const int64_t kp = wd[1] * 2;
+  if (wd.size() != 4 || wd[2] != 16 || wd[3] != 4)
+    return ffi::Error::InvalidArgument("packed int8 weight must have shape (panels, Kp / 4, 16, 4)");
+  const int64_t kp = wd[1] * 4;
   if (kp % 32 != 0 || kp < k || kp - k >= 32)
     return ffi::Error::InvalidArgument("packed int8 weight: padded input size must be K rounded up to 32");
   if (n <= (wd[0] - 1) * 16 || n > wd[0] * 16)
@@ -338,19 +424,20 @@ ffi::Error CheckPacked(ffi::Span<const int64_t> wd, int64_t k, int64_t n) {
   return ffi::Error::Success();
 }
 
-// Runs the product for all m rows. prep(r0, r1, buf) writes rows [r0, r1) as int16 into buf.
+// Runs the product for all m rows. prep(r0, r1, buf) writes rows [r0, r1) as T (int8: bounded path,
+// int16: exact path) into buf.
 // Small weights (convolutions, narrow layers): threads split the rows and each prepares and runs
 // chunks of rows that stay in cache. Large weights: rows are prepared once, threads split the panels.
-constexpr int64_t kRowChunk = 8 * kMR;
+constexpr int64_t kRowChunk = 48;
 
-template <typename Prep, typename Emit>
+template <typename T, typename Prep, typename Emit>
 void RunInt8(int isa, int64_t m, const int8_t* w, int64_t kp, int64_t n, Prep prep, Emit emit) {
   const int64_t panels = (n + 15) / 16;
   const int64_t weight_bytes = panels * 16 * kp;
   if (weight_bytes <= (int64_t{1} << 20) && m > kRowChunk) {
     const int64_t chunks = (m + kRowChunk - 1) / kRowChunk;
     ParallelColumns(chunks, m * n * kp, 1, [&](int64_t c0, int64_t c1) {
-      std::vector<int16_t> buf(static_cast<size_t>(kRowChunk * kp));
+      std::vector<T> buf(static_cast<size_t>(kRowChunk * kp));
       for (int64_t c = c0; c < c1; ++c) {
         const int64_t r0 = c * kRowChunk, r1 = std::min(m, r0 + kRowChunk);
         prep(r0, r1, buf.data());
@@ -360,27 +447,32 @@ void RunInt8(int isa, int64_t m, const int8_t* w, int64_t kp, int64_t n, Prep pr
     });
     return;
   }
-  std::vector<int16_t> x16(static_cast<size_t>(m * kp));
-  ParallelColumns(m, m * kp * 8, 1, [&](int64_t r0, int64_t r1) { prep(r0, r1, x16.data() + r0 * kp); });
+  std::vector<T> xq(static_cast<size_t>(m * kp));
+  ParallelColumns(m, m * kp * 8, 1, [&](int64_t r0, int64_t r1) { prep(r0, r1, xq.data() + r0 * kp); });
   ParallelColumns(panels, m * n * kp, 1, [&](int64_t p0, int64_t p1) {
-    Int8Core(isa, x16.data(), m, w, kp, n, p0, p1, emit);
+    Int8Core(isa, xq.data(), m, w, kp, n, p0, p1, emit);
   });
 }
 
 // ------------------------------------------------------------------------------------------ handlers
 
+// `bounded`: the caller guarantees activations and weights in [-127, 127] (the faster path).
 ffi::Error Int8MatmulImpl(ffi::Buffer<ffi::S8> x, ffi::Buffer<ffi::S8> w, ffi::ResultBuffer<ffi::S32> y,
-                          int64_t isa, int64_t n) {
+                          int64_t isa, int64_t n, int64_t bounded) {
   auto xd = x.dimensions(), wd = w.dimensions();
   const int64_t k = xd.back(), m = Rows(xd);
   if (auto e = CheckPacked(wd, k, n); e.failure()) return e;
-  const int64_t kp = wd[1] * 2;
+  const int64_t kp = wd[1] * 4;
   const int8_t* xs = x.typed_data();
   int32_t* out = y->typed_data();
-  RunInt8(
-      static_cast<int>(isa), m, w.typed_data(), kp, n,
-      [&](int64_t r0, int64_t r1, int16_t* buf) { WidenRowRange(xs, r0, r1, k, kp, buf); },
-      [&](int64_t r, int64_t c, int32_t s) { out[r * n + c] = s; });
+  auto emit = [&](int64_t r, int64_t c, int32_t s) { out[r * n + c] = s; };
+  auto run = [&](auto zero) {
+    using T = decltype(zero);
+    RunInt8<T>(static_cast<int>(isa), m, w.typed_data(), kp, n,
+               [&](int64_t r0, int64_t r1, T* buf) { WidenRowRange(xs, r0, r1, k, kp, buf); }, emit);
+  };
+  if (bounded) run(int8_t{0});
+  else run(int16_t{0});
   return ffi::Error::Success();
 }
 
@@ -391,24 +483,27 @@ std::vector<int32_t> ColumnSums(const int8_t* w, int64_t kp, int64_t n) {
   ParallelColumns(panels, panels * 16 * kp, 1, [&](int64_t p0, int64_t p1) {
     for (int64_t p = p0; p < p1; ++p) {
       const int8_t* panel = w + p * 16 * kp;
-      for (int64_t kk = 0; kk < kp / 2; ++kk)
-        for (int c = 0; c < 16; ++c) sums[p * 16 + c] += panel[kk * 32 + 2 * c] + panel[kk * 32 + 2 * c + 1];
+      for (int64_t q = 0; q < kp / 4; ++q)
+        for (int c = 0; c < 16; ++c)
+          for (int i = 0; i < 4; ++i) sums[p * 16 + c] += panel[q * 64 + c * 4 + i];
     }
   });
   return sums;
 }
 
 // mode 0: dynamic per-row scale; 1: static scale from `act_scale` (shape (1,)); 2: dynamic asymmetric
-// (per-row scale and zero point).
+// (per-row scale and zero point). `bounded`: the weights are in [-127, 127]; with a symmetric mode (whose
+// activations are in [-127, 127] too) the faster path runs.
 ffi::Error W8A8MatmulImpl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::S8> w, ffi::Buffer<ffi::F32> w_scale,
                           ffi::Buffer<ffi::F32> bias, ffi::Buffer<ffi::F32> act_scale,
-                          ffi::ResultBuffer<ffi::F32> y, int64_t isa, int64_t mode, int64_t has_bias) {
+                          ffi::ResultBuffer<ffi::F32> y, int64_t isa, int64_t mode, int64_t has_bias,
+                          int64_t bounded) {
   auto xd = x.dimensions(), wd = w.dimensions();
   const int64_t k = xd.back(), m = Rows(xd), n = static_cast<int64_t>(w_scale.element_count());
   if (auto e = CheckPacked(wd, k, n); e.failure()) return e;
   if (has_bias && static_cast<int64_t>(bias.element_count()) != n)
     return ffi::Error::InvalidArgument("bias must have one entry per output feature");
-  const int64_t kp = wd[1] * 2;
+  const int64_t kp = wd[1] * 4;
   std::vector<float> sx(static_cast<size_t>(m));
   std::vector<int32_t> zx(mode == 2 ? static_cast<size_t>(m) : 0);
   std::vector<int32_t> colsum = mode == 2 ? ColumnSums(w.typed_data(), kp, n) : std::vector<int32_t>();
@@ -418,98 +513,122 @@ ffi::Error W8A8MatmulImpl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::S8> w, ffi::
   const float* sw = w_scale.typed_data();
   const float* b = has_bias ? bias.typed_data() : nullptr;
   float* out = y->typed_data();
-  RunInt8(
-      static_cast<int>(isa), m, w.typed_data(), kp, n,
-      [&](int64_t r0, int64_t r1, int16_t* buf) {
-        QuantizeRowRange(static_cast<int>(isa), xs, r0, r1, k, kp, fixed, buf, sx.data(), zeros);
-      },
-      [&](int64_t r, int64_t c, int32_t s) {
-        if (zeros) s -= zeros[r] * colsum[c];
-        float v = static_cast<float>(s) * sx[r] * sw[c];  // the order XLA's path uses
-        out[r * n + c] = b ? v + b[c] : v;
-      });
+  auto emit = [&](int64_t r, int64_t c, int32_t s) {
+    if (zeros) s -= zeros[r] * colsum[c];
+    float v = static_cast<float>(s) * sx[r] * sw[c];  // the order XLA's path uses
+    out[r * n + c] = b ? v + b[c] : v;
+  };
+  auto run = [&](auto zero) {
+    using T = decltype(zero);
+    RunInt8<T>(static_cast<int>(isa), m, w.typed_data(), kp, n,
+               [&](int64_t r0, int64_t r1, T* buf) {
+                 QuantizeRowRange(static_cast<int>(isa), xs, r0, r1, k, kp, fixed, buf, sx.data(), zeros);
+               },
+               emit);
+  };
+  if (bounded && mode != 2) run(int8_t{0});
+  else run(int16_t{0});
   return ffi::Error::Success();
 }
 
-// int4 weight-only: w (N, Kp/2) codes, scale and zero (N, G) with G = Kp / group.
-// y[r, c] = sum_g scale[c, g] * (sum_{k in g} x[r, k] * code[c, k] - zero[c, g] * sum_{k in g} x[r, k]).
-void Int4Portable(const float* x, int64_t m, const uint8_t* w, const float* sc, const float* zp,
-                  int64_t kp, int64_t group, int64_t n0, int64_t n1, int64_t n, const float* xsum, float* out) {
-  const int64_t g = kp / group;
-  for (int64_t c = n0; c < n1; ++c) {
-    for (int64_t r = 0; r < m; ++r) {
-      const float* xr = x + r * kp;
-      float total = 0.f;
+// int4 weight-only, in panels of 8 output columns: codes (P, Kp / 2, 8) uint8, byte (p, kk, c) holding the
+// codes of inputs 2 kk (low nibble) and 2 kk + 1 (high nibble) for column 8 p + c; scale and zero (P, G, 8)
+// with G = Kp / group. y[r, c] = sum_g scale[c, g] * (sum_{k in g} x[r, k] * code[k, c] - zero[c, g] * xsum[r, g]).
+void Int4Portable(const float* x, int64_t m, const uint8_t* w, const float* sc, const float* zp, int64_t kp,
+                  int64_t group, int64_t p0, int64_t p1, int64_t n, const float* xsum, float* out) {
+  const int64_t g = kp / group, half = kp / 2;
+  for (int64_t r = 0; r < m; ++r) {
+    const float* xr = x + r * kp;
+    for (int64_t p = p0; p < p1; ++p) {
+      const uint8_t* wp = w + p * half * 8;
+      float total[8] = {0.f};
       for (int64_t j = 0; j < g; ++j) {
-        float dot = 0.f;
-        for (int64_t i = j * group; i < (j + 1) * group; ++i) {
-          uint8_t byte = w[c * (kp / 2) + i / 2];
-          float code = static_cast<float>((i & 1) ? (byte >> 4) : (byte & 15));
-          dot += xr[i] * code;
-        }
-        total += sc[c * g + j] * (dot - zp[c * g + j] * xsum[r * g + j]);
+        float dot[8] = {0.f};
+        for (int64_t kk = j * group / 2; kk < (j + 1) * group / 2; ++kk)
+          for (int c = 0; c < 8; ++c) {
+            const uint8_t byte = wp[kk * 8 + c];
+            dot[c] += xr[2 * kk] * static_cast<float>(byte & 15) + xr[2 * kk + 1] * static_cast<float>(byte >> 4);
+          }
+        for (int c = 0; c < 8; ++c) total[c] += sc[(p * g + j) * 8 + c] * (dot[c] - zp[(p * g + j) * 8 + c] * xsum[r * g + j]);
       }
-      out[r * n + c] = total;
+      for (int c = 0; c < 8 && p * 8 + c < n; ++c) out[r * n + p * 8 + c] = total[c];
     }
   }
 }
 
 #ifdef JXS_X86
-// 16 codes (8 bytes) -> two vectors of 8 floats, in k order.
-__attribute__((target("avx2,fma"))) inline void Codes16(const uint8_t* p, __m256& lo, __m256& hi) {
-  __m128i bytes = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(p));
-  __m128i low = _mm_and_si128(bytes, _mm_set1_epi8(15));
-  __m128i high = _mm_and_si128(_mm_srli_epi16(bytes, 4), _mm_set1_epi8(15));
-  __m128i inter = _mm_unpacklo_epi8(low, high);  // k order: low nibble first
-  lo = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(inter));
-  hi = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(inter, 8)));
-}
-
-__attribute__((target("avx2,fma"))) inline float HSumPs(__m256 v) {
-  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-  s = _mm_add_ss(s, _mm_movehdup_ps(s));
-  return _mm_cvtss_f32(s);
-}
-
-// group must be a multiple of 16. Two columns per pass share the activation loads.
-__attribute__((target("avx2,fma"))) void Int4Avx2(const float* x, int64_t m, const uint8_t* w, const float* sc,
-                                                  const float* zp, int64_t kp, int64_t group, int64_t n0,
-                                                  int64_t n1, int64_t n, const float* xsum, float* out) {
-  const int64_t g = kp / group, row_bytes = kp / 2;
-  for (int64_t r = 0; r < m; ++r) {
-    const float* xr = x + r * kp;
-    const float* xs = xsum + r * g;
-    for (int64_t c = n0; c < n1; ++c) {
-      const uint8_t* wc = w + c * row_bytes;
-      __m256 total = _mm256_setzero_ps();
-      for (int64_t j = 0; j < g; ++j) {
-        __m256 dot = _mm256_setzero_ps();
-        for (int64_t i = j * group; i < (j + 1) * group; i += 16) {
-          __m256 lo, hi;
-          Codes16(wc + i / 2, lo, hi);
-          dot = _mm256_fmadd_ps(_mm256_loadu_ps(xr + i), lo, dot);
-          dot = _mm256_fmadd_ps(_mm256_loadu_ps(xr + i + 8), hi, dot);
-        }
-        // sc * (dot - zp * xs), summed lane-wise; the zero-point term goes into lane 0.
-        __m256 corr = _mm256_setr_ps(-zp[c * g + j] * xs[j], 0, 0, 0, 0, 0, 0, 0);
-        total = _mm256_fmadd_ps(_mm256_set1_ps(sc[c * g + j]), _mm256_add_ps(dot, corr), total);
+// One row against NP panels (8 NP columns): per pair of inputs, each panel's 8 bytes widen to two vectors
+// of 8 float codes, one FMA each; 2 NP independent accumulators hide the FMA latency.
+template <int NP>
+__attribute__((target("avx2,fma"))) void Int4RowAvx2(const float* xr, const float* xs, const uint8_t* w,
+                                                     const float* sc, const float* zp, int64_t kp, int64_t group,
+                                                     int64_t p, int64_t n, float* out_row) {
+  const int64_t g = kp / group, half = kp / 2;
+  const __m256i nibble = _mm256_set1_epi32(15);
+  __m256 total[NP];
+#pragma GCC unroll 4
+  for (int q = 0; q < NP; ++q) total[q] = _mm256_setzero_ps();
+  for (int64_t j = 0; j < g; ++j) {
+    __m256 a0[NP], a1[NP];
+#pragma GCC unroll 4
+    for (int q = 0; q < NP; ++q) a0[q] = a1[q] = _mm256_setzero_ps();
+    for (int64_t kk = j * group / 2; kk < (j + 1) * group / 2; ++kk) {
+      const __m256 x0 = _mm256_broadcast_ss(xr + 2 * kk), x1 = _mm256_broadcast_ss(xr + 2 * kk + 1);
+#pragma GCC unroll 4
+      for (int q = 0; q < NP; ++q) {
+        const __m256i v = _mm256_cvtepu8_epi32(
+            _mm_loadl_epi64(reinterpret_cast<const __m128i*>(w + ((p + q) * half + kk) * 8)));
+        a0[q] = _mm256_fmadd_ps(x0, _mm256_cvtepi32_ps(_mm256_and_si256(v, nibble)), a0[q]);
+        a1[q] = _mm256_fmadd_ps(x1, _mm256_cvtepi32_ps(_mm256_srli_epi32(v, 4)), a1[q]);
       }
-      out[r * n + c] = HSumPs(total);
     }
+    const __m256 xsj = _mm256_set1_ps(xs[j]);
+#pragma GCC unroll 4
+    for (int q = 0; q < NP; ++q) {
+      const int64_t o = ((p + q) * g + j) * 8;
+      const __m256 d = _mm256_fnmadd_ps(_mm256_loadu_ps(zp + o), xsj, _mm256_add_ps(a0[q], a1[q]));
+      total[q] = _mm256_fmadd_ps(_mm256_loadu_ps(sc + o), d, total[q]);
+    }
+  }
+#pragma GCC unroll 4
+  for (int q = 0; q < NP; ++q) {
+    const int64_t c0 = (p + q) * 8;
+    if (c0 + 8 <= n) {
+      _mm256_storeu_ps(out_row + c0, total[q]);
+    } else {
+      alignas(32) float tmp[8];
+      _mm256_store_ps(tmp, total[q]);
+      for (int64_t c = c0; c < n; ++c) out_row[c] = tmp[c - c0];
+    }
+  }
+}
+
+__attribute__((target("avx2,fma"))) void Int4Avx2(const float* x, int64_t m, const uint8_t* w, const float* sc,
+                                                  const float* zp, int64_t kp, int64_t group, int64_t p0,
+                                                  int64_t p1, int64_t n, const float* xsum, float* out) {
+  const int64_t g = kp / group;
+  for (int64_t r = 0; r < m; ++r) {
+    int64_t p = p0;
+    for (; p + 4 <= p1; p += 4) Int4RowAvx2<4>(x + r * kp, xsum + r * g, w, sc, zp, kp, group, p, n, out + r * n);
+    for (; p < p1; ++p) Int4RowAvx2<1>(x + r * kp, xsum + r * g, w, sc, zp, kp, group, p, n, out + r * n);
   }
 }
 #endif
 
 ffi::Error Int4MatmulImpl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::U8> w, ffi::Buffer<ffi::F32> scale,
-                          ffi::Buffer<ffi::F32> zero, ffi::ResultBuffer<ffi::F32> y, int64_t isa, int64_t group) {
+                          ffi::Buffer<ffi::F32> zero, ffi::ResultBuffer<ffi::F32> y, int64_t isa, int64_t group,
+                          int64_t n) {
   auto xd = x.dimensions(), wd = w.dimensions();
-  const int64_t k = xd.back(), m = Rows(xd), n = wd[0], kp = wd[1] * 2;
+  if (wd.size() != 3 || wd[2] != 8)
+    return ffi::Error::InvalidArgument("int4 weight must have shape (panels, Kp / 2, 8)");
+  const int64_t k = xd.back(), m = Rows(xd), panels = wd[0], kp = wd[1] * 2;
   if (group <= 0 || group % 16 != 0 || kp % group != 0 || kp < k || kp - k >= group)
     return ffi::Error::InvalidArgument("int4 weight: group must be a multiple of 16 and K padded to a group");
+  if (n <= (panels - 1) * 8 || n > panels * 8)
+    return ffi::Error::InvalidArgument("int4 weight: panel count does not match the output features");
   const int64_t g = kp / group;
-  if (scale.element_count() != n * g || zero.element_count() != n * g)
-    return ffi::Error::InvalidArgument("int4 weight: scale and zero need (N, K / group) entries");
+  if (scale.element_count() != panels * g * 8 || zero.element_count() != panels * g * 8)
+    return ffi::Error::InvalidArgument("int4 weight: scale and zero need (panels, K / group, 8) entries");
   // Activations padded to kp, and their per-group sums for the zero-point term.
   std::vector<float> xp(static_cast<size_t>(m * kp), 0.f), xsum(static_cast<size_t>(m * g), 0.f);
   for (int64_t r = 0; r < m; ++r) {
@@ -521,13 +640,13 @@ ffi::Error Int4MatmulImpl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::U8> w, ffi::
     }
   }
   float* out = y->typed_data();
-  ParallelColumns(n, m * n * kp, 4, [&](int64_t n0, int64_t n1) {
+  ParallelColumns(panels, m * n * kp, 4, [&](int64_t p0, int64_t p1) {
 #ifdef JXS_X86
     if (isa == 1)
-      return Int4Avx2(xp.data(), m, w.typed_data(), scale.typed_data(), zero.typed_data(), kp, group, n0, n1, n,
+      return Int4Avx2(xp.data(), m, w.typed_data(), scale.typed_data(), zero.typed_data(), kp, group, p0, p1, n,
                       xsum.data(), out);
 #endif
-    Int4Portable(xp.data(), m, w.typed_data(), scale.typed_data(), zero.typed_data(), kp, group, n0, n1, n,
+    Int4Portable(xp.data(), m, w.typed_data(), scale.typed_data(), zero.typed_data(), kp, group, p0, p1, n,
                  xsum.data(), out);
   });
   return ffi::Error::Success();
@@ -541,7 +660,8 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JxsInt8Matmul, Int8MatmulImpl,
                                   .Arg<ffi::Buffer<ffi::S8>>()
                                   .Ret<ffi::Buffer<ffi::S32>>()
                                   .Attr<int64_t>("isa")
-                                  .Attr<int64_t>("n"));
+                                  .Attr<int64_t>("n")
+                                  .Attr<int64_t>("bounded"));
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(JxsW8A8Matmul, W8A8MatmulImpl,
                               ffi::Ffi::Bind()
@@ -553,7 +673,8 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JxsW8A8Matmul, W8A8MatmulImpl,
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Attr<int64_t>("isa")
                                   .Attr<int64_t>("mode")
-                                  .Attr<int64_t>("has_bias"));
+                                  .Attr<int64_t>("has_bias")
+                                  .Attr<int64_t>("bounded"));
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(JxsInt4Matmul, Int4MatmulImpl,
                               ffi::Ffi::Bind()
@@ -563,7 +684,8 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JxsInt4Matmul, Int4MatmulImpl,
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Attr<int64_t>("isa")
-                                  .Attr<int64_t>("group"));
+                                  .Attr<int64_t>("group")
+                                  .Attr<int64_t>("n"));
 
 // Which instruction-set paths this build can run on this CPU: bit 0 portable, bit 1 AVX2.
 extern "C" int jxs_supported_isas() {

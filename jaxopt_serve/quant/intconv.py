@@ -58,6 +58,8 @@ def int8_conv(
     precision: Any = None,
     preferred_element_type: Any = None,
     out_sharding: Any = None,
+    *,
+    bounded: bool = False,
 ) -> jax.Array:
     """The exact int32 result of ``lax.conv_general_dilated`` on int8 operands, under any sharding.
 
@@ -86,6 +88,9 @@ def int8_conv(
             chooses). With the other arguments, this means a traced
             ``conv_general_dilated`` equation's params can be passed through
             unchanged.
+        bounded: the caller guarantees both operands in ``[-127, 127]`` (as
+            symmetric quantization makes them), so the native CPU kernel may
+            take its faster path; values outside that promise give wrong sums.
 
     Returns:
         The int32 convolution, shaped and laid out like
@@ -165,7 +170,7 @@ def int8_conv(
     kernel = k.reshape(groups, math.prod(window_shape) * cin, cout // groups)
 
     if groups == 1 and native.available():  # the native int8 GEMM (exact, like the dot below)
-        y = native.int8_matmul(patches[0], native.pack_int8(kernel[0]))
+        y = native.int8_matmul(patches[0], native.pack_int8(kernel[0], bounded), bounded=bounded)
     elif groups == 1:
         y = jax.lax.dot_general(patches[0], kernel[0], (((nd + 1,), (0,)), ((), ())),
                                 precision=precision, preferred_element_type=jnp.int32)

@@ -101,7 +101,7 @@ class QArray:
             which XLA:CPU's integer dot reads faster; ``int_values`` and
             ``dequantize`` undo it, artifacts store the original layout.
         packed: int8 2-D values stored as the native CPU kernels' panels
-            ``(P, Kp / 2, 16, 2)`` (see ``jaxopt_serve.native.pack_int8`` and
+            ``(P, Kp / 4, 16, 4)`` (see ``jaxopt_serve.native.pack_int8`` and
             ``runtime.serving_layout``); undone the same way.
 
     Example:
@@ -149,8 +149,9 @@ class QArray:
         if self.transposed:
             return self.values.T
         if self.packed:
-            p, half, _, _ = self.values.shape
-            return jnp.transpose(self.values, (1, 3, 0, 2)).reshape(2 * half, 16 * p)[: self.shape[0], : self.shape[1]]
+            from jaxopt_serve import native  # the packed layout is the native kernels'
+
+            return native.unpack_int8(self.values, *self.shape)
         if self.bits == 8:
             return self.values
         return unpack(self.values, self.qtype, self.size).reshape(self.shape)

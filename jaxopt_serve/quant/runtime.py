@@ -311,7 +311,7 @@ class _Session:
         only_converts = all(p.name == "convert_element_type" for p, _ in t.views)
         if use_native and q.packed and only_converts and tuple(cw) == (0,) and not bw:
             # serving_layout packed this kernel for the native kernel: no repacking per call
-            packed = native.Int8Weight(q.values, *q.shape)
+            packed = native.Int8Weight(q.values, *q.shape, bounded=True)  # serving_layout packs only [-127, 127]
             return _native_dot(x, packed, scale, wi, cx[0], act_scale, symmetric).astype(out_dtype)
         if q.transposed and only_converts:
             # serving_layout stores 2-D int8 values as (out, in): contract them as stored (XLA:CPU's fast layout)
@@ -362,7 +362,9 @@ class _Session:
             out_shape[dn.out_spec[0]] = x.shape[batch_axis]
             sx_out = sx.reshape(out_shape)
         conv_params = {k: v for k, v in params.items() if k not in ("preferred_element_type", "precision")}
-        acc = int8_conv(xq, wq, **conv_params)
+        # Both operands in [-127, 127] (symmetric weights never hold -128; the clip keeps that promise for a
+        # hand-made array), so the native kernel may take its faster path.
+        acc = int8_conv(xq, jnp.maximum(wq, -127), **conv_params, bounded=True)
         sw_shape = [1] * x.ndim
         sw_shape[dn.out_spec[1]] = scale.shape[out_feature]
         y = acc.astype(jnp.float32) * sx_out * scale.reshape(sw_shape)
@@ -667,7 +669,9 @@ def serving_layout(variables: Any) -> Any:
         if not is_qarray(leaf) or leaf.transposed or leaf.packed:
             return leaf
         if pack and leaf.bits == 8 and leaf.ndim == 2 and leaf.zero_point is None:
-            return dataclasses.replace(leaf, values=native.pack_int8(jnp.asarray(leaf.values)).panels, packed=True)
+            packed = native.pack_int8(jnp.asarray(leaf.values))
+            if packed.bounded:  # symmetric quantization never makes -128; a hand-made array might
+                return dataclasses.replace(leaf, values=packed.panels, packed=True)
         if leaf.bits == 8 and leaf.ndim == 2:
             return QArray(jnp.asarray(leaf.values).T.copy(), leaf.scale, leaf.zero_point, leaf.qtype, leaf.shape,
                           leaf.dtype, leaf.granularity, leaf.axis, leaf.group_size, transposed=True)
