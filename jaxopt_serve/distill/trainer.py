@@ -205,13 +205,18 @@ def save_checkpoint(path: str | os.PathLike[str], state: TrainState, tracker: di
     atomic_write(path, body + hashlib.sha256(body).digest())
 
 
-def load_checkpoint(path: str | os.PathLike[str], template: TrainState, fingerprint: dict) -> tuple[TrainState, dict]:
+def load_checkpoint(path: str | os.PathLike[str], template: TrainState, fingerprint: dict, *,
+                    allow_nonfinite: bool = False) -> tuple[TrainState, dict]:
     """Read a checkpoint written by ``save_checkpoint`` for the same run (same student, seed and data).
+
+    ``allow_nonfinite``: restore float arrays holding NaN or inf (refused by
+    default: resuming a diverged run only repeats the divergence).
 
     Raises:
         ValueError: ``path`` is not a regular file, or the checkpoint is
-            truncated, corrupted, of another version or run, or holds arrays of
-            other shapes than the run's (the message names the file).
+            truncated, corrupted, of another version or run, holds arrays of
+            other shapes than the run's, or (by default) NaN or inf values
+            (the message names the file and the array).
     """
     record, payload = _read_checkpoint(Path(path))
     if record.get("fingerprint") != fingerprint:
@@ -226,6 +231,8 @@ def load_checkpoint(path: str | os.PathLike[str], template: TrainState, fingerpr
         raise ValueError(f"checkpoint {path} is corrupted: its state cannot be decoded "
                          f"({type(err).__name__}: {err})") from err
     _check_state(path, expected, restored)
+    if not allow_nonfinite:
+        _check_finite_state(path, restored)
     state = TrainState(
         step=jnp.asarray(restored["step"]), params=restored["params"], model_state=restored["model_state"],
         opt_state=restored["opt_state"], rng=jax.random.wrap_key_data(jnp.asarray(restored["rng"])),
@@ -288,6 +295,15 @@ def _check_state(path: str | os.PathLike[str], expected: Any, restored: Any) -> 
         if not isinstance(got, (np.ndarray, np.generic, jax.Array)) or np.shape(got) != shape or got.dtype != dtype:
             kind = f"{got.dtype}{list(np.shape(got))}" if hasattr(got, "dtype") else type(got).__name__
             raise ValueError(f"checkpoint {path} is corrupted: {name} is {kind}, the run expects {dtype}{list(shape)}")
+
+
+def _check_finite_state(path: str | os.PathLike[str], restored: Any) -> None:
+    """``ValueError`` naming the file and the first float leaf of ``restored`` that holds NaN or inf."""
+    for key, leaf in jax.tree_util.tree_leaves_with_path(restored):
+        leaf = np.asarray(leaf)
+        if np.issubdtype(leaf.dtype, np.floating) and not np.isfinite(leaf).all():
+            raise ValueError(f"checkpoint {path}: {jax.tree_util.keystr(key)} holds non-finite values (NaN or inf); "
+                             "load_checkpoint(..., allow_nonfinite=True) restores it anyway")
 
 
 # -- the trainer -----------------------------------------------------------------------------------------

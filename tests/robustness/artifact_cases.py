@@ -140,7 +140,7 @@ def build_bases(root: str | os.PathLike[str]) -> dict[str, Base]:
                "best_params": template.params, "best_state": template.model_state}
     save_checkpoint(root / "run.ckpt", template, tracker, fingerprint)
     add("checkpoint", root / "run.ckpt",
-        lambda p, **kw: load_checkpoint(p, template, fingerprint),
+        lambda p, **kw: load_checkpoint(p, template, fingerprint, **kw),
         lambda restored: [np.asarray(x) for x in jax.tree.leaves(
             jax.tree.map(lambda v: jax.random.key_data(v) if jnp.issubdtype(v.dtype, jax.dtypes.prng_key) else v,
                          restored[0]))], prefix=8)
@@ -624,7 +624,16 @@ def _checkpoint_edits() -> list[Case]:
             lambda t: {**t, "step": np.asarray(t["step"], np.float64)})),
         _bytes_case("state-collection-missing", _checkpoint_tree_edit(lambda t: {k: v for k, v in t.items()
                                                                                   if k != "opt_state"})),
+        _bytes_case("nan-weights", _checkpoint_tree_edit(_nan_kernel)),
+        _bytes_case("nan-weights-allowed", _checkpoint_tree_edit(_nan_kernel), expect="loads", allow_nonfinite=True),
     ]
+
+
+def _nan_kernel(tree: Any) -> Any:
+    """The checkpoint state with one NaN in the first Dense kernel."""
+    kernel = np.array(tree["params"]["dense_0"]["kernel"])
+    kernel.reshape(-1)[0] = np.nan
+    return {**tree, "params": _set(tree["params"], ("dense_0", "kernel"), kernel)}
 
 
 EDITS: dict[str, list[Case]] = {**{kind: _artifact_edits(kind) for kind in ARTIFACT_KINDS},
