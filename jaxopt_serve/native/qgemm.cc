@@ -87,7 +87,7 @@ class Pool {
 #ifdef JXS_X86
     _mm_pause();
 #endif
-    if (i % 256 == 255) std::this_thread::yield();
+    if (i % 64 == 63) std::this_thread::yield();
   }
 
   void Loop(int index) {
@@ -134,13 +134,13 @@ int ThreadCount() {
   return n == 0 ? 1 : static_cast<int>(n);
 }
 
-// How long idle workers spin before they sleep: JAXOPT_SERVE_SPIN_US, default 2000 (0: sleep at once).
+// How long idle workers spin before they sleep: JAXOPT_SERVE_SPIN_US, default 200 (0: sleep at once).
 int64_t SpinMicros() {
   if (const char* env = std::getenv("JAXOPT_SERVE_SPIN_US")) {
     long v = std::atol(env);
     if (v >= 0) return v;
   }
-  return 2000;
+  return 200;
 }
 
 Pool& GetPool() {
@@ -197,6 +197,19 @@ __attribute__((target("avx2,fma"))) float RowScaleAvx2(const float* x, int64_t k
   return r > 0.f ? r / 127.f : 1.f;
 }
 
+// 16 integral floats (two vectors, in range) stored as T (int8 or int16), in order.
+template <typename T>
+__attribute__((target("avx2,fma"))) inline void Store16(__m256 a, __m256 b, T* out) {
+  __m256i p = _mm256_packs_epi32(_mm256_cvtps_epi32(a), _mm256_cvtps_epi32(b));
+  p = _mm256_permute4x64_epi64(p, 0xD8);  // packs works per 128-bit lane: restore order
+  if constexpr (sizeof(T) == 2) {
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(out), p);
+  } else {
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(out),
+                     _mm_packs_epi16(_mm256_castsi256_si128(p), _mm256_extracti128_si256(p, 1)));
+  }
+}
+
 template <typename T>
 __attribute__((target("avx2,fma"))) void QuantizeRowAvx2(const float* x, int64_t k, int64_t kp, float s, T* out) {
   const __m256 vs = _mm256_set1_ps(s), lo = _mm256_set1_ps(-127.f), hi = _mm256_set1_ps(127.f);
@@ -206,14 +219,7 @@ __attribute__((target("avx2,fma"))) void QuantizeRowAvx2(const float* x, int64_t
     __m256 b = _mm256_div_ps(_mm256_loadu_ps(x + i + 8), vs);
     a = _mm256_min_ps(hi, _mm256_max_ps(lo, _mm256_round_ps(a, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC)));
     b = _mm256_min_ps(hi, _mm256_max_ps(lo, _mm256_round_ps(b, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC)));
-    __m256i p = _mm256_packs_epi32(_mm256_cvtps_epi32(a), _mm256_cvtps_epi32(b));
-    p = _mm256_permute4x64_epi64(p, 0xD8);  // packs works per 128-bit lane: restore order
-    if constexpr (sizeof(T) == 2) {
-      _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + i), p);
-    } else {
-      _mm_storeu_si128(reinterpret_cast<__m128i*>(out + i),
-                       _mm_packs_epi16(_mm256_castsi256_si128(p), _mm256_extracti128_si256(p, 1)));
-    }
+    Store16(a, b, out + i);
   }
   QuantizeRowPortable(x + i, k - i, kp - i, s, out + i);
 }
@@ -380,6 +386,48 @@ void QuantizeRowAsym(const float* x, int64_t k, int64_t kp, T* out, float* scale
   *zero = static_cast<int32_t>(z);
 }
 
+#ifdef JXS_X86
+// clip(round(v / s) + z, -128, 127), lane-wise.
+__attribute__((target("avx2,fma"))) inline __m256 AsymCode(__m256 v, __m256 vs, __m256 vz) {
+  v = _mm256_add_ps(_mm256_round_ps(_mm256_div_ps(v, vs), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC), vz);
+  return _mm256_min_ps(_mm256_set1_ps(127.f), _mm256_max_ps(_mm256_set1_ps(-128.f), v));
+}
+
+// QuantizeRowAsym with AVX2: the same range, scale, zero point and rounding (division, half to even).
+template <typename T>
+__attribute__((target("avx2,fma"))) void QuantizeRowAsymAvx2(const float* x, int64_t k, int64_t kp, T* out,
+                                                             float* scale, int32_t* zero) {
+  __m256 vlo = _mm256_setzero_ps(), vhi = _mm256_setzero_ps();
+  int64_t i = 0;
+  for (; i + 8 <= k; i += 8) {
+    const __m256 v = _mm256_loadu_ps(x + i);
+    vlo = _mm256_min_ps(v, vlo);  // a NaN keeps the running value, as std::min(lo, x) does
+    vhi = _mm256_max_ps(v, vhi);
+  }
+  alignas(32) float l8[8], h8[8];
+  _mm256_store_ps(l8, vlo);
+  _mm256_store_ps(h8, vhi);
+  float lo = 0.f, hi = 0.f;
+  for (int j = 0; j < 8; ++j) {
+    lo = std::min(lo, l8[j]);
+    hi = std::max(hi, h8[j]);
+  }
+  for (; i < k; ++i) {
+    lo = std::min(lo, x[i]);
+    hi = std::max(hi, x[i]);
+  }
+  const float s = hi > lo ? (hi - lo) / 255.f : 1.f;
+  const float z = std::nearbyint(-lo / s) - 128.f;
+  const __m256 vs = _mm256_set1_ps(s), vz = _mm256_set1_ps(z);
+  for (i = 0; i + 16 <= k; i += 16)
+    Store16(AsymCode(_mm256_loadu_ps(x + i), vs, vz), AsymCode(_mm256_loadu_ps(x + i + 8), vs, vz), out + i);
+  for (; i < k; ++i) out[i] = static_cast<T>(std::min(127.f, std::max(-128.f, std::nearbyint(x[i] / s) + z)));
+  for (; i < kp; ++i) out[i] = 0;
+  *scale = s;
+  *zero = static_cast<int32_t>(z);
+}
+#endif
+
 // Rows [r0, r1) of float activations -> int16 rows of `out` (row r0 first); their scales into scales[r]
 // (and, with `zeros`, asymmetric with zero points into zeros[r]).
 template <typename T>
@@ -389,6 +437,12 @@ void QuantizeRowRange(int isa, const float* x, int64_t r0, int64_t r1, int64_t k
     const float* xr = x + r * k;
     T* o = out + (r - r0) * kp;
     if (zeros) {
+#ifdef JXS_X86
+      if (isa == 1) {
+        QuantizeRowAsymAvx2(xr, k, kp, o, scales + r, zeros + r);
+        continue;
+      }
+#endif
       QuantizeRowAsym(xr, k, kp, o, scales + r, zeros + r);
       continue;
     }
