@@ -483,7 +483,8 @@ class InferenceEngine:
     def __call__(self, *args: Any) -> Any:
         """Outputs for the batch (numpy pytrees in, numpy pytrees out): ``engine(x)``, ``engine(a, b)``."""
         inputs, length = self._check(self.inputs_of(args))
-        bad = nonfinite_rows(inputs)  # "propagate": run as zero rows, their float outputs set to NaN below
+        # "propagate": run as zero rows, their float outputs set to NaN below ("error": _check refused them)
+        bad = nonfinite_rows(inputs) if self.nan_policy == "propagate" else None
         if bad is not None:
             inputs = replace_rows(inputs, bad)
         padded_length = None
