@@ -370,20 +370,35 @@ void WidenRowRange(const int8_t* x, int64_t r0, int64_t r1, int64_t k, int64_t k
 
 // Asymmetric per-row quantization (the runtime's XLA formulation): the row's range [min(x, 0), max(x, 0)]
 // over 255 steps, zero = round(-lo / s) - 128, q = clip(round(x / s) + zero, -128, 127).
-template <typename T>
-void QuantizeRowAsym(const float* x, int64_t k, int64_t kp, T* out, float* scale, int32_t* zero) {
-  float lo = 0.f, hi = 0.f;
-  for (int64_t i = 0; i < k; ++i) {
+// Widens [lo, hi] by x[i0, k).
+inline void ExtendRange(const float* x, int64_t i0, int64_t k, float& lo, float& hi) {
+  for (int64_t i = i0; i < k; ++i) {
     lo = std::min(lo, x[i]);
     hi = std::max(hi, x[i]);
   }
-  const float s = hi > lo ? (hi - lo) / 255.f : 1.f;
-  const float z = std::nearbyint(-lo / s) - 128.f;
-  for (int64_t i = 0; i < k; ++i)
+}
+
+// Codes of x[i0, k) for scale s and zero point z, then zeros up to kp.
+template <typename T>
+void AsymCodes(const float* x, int64_t i0, int64_t k, int64_t kp, float s, float z, T* out) {
+  for (int64_t i = i0; i < k; ++i)
     out[i] = static_cast<T>(std::min(127.f, std::max(-128.f, std::nearbyint(x[i] / s) + z)));
-  for (int64_t i = k; i < kp; ++i) out[i] = 0;
-  *scale = s;
+  for (int64_t i = std::max(i0, k); i < kp; ++i) out[i] = 0;
+}
+
+// The row's scale and zero point from its range [lo, hi] (lo <= 0 <= hi).
+inline void AsymScaleZero(float lo, float hi, float* scale, int32_t* zero, float& z) {
+  *scale = hi > lo ? (hi - lo) / 255.f : 1.f;
+  z = std::nearbyint(-lo / *scale) - 128.f;
   *zero = static_cast<int32_t>(z);
+}
+
+template <typename T>
+void QuantizeRowAsym(const float* x, int64_t k, int64_t kp, T* out, float* scale, int32_t* zero) {
+  float lo = 0.f, hi = 0.f, z;
+  ExtendRange(x, 0, k, lo, hi);
+  AsymScaleZero(lo, hi, scale, zero, z);
+  AsymCodes(x, 0, k, kp, *scale, z, out);
 }
 
 #ifdef JXS_X86
@@ -407,24 +422,15 @@ __attribute__((target("avx2,fma"))) void QuantizeRowAsymAvx2(const float* x, int
   alignas(32) float l8[8], h8[8];
   _mm256_store_ps(l8, vlo);
   _mm256_store_ps(h8, vhi);
-  float lo = 0.f, hi = 0.f;
-  for (int j = 0; j < 8; ++j) {
-    lo = std::min(lo, l8[j]);
-    hi = std::max(hi, h8[j]);
-  }
-  for (; i < k; ++i) {
-    lo = std::min(lo, x[i]);
-    hi = std::max(hi, x[i]);
-  }
-  const float s = hi > lo ? (hi - lo) / 255.f : 1.f;
-  const float z = std::nearbyint(-lo / s) - 128.f;
-  const __m256 vs = _mm256_set1_ps(s), vz = _mm256_set1_ps(z);
+  float lo = 0.f, hi = 0.f, z;
+  ExtendRange(l8, 0, 8, lo, hi);
+  ExtendRange(h8, 0, 8, lo, hi);
+  ExtendRange(x, i, k, lo, hi);
+  AsymScaleZero(lo, hi, scale, zero, z);
+  const __m256 vs = _mm256_set1_ps(*scale), vz = _mm256_set1_ps(z);
   for (i = 0; i + 16 <= k; i += 16)
     Store16(AsymCode(_mm256_loadu_ps(x + i), vs, vz), AsymCode(_mm256_loadu_ps(x + i + 8), vs, vz), out + i);
-  for (; i < k; ++i) out[i] = static_cast<T>(std::min(127.f, std::max(-128.f, std::nearbyint(x[i] / s) + z)));
-  for (; i < kp; ++i) out[i] = 0;
-  *scale = s;
-  *zero = static_cast<int32_t>(z);
+  AsymCodes(x, i, k, kp, *scale, z, out);
 }
 #endif
 
