@@ -10,7 +10,12 @@
   xla_w8a8            XLA's own int8 path: per-channel symmetric int8 W (absmax over the input axis / 127),
                       dynamic per-row int8 x (absmax / 127, round half-even, clip +-127),
                       ``lax.dot_general(..., preferred_element_type=int32)``, then ``acc * sx * sw``
-  ours_w8a8           ``jaxopt_serve.native.w8a8_matmul`` on ``native.pack_int8`` weights (same int8 weights)
+  ours_w8a8_sym8      ``jaxopt_serve.native.w8a8_matmul`` on ``native.pack_int8`` weights (same int8 weights),
+                      activations as XLA's row above (symmetric, 255 steps): the same int32 sums
+  ours_w8a8           the same weights, activations per row over ``[min, max]`` in 127 steps, codes 0..127
+                      (``symmetric=False, act_bits=7``): the activation range of torch's ``quantize_dynamic`` on
+                      x86 (``reduce_range``), which the AVX2 kernel multiplies with ``vpmaddubsw`` and no sign
+                      fix-up. The ``speedup_w8a8_*`` and ``speedup_vs_torch_*`` checks use this row.
   ours_int4           ``jaxopt_serve.native.int4_matmul``: weight-only int4, asymmetric, groups of 32 along the
                       input axis per output column
   torch_f32           ``torch.nn.Linear`` (no bias), ``inference_mode``, one thread per usable core
@@ -66,7 +71,7 @@ ROUND_MS = 100.0  # calls per round are chosen so one round of a variant lasts a
 MAX_CALLS = 200
 SETTLE_S = 0.05  # pause before each timed round: other runtimes' spinning threads go idle (see interleaved_times)
 CPU_FLAGS = ("avx2", "avx512_vnni", "avx_vnni", "amx_int8")
-JAX_VARIANTS = ("xla_f32", "xla_w8a8", "ours_w8a8", "ours_int4")
+JAX_VARIANTS = ("xla_f32", "xla_w8a8", "ours_w8a8_sym8", "ours_w8a8", "ours_int4")
 TORCH_VARIANTS = ("torch_f32", "torch_dynamic_int8")
 MISMATCH_SHAPES = {"M": (1, 3, 17), "K": (1, 31, 33, 100), "N": (1, 7, 33)}
 
@@ -182,7 +187,8 @@ def xla_w8a8_matmul(x: jax.Array, wq: jax.Array, sw: jax.Array) -> jax.Array:
 
 
 def native_matmuls(native: ModuleType) -> dict[str, Matmul]:
-    return {"ours_w8a8": lambda x, packed, sw: native.w8a8_matmul(x, packed, sw),
+    return {"ours_w8a8_sym8": lambda x, packed, sw: native.w8a8_matmul(x, packed, sw),
+            "ours_w8a8": lambda x, packed, sw: native.w8a8_matmul(x, packed, sw, symmetric=False, act_bits=7),
             "ours_int4": lambda x, p4: native.int4_matmul(x, p4)}
 
 
@@ -195,8 +201,9 @@ def jax_variants(weights: list[np.ndarray], native: ModuleType | None,
         "xla_w8a8": (xla_w8a8_matmul, [(jnp.asarray(q), jnp.asarray(s)) for q, s in int8]),
     }
     if native is None:
-        return out | {name: native_note for name in ("ours_w8a8", "ours_int4")}
-    packers = {"ours_w8a8": lambda w, q8: (native.pack_int8(q8[0]), jnp.asarray(q8[1])),
+        return out | {name: native_note for name in ("ours_w8a8_sym8", "ours_w8a8", "ours_int4")}
+    packers = {"ours_w8a8_sym8": lambda w, q8: (native.pack_int8(q8[0]), jnp.asarray(q8[1])),
+               "ours_w8a8": lambda w, q8: (native.pack_int8(q8[0]), jnp.asarray(q8[1])),
                "ours_int4": lambda w, q8: (native.pack_int4(*quantize_int4(w, GROUP), GROUP),)}
     for name, matmul in native_matmuls(native).items():
         try:

@@ -57,7 +57,7 @@ from jaxopt_serve.quant import (
     quantized_predict_fn,
     smooth_quantize,
 )
-from jaxopt_serve.serve import DynamicBatcher, PredictServer
+from jaxopt_serve.serve import DynamicBatcher, InferenceServer, ServedModel
 from jaxopt_serve.train import (
     FitResult,
     TrainState,
@@ -95,6 +95,7 @@ __all__ = [
     "gptq_quantize",
     "gradual_pruning",
     "InferenceEngine",
+    "InferenceServer",
     "init_variables",
     "int4_rules",
     "load_artifact",
@@ -115,7 +116,6 @@ __all__ = [
     "NNXMLP",
     "NNXMLPConfig",
     "predict_fn",
-    "PredictServer",
     "PruneRule",
     "QArray",
     "qat_finetune",
@@ -126,6 +126,7 @@ __all__ = [
     "QuantSpec",
     "reestimate_batch_stats",
     "save_artifact",
+    "ServedModel",
     "smooth_quantize",
     "sparse_artifact",
     "structured_prune",

@@ -52,11 +52,12 @@ _VALUE_CHECKS: list[tuple[str | None, str, str, Callable[[Any], bool], str]] = [
     ("serve", "timeout", "--timeout", lambda v: v is None or (_finite(v) and v > 0), "> 0 and finite (seconds)"),
     ("serve", "max_body_mb", "--max-body-mb", lambda v: _finite(v) and 0 < v <= 1 << 20, "> 0 and finite (megabytes)"),
     ("serve", "max_wait_ms", "--max-wait-ms", lambda v: _finite(v) and 0 <= v <= 3.6e6, ">= 0 and finite (milliseconds)"),
+    ("serve", "read_timeout", "--read-timeout", lambda v: _finite(v) and v > 0, "> 0 and finite (seconds)"),
 ]
 # command -> (attribute, flag) of the files it reads and of the files it writes
 _INPUTS = {"eval": [("artifact", "artifact")], "quantize": [("artifact", "artifact")],
            "prune": [("artifact", "artifact")], "distill": [("teacher", "teacher")],
-           "export": [("artifact", "artifact")], "serve": [("artifact", "artifact")],
+           "export": [("artifact", "artifact")],
            "infer": [("artifact", "artifact")], "embed": [("input", "--input")]}
 _OUTPUTS = {"train": [("output", "-o")], "quantize": [("output", "-o")], "prune": [("output", "-o")],
             "distill": [("output", "-o"), ("checkpoint", "--checkpoint")], "export": [("output", "-o")],
@@ -95,7 +96,30 @@ def check_arguments(args: argparse.Namespace) -> None:
             raise ValueError(f"--platform {unknown[0]!r} is not a platform JAX exports for; "
                              f"known: {', '.join(EXPORT_PLATFORMS)}")
     if args.command == "serve":
+        if not args.artifacts and not args.minilm:
+            raise ValueError("serve needs at least one artifact ([NAME=]ARTIFACT) or --minilm")
+        names = [name for name, _ in map(_model_spec, args.artifacts)] + (["minilm"] if args.minilm else [])
+        for _, path in map(_model_spec, args.artifacts):
+            check_input_file(path, "artifact")
+        from jaxopt_serve.serve.server import check_model_name
+
+        for name in names:
+            check_model_name(name, what="model name (NAME=ARTIFACT)")
+        repeated = sorted({n for n in names if names.count(n) > 1})
+        if repeated:
+            raise ValueError(f"model names must differ, {repeated} is given twice; name them with NAME=ARTIFACT")
         check_listen_address(args.host, args.port)
+
+
+def _model_spec(text: str) -> tuple[str, str]:
+    """``(name, path)`` of a ``serve`` argument: ``NAME=PATH``, or ``PATH`` named after its file stem."""
+    import re
+    from pathlib import Path
+
+    name, sep, path = text.partition("=")
+    if sep and re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", name):
+        return name, path
+    return re.sub(r"[^A-Za-z0-9_.-]", "_", Path(text).stem).lstrip("_.-") or "model", text
 
 
 def check_input_file(path: str, flag: str) -> None:
@@ -302,36 +326,58 @@ def build_parser() -> argparse.ArgumentParser:
                         help="backend to export for (cpu, cuda, rocm, tpu); repeatable (default: this machine's)")
     export.add_argument("-o", "--output", required=True, help="exported artifact path to write (.jxe)")
 
-    serve = sub.add_parser("serve", help="serve an artifact over HTTP with dynamic batching",
-                           description="HTTP endpoint: POST /v1/predict (JSON {\"inputs\": [...]} or a .npy body), "
-                           "GET /healthz, GET /metrics (Prometheus), GET /v1/metrics (JSON). Requests are grouped "
-                           "by a dynamic batcher in front of the compiled engine. Ctrl-C stops after finishing the "
-                           "accepted requests.")
-    serve.add_argument("artifact", help="artifact to serve (float, quantized or sparse)")
+    serve = sub.add_parser("serve", help="serve artifacts over HTTP (Open Inference Protocol / KServe v2) with "
+                           "dynamic batching", description="Serve one or more models over the Open Inference "
+                           "Protocol (KServe v2 REST): POST /v2/models/NAME/infer (JSON tensors, or the binary tensor "
+                           "extension), GET /v2/models/NAME, /v2/models/NAME/ready, /v2/health/live, "
+                           "/v2/health/ready, /metrics (Prometheus). Each model has its own dynamic batcher in front "
+                           "of its compiled engine. SIGTERM or Ctrl-C drains: new requests get 503, accepted ones "
+                           "finish, then the server exits. Needs the serve extra.")
+    serve.add_argument("artifacts", nargs="*", metavar="[NAME=]ARTIFACT",
+                       help="artifacts to serve (float, quantized or sparse), each as the model NAME (default: the "
+                       "file name without its extension)")
+    serve.add_argument("--minilm", action="store_true",
+                       help="also serve the bundled all-MiniLM-L6-v2 sentence embedding from text as the model "
+                       "'minilm' (BYTES input 'text', output 'embedding'; needs the hf extra)")
     serve.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1)")
     serve.add_argument("--port", type=_port, default=8000, help="port (default: 8000; 0 picks a free one)")
     serve.add_argument("--max-batch", type=_positive_int, default=64, help="rows per engine call (default: 64)")
     serve.add_argument("--max-wait-ms", type=float, default=0.0,
                        help="how long a request may wait for company (default: 0, greedy batching)")
-    serve.add_argument("--max-queue", type=_positive_int, default=1024, help="waiting requests before 503 (default: 1024)")
+    serve.add_argument("--max-queue", type=_positive_int, default=1024,
+                       help="waiting requests per model before 429 (default: 1024)")
     serve.add_argument("--timeout", type=float, help="per-request timeout in seconds (default: none)")
     serve.add_argument("--max-body-mb", type=float, default=8.0, help="largest request body (default: 8 MB)")
+    serve.add_argument("--read-timeout", type=float, default=30.0,
+                       help="seconds for a request's line and headers, and then its body, to arrive (default: 30)")
     serve.add_argument("--nonfinite", choices=("error", "propagate"), default="error",
                        help="rows with a NaN or inf input: error (default: refused, naming the rows) or "
                        "propagate (their outputs are NaN; other rows unaffected)")
 
-    infer = sub.add_parser("infer", help="batch inference over a .npy/.npz file, resumable",
-                           description="Run an artifact over every row of a .npy (or uncompressed .npz) file, "
-                           "memory-mapped, writing a .npy of outputs in input order. Killed and rerun with the "
-                           "same arguments, it continues from the last completed chunk.")
-    infer.add_argument("artifact", help="artifact to run")
-    infer.add_argument("--input", required=True, help=".npy or .npz input (rows = examples)")
+    infer = sub.add_parser("infer", help="batch inference over .npy/.npz files, resumable, across processes",
+                           description="Run an artifact (or exported .jxe) over every row of a .npy (or uncompressed "
+                           ".npz) file, memory-mapped, writing a .npy of outputs in input order. Killed and rerun "
+                           "with the same arguments, it continues from the last completed chunk. With --output-dir, "
+                           "--input takes several shards (repeat it, or give glob patterns) and each is written to "
+                           "OUTPUT_DIR/<stem>.npy; with --num-processes N, process --process-id I (of N, joined "
+                           "with jax.distributed at --coordinator) takes shards I, I+N, ... (flags or the "
+                           "environment variables JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES, JAX_PROCESS_ID).")
+    infer.add_argument("artifact", help="artifact (.jxs) or exported model (.jxe) to run")
+    infer.add_argument("--input", required=True, action="append",
+                       help=".npy or .npz input (rows = examples); with --output-dir repeatable, globs allowed")
     infer.add_argument("--key", help="array name inside an .npz")
-    infer.add_argument("--output", required=True, help=".npy output path")
+    where = infer.add_mutually_exclusive_group(required=True)
+    where.add_argument("--output", help=".npy output path (one input)")
+    where.add_argument("--output-dir", help="directory for one output shard per input shard (<stem>.npy)")
     infer.add_argument("--chunk-size", type=_positive_int, default=1024, help="rows per chunk (default: 1024)")
     infer.add_argument("--nonfinite", choices=("error", "propagate"), default="error",
                        help="rows with a NaN or inf input: error (default: stops, naming the rows) or "
                        "propagate (their outputs are NaN; other rows unaffected)")
+    infer.add_argument("--coordinator", help="HOST:PORT of process 0, for jax.distributed (default: "
+                       "$JAX_COORDINATOR_ADDRESS)")
+    infer.add_argument("--num-processes", type=_positive_int, help="processes sharing the shards (default: "
+                       "$JAX_NUM_PROCESSES or 1)")
+    infer.add_argument("--process-id", type=int, help="this process's index, 0..N-1 (default: $JAX_PROCESS_ID or 0)")
     infer.add_argument("--no-progress", action="store_true", help="no progress bar")
 
     embed = sub.add_parser("embed", help="sentence embeddings from a BERT-family checkpoint directory",
@@ -582,34 +628,44 @@ def _engine_for(path: str, max_batch: int, nan_policy: str = "propagate"):
 
 
 def _serve(args: argparse.Namespace) -> int:
-    import signal
-    import threading
+    from jaxopt_serve.serve import InferenceServer, ServedModel
 
-    from jaxopt_serve.serve import DynamicBatcher, PredictServer
+    options = dict(max_wait_ms=args.max_wait_ms, max_queue=args.max_queue, timeout_s=args.timeout,
+                   nan_policy=args.nonfinite)
+    models, described = [], []
+    for name, path in map(_model_spec, args.artifacts):
+        artifact, engine = _engine_for(path, args.max_batch, args.nonfinite)
+        engine.warmup()
+        models.append(ServedModel(name, engine, **options))
+        described.append(f"{name} ({artifact.config.name}, buckets {engine.buckets})")
+    if args.minilm:
+        from jaxopt_serve.hf import SentenceEncoder, bundled_minilm_dir
 
-    artifact, engine = _engine_for(args.artifact, args.max_batch, args.nonfinite)
-    engine.warmup()
-    batcher = DynamicBatcher(engine, max_wait_ms=args.max_wait_ms, max_queue=args.max_queue, timeout_s=args.timeout)
-    server = PredictServer(batcher, host=args.host, port=args.port, max_body_bytes=int(args.max_body_mb * (1 << 20)),
-                           nan_policy=args.nonfinite)
-    stop = threading.Event()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: stop.set())
-    server.start()
-    print(f"serving {args.artifact} ({artifact.config.name}, buckets {engine.buckets}) on "
-          f"http://{server.host}:{server.port}  (POST /v1/predict, GET /healthz, /metrics)", flush=True)
-    stop.wait()
-    server.stop()
+        encoder = SentenceEncoder(bundled_minilm_dir())
+        models.append(ServedModel.text_embedding("minilm", encoder, max_batch=min(args.max_batch, 32), **options))
+        described.append("minilm (all-MiniLM-L6-v2 from text; each batch and length bucket compiles on first use)")
+    server = InferenceServer(models, host=args.host, port=args.port, max_body_bytes=int(args.max_body_mb * (1 << 20)),
+                             read_timeout_s=args.read_timeout)
+    print(f"serving {', '.join(described)} on {server.url}  (Open Inference Protocol: POST /v2/models/NAME/infer; "
+          f"GET /v2/models/NAME, /v2/health/ready, /metrics)", flush=True)
+    server.serve_forever()
     print("stopped after finishing the accepted requests", flush=True)
     return 0
 
 
 def _infer(args: argparse.Namespace) -> int:
+    if args.output_dir is not None:
+        return _infer_shards(args)
     from jaxopt_serve.serve import run_batch_inference
     from jaxopt_serve.serve.batch_infer import check_paths
 
+    if len(args.input) > 1:
+        raise ValueError(f"--input is given {len(args.input)} times; several input shards need --output-dir")
+    args.input = args.input[0]
+    if _process_layout(args)[1] > 1:
+        raise ValueError("--num-processes above 1 needs --output-dir (each process writes its own output shards)")
     check_paths(args.input, args.output, key=args.key)  # before loading the model
-    _, engine = _engine_for(args.artifact, min(args.chunk_size, 1024))
+    engine = _infer_engine(args.artifact, min(args.chunk_size, 1024))
     summary = run_batch_inference(engine, args.input, args.output, artifact_path=args.artifact, key=args.key,
                                   chunk_size=args.chunk_size, progress=not args.no_progress, nan_policy=args.nonfinite)
     for note in summary["notes"]:
@@ -617,6 +673,80 @@ def _infer(args: argparse.Namespace) -> int:
     resumed = f", resumed at chunk {summary['resumed_at_chunk']}" if summary["resumed_at_chunk"] else ""
     print(f"wrote {args.output}: {summary['rows']:,} rows in {summary['chunks']} chunks{resumed}; "
           f"{summary['rows_per_second']:,.0f} rows/s")
+    return 0
+
+
+def _infer_engine(path: str, max_batch: int):
+    if path.endswith(".jxe"):
+        from jaxopt_serve.serve.servable import load_servable
+
+        return load_servable(path, max_batch=max_batch)
+    return _engine_for(path, max_batch)[1]
+
+
+def _process_layout(args: argparse.Namespace) -> tuple[str | None, int, int]:
+    """``(coordinator, num_processes, process_id)`` from the flags, else the JAX_* environment variables."""
+    import os
+
+    def env_int(name: str, flag: str) -> int | None:
+        text = os.environ.get(name)
+        if text is None or text == "":
+            return None
+        try:
+            return int(text)
+        except ValueError:
+            raise ValueError(f"{flag}: the environment variable {name}={text!r} is not an integer") from None
+
+    count = args.num_processes if args.num_processes is not None else env_int("JAX_NUM_PROCESSES", "--num-processes")
+    index = args.process_id if args.process_id is not None else env_int("JAX_PROCESS_ID", "--process-id")
+    coordinator = args.coordinator or os.environ.get("JAX_COORDINATOR_ADDRESS") or None
+    count = 1 if count is None else count
+    index = 0 if index is None else index
+    if count <= 0:
+        raise ValueError(f"--num-processes must be a positive integer, got {count}")
+    if not 0 <= index < count:
+        raise ValueError(f"--process-id must be in [0, {count}) for --num-processes {count}, got {index}")
+    if count > 1 and coordinator is None:
+        raise ValueError(f"--num-processes {count} needs --coordinator HOST:PORT (process 0's address; or set "
+                         f"JAX_COORDINATOR_ADDRESS)")
+    if coordinator is not None:
+        host, _, port = coordinator.rpartition(":")
+        if not host or not port.isdigit() or not 0 < int(port) < 65536:
+            raise ValueError(f"--coordinator must be HOST:PORT, got {coordinator!r}")
+    return coordinator, count, index
+
+
+def _infer_shards(args: argparse.Namespace) -> int:
+    import os
+
+    from jaxopt_serve.serve.sharded_infer import expand_inputs, process_shards, run_sharded_inference, shard_outputs
+
+    coordinator, count, index = _process_layout(args)
+    if not os.path.isdir(args.output_dir):
+        raise ValueError(f"--output-dir {args.output_dir} is not a directory")
+    paths = expand_inputs(args.input, what="--input", suffixes=(".npy", ".npz"))
+    shard_outputs(paths, args.output_dir)  # distinct output names, before any work
+    if count > 1:
+        from jaxopt_serve.engine.distributed import initialize
+
+        initialize(coordinator, count, index)
+    mine = process_shards(len(paths), count, index)
+    engine = _infer_engine(args.artifact, min(args.chunk_size, 1024))
+    summary = run_sharded_inference(engine, [str(p) for p in paths], args.output_dir, artifact_path=args.artifact,
+                                    num_processes=count, process_id=index, key=args.key, chunk_size=args.chunk_size,
+                                    progress=not args.no_progress, nan_policy=args.nonfinite)
+    for note in summary["notes"]:
+        print(f"note: {note}", file=sys.stderr)
+    resumed = "".join(f", {name} resumed at chunk {chunk}" for name, chunk in summary["resumed"].items())
+    skipped = f", {len(summary['skipped'])} already complete" if summary["skipped"] else ""
+    print(f"process {index} of {count}: wrote {len(mine) - len(summary['skipped'])} of {len(paths)} shards to "
+          f"{args.output_dir} ({summary['rows']:,} rows computed{resumed}{skipped})", flush=True)
+    if count > 1:
+        import jax
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices("jaxopt-serve infer: every shard written")
+        jax.distributed.shutdown()
     return 0
 
 

@@ -19,25 +19,32 @@ def _xla_int32(xq, wq):
     return np.asarray(jax.lax.dot_general(xq, wq, (((1,), (0,)), ((), ())), preferred_element_type=jnp.int32))
 
 
-def _xla_w8a8(x, wq, sw, act_scale=None, symmetric=True):
-    """The quantized runtime's XLA formulation: per-row (or static) scale, int32 dot, acc * sx * sw."""
+def _xla_w8a8(x, wq, sw, act_scale=None, symmetric=True, act_bits=8):
+    """The quantized runtime's formulation: per-row (or static) scale, int32 dot, acc * sx * sw.
+
+    The activation codes are computed in numpy (IEEE division, round half to even, as the kernels do);
+    XLA may turn ``x / s`` into ``x * (1 / s)``, which moves a code that sits within an ulp of a half.
+    """
+    x = np.asarray(x, np.float32)
+    zero = None
     if not symmetric:
-        lo = jnp.minimum(jnp.min(x, axis=1, keepdims=True), 0.0)
-        hi = jnp.maximum(jnp.max(x, axis=1, keepdims=True), 0.0)
-        sx = jnp.where(hi > lo, (hi - lo) / 255.0, 1.0)
-        zero = jnp.round(-lo / sx) - 128.0
-        xq = jnp.clip(jnp.round(x / sx) + zero, -128, 127).astype(jnp.int8)
-        acc = jax.lax.dot_general(xq, wq, (((1,), (0,)), ((), ())), preferred_element_type=jnp.int32)
-        acc = acc - zero.astype(jnp.int32) * jnp.sum(wq.astype(jnp.int32), axis=0)
-        return np.asarray(acc.astype(jnp.float32) * sx * sw)
-    if act_scale is None:
-        absmax = jnp.max(jnp.abs(x), axis=1, keepdims=True)
-        sx = jnp.where(absmax > 0, absmax / 127.0, 1.0)
+        steps, offset = (255.0, 128.0) if act_bits == 8 else (127.0, 0.0)
+        lo = np.minimum(x.min(axis=1, keepdims=True), 0).astype(np.float32)
+        hi = np.maximum(x.max(axis=1, keepdims=True), 0).astype(np.float32)
+        sx = np.where(hi > lo, (hi - lo) / np.float32(steps), 1).astype(np.float32)
+        zero = np.round(-lo / sx) - np.float32(offset)
+        xq = np.clip(np.round(x / sx) + zero, -offset, steps - offset).astype(np.int8)
     else:
-        sx = jnp.float32(act_scale)
-    xq = jnp.clip(jnp.round(x / sx), -127, 127).astype(jnp.int8)
-    acc = jax.lax.dot_general(xq, wq, (((1,), (0,)), ((), ())), preferred_element_type=jnp.int32)
-    return np.asarray(acc.astype(jnp.float32) * sx * sw)
+        if act_scale is None:
+            absmax = np.abs(x).max(axis=1, keepdims=True)
+            sx = np.where(absmax > 0, absmax / np.float32(127), 1).astype(np.float32)
+        else:
+            sx = np.float32(act_scale)
+        xq = np.clip(np.round(x / sx), -127, 127).astype(np.int8)
+    acc = _xla_int32(xq, wq)
+    if zero is not None:
+        acc = acc - zero.astype(np.int32) * wq.astype(np.int32).sum(axis=0)
+    return (acc.astype(np.float32) * sx * sw).astype(np.float32)
 
 
 @needs_native
@@ -74,6 +81,28 @@ def test_both_work_splits_are_exact(m, k, n, bounded):
     np.testing.assert_array_equal(got, _xla_int32(xq, wq))
 
 
+@needs_native
+@settings(max_examples=20, deadline=None)
+@given(m=st.integers(1, 70), k=st.integers(1, 90), n=st.integers(1, 40), seed=st.integers(0, 2**16),
+       bounded=st.booleans())
+def test_nonnegative_rows_take_the_unsigned_path_exactly(m, k, n, seed, bounded):
+    """Rows with no negative value (a ReLU's output) skip the sign fix-up; mixed with signed rows in one call
+    (bounded), or all of them with weights holding -128 (the widest pair sum, 2 * 127 * 128)."""
+    rng = np.random.default_rng(seed)
+    xq = rng.integers(0, 128, (m, k)).astype(np.int8)
+    xq[0, :] = 127
+    if bounded:
+        xq[rng.random(m) < 0.5] *= -1  # some rows signed: those blocks keep the bounded path
+    wq = rng.integers(-127 if bounded else -128, 128, (k, n)).astype(np.int8)
+    if not bounded:
+        wq[:, 0] = -128
+    want = _xla_int32(xq, wq)
+    for kernel in KERNELS:
+        with native.use_kernel(kernel):
+            got = np.asarray(jax.jit(lambda x, p: native.int8_matmul(x, p, bounded=bounded))(xq, native.pack_int8(wq)))
+        np.testing.assert_array_equal(got, want, err_msg=f"{kernel} m={m} k={k} n={n} bounded={bounded}")
+
+
 def test_pack_int8_round_trips_and_checks_the_bound():
     wq = np.arange(-128, 127, dtype=np.int8)[: 37 * 5].reshape(37, 5)
     packed = native.pack_int8(wq)
@@ -86,21 +115,28 @@ def test_pack_int8_round_trips_and_checks_the_bound():
 
 @needs_native
 @pytest.mark.parametrize("kernel", KERNELS)
-@pytest.mark.parametrize("how", ["dynamic", "static", "asymmetric"])
-def test_w8a8_epilogue_matches_the_xla_formulation(kernel, how):
+@pytest.mark.parametrize("how", ["dynamic", "dynamic_relu", "static", "asymmetric", "asymmetric7"])
+@pytest.mark.parametrize("m", [37, 130])  # one block of rows; chunks of rows over threads (small weight)
+def test_w8a8_epilogue_matches_the_xla_formulation(kernel, how, m):
     static = how == "static"
+    symmetric = not how.startswith("asymmetric")
+    bits = 7 if how == "asymmetric7" else 8
     rng = np.random.default_rng(1)
-    x = rng.normal(size=(37, 200)).astype(np.float32)
+    x = rng.normal(size=(m, 200)).astype(np.float32)
+    if how == "dynamic_relu":
+        x[: m // 2] = np.maximum(x[: m // 2], 0)  # nonnegative rows (unsigned path) next to signed ones
     x[3] = 0.0  # an all-zero row takes scale 1
     w = rng.normal(size=(200, 70)).astype(np.float32)
     sw = (np.abs(w).max(0) / 127).astype(np.float32)
-    wq = np.clip(np.round(w / sw), -127, 127).astype(np.int8)
+    wq = np.clip(np.round(w / sw), -128 if bits == 7 else -127, 127).astype(np.int8)
+    if bits == 7:
+        wq[:, 1] = -128  # the unsigned path takes any int8 weight
     act = float(np.abs(x).max() / 127) if static else None
     bias = rng.normal(size=70).astype(np.float32)
     with native.use_kernel(kernel):
-        got = jax.jit(lambda x, p: native.w8a8_matmul(x, p, sw, bias, act_scale=act, symmetric=how != "asymmetric"))(
-            x, native.pack_int8(wq))
-    want = _xla_w8a8(x, wq, sw, act, symmetric=how != "asymmetric") + bias
+        got = jax.jit(lambda x, p: native.w8a8_matmul(x, p, sw, bias, act_scale=act, symmetric=symmetric,
+                                                      act_bits=bits))(x, native.pack_int8(wq))
+    want = _xla_w8a8(x, wq, sw, act, symmetric=symmetric, act_bits=bits) + bias
     np.testing.assert_allclose(np.asarray(got), want, rtol=1e-6, atol=1e-6 * np.abs(want).max())
 
 

@@ -404,8 +404,10 @@ class InferenceEngine:
         if not same:
             raise ValueError(f"expected a batch of shape {self._shape_text(ex, axis)} for {self.name!r}, "
                              f"got {x.shape}{' of objects' if x.dtype == object else ''}")
+        if x.dtype == ex.dtype:  # the common case, without the kind comparison below
+            return
         kinds = [np.issubdtype(d, k) for d in (x.dtype, ex.dtype) for k in (np.floating, np.bool_, np.integer)]
-        if x.dtype != ex.dtype and kinds[:3] != kinds[3:]:
+        if kinds[:3] != kinds[3:]:
             raise ValueError(f"expected {ex.dtype} inputs for {self.name!r}, got {x.dtype}")
 
     def _length_of(self, inputs: tuple[Any, ...]) -> int:

@@ -275,16 +275,22 @@ def int8_matmul(xq: Any, w: Int8Weight, *, bounded: bool = False) -> jax.Array:
 
 
 def w8a8_matmul(x: Any, w: Int8Weight, w_scale: Any, bias: Any = None, *, act_scale: Any = None,
-                symmetric: bool = True) -> jax.Array:
+                symmetric: bool = True, act_bits: int = 8) -> jax.Array:
     """``x @ dequant(w)`` with int8 activations: ``round(x / s_row) @ w * s_row * w_scale (+ bias)`` in one call.
 
     ``s_row`` is each row's absmax / 127 (dynamic), or ``act_scale`` (a
     calibrated scalar, static). ``symmetric=False`` (dynamic only): each row's
-    range ``[min(x, 0), max(x, 0)]`` in 255 steps with a zero point, corrected
-    exactly in the int32 sums. ``x`` is float ``(..., K)``; returns f32 ``(..., N)``.
+    range ``[min(x, 0), max(x, 0)]`` in ``2**act_bits - 1`` steps with a zero
+    point, corrected exactly in the int32 sums. ``act_bits=7`` (asymmetric
+    only) gives codes in ``[0, 127]``, which the AVX2 path multiplies with
+    ``vpmaddubsw`` and no sign fix-up (the activation range PyTorch's x86
+    dynamic quantization uses). ``x`` is float ``(..., K)``; returns f32 ``(..., N)``.
     """
     if not symmetric and act_scale is not None:
         raise ValueError("w8a8_matmul: asymmetric activations are dynamic; pass act_scale=None")
+    if act_bits not in (7, 8) or (act_bits == 7 and symmetric):
+        raise ValueError(f"w8a8_matmul: act_bits must be 8, or 7 with symmetric=False; got act_bits={act_bits!r}, "
+                         f"symmetric={symmetric}")
     x = jnp.asarray(x, jnp.float32)
     x2, lead = _rows(x, w.in_features, "w8a8_matmul")
     n = w.out_features
@@ -293,9 +299,10 @@ def w8a8_matmul(x: Any, w: Int8Weight, w_scale: Any, bias: Any = None, *, act_sc
         raise ValueError(f"w8a8_matmul: w_scale has {w_scale.shape[0]} entries for {n} output features")
     b = jnp.zeros((1,), jnp.float32) if bias is None else jnp.asarray(bias, jnp.float32).reshape(-1)
     s = jnp.ones((1,), jnp.float32) if act_scale is None else jnp.asarray(act_scale, jnp.float32).reshape(1)
+    mode = 1 if act_scale is not None else 0 if symmetric else 2 if act_bits == 8 else 3
     out = jax.ffi.ffi_call("jxs_w8a8_matmul", jax.ShapeDtypeStruct((x2.shape[0], n), jnp.float32),
                            vmap_method="sequential")(
-        x2, w.panels, w_scale, b, s, isa=np.int64(_isa_code()), mode=np.int64(1 if act_scale is not None else 0 if symmetric else 2),
+        x2, w.panels, w_scale, b, s, isa=np.int64(_isa_code()), mode=np.int64(mode),
         has_bias=np.int64(bias is not None), bounded=np.int64(w.bounded))
     return out.reshape(*lead, n)
 

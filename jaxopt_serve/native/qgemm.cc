@@ -27,6 +27,7 @@
 #include <functional>
 #include <mutex>
 #include <thread>
+#include <type_traits>
 #include <vector>
 
 #if defined(__x86_64__) || defined(_M_X64)
@@ -264,6 +265,35 @@ __attribute__((target("avx2,fma"))) void PanelBoundedAvx2(const int8_t* x, int64
   }
 }
 
+// unsigned (activations as codes in [0, 127], any int8 weights): vpmaddubsw(x, w) then vpmaddwd with ones;
+// |pair sum| <= 2 * 127 * 128 < 2^15, so nothing saturates. Two multiplies per 32 products instead of the
+// bounded path's three (no vpsignb).
+template <int MR>
+__attribute__((target("avx2,fma"))) void PanelUnsignedAvx2(const uint8_t* x, int64_t kp, const int8_t* panel,
+                                                           int32_t out[][16]) {
+  __m256i acc[MR][2];
+#pragma GCC unroll 8
+  for (int r = 0; r < MR; ++r) acc[r][0] = acc[r][1] = _mm256_setzero_si256();
+  const __m256i ones = _mm256_set1_epi16(1);
+  for (int64_t q = 0; q < kp / 4; ++q) {
+    const __m256i w0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(panel + q * 64));
+    const __m256i w1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(panel + q * 64 + 32));
+#pragma GCC unroll 8
+    for (int r = 0; r < MR; ++r) {
+      int32_t quad;
+      std::memcpy(&quad, x + r * kp + 4 * q, 4);
+      const __m256i xb = _mm256_set1_epi32(quad);
+      acc[r][0] = _mm256_add_epi32(acc[r][0], _mm256_madd_epi16(_mm256_maddubs_epi16(xb, w0), ones));
+      acc[r][1] = _mm256_add_epi32(acc[r][1], _mm256_madd_epi16(_mm256_maddubs_epi16(xb, w1), ones));
+    }
+  }
+#pragma GCC unroll 8
+  for (int r = 0; r < MR; ++r) {
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(out[r]), acc[r][0]);
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(out[r] + 8), acc[r][1]);
+  }
+}
+
 template <int MR>
 __attribute__((target("avx2,fma"))) void PanelExactAvx2(const int16_t* x, int64_t kp, const int8_t* panel,
                                                         int32_t out[][16]) {
@@ -305,56 +335,94 @@ void PanelPortable(const T* x, int rows, int64_t kp, const int8_t* panel, int32_
   }
 }
 
-// Rows per register block: bounded 4 (8 accumulators), exact 2 (8 accumulators + 4 widened weights).
+// Rows per register block: unsigned 6 (12 accumulators, 2 weight vectors, 1 broadcast), bounded 4 (its |x|
+// and sign need two more registers), exact 2 (8 accumulators + 4 widened weights).
 template <typename T>
-constexpr int BlockRows() { return sizeof(T) == 1 ? 4 : 2; }
+constexpr int BlockRows() { return std::is_same_v<T, uint8_t> ? 6 : sizeof(T) == 1 ? 4 : 2; }
 
 #ifdef JXS_X86
 template <typename T, int MR>
 inline void PanelAvx2(const T* x, int64_t kp, const int8_t* panel, int32_t out[][16]) {
-  if constexpr (sizeof(T) == 1) PanelBoundedAvx2<MR>(x, kp, panel, out);
+  if constexpr (std::is_same_v<T, uint8_t>) PanelUnsignedAvx2<MR>(x, kp, panel, out);
+  else if constexpr (sizeof(T) == 1) PanelBoundedAvx2<MR>(x, kp, panel, out);
   else PanelExactAvx2<MR>(x, kp, panel, out);
+}
+
+// One block of `rows` (at most BlockRows<T>()) rows against one panel.
+template <typename T>
+inline void Block(int rows, const T* x, int64_t kp, const int8_t* panel, int32_t out[][16]) {  // rows >= 1
+  if constexpr (BlockRows<T>() >= 4) {
+    switch (rows) {
+      case 6: if constexpr (BlockRows<T>() >= 6) PanelAvx2<T, 6>(x, kp, panel, out); break;
+      case 5: if constexpr (BlockRows<T>() >= 5) PanelAvx2<T, 5>(x, kp, panel, out); break;
+      case 4: PanelAvx2<T, 4>(x, kp, panel, out); break;
+      case 3: PanelAvx2<T, 3>(x, kp, panel, out); break;
+      case 2: PanelAvx2<T, 2>(x, kp, panel, out); break;
+      default: PanelAvx2<T, 1>(x, kp, panel, out); break;
+    }
+  } else {
+    if (rows == 2) PanelAvx2<T, 2>(x, kp, panel, out);
+    else PanelAvx2<T, 1>(x, kp, panel, out);
+  }
 }
 #endif
 
-// Sums for rows [0, m) and panels [p0, p1) (columns 16 p ...); emit(row, col, int32) for col < n.
+// Sums for rows [0, m) and panels [p0, p1) (columns 16 p ...); emit(row, col0, sums, count) per row of a tile,
+// with count = min(16, n - col0) int32 sums.
 // Panels go in groups that fit L2 and every row block runs over a group before the next.
+// `nonneg` (int8 rows only, may be null): per row, whether it holds no negative value; a block of such
+// rows takes the unsigned microkernel (exact for any int8 weight), the others the bounded one.
 template <typename T, typename Emit>
 void Int8Core(int isa, const T* xr0, int64_t m, const int8_t* w, int64_t kp, int64_t n, int64_t p0,
-              int64_t p1, Emit emit) {
+              int64_t p1, const uint8_t* nonneg, Emit emit) {
   constexpr int kMR = BlockRows<T>();
   const int64_t panel_bytes = kp * 16;
   const int64_t group = std::max<int64_t>(1, (int64_t{256} * 1024) / panel_bytes);
-  int32_t tile[4][16];
+  int32_t tile[6][16];
+  // Blocks of balanced sizes (17 rows: 6, 6, 5), so few passes go over each panel. Six-row blocks only pay
+  // for a few rows (each pass streams the panel); with many rows four-row blocks run faster (measured).
+  const int64_t mr = kMR == 6 && m > 25 ? 4 : kMR;
+  const int64_t blocks = (m + mr - 1) / mr, base = m / std::max<int64_t>(blocks, 1), rem = m % std::max<int64_t>(blocks, 1);
   for (int64_t g0 = p0; g0 < p1; g0 += group) {
     const int64_t g1 = std::min(p1, g0 + group);
-    for (int64_t r = 0; r < m; r += kMR) {
-      const int rows = static_cast<int>(std::min<int64_t>(kMR, m - r));
+    for (int64_t b = 0, r = 0; b < blocks; r += base + (b < rem), ++b) {
+      const int rows = static_cast<int>(base + (b < rem));
+      bool unsigned_rows = false;
+      if constexpr (std::is_same_v<T, int8_t>) {
+        unsigned_rows = nonneg != nullptr;
+        for (int i = 0; i < rows && unsigned_rows; ++i) unsigned_rows = nonneg[r + i] != 0;
+      }
       for (int64_t p = g0; p < g1; ++p) {
         const int8_t* panel = w + p * panel_bytes;
         const T* xr = xr0 + r * kp;
 #ifdef JXS_X86
         if (isa == 1) {
-          if constexpr (kMR == 4) {
-            switch (rows) {
-              case 4: PanelAvx2<T, 4>(xr, kp, panel, tile); break;
-              case 3: PanelAvx2<T, 3>(xr, kp, panel, tile); break;
-              case 2: PanelAvx2<T, 2>(xr, kp, panel, tile); break;
-              default: PanelAvx2<T, 1>(xr, kp, panel, tile); break;
+          if constexpr (std::is_same_v<T, int8_t>) {
+            if (unsigned_rows) {
+              Block<uint8_t>(rows, reinterpret_cast<const uint8_t*>(xr), kp, panel, tile);
+            } else {
+              Block<int8_t>(rows, xr, kp, panel, tile);
             }
           } else {
-            if (rows == 2) PanelAvx2<T, 2>(xr, kp, panel, tile);
-            else PanelAvx2<T, 1>(xr, kp, panel, tile);
+            Block<T>(rows, xr, kp, panel, tile);
           }
         } else
 #endif
           PanelPortable(xr, rows, kp, panel, tile);
         const int64_t cols = std::min<int64_t>(16, n - p * 16);
         for (int i = 0; i < rows; ++i)
-          for (int64_t c = 0; c < cols; ++c) emit(r + i, p * 16 + c, tile[i][c]);
+          emit(r + i, p * 16, tile[i], static_cast<int>(cols));
       }
     }
   }
+}
+
+// Whether row `x` (kp values) holds no negative value.
+template <typename T>
+bool NonNegative(const T* x, int64_t kp) {
+  T lo = 0;
+  for (int64_t i = 0; i < kp; ++i) lo = std::min(lo, x[i]);
+  return lo >= 0;
 }
 
 // Quantizes (or widens) the m rows of the activations into an int16 (m, kp) buffer, in parallel.
@@ -368,8 +436,17 @@ void WidenRowRange(const int8_t* x, int64_t r0, int64_t r1, int64_t k, int64_t k
   }
 }
 
-// Asymmetric per-row quantization (the runtime's XLA formulation): the row's range [min(x, 0), max(x, 0)]
-// over 255 steps, zero = round(-lo / s) - 128, q = clip(round(x / s) + zero, -128, 127).
+// Asymmetric per-row quantization (the runtime's XLA formulation), with `bits` 8 or 7: the row's range
+// [min(x, 0), max(x, 0)] over 2^bits - 1 steps, q = clip(round(x / s) + zero, lo_code, hi_code) with
+//   bits 8: codes [-128, 127], zero = round(-lo / s) - 128;
+//   bits 7: codes [0, 127], zero = round(-lo / s) (unsigned codes for vpmaddubsw).
+struct AsymGrid {
+  float steps, offset, lo_code, hi_code;
+};
+inline AsymGrid Grid(int bits) {
+  return bits == 7 ? AsymGrid{127.f, 0.f, 0.f, 127.f} : AsymGrid{255.f, 128.f, -128.f, 127.f};
+}
+
 // Widens [lo, hi] by x[i0, k).
 inline void ExtendRange(const float* x, int64_t i0, int64_t k, float& lo, float& hi) {
   for (int64_t i = i0; i < k; ++i) {
@@ -378,40 +455,42 @@ inline void ExtendRange(const float* x, int64_t i0, int64_t k, float& lo, float&
   }
 }
 
-// Codes of x[i0, k) for scale s and zero point z, then zeros up to kp.
+// Codes of x[i0, k) for scale s and zero point z, then zeros up to kp (the padding multiplies zero weights).
 template <typename T>
-void AsymCodes(const float* x, int64_t i0, int64_t k, int64_t kp, float s, float z, T* out) {
+void AsymCodes(const float* x, int64_t i0, int64_t k, int64_t kp, float s, float z, const AsymGrid& g, T* out) {
   for (int64_t i = i0; i < k; ++i)
-    out[i] = static_cast<T>(std::min(127.f, std::max(-128.f, std::nearbyint(x[i] / s) + z)));
+    out[i] = static_cast<T>(std::min(g.hi_code, std::max(g.lo_code, std::nearbyint(x[i] / s) + z)));
   for (int64_t i = std::max(i0, k); i < kp; ++i) out[i] = 0;
 }
 
 // The row's scale and zero point from its range [lo, hi] (lo <= 0 <= hi).
-inline void AsymScaleZero(float lo, float hi, float* scale, int32_t* zero, float& z) {
-  *scale = hi > lo ? (hi - lo) / 255.f : 1.f;
-  z = std::nearbyint(-lo / *scale) - 128.f;
+inline void AsymScaleZero(float lo, float hi, const AsymGrid& g, float* scale, int32_t* zero, float& z) {
+  *scale = hi > lo ? (hi - lo) / g.steps : 1.f;
+  z = std::nearbyint(-lo / *scale) - g.offset;
   *zero = static_cast<int32_t>(z);
 }
 
 template <typename T>
-void QuantizeRowAsym(const float* x, int64_t k, int64_t kp, T* out, float* scale, int32_t* zero) {
+void QuantizeRowAsym(const float* x, int64_t k, int64_t kp, int bits, T* out, float* scale, int32_t* zero) {
+  const AsymGrid g = Grid(bits);
   float lo = 0.f, hi = 0.f, z;
   ExtendRange(x, 0, k, lo, hi);
-  AsymScaleZero(lo, hi, scale, zero, z);
-  AsymCodes(x, 0, k, kp, *scale, z, out);
+  AsymScaleZero(lo, hi, g, scale, zero, z);
+  AsymCodes(x, 0, k, kp, *scale, z, g, out);
 }
 
 #ifdef JXS_X86
-// clip(round(v / s) + z, -128, 127), lane-wise.
-__attribute__((target("avx2,fma"))) inline __m256 AsymCode(__m256 v, __m256 vs, __m256 vz) {
+// clip(round(v / s) + z, lo_code, hi_code), lane-wise.
+__attribute__((target("avx2,fma"))) inline __m256 AsymCode(__m256 v, __m256 vs, __m256 vz, __m256 vlo, __m256 vhi) {
   v = _mm256_add_ps(_mm256_round_ps(_mm256_div_ps(v, vs), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC), vz);
-  return _mm256_min_ps(_mm256_set1_ps(127.f), _mm256_max_ps(_mm256_set1_ps(-128.f), v));
+  return _mm256_min_ps(vhi, _mm256_max_ps(vlo, v));
 }
 
 // QuantizeRowAsym with AVX2: the same range, scale, zero point and rounding (division, half to even).
 template <typename T>
-__attribute__((target("avx2,fma"))) void QuantizeRowAsymAvx2(const float* x, int64_t k, int64_t kp, T* out,
-                                                             float* scale, int32_t* zero) {
+__attribute__((target("avx2,fma"))) void QuantizeRowAsymAvx2(const float* x, int64_t k, int64_t kp, int bits,
+                                                             T* out, float* scale, int32_t* zero) {
+  const AsymGrid g = Grid(bits);
   __m256 vlo = _mm256_setzero_ps(), vhi = _mm256_setzero_ps();
   int64_t i = 0;
   for (; i + 8 <= k; i += 8) {
@@ -426,11 +505,13 @@ __attribute__((target("avx2,fma"))) void QuantizeRowAsymAvx2(const float* x, int
   ExtendRange(l8, 0, 8, lo, hi);
   ExtendRange(h8, 0, 8, lo, hi);
   ExtendRange(x, i, k, lo, hi);
-  AsymScaleZero(lo, hi, scale, zero, z);
+  AsymScaleZero(lo, hi, g, scale, zero, z);
   const __m256 vs = _mm256_set1_ps(*scale), vz = _mm256_set1_ps(z);
+  const __m256 clo = _mm256_set1_ps(g.lo_code), chi = _mm256_set1_ps(g.hi_code);
   for (i = 0; i + 16 <= k; i += 16)
-    Store16(AsymCode(_mm256_loadu_ps(x + i), vs, vz), AsymCode(_mm256_loadu_ps(x + i + 8), vs, vz), out + i);
-  AsymCodes(x, i, k, kp, *scale, z, out);
+    Store16(AsymCode(_mm256_loadu_ps(x + i), vs, vz, clo, chi),
+            AsymCode(_mm256_loadu_ps(x + i + 8), vs, vz, clo, chi), out + i);
+  AsymCodes(x, i, k, kp, *scale, z, g, out);
 }
 #endif
 
@@ -438,18 +519,18 @@ __attribute__((target("avx2,fma"))) void QuantizeRowAsymAvx2(const float* x, int
 // (and, with `zeros`, asymmetric with zero points into zeros[r]).
 template <typename T>
 void QuantizeRowRange(int isa, const float* x, int64_t r0, int64_t r1, int64_t k, int64_t kp,
-                      const float* static_scale, T* out, float* scales, int32_t* zeros = nullptr) {
+                      const float* static_scale, T* out, float* scales, int32_t* zeros = nullptr, int bits = 8) {
   for (int64_t r = r0; r < r1; ++r) {
     const float* xr = x + r * k;
     T* o = out + (r - r0) * kp;
     if (zeros) {
 #ifdef JXS_X86
       if (isa == 1) {
-        QuantizeRowAsymAvx2(xr, k, kp, o, scales + r, zeros + r);
+        QuantizeRowAsymAvx2(xr, k, kp, bits, o, scales + r, zeros + r);
         continue;
       }
 #endif
-      QuantizeRowAsym(xr, k, kp, o, scales + r, zeros + r);
+      QuantizeRowAsym(xr, k, kp, bits, o, scales + r, zeros + r);
       continue;
     }
 #ifdef JXS_X86
@@ -484,33 +565,104 @@ ffi::Error CheckPacked(ffi::Span<const int64_t> wd, int64_t k, int64_t n) {
   return ffi::Error::Success();
 }
 
+// The W8A8 epilogue for `count` (<= 16) columns of one row: out = (sum - zero * colsum) * sx * sw (+ bias),
+// in the order XLA's formulation multiplies. colsums may be null (no zero point).
+inline void EmitRowPortable(const int32_t* sums, const int32_t* colsums, int32_t zero, float sx, const float* sw,
+                            const float* bias, float* out, int count) {
+  for (int c = 0; c < count; ++c) {
+    const int32_t s = colsums ? sums[c] - zero * colsums[c] : sums[c];
+    const float v = static_cast<float>(s) * sx * sw[c];
+    out[c] = bias ? v + bias[c] : v;
+  }
+}
+
+#ifdef JXS_X86
+__attribute__((target("avx2,fma"))) void EmitRowAvx2(const int32_t* sums, const int32_t* colsums, int32_t zero,
+                                                     float sx, const float* sw, const float* bias, float* out,
+                                                     int count) {
+  if (count != 16) return EmitRowPortable(sums, colsums, zero, sx, sw, bias, out, count);
+  const __m256i vz = _mm256_set1_epi32(zero);
+  const __m256 vsx = _mm256_set1_ps(sx);
+  for (int h = 0; h < 16; h += 8) {
+    __m256i s = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(sums + h));
+    if (colsums)
+      s = _mm256_sub_epi32(s, _mm256_mullo_epi32(vz, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(colsums + h))));
+    // (float(s) * sx) * sw: the same two roundings as the scalar order
+    __m256 v = _mm256_mul_ps(_mm256_mul_ps(_mm256_cvtepi32_ps(s), vsx), _mm256_loadu_ps(sw + h));
+    if (bias) v = _mm256_add_ps(v, _mm256_loadu_ps(bias + h));
+    _mm256_storeu_ps(out + h, v);
+  }
+}
+#endif
+
+inline void EmitRow(int64_t isa, const int32_t* sums, const int32_t* colsums, int32_t zero, float sx, const float* sw,
+                    const float* bias, float* out, int count) {
+#ifdef JXS_X86
+  if (isa == 1) return EmitRowAvx2(sums, colsums, zero, sx, sw, bias, out, count);
+#endif
+  EmitRowPortable(sums, colsums, zero, sx, sw, bias, out, count);
+}
+
 // Runs the product for all m rows. prep(r0, r1, buf) writes rows [r0, r1) as T (int8: bounded path,
-// int16: exact path) into buf.
+// uint8: unsigned path, int16: exact path) into buf; emit(row, col0, sums, colsums, count) takes the int32
+// sums of columns [col0, col0 + count) of a row.
+// `colsums`: the weight's column sums are wanted too (for an activation zero point). They come from an
+// extra leading row of ones in the activation buffer, so they cost one row of the same product, computed
+// by whichever thread owns the columns, before the other rows of that row block are emitted; otherwise
+// colsum is 0.
 // Small weights (convolutions, narrow layers): threads split the rows and each prepares and runs
 // chunks of rows that stay in cache. Large weights: rows are prepared once, threads split the panels.
 constexpr int64_t kRowChunk = 48;
 
+template <typename T>
+void OnesRow(int64_t kp, T* out) {
+  for (int64_t i = 0; i < kp; ++i) out[i] = 1;
+}
+
 template <typename T, typename Prep, typename Emit>
-void RunInt8(int isa, int64_t m, const int8_t* w, int64_t kp, int64_t n, Prep prep, Emit emit) {
+void RunInt8(int isa, int64_t m, const int8_t* w, int64_t kp, int64_t n, bool colsums, Prep prep, Emit emit) {
   const int64_t panels = (n + 15) / 16;
   const int64_t weight_bytes = panels * 16 * kp;
+  const int64_t extra = colsums ? 1 : 0;
+  constexpr bool kFlags = std::is_same_v<T, int8_t>;  // int8 rows: which are nonnegative (unsigned path)
+  // Int8Core's emit for a buffer whose row `extra` is activation row `base`; cs receives the column sums.
+  auto core_emit = [&](int64_t base, int32_t* cs) {
+    return [&emit, base, cs, extra](int64_t r, int64_t col0, const int32_t* sums, int count) {
+      if (r < extra) std::memcpy(cs + col0, sums, sizeof(int32_t) * count);
+      else emit(base + r - extra, col0, sums, extra ? cs + col0 : nullptr, count);
+    };
+  };
+  // Prepares rows [r0, r1) into `rows` (row r0 first) and, for int8 rows, their flags.
+  auto prepare = [&](int64_t r0, int64_t r1, T* rows, uint8_t* flags) {
+    prep(r0, r1, rows);
+    if constexpr (kFlags)
+      for (int64_t r = r0; r < r1; ++r) flags[r - r0] = NonNegative(rows + (r - r0) * kp, kp);
+  };
   if (weight_bytes <= (int64_t{1} << 20) && m > kRowChunk) {
     const int64_t chunks = (m + kRowChunk - 1) / kRowChunk;
     ParallelColumns(chunks, m * n * kp, 1, [&](int64_t c0, int64_t c1) {
-      std::vector<T> buf(static_cast<size_t>(kRowChunk * kp));
+      std::vector<T> buf(static_cast<size_t>((kRowChunk + extra) * kp));
+      std::vector<uint8_t> flags(static_cast<size_t>(kRowChunk + extra), 1);
+      std::vector<int32_t> cs(static_cast<size_t>(colsums ? panels * 16 : 0));
+      if (colsums) OnesRow(kp, buf.data());
       for (int64_t c = c0; c < c1; ++c) {
         const int64_t r0 = c * kRowChunk, r1 = std::min(m, r0 + kRowChunk);
-        prep(r0, r1, buf.data());
-        Int8Core(isa, buf.data(), r1 - r0, w, kp, n, 0, panels,
-                 [&](int64_t r, int64_t col, int32_t s) { emit(r0 + r, col, s); });
+        prepare(r0, r1, buf.data() + extra * kp, flags.data() + extra);
+        Int8Core(isa, buf.data(), r1 - r0 + extra, w, kp, n, 0, panels, kFlags ? flags.data() : nullptr,
+                 core_emit(r0, cs.data()));
       }
     });
     return;
   }
-  std::vector<T> xq(static_cast<size_t>(m * kp));
-  ParallelColumns(m, m * kp * 8, 1, [&](int64_t r0, int64_t r1) { prep(r0, r1, xq.data() + r0 * kp); });
+  std::vector<T> xq(static_cast<size_t>((m + extra) * kp));
+  std::vector<uint8_t> flags(static_cast<size_t>(m + extra), 1);
+  std::vector<int32_t> cs(static_cast<size_t>(colsums ? panels * 16 : 0));
+  if (colsums) OnesRow(kp, xq.data());
+  ParallelColumns(m, m * kp * 8, 1, [&](int64_t r0, int64_t r1) {
+    prepare(r0, r1, xq.data() + (extra + r0) * kp, flags.data() + extra + r0);
+  });
   ParallelColumns(panels, m * n * kp, 1, [&](int64_t p0, int64_t p1) {
-    Int8Core(isa, xq.data(), m, w, kp, n, p0, p1, emit);
+    Int8Core(isa, xq.data(), m + extra, w, kp, n, p0, p1, kFlags ? flags.data() : nullptr, core_emit(0, cs.data()));
   });
 }
 
@@ -525,35 +677,24 @@ ffi::Error Int8MatmulImpl(ffi::Buffer<ffi::S8> x, ffi::Buffer<ffi::S8> w, ffi::R
   const int64_t kp = wd[1] * 4;
   const int8_t* xs = x.typed_data();
   int32_t* out = y->typed_data();
-  auto emit = [&](int64_t r, int64_t c, int32_t s) { out[r * n + c] = s; };
+  auto emit = [&](int64_t r, int64_t c0, const int32_t* sums, const int32_t*, int count) {
+    std::memcpy(out + r * n + c0, sums, sizeof(int32_t) * count);
+  };
   auto run = [&](auto zero) {
     using T = decltype(zero);
-    RunInt8<T>(static_cast<int>(isa), m, w.typed_data(), kp, n,
+    RunInt8<T>(static_cast<int>(isa), m, w.typed_data(), kp, n, false,
                [&](int64_t r0, int64_t r1, T* buf) { WidenRowRange(xs, r0, r1, k, kp, buf); }, emit);
   };
-  if (bounded) run(int8_t{0});
+  // Bounded, or an input with no negative value (the unsigned path takes any weight): int8 rows.
+  if (bounded || NonNegative(xs, m * k)) run(int8_t{0});
   else run(int16_t{0});
   return ffi::Error::Success();
 }
 
-// Sum over k of each output column of a packed weight, for the activation zero-point correction.
-std::vector<int32_t> ColumnSums(const int8_t* w, int64_t kp, int64_t n) {
-  const int64_t panels = (n + 15) / 16;
-  std::vector<int32_t> sums(static_cast<size_t>(panels * 16), 0);
-  ParallelColumns(panels, panels * 16 * kp, 1, [&](int64_t p0, int64_t p1) {
-    for (int64_t p = p0; p < p1; ++p) {
-      const int8_t* panel = w + p * 16 * kp;
-      for (int64_t q = 0; q < kp / 4; ++q)
-        for (int c = 0; c < 16; ++c)
-          for (int i = 0; i < 4; ++i) sums[p * 16 + c] += panel[q * 64 + c * 4 + i];
-    }
-  });
-  return sums;
-}
-
 // mode 0: dynamic per-row scale; 1: static scale from `act_scale` (shape (1,)); 2: dynamic asymmetric
-// (per-row scale and zero point). `bounded`: the weights are in [-127, 127]; with a symmetric mode (whose
-// activations are in [-127, 127] too) the faster path runs.
+// (per-row scale and zero point, codes in [-128, 127]); 3: dynamic asymmetric 7-bit (codes in [0, 127]).
+// `bounded`: the weights are in [-127, 127]; with a symmetric mode (whose activations are in [-127, 127]
+// too) the bounded path runs. Mode 3 takes the unsigned path with any int8 weights; mode 2 the exact one.
 ffi::Error W8A8MatmulImpl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::S8> w, ffi::Buffer<ffi::F32> w_scale,
                           ffi::Buffer<ffi::F32> bias, ffi::Buffer<ffi::F32> act_scale,
                           ffi::ResultBuffer<ffi::F32> y, int64_t isa, int64_t mode, int64_t has_bias,
@@ -563,30 +704,31 @@ ffi::Error W8A8MatmulImpl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::S8> w, ffi::
   if (auto e = CheckPacked(wd, k, n); e.failure()) return e;
   if (has_bias && static_cast<int64_t>(bias.element_count()) != n)
     return ffi::Error::InvalidArgument("bias must have one entry per output feature");
+  if (mode < 0 || mode > 3) return ffi::Error::InvalidArgument("w8a8: unknown activation mode");
   const int64_t kp = wd[1] * 4;
+  const bool asym = mode >= 2;
   std::vector<float> sx(static_cast<size_t>(m));
-  std::vector<int32_t> zx(mode == 2 ? static_cast<size_t>(m) : 0);
-  std::vector<int32_t> colsum = mode == 2 ? ColumnSums(w.typed_data(), kp, n) : std::vector<int32_t>();
-  int32_t* zeros = mode == 2 ? zx.data() : nullptr;
+  std::vector<int32_t> zx(asym ? static_cast<size_t>(m) : 0);
+  int32_t* zeros = asym ? zx.data() : nullptr;
+  const int bits = mode == 3 ? 7 : 8;
   const float* xs = x.typed_data();
   const float* fixed = mode == 1 ? act_scale.typed_data() : nullptr;
   const float* sw = w_scale.typed_data();
   const float* b = has_bias ? bias.typed_data() : nullptr;
   float* out = y->typed_data();
-  auto emit = [&](int64_t r, int64_t c, int32_t s) {
-    if (zeros) s -= zeros[r] * colsum[c];
-    float v = static_cast<float>(s) * sx[r] * sw[c];  // the order XLA's path uses
-    out[r * n + c] = b ? v + b[c] : v;
+  auto emit = [&](int64_t r, int64_t c0, const int32_t* sums, const int32_t* colsums, int count) {
+    EmitRow(isa, sums, colsums, zeros ? zeros[r] : 0, sx[r], sw + c0, b ? b + c0 : nullptr, out + r * n + c0, count);
   };
   auto run = [&](auto zero) {
     using T = decltype(zero);
-    RunInt8<T>(static_cast<int>(isa), m, w.typed_data(), kp, n,
+    RunInt8<T>(static_cast<int>(isa), m, w.typed_data(), kp, n, asym,
                [&](int64_t r0, int64_t r1, T* buf) {
-                 QuantizeRowRange(static_cast<int>(isa), xs, r0, r1, k, kp, fixed, buf, sx.data(), zeros);
+                 QuantizeRowRange(static_cast<int>(isa), xs, r0, r1, k, kp, fixed, buf, sx.data(), zeros, bits);
                },
                emit);
   };
-  if (bounded && mode != 2) run(int8_t{0});
+  if (mode == 3) run(uint8_t{0});
+  else if (bounded && !asym) run(int8_t{0});
   else run(int16_t{0});
   return ffi::Error::Success();
 }

@@ -188,9 +188,11 @@ def check_qvariables(config: ModelConfig | Model, qvariables: Mapping[str, Any],
                                 f"kernel's input dimensions")
     for layer, mark in _collection(qvariables, ASYM_COLLECTION, "True"):
         value = np.asarray(mark)
-        if value.shape != () or value.dtype != np.bool_ or not value:
-            raise ArtifactError(f"asymmetric-activation mark {ASYM_COLLECTION}/{layer} must be a boolean True, "
-                                f"got {value.dtype}{list(value.shape)}")
+        bits8 = value.dtype == np.bool_ and value.shape == () and bool(value)
+        bits7 = value.dtype == np.int8 and value.shape == () and int(value) == 7
+        if not (bits8 or bits7):
+            raise ArtifactError(f"asymmetric-activation mark {ASYM_COLLECTION}/{layer} must be a boolean True "
+                                f"(8 bits) or int8 7 (7 bits), got {value.dtype}{list(value.shape)}")
         if not isinstance(_kernel_of(have, layer), QArray):
             raise ArtifactError(f"asymmetric-activation mark {ASYM_COLLECTION}/{layer} names no quantized kernel")
 

@@ -66,6 +66,7 @@ def smooth_quantize(
     *,
     alpha: float | Sequence[float] = 0.5,
     asymmetric: str | None = None,
+    asymmetric_bits: int = 8,
     method: str | None = None,
     batch_size: int = 64,
     max_rows: int = 4096,
@@ -86,6 +87,8 @@ def smooth_quantize(
             or several candidates, searched per layer (see the module docstring).
         asymmetric: a regular expression of layer keys (e.g. ``"layer_[0-9]+/output"``)
             whose inputs are quantized asymmetrically at run time; ``None``: none.
+        asymmetric_bits: their grid, 8 or 7 bits (``runtime.mark_asymmetric``; 7 is the faster
+            native AVX2 path).
         method, apply_kwargs: for reference Linen configs, what the forward pass calls, e.g.
             ``method="encode", attention_mask=mask`` (a ``Model`` carries its own).
         batch_size: samples per step when ``samples`` is one dataset.
@@ -105,7 +108,7 @@ def smooth_quantize(
     handle, samples = calibration_model(model, method, apply_kwargs, samples)
     probe = quantize(variables, rules).variables
     if asymmetric is not None:
-        probe = mark_asymmetric(probe, asymmetric)
+        probe = mark_asymmetric(probe, asymmetric, bits=asymmetric_bits)
     marks = probe.get(ASYM_COLLECTION, {})
     float_params = dequantize_tree(variables)["params"]
     x_absmax: dict[str, np.ndarray] = {}
@@ -129,7 +132,8 @@ def smooth_quantize(
         else:
             rule = first_match("params/" + "/".join(parts), rules)
             spec = rules[rule].spec if rule is not None and rules[rule].spec is not None else QuantSpec()
-            best, _ = search_alpha(np.concatenate(rows[key]), kernel, spec, grid, act_symmetric=key not in marks)
+            best, _ = search_alpha(np.concatenate(rows[key]), kernel, spec, grid, act_symmetric=key not in marks,
+                                   act_bits=7 if key in marks and np.asarray(marks[key]).dtype == np.int8 else 8)
         w_absmax = np.abs(kernel.reshape(*kernel.shape[:n], -1)).max(axis=-1)
         s = smooth_factors(peak, w_absmax, best)
         set_leaf(params, parts, jnp.asarray(kernel * _broadcast(s, kernel.ndim)))
@@ -179,7 +183,8 @@ def set_leaf(tree: dict, parts: Sequence[str], value: Any) -> None:
 
 
 def search_alpha(
-    x: np.ndarray, kernel: np.ndarray, spec: QuantSpec, grid: Sequence[float], *, act_symmetric: bool = True
+    x: np.ndarray, kernel: np.ndarray, spec: QuantSpec, grid: Sequence[float], *, act_symmetric: bool = True,
+    act_bits: int = 8,
 ) -> tuple[float, list[float]]:
     """The ``alpha`` in ``grid`` whose smoothed W8A8 output of ``x @ kernel`` has the least mean squared error.
 
@@ -205,7 +210,8 @@ def search_alpha(
     for a in grid:
         s = smooth_factors(*absmax, a)
         q = quantize_array(jnp.asarray(kernel * _broadcast(s, kernel.ndim)), spec)
-        y = quantized_dot(jnp.asarray(x / s), q, n_contract=n, mode="dynamic", act_symmetric=act_symmetric)
+        y = quantized_dot(jnp.asarray(x / s), q, n_contract=n, mode="dynamic", act_symmetric=act_symmetric,
+                          act_bits=act_bits)
         errors.append(float(np.mean((np.asarray(y).reshape(exact.shape) - exact) ** 2)))
     return float(grid[int(np.argmin(errors))]), errors
 

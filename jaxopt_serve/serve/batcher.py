@@ -36,6 +36,7 @@ import threading
 import time
 from typing import Any
 
+import numpy as np
 
 from jaxopt_serve.engine.pytrees import batch_rows, concat_rows, take_rows
 from jaxopt_serve.serve.metrics import ServingMetrics
@@ -148,7 +149,7 @@ class DynamicBatcher:
 
     # -- intake -------------------------------------------------------------------------------------
 
-    def submit(self, x: Any, *, timeout_s: float | None = None, _loop: Any = None) -> Any:
+    def submit(self, x: Any, *, timeout_s: float | None = None, _loop: Any = None, _checked: bool = False) -> Any:
         """Queue ``x`` (a batch of examples, any pytree the engine takes); its future resolves to their outputs.
 
         Raises (at once, nothing queued):
@@ -156,7 +157,8 @@ class DynamicBatcher:
             Overloaded: the queue is full.
             Closed: the batcher is shutting down.
         """
-        x = self.engine.check_input(x)
+        if not _checked:  # (a caller that already checked ``x`` against the engine, the server, skips this)
+            x = self.engine.check_input(x)
         rows = batch_rows(x)
         if rows > self.max_request_rows:
             raise ValueError(f"a request may hold at most {self.max_request_rows} examples, got {rows}")
@@ -179,14 +181,14 @@ class DynamicBatcher:
         """``submit(x).result()``: block until the outputs are ready."""
         return self.submit(x, timeout_s=timeout_s).result()
 
-    async def predict_async(self, x: Any, *, timeout_s: float | None = None) -> Any:
+    async def predict_async(self, x: Any, *, timeout_s: float | None = None, _checked: bool = False) -> Any:
         """The asyncio form of ``predict``: the outputs for ``x``, awaited on the running loop.
 
         The worker resolves all of a batch's requests from one loop with a
         single thread-safe callback, so many concurrent coroutines cost one
         wake-up per batch instead of one per request.
         """
-        return await self.submit(x, timeout_s=timeout_s, _loop=asyncio.get_running_loop())
+        return await self.submit(x, timeout_s=timeout_s, _loop=asyncio.get_running_loop(), _checked=_checked)
 
     # -- the worker ----------------------------------------------------------------------------------
 
@@ -252,6 +254,8 @@ class DynamicBatcher:
         if len(live) == 1:
             return live[0].x
         requests = [r.x for r in live]
+        if type(requests[0]) is np.ndarray and live[0].length is None:  # one array per request: no pytree walk
+            return np.concatenate(requests)
         lengths = {r.length for r in live}
         if len(lengths) > 1:
             longest = max(lengths)
@@ -260,6 +264,8 @@ class DynamicBatcher:
 
     def _own(self, out: Any, offset: int, request: _Request) -> Any:
         """A request's rows of every output leaf (cut back to its own length, if any)."""
+        if type(out) is np.ndarray and request.length is None:  # one output array: no pytree walk
+            return out[offset : offset + request.rows]
         mine = take_rows(out, offset, offset + request.rows)
         return self.engine.cut_outputs(mine, request.length) if request.length is not None else mine
 

@@ -1,8 +1,11 @@
 """Serving metrics: latency percentiles, queue and execution time, batch and padding histograms, counters.
 
 ``ServingMetrics`` is updated by the batcher's threads (under a lock) and
-read as a plain dict (``snapshot()``) or as Prometheus text exposition
-(``prometheus()``). Latencies keep the most recent ``window`` requests.
+read as a plain dict (``snapshot()``), the view for notebooks and logs;
+latency percentiles cover the most recent ``window`` requests. Listeners
+(``add_listener``) see every recorded request and batch as it happens: the
+server's Prometheus metrics (``jaxopt_serve.serve.prometheus``) are one, with
+cumulative counters and fixed-bucket histograms in seconds.
 """
 
 from __future__ import annotations
@@ -39,6 +42,12 @@ class ServingMetrics:
         self.counts = {"submitted": 0, "completed": 0, "rejected": 0, "timed_out": 0, "failed": 0}
         self.queue_length = 0
         self.compile_count = 0
+        self._listeners: list[Any] = []
+
+    def add_listener(self, listener: Any) -> None:
+        """Call ``listener.record_request(latency_ms=, queue_ms=)`` and ``listener.record_batch(rows=, bucket=,
+        exec_ms=)`` for every request and batch recorded from now on (from the batcher's worker thread)."""
+        self._listeners.append(listener)
 
     def count(self, name: str, n: int = 1) -> None:
         with self._lock:
@@ -49,12 +58,21 @@ class ServingMetrics:
             self._latency.append(latency_ms)
             self._queue.append(queue_ms)
             self.counts["completed"] += 1
+        for listener in self._listeners:
+            listener.record_request(latency_ms=latency_ms, queue_ms=queue_ms)
 
     def record_batch(self, *, rows: int, bucket: int, exec_ms: float) -> None:
         with self._lock:
             self._exec.append(exec_ms)
             self.batch_rows[rows] += 1
             self.padding_rows[bucket - rows] += 1
+        for listener in self._listeners:
+            listener.record_batch(rows=rows, bucket=bucket, exec_ms=exec_ms)
+
+    def snapshot_counts(self) -> dict[str, int]:
+        """The counters, queue length and compile count alone (cheap: no percentiles)."""
+        with self._lock:
+            return {**self.counts, "queue_length": self.queue_length, "compile_count": self.compile_count}
 
     def snapshot(self) -> dict[str, Any]:
         """Everything as JSON-ready values (milliseconds; percentiles over the recent window)."""
@@ -69,31 +87,6 @@ class ServingMetrics:
                 "batch_rows": {str(k): v for k, v in sorted(self.batch_rows.items())},
                 "padding_rows": {str(k): v for k, v in sorted(self.padding_rows.items())},
             }
-
-    def prometheus(self, prefix: str = "jaxopt_serve") -> str:
-        """The metrics in Prometheus text exposition format (version 0.0.4)."""
-        snap = self.snapshot()
-        lines = []
-        for name in ("submitted", "completed", "rejected", "timed_out", "failed"):
-            lines += [f"# TYPE {prefix}_requests_{name}_total counter", f"{prefix}_requests_{name}_total {snap[name]}"]
-        for name in ("queue_length", "compile_count"):
-            lines += [f"# TYPE {prefix}_{name} gauge", f"{prefix}_{name} {snap[name]}"]
-        for name in ("latency_ms", "queue_ms", "exec_ms"):
-            metric = f"{prefix}_{name.replace('_ms', '')}_milliseconds"
-            lines.append(f"# TYPE {metric} summary")
-            for p in _PERCENTILES:
-                value = snap[name][f"p{p}"]
-                lines.append(f'{metric}{{quantile="{p / 100}"}} {value if value is not None else "NaN"}')
-            lines.append(f"{metric}_count {snap[name]['count']}")
-        for name in ("batch_rows", "padding_rows"):
-            metric = f"{prefix}_{name}"
-            lines.append(f"# TYPE {metric} histogram")
-            cumulative = 0
-            for rows, n in sorted((int(k), v) for k, v in snap[name].items()):
-                cumulative += n
-                lines.append(f'{metric}_bucket{{le="{rows}"}} {cumulative}')
-            lines += [f'{metric}_bucket{{le="+Inf"}} {cumulative}', f"{metric}_count {cumulative}"]
-        return "\n".join(lines) + "\n"
 
 
 def _summary(values: collections.deque[float]) -> dict[str, Any]:

@@ -227,6 +227,41 @@ def test_asymmetric_activations_match_the_float_dot_and_beat_symmetric_on_one_si
     np.testing.assert_allclose(one_row, asym[:1], rtol=1e-5, atol=1e-5)  # the padded single-row path agrees
 
 
+def test_seven_bit_asymmetric_marks_run_alike_on_every_path_and_round_trip(tmp_path):
+    """bits=7 marks: the native kernels (unsigned codes) and XLA's integer dot give the same outputs; on ReLU
+    inputs the grid is as fine as the symmetric one; the marks travel with artifacts; bad marks are named."""
+    from jaxopt_serve import load_artifact, quantized_artifact, save_artifact
+    from jaxopt_serve.quant.runtime import mark_asymmetric
+
+    cfg = MLPConfig(input_shape=(48,), features=(64, 32), num_classes=5)
+    variables = init_variables(cfg, 0)
+    q = quantize(variables).variables
+    marked = mark_asymmetric(q, ".*", bits=7)
+    assert {int(v) for v in marked["quant_asym"].values()} == {7}
+    rng = np.random.default_rng(4)
+    x = rng.normal(size=(37, 48)).astype(np.float32)
+    ref = np.asarray(predict_fn(cfg)(variables, x))
+    run = jax.jit(quantized_predict_fn(cfg, mode="dynamic"))
+    outs = {}
+    for kernel_path in [*native.supported_kernels(), "xla"]:
+        with native.use_kernel(kernel_path):
+            outs[kernel_path] = np.asarray(jax.jit(quantized_predict_fn(cfg, mode="dynamic"))(marked, x))
+    for kernel_path, out in outs.items():
+        np.testing.assert_allclose(out, outs["xla"], rtol=1e-5, atol=1e-5 * np.abs(ref).max(), err_msg=kernel_path)
+    err7 = np.abs(outs["xla"] - ref).mean()
+    err8 = np.abs(np.asarray(run(mark_asymmetric(q, ".*"), x)) - ref).mean()
+    assert err8 < err7 < 0.05 * np.abs(ref).mean()  # half the steps of the 8-bit grid: coarser, still close
+    path = tmp_path / "asym7.jxs"
+    save_artifact(path, quantized_artifact(cfg, marked, cfg.input_shape))
+    loaded = load_artifact(path).variables
+    assert {int(v) for v in loaded["quant_asym"].values()} == {7}
+    np.testing.assert_allclose(run(loaded, x), run(marked, x), rtol=1e-6, atol=1e-6)
+    with pytest.raises(ValueError, match="bits must be 8 or 7, got 6"):
+        mark_asymmetric(q, ".*", bits=6)
+    with pytest.raises(ValueError, match=r"quant_asym/dense_0: a mark must be True \(8 bits\) or int8 7"):
+        run({**q, "quant_asym": {"dense_0": np.float32(7)}}, x)
+
+
 def test_asymmetric_marks_reach_nnx_linear_layers():
     from jaxopt_serve.quant.runtime import mark_asymmetric
 

@@ -35,7 +35,7 @@ _WORK = [
     ("jaxopt_serve.quant", "quantize"), ("jaxopt_serve.prune.pipeline", "unstructured"),
     ("jaxopt_serve.prune.pipeline", "structured"), ("jaxopt_serve.prune.pipeline", "gradual"),
     ("jaxopt_serve.distill", "distill"), ("jaxopt_serve.engine", "export_model"),
-    ("jaxopt_serve.engine", "InferenceEngine"), ("jaxopt_serve.serve", "PredictServer"),
+    ("jaxopt_serve.engine", "InferenceEngine"), ("jaxopt_serve.serve", "InferenceServer"),
     ("jaxopt_serve.serve", "run_batch_inference"), ("jaxopt_serve.hf", "SentenceEncoder"),
 ]
 

@@ -1,4 +1,4 @@
-"""The non-finite input policy at every entry point: engine, batcher, HTTP server, ``infer``, exported models.
+"""The non-finite input policy at every entry point: engine, batcher, inference server, ``infer``, exported models.
 
 Property tests (hypothesis): a row's output never depends on its batch-mates,
 for every bucket, for finite and non-finite rows, in the float and int8
@@ -6,7 +6,6 @@ reference CNN and MLP (``nonfinite_cases.engines``: small random models,
 compiled once per module).
 """
 
-import io
 import json
 import urllib.error
 import urllib.request
@@ -20,7 +19,7 @@ from jaxopt_serve.cli import main
 from jaxopt_serve.engine import InferenceEngine
 from jaxopt_serve.engine.nonfinite import mark_rows, nonfinite_rows
 from jaxopt_serve.model import Model
-from jaxopt_serve.serve import DynamicBatcher, PredictServer, run_batch_inference
+from jaxopt_serve.serve import DynamicBatcher, InferenceServer, ServedModel, run_batch_inference
 from nonfinite_cases import CNN, KINDS, MATES, MLP, SHAPE, check_row, engines, nonfinite_batch_dependence_cases, row
 
 PROPERTY = settings(max_examples=25, deadline=None, derandomize=True, database=None)
@@ -119,8 +118,9 @@ def test_batcher_refuses_under_error_and_propagates_per_request():
     np.testing.assert_allclose(mixed[[0, 2]], first[[0, 2]], rtol=1e-5, atol=1e-4)
 
 
-def _post(port, body, content_type):
-    request = urllib.request.Request(f"http://127.0.0.1:{port}/v1/predict", body, {"Content-Type": content_type})
+def _post(server, name, body, header_length=None):
+    headers = {"Inference-Header-Content-Length": str(header_length)} if header_length is not None else {}
+    request = urllib.request.Request(f"{server.url}/v2/models/{name}/infer", body, headers)
     try:
         with urllib.request.urlopen(request, timeout=30) as r:
             return r.status, r.read()
@@ -128,34 +128,34 @@ def _post(port, body, content_type):
         return err.code, err.read()
 
 
-def _npy(x):
-    buffer = io.BytesIO()
-    np.save(buffer, x)
-    return buffer.getvalue()
+def test_server_answers_400_by_default_and_null_with_propagate():
+    pytest.importorskip("starlette")
+    from jaxopt_serve.serve.protocol import encode_request
 
-
-def test_server_answers_400_by_default_and_nan_with_propagate():
     x = np.zeros((3, *SHAPE), np.float32)
     x[2, 0, 0, 0] = np.inf
-    body = json.dumps({"inputs": np.where(np.isfinite(x), x, np.nan).tolist()}).encode()  # JSON's NaN token
-    # the engine propagates; the server's own default policy still refuses
-    server = PredictServer(DynamicBatcher(engines("propagate")["mlp"]), port=0).start()
+    binary, header_length = encode_request([("input", x)], binary=True)
+    json_nan = json.dumps({"inputs": [{"name": "input", "shape": list(x.shape), "datatype": "FP32",
+                                       "data": np.where(np.isfinite(x), x, np.nan).reshape(-1).tolist()}]}).encode()
+    # the engine propagates; the served model's own default policy still refuses
+    server = InferenceServer([ServedModel("mlp", engines("propagate")["mlp"]),
+                              ServedModel("mlp_propagate", engines("propagate")["mlp"], nan_policy="propagate")],
+                             port=0).start()
     try:
-        for payload, kind in ((body, "application/json"), (_npy(x), "application/x-npy")):
-            status, reply = _post(server.port, payload, kind)
-            assert status == 400 and json.loads(reply)["error"] == "non-finite inputs (NaN or inf) in rows [2]"
-        assert _post(server.port, _npy(x[:2]), "application/x-npy")[0] == 200  # the server is not disturbed
-    finally:
-        server.stop()
-    server = PredictServer(DynamicBatcher(engines("propagate")["mlp"]), port=0, nan_policy="propagate").start()
-    try:
-        status, reply = _post(server.port, body, "application/json")
-        out = np.asarray(json.loads(reply)["outputs"], np.float32)
+        status, reply = _post(server, "mlp", binary, header_length)
+        assert status == 400 and json.loads(reply)["error"] == "non-finite inputs (NaN or inf) in rows [2]"
+        status, reply = _post(server, "mlp", json_nan)  # JSON itself has no NaN: refused under either policy
+        assert status == 400 and "NaN is not a JSON number" in json.loads(reply)["error"]
+        finite, n = encode_request([("input", x[:2])], binary=True)
+        assert _post(server, "mlp", finite, n)[0] == 200  # the server is not disturbed
+        status, reply = _post(server, "mlp_propagate", binary, header_length)
+        data = json.loads(reply)["outputs"][0]["data"]  # valid JSON: the NaN outputs are null
+        out = np.asarray([np.nan if v is None else v for v in data], np.float32).reshape(3, -1)
         assert status == 200 and np.isnan(out[2]).all() and np.isfinite(out[:2]).all()
     finally:
         server.stop()
     with pytest.raises(ValueError, match="nan_policy must be 'propagate' or 'error'"):
-        PredictServer(DynamicBatcher(engines("propagate")["mlp"]), port=0, nan_policy="ignore")
+        ServedModel("m", engines("propagate")["mlp"], nan_policy="ignore")
 
 
 @pytest.fixture(scope="module")

@@ -123,10 +123,20 @@ def test_bad_requests_fail_at_submit_and_leave_others_alone(engine):
         assert batcher.metrics.snapshot()["submitted"] == 1
 
 
-def test_prometheus_text_has_the_counters_and_quantiles(engine):
+def test_metrics_listeners_see_every_request_and_batch(engine):
+    seen = {"requests": [], "batches": []}
+
+    class Listener:
+        def record_request(self, *, latency_ms, queue_ms):
+            seen["requests"].append((latency_ms, queue_ms))
+
+        def record_batch(self, *, rows, bucket, exec_ms):
+            seen["batches"].append((rows, bucket))
+
     with DynamicBatcher(engine) as batcher:
+        batcher.metrics.add_listener(Listener())
         batcher.predict(np.zeros((3, 8, 8, 1), np.float32))
-        text = batcher.metrics.prometheus()
-    assert "jaxopt_serve_requests_completed_total 1" in text
-    assert 'jaxopt_serve_latency_milliseconds{quantile="0.99"}' in text
-    assert 'jaxopt_serve_padding_rows_bucket{le="1"} 1' in text  # 3 rows ran in the 4-row bucket
+        counts = batcher.metrics.snapshot_counts()
+    assert seen["batches"] == [(3, 4)]  # 3 rows ran in the 4-row bucket
+    assert len(seen["requests"]) == 1 and seen["requests"][0][0] >= seen["requests"][0][1] >= 0
+    assert counts["completed"] == 1 and counts["submitted"] == 1 and counts["queue_length"] == 0

@@ -1,25 +1,13 @@
-"""An HTTP endpoint on the standard library's ``ThreadingHTTPServer``, backed by the dynamic batcher.
+"""The benchmark baseline: the old standard-library HTTP endpoint (``ThreadingHTTPServer``, one thread per
+connection, the batcher's blocking path), kept only so that ``serve_bench.py`` can measure the inference
+server against it in the same run. Not part of the package; serve with ``jaxopt-serve serve``.
+
+    python benchmarks/stdlib_server.py ARTIFACT --port 8001
 
 Routes:
     ``POST /v1/predict``   body ``{"inputs": [[...], ...]}`` (JSON) or a ``.npy`` array
-                           (``Content-Type: application/x-npy``); answers ``{"outputs": ...}``,
-                           or ``.npy`` when the request sends ``Accept: application/x-npy``.
-    ``GET /healthz``       ``{"status": "ok"}`` (503 while shutting down).
-    ``GET /metrics``       Prometheus text format.
-    ``GET /v1/metrics``    the same metrics as JSON.
-
-Every bad request gets a 4xx with ``{"error": reason}`` and touches nothing
-else: 400 (malformed JSON or ``.npy``, wrong shape or dtype, a NaN or inf in
-a row under ``nan_policy="error"``, the default; the reason names the rows),
-404, 411 (no length), 413 (body over the limit), 415 (content type).
-Overload is 503, a request timeout 504. With ``nan_policy="propagate"`` such
-rows go to the batcher and are answered as the engine's policy says (NaN
-outputs when it propagates too; JSON writes them as ``NaN``).
-
-Why the standard library: no dependency to install or keep patched, one
-thread per connection is enough when the batcher does the batching, and the
-handler stays small enough to audit. Put a reverse proxy (TLS, auth) in front
-for anything beyond a trusted network.
+                           (``Content-Type: application/x-npy``); answers ``{"outputs": ...}``.
+    ``GET /healthz``       ``{"status": "ok"}``.
 """
 
 from __future__ import annotations
@@ -45,20 +33,6 @@ class PredictServer:
     ``nan_policy="error"`` (default) answers 400 to a request with a NaN or inf
     in any row, naming the rows; ``"propagate"`` hands it to the batcher.
 
-    Example:
-        >>> import json, urllib.request, numpy as np
-        >>> from jaxopt_serve.engine import InferenceEngine
-        >>> from jaxopt_serve.models import MLPConfig, init_variables
-        >>> cfg = MLPConfig(features=(8,))
-        >>> batcher = DynamicBatcher(InferenceEngine(cfg, init_variables(cfg, 0), max_batch=4))
-        >>> server = PredictServer(batcher, port=0).start()
-        >>> body = json.dumps({"inputs": np.zeros((2, 8, 8, 1)).tolist()}).encode()
-        >>> request = urllib.request.Request(f"http://127.0.0.1:{server.port}/v1/predict", body,
-        ...                                  {"Content-Type": "application/json"})
-        >>> with urllib.request.urlopen(request) as r:
-        ...     np.asarray(json.load(r)["outputs"]).shape
-        (2, 10)
-        >>> server.stop()
     """
 
     def __init__(self, batcher: DynamicBatcher, *, host: str = "127.0.0.1", port: int = 8000,
@@ -123,8 +97,6 @@ class _Handler(BaseHTTPRequestHandler):
                 self._json(HTTPStatus.SERVICE_UNAVAILABLE, {"status": "stopping"})
             else:
                 self._json(HTTPStatus.OK, {"status": "ok"})
-        elif self.path == "/metrics":
-            self._send(HTTPStatus.OK, self.app.batcher.metrics.prometheus().encode(), "text/plain; version=0.0.4")
         elif self.path == "/v1/metrics":
             self._json(HTTPStatus.OK, self.app.batcher.metrics.snapshot())
         else:
@@ -219,3 +191,26 @@ def _parse(body: bytes, content_type: str) -> np.ndarray:
     if x.dtype.kind not in "biuf":
         raise _BadRequest(HTTPStatus.BAD_REQUEST, f'"inputs" must hold numbers, got {x.dtype} values')
     return x
+
+
+def main() -> None:
+    import argparse
+
+    from jaxopt_serve.artifact import load_artifact
+    from jaxopt_serve.engine import InferenceEngine
+
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("artifact")
+    parser.add_argument("--port", type=int, default=8001)
+    parser.add_argument("--max-batch", type=int, default=64)
+    args = parser.parse_args()
+    artifact = load_artifact(args.artifact)
+    engine = InferenceEngine(artifact.config, artifact.variables, input_shape=artifact.input_shape,
+                             max_batch=args.max_batch).warmup()
+    server = PredictServer(DynamicBatcher(engine, max_queue=4096), port=args.port)
+    print(f"serving {args.artifact} on http://127.0.0.1:{server.port} (POST /v1/predict)", flush=True)
+    server.serve_forever()
+
+
+if __name__ == "__main__":
+    main()
