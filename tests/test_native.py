@@ -28,7 +28,7 @@ def _xla_w8a8(x, wq, sw, act_scale=None, symmetric=True, act_bits=8):
     x = np.asarray(x, np.float32)
     zero = None
     if not symmetric:
-        steps, offset = (255.0, 128.0) if act_bits == 8 else (127.0, 0.0)
+        steps, offset = (254.0, 127.0) if act_bits == 8 else (127.0, 0.0)
         lo = np.minimum(x.min(axis=1, keepdims=True), 0).astype(np.float32)
         hi = np.maximum(x.max(axis=1, keepdims=True), 0).astype(np.float32)
         sx = np.where(hi > lo, (hi - lo) / np.float32(steps), 1).astype(np.float32)
@@ -227,3 +227,63 @@ def test_a_machine_without_a_compiler_installs_with_a_warning(tmp_path):
     assert "native kernels were not built" in done.stdout + done.stderr
     assert "Install a C++ compiler" in done.stdout + done.stderr
     assert not list((tmp_path / "jaxopt_serve" / "native").glob("_qgemm*"))
+
+
+@needs_native
+@settings(max_examples=15, deadline=None)
+@given(b=st.integers(1, 3), h=st.integers(3, 12), w=st.integers(3, 12), c=st.integers(1, 20), n=st.integers(1, 40),
+       kh=st.integers(1, 3), kw=st.integers(1, 3), stride=st.integers(1, 2), dil=st.integers(1, 2),
+       fill=st.sampled_from(["signed", "nonnegative", "bounded"]), seed=st.integers(0, 2**16))
+def test_int8_conv2d_equals_lax_bit_for_bit(b, h, w, c, n, kh, kw, stride, dil, fill, seed):
+    """The im2col-in-cache convolution (through ``int8_conv``) on every kernel path: signed inputs with -128
+    (exact path), nonnegative inputs with -128 weights (unsigned path), bounded mixed rows (bounded path)."""
+    from jaxopt_serve.quant.intconv import int8_conv
+
+    rng = np.random.default_rng(seed)
+    lo = {"signed": -128, "nonnegative": 0, "bounded": -127}[fill]
+    x = rng.integers(lo, 128, (b, h, w, c)).astype(np.int8)
+    k = rng.integers(-127 if fill == "bounded" else -128, 128, (kh, kw, c, n)).astype(np.int8)
+    kwargs = dict(window_strides=(stride, 1), padding="SAME", rhs_dilation=(dil, 1),
+                  dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    want = np.asarray(jax.lax.conv_general_dilated(x.astype(np.int32), k.astype(np.int32), **kwargs))
+    for kernel in KERNELS:
+        with native.use_kernel(kernel):
+            got = jax.jit(lambda a, q: int8_conv(a, q, **kwargs, bounded=fill == "bounded"))(x, k)
+        np.testing.assert_array_equal(np.asarray(got), want, err_msg=f"{kernel} {fill}")
+
+
+@needs_native
+def test_int8_conv2d_chunks_rows_over_threads_exactly():
+    """More output pixels than one chunk of rows, several panels of output channels."""
+    from jaxopt_serve.quant.intconv import int8_conv
+
+    rng = np.random.default_rng(9)
+    x = rng.integers(-127, 128, (2, 20, 20, 8)).astype(np.int8)
+    x[0] = np.abs(x[0])  # the first image's rows take the unsigned path, the second's the bounded one
+    k = rng.integers(-127, 128, (3, 3, 8, 40)).astype(np.int8)
+    kwargs = dict(window_strides=(1, 1), padding="SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    want = np.asarray(jax.lax.conv_general_dilated(x.astype(np.int32), k.astype(np.int32), **kwargs))
+    got = jax.jit(lambda a, q: int8_conv(a, q, **kwargs, bounded=True))(x, k)
+    np.testing.assert_array_equal(np.asarray(got), want)
+    with pytest.raises(ValueError, match="the weight has 72 inputs, the window 3x3 over 4 channels needs 36"):
+        native.int8_conv2d(x[..., :4], native.pack_int8(k.reshape(72, 40)), (3, 3))
+
+
+@needs_native
+@pytest.mark.parametrize("kernel", [*KERNELS, "xla"])
+def test_int8_conv_rescale_is_the_float_of_the_sums(kernel):
+    """``rescale=(x_scale, w_scale)``: the native kernel's fused epilogue and the XLA path agree with
+    ``sums * x_scale[b] * w_scale[f]`` computed from the exact int32 sums."""
+    from jaxopt_serve.quant.intconv import int8_conv
+
+    rng = np.random.default_rng(11)
+    x = rng.integers(-127, 128, (3, 9, 9, 5)).astype(np.int8)
+    k = rng.integers(-127, 128, (3, 3, 5, 20)).astype(np.int8)
+    sx, sw = rng.uniform(0.01, 0.1, 3).astype(np.float32), rng.uniform(0.01, 0.1, 20).astype(np.float32)
+    kwargs = dict(window_strides=(2, 2), padding="SAME", dimension_numbers=("NHWC", "HWIO", "NCHW"))
+    sums = np.asarray(jax.lax.conv_general_dilated(x.astype(np.int32), k.astype(np.int32), **kwargs))
+    want = sums.astype(np.float32) * sx[:, None, None, None] * sw[None, :, None, None]
+    with native.use_kernel(kernel):
+        got = jax.jit(lambda a, q: int8_conv(a, q, **kwargs, bounded=True, rescale=(sx, sw)))(x, k)
+    assert got.dtype == jnp.float32
+    np.testing.assert_allclose(np.asarray(got), want, rtol=1e-6, atol=1e-6 * np.abs(want).max())

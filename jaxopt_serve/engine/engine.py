@@ -380,7 +380,12 @@ class InferenceEngine:
 
     def _check(self, inputs: tuple[Any, ...]) -> tuple[tuple[Any, ...], int | None]:
         if self._single_array and len(inputs) == 1:
-            self._check_single_array(inputs[0])
+            x = self._check_single_array(inputs[0])
+            if self.length_buckets is None and x.dtype == self.example[0].dtype and x.shape[0] > 0:
+                # the common request (one array, the model's dtype): nothing left for the generic check
+                if self.nan_policy == "error":
+                    self._check_finite((x,))
+                return (x,), None
         example, length = self.example, None
         if self.length_buckets is not None:
             length = self._length_of(inputs)
@@ -396,8 +401,8 @@ class InferenceEngine:
             dims[axis] = "length"
         return f"({', '.join(dims)})"
 
-    def _check_single_array(self, x: Any) -> None:
-        """The messages of the one-array engine: shape and dtype for the model by name."""
+    def _check_single_array(self, x: Any) -> np.ndarray:
+        """``x`` as an array, checked with the messages of the one-array engine: shape and dtype for the model by name."""
         x, ex, axis = np.asarray(x), self.example[0], self._length_axes[0]
         same = x.dtype != object and x.ndim == ex.ndim and all(
             d == e for i, (d, e) in enumerate(zip(x.shape[1:], ex.shape[1:]), 1) if i != axis)
@@ -405,10 +410,11 @@ class InferenceEngine:
             raise ValueError(f"expected a batch of shape {self._shape_text(ex, axis)} for {self.name!r}, "
                              f"got {x.shape}{' of objects' if x.dtype == object else ''}")
         if x.dtype == ex.dtype:  # the common case, without the kind comparison below
-            return
+            return x
         kinds = [np.issubdtype(d, k) for d in (x.dtype, ex.dtype) for k in (np.floating, np.bool_, np.integer)]
         if kinds[:3] != kinds[3:]:
             raise ValueError(f"expected {ex.dtype} inputs for {self.name!r}, got {x.dtype}")
+        return x
 
     def _length_of(self, inputs: tuple[Any, ...]) -> int:
         """The one length shared by every leaf with a length axis (``ValueError`` naming the leaf otherwise)."""

@@ -45,6 +45,7 @@ __all__ = [
     "Int8Weight",
     "available",
     "int4_matmul",
+    "int8_conv2d",
     "int8_matmul",
     "kernel_isa",
     "load_error",
@@ -58,7 +59,8 @@ __all__ = [
 ISA_CODES = {"portable": 0, "avx2": 1}
 KERNEL_ENV = "JAXOPT_SERVE_KERNEL"
 K_ALIGN = 32  # int8 weights: the input axis is padded to a multiple of this
-_TARGETS = {"jxs_int8_matmul": "JxsInt8Matmul", "jxs_w8a8_matmul": "JxsW8A8Matmul",
+_TARGETS = {"jxs_int8_matmul": "JxsInt8Matmul", "jxs_int8_conv2d": "JxsInt8Conv2d",
+            "jxs_w8a8_conv2d": "JxsW8A8Conv2d", "jxs_w8a8_matmul": "JxsW8A8Matmul",
             "jxs_int4_matmul": "JxsInt4Matmul"}
 _forced = threading.local()
 
@@ -274,14 +276,50 @@ def int8_matmul(xq: Any, w: Int8Weight, *, bounded: bool = False) -> jax.Array:
     return out.reshape(*lead, n)
 
 
+def int8_conv2d(x: Any, w: Int8Weight, window: tuple[int, int], *, strides: tuple[int, int] = (1, 1),
+                dilation: tuple[int, int] = (1, 1), bounded: bool = False, rescale: Any = None) -> jax.Array:
+    """Exact int32 2-D convolution of an int8 NHWC input, padded already, with no im2col array in memory.
+
+    ``w`` is the ``(kh, kw, C, N)`` kernel reshaped to ``(kh * kw * C, N)`` and
+    packed (``pack_int8``); ``window`` is ``(kh, kw)``. Returns ``(B, OH, OW, N)``
+    int32, equal to ``lax.conv_general_dilated`` with VALID padding on the
+    padded input. ``bounded`` as in ``int8_matmul``. ``rescale=(x_scale,
+    w_scale)`` (``(B,)`` and ``(N,)`` floats) returns ``sums * x_scale[b] *
+    w_scale[n]`` as float32 instead, computed as the sums are made.
+    """
+    x = jnp.asarray(x)
+    if x.dtype != jnp.int8 or x.ndim != 4:
+        raise ValueError(f"int8_conv2d: x must be an int8 NHWC array, got {x.dtype} {x.shape}")
+    (kh, kw), (sh, sw), (dh, dw) = window, strides, dilation
+    if w.in_features != kh * kw * x.shape[3]:
+        raise ValueError(f"int8_conv2d: the weight has {w.in_features} inputs, the window {kh}x{kw} over "
+                         f"{x.shape[3]} channels needs {kh * kw * x.shape[3]}")
+    oh, ow = (x.shape[1] - (kh - 1) * dh - 1) // sh + 1, (x.shape[2] - (kw - 1) * dw - 1) // sw + 1
+    if oh < 1 or ow < 1:
+        raise ValueError(f"int8_conv2d: the dilated window {kh}x{kw} does not fit the input {x.shape[1:3]}")
+    n = w.out_features
+    attrs = dict(isa=np.int64(_isa_code()), n=np.int64(n), kh=np.int64(kh), kw=np.int64(kw), sh=np.int64(sh),
+                 sw=np.int64(sw), dh=np.int64(dh), dw=np.int64(dw), bounded=np.int64(bounded and w.bounded))
+    shape = (x.shape[0], oh, ow, n)
+    if rescale is None:
+        return jax.ffi.ffi_call("jxs_int8_conv2d", jax.ShapeDtypeStruct(shape, jnp.int32),
+                                vmap_method="sequential")(x, w.panels, **attrs)
+    sx, sc = (jnp.asarray(a, jnp.float32).reshape(-1) for a in rescale)
+    if sx.shape[0] != x.shape[0] or sc.shape[0] != n:
+        raise ValueError(f"int8_conv2d: rescale needs {x.shape[0]} input scales and {n} weight scales, got "
+                         f"{sx.shape[0]} and {sc.shape[0]}")
+    return jax.ffi.ffi_call("jxs_w8a8_conv2d", jax.ShapeDtypeStruct(shape, jnp.float32),
+                            vmap_method="sequential")(x, w.panels, sx, sc, **attrs)
+
+
 def w8a8_matmul(x: Any, w: Int8Weight, w_scale: Any, bias: Any = None, *, act_scale: Any = None,
                 symmetric: bool = True, act_bits: int = 8) -> jax.Array:
     """``x @ dequant(w)`` with int8 activations: ``round(x / s_row) @ w * s_row * w_scale (+ bias)`` in one call.
 
     ``s_row`` is each row's absmax / 127 (dynamic), or ``act_scale`` (a
     calibrated scalar, static). ``symmetric=False`` (dynamic only): each row's
-    range ``[min(x, 0), max(x, 0)]`` in ``2**act_bits - 1`` steps with a zero
-    point, corrected exactly in the int32 sums. ``act_bits=7`` (asymmetric
+    range ``[min(x, 0), max(x, 0)]`` in 254 (``act_bits=8``, codes -127..127) or
+    127 steps with a zero point, corrected exactly in the int32 sums. ``act_bits=7`` (asymmetric
     only) gives codes in ``[0, 127]``, which the AVX2 path multiplies with
     ``vpmaddubsw`` and no sign fix-up (the activation range PyTorch's x86
     dynamic quantization uses). ``x`` is float ``(..., K)``; returns f32 ``(..., N)``.

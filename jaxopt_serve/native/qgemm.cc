@@ -437,14 +437,14 @@ void WidenRowRange(const int8_t* x, int64_t r0, int64_t r1, int64_t k, int64_t k
 }
 
 // Asymmetric per-row quantization (the runtime's XLA formulation), with `bits` 8 or 7: the row's range
-// [min(x, 0), max(x, 0)] over 2^bits - 1 steps, q = clip(round(x / s) + zero, lo_code, hi_code) with
-//   bits 8: codes [-128, 127], zero = round(-lo / s) - 128;
-//   bits 7: codes [0, 127], zero = round(-lo / s) (unsigned codes for vpmaddubsw).
+// [min(x, 0), max(x, 0)] in `steps` steps, q = clip(round(x / s) + zero, lo_code, hi_code) with
+//   bits 8: 254 steps, codes [-127, 127], zero = round(-lo / s) - 127 (codes the bounded path takes);
+//   bits 7: 127 steps, codes [0, 127], zero = round(-lo / s) (unsigned codes for vpmaddubsw).
 struct AsymGrid {
   float steps, offset, lo_code, hi_code;
 };
 inline AsymGrid Grid(int bits) {
-  return bits == 7 ? AsymGrid{127.f, 0.f, 0.f, 127.f} : AsymGrid{255.f, 128.f, -128.f, 127.f};
+  return bits == 7 ? AsymGrid{127.f, 0.f, 0.f, 127.f} : AsymGrid{254.f, 127.f, -127.f, 127.f};
 }
 
 // Widens [lo, hi] by x[i0, k).
@@ -691,10 +691,96 @@ ffi::Error Int8MatmulImpl(ffi::Buffer<ffi::S8> x, ffi::Buffer<ffi::S8> w, ffi::R
   return ffi::Error::Success();
 }
 
+// A 2-D convolution, NHWC input already padded (B, Hp, Wp, C) int8, the kernel packed as a (kh * kw * C, N)
+// weight in (window row, window column, channel) order; output rows (b, i, j) of N sums. The im2col rows are
+// built per chunk of output pixels in cache (never as one array): row (b, i, j) holds, for each window
+// offset (a, e), the C channels of pixel (i * sh + a * dh, j * sw + e * dw) of image b; with dw = 1 the kw
+// pixels of one window row are adjacent in memory and go in one copy.
+struct ConvShape {
+  int64_t batch, hp, wp, c, oh, ow, kh, kw, sh, sw, dh, dw;
+};
+
+ffi::Error CheckConv(ffi::Span<const int64_t> xd, ffi::Span<const int64_t> yd, int64_t n, ConvShape& g) {
+  if (xd.size() != 4 || yd.size() != 4) return ffi::Error::InvalidArgument("conv2d: NHWC input and output");
+  g.batch = xd[0], g.hp = xd[1], g.wp = xd[2], g.c = xd[3], g.oh = yd[1], g.ow = yd[2];
+  if (g.kh < 1 || g.kw < 1 || g.sh < 1 || g.sw < 1 || g.dh < 1 || g.dw < 1 || yd[0] != g.batch || yd[3] != n ||
+      (g.oh - 1) * g.sh + (g.kh - 1) * g.dh >= g.hp || (g.ow - 1) * g.sw + (g.kw - 1) * g.dw >= g.wp)
+    return ffi::Error::InvalidArgument("conv2d: window, strides and output size do not fit the input");
+  return ffi::Error::Success();
+}
+
+template <typename Emit>
+void RunConv2d(int isa, const ConvShape& g, const int8_t* xs, const int8_t* w, int64_t kp, int64_t n, bool bounded,
+               Emit emit) {
+  const int64_t k = g.kh * g.kw * g.c, m = g.batch * g.oh * g.ow;
+  auto run = [&](auto zero) {
+    using T = decltype(zero);
+    auto prep = [&](int64_t r0, int64_t r1, T* buf) {
+      for (int64_t r = r0; r < r1; ++r) {
+        const int64_t b = r / (g.oh * g.ow), i = (r / g.ow) % g.oh, j = r % g.ow;
+        T* o = buf + (r - r0) * kp;
+        for (int64_t a = 0; a < g.kh; ++a) {
+          const int8_t* row = xs + ((b * g.hp + i * g.sh + a * g.dh) * g.wp + j * g.sw) * g.c;
+          if constexpr (sizeof(T) == 1) {
+            if (g.dw == 1) {
+              std::memcpy(o, row, g.kw * g.c);
+              o += g.kw * g.c;
+              continue;
+            }
+          }
+          for (int64_t e = 0; e < g.kw; ++e, o += g.c)
+            for (int64_t q = 0; q < g.c; ++q) o[q] = row[e * g.dw * g.c + q];
+        }
+        for (int64_t q = k; q < kp; ++q) buf[(r - r0) * kp + q] = 0;
+      }
+    };
+    RunInt8<T>(isa, m, w, kp, n, false, prep, emit);
+  };
+  // Bounded, or an input with no negative value (the unsigned path takes any weight): int8 rows.
+  if (bounded || NonNegative(xs, g.batch * g.hp * g.wp * g.c)) run(int8_t{0});
+  else run(int16_t{0});
+}
+
+// Exact int32 (B, OH, OW, N).
+ffi::Error Int8Conv2dImpl(ffi::Buffer<ffi::S8> x, ffi::Buffer<ffi::S8> w, ffi::ResultBuffer<ffi::S32> y,
+                          int64_t isa, int64_t n, int64_t kh, int64_t kw, int64_t sh, int64_t sw, int64_t dh,
+                          int64_t dw, int64_t bounded) {
+  ConvShape g{0, 0, 0, 0, 0, 0, kh, kw, sh, sw, dh, dw};
+  if (auto e = CheckConv(x.dimensions(), y->dimensions(), n, g); e.failure()) return e;
+  if (auto e = CheckPacked(w.dimensions(), kh * kw * g.c, n); e.failure()) return e;
+  int32_t* out = y->typed_data();
+  RunConv2d(static_cast<int>(isa), g, x.typed_data(), w.typed_data(), w.dimensions()[1] * 4, n, bounded,
+            [&](int64_t r, int64_t c0, const int32_t* sums, const int32_t*, int count) {
+              std::memcpy(out + r * n + c0, sums, sizeof(int32_t) * count);
+            });
+  return ffi::Error::Success();
+}
+
+// Float (B, OH, OW, N): sums * x_scale[b] * w_scale[n], the W8A8 epilogue fused.
+ffi::Error W8A8Conv2dImpl(ffi::Buffer<ffi::S8> x, ffi::Buffer<ffi::S8> w, ffi::Buffer<ffi::F32> x_scale,
+                          ffi::Buffer<ffi::F32> w_scale, ffi::ResultBuffer<ffi::F32> y, int64_t isa, int64_t n,
+                          int64_t kh, int64_t kw, int64_t sh, int64_t sw, int64_t dh, int64_t dw, int64_t bounded) {
+  ConvShape g{0, 0, 0, 0, 0, 0, kh, kw, sh, sw, dh, dw};
+  if (auto e = CheckConv(x.dimensions(), y->dimensions(), n, g); e.failure()) return e;
+  if (auto e = CheckPacked(w.dimensions(), kh * kw * g.c, n); e.failure()) return e;
+  if (static_cast<int64_t>(x_scale.element_count()) != g.batch || static_cast<int64_t>(w_scale.element_count()) != n)
+    return ffi::Error::InvalidArgument("w8a8 conv2d: one x scale per image and one w scale per output channel");
+  const float* sx = x_scale.typed_data();
+  const float* sc = w_scale.typed_data();
+  float* out = y->typed_data();
+  const int64_t pixels = g.oh * g.ow;
+  RunConv2d(static_cast<int>(isa), g, x.typed_data(), w.typed_data(), w.dimensions()[1] * 4, n, bounded,
+            [&](int64_t r, int64_t c0, const int32_t* sums, const int32_t*, int count) {
+              EmitRow(isa, sums, nullptr, 0, sx[r / pixels], sc + c0, nullptr, out + r * n + c0, count);
+            });
+  return ffi::Error::Success();
+}
+
 // mode 0: dynamic per-row scale; 1: static scale from `act_scale` (shape (1,)); 2: dynamic asymmetric
-// (per-row scale and zero point, codes in [-128, 127]); 3: dynamic asymmetric 7-bit (codes in [0, 127]).
-// `bounded`: the weights are in [-127, 127]; with a symmetric mode (whose activations are in [-127, 127]
-// too) the bounded path runs. Mode 3 takes the unsigned path with any int8 weights; mode 2 the exact one.
+// (per-row scale and zero point, codes in [-127, 127]); 3: dynamic asymmetric 7-bit (codes in [0, 127]).
+// `bounded`: the weights are in [-127, 127]; then modes 0-2 (activation codes in [-127, 127]) take the
+// bounded path, whose blocks of nonnegative rows take the unsigned one. Mode 3 takes the unsigned path with
+// any int8 weights; otherwise the exact one runs.
 ffi::Error W8A8MatmulImpl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::S8> w, ffi::Buffer<ffi::F32> w_scale,
                           ffi::Buffer<ffi::F32> bias, ffi::Buffer<ffi::F32> act_scale,
                           ffi::ResultBuffer<ffi::F32> y, int64_t isa, int64_t mode, int64_t has_bias,
@@ -728,7 +814,7 @@ ffi::Error W8A8MatmulImpl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::S8> w, ffi::
                emit);
   };
   if (mode == 3) run(uint8_t{0});
-  else if (bounded && !asym) run(int8_t{0});
+  else if (bounded) run(int8_t{0});
   else run(int16_t{0});
   return ffi::Error::Success();
 }
@@ -863,6 +949,38 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JxsInt8Matmul, Int8MatmulImpl,
                                   .Ret<ffi::Buffer<ffi::S32>>()
                                   .Attr<int64_t>("isa")
                                   .Attr<int64_t>("n")
+                                  .Attr<int64_t>("bounded"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JxsInt8Conv2d, Int8Conv2dImpl,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::Buffer<ffi::S8>>()
+                                  .Arg<ffi::Buffer<ffi::S8>>()
+                                  .Ret<ffi::Buffer<ffi::S32>>()
+                                  .Attr<int64_t>("isa")
+                                  .Attr<int64_t>("n")
+                                  .Attr<int64_t>("kh")
+                                  .Attr<int64_t>("kw")
+                                  .Attr<int64_t>("sh")
+                                  .Attr<int64_t>("sw")
+                                  .Attr<int64_t>("dh")
+                                  .Attr<int64_t>("dw")
+                                  .Attr<int64_t>("bounded"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JxsW8A8Conv2d, W8A8Conv2dImpl,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::Buffer<ffi::S8>>()
+                                  .Arg<ffi::Buffer<ffi::S8>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Attr<int64_t>("isa")
+                                  .Attr<int64_t>("n")
+                                  .Attr<int64_t>("kh")
+                                  .Attr<int64_t>("kw")
+                                  .Attr<int64_t>("sh")
+                                  .Attr<int64_t>("sw")
+                                  .Attr<int64_t>("dh")
+                                  .Attr<int64_t>("dw")
                                   .Attr<int64_t>("bounded"));
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(JxsW8A8Matmul, W8A8MatmulImpl,

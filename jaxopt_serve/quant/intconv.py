@@ -60,6 +60,7 @@ def int8_conv(
     out_sharding: Any = None,
     *,
     bounded: bool = False,
+    rescale: tuple[Any, Any] | None = None,
 ) -> jax.Array:
     """The exact int32 result of ``lax.conv_general_dilated`` on int8 operands, under any sharding.
 
@@ -91,6 +92,9 @@ def int8_conv(
         bounded: the caller guarantees both operands in ``[-127, 127]`` (as
             symmetric quantization makes them), so the native CPU kernel may
             take its faster path; values outside that promise give wrong sums.
+        rescale: ``(x_scale, w_scale)``, one float per example and one per output
+            feature: returns ``sums * x_scale[b] * w_scale[f]`` as float32 (the
+            W8A8 rescale; fused into the native kernel where it runs).
 
     Returns:
         The int32 convolution, shaped and laid out like
@@ -138,7 +142,7 @@ def int8_conv(
         padding = jax.lax.padtype_to_pads([lhs.shape[d] for d in dn.lhs_spec[2:]], window, window_strides, padding)
     out_spatial = [out.shape[d] for d in dn.out_spec[2:]]
     if 0 in out.shape:
-        return jnp.zeros(out.shape, jnp.int32)
+        return jnp.zeros(out.shape, jnp.int32 if rescale is None else jnp.float32)
 
     # Canonical layouts: x (batch, *spatial, features), k (*window, in, out).
     x = jnp.transpose(lhs, (dn.lhs_spec[0], *dn.lhs_spec[2:], dn.lhs_spec[1]))
@@ -158,6 +162,13 @@ def int8_conv(
         x = x[None]
     k = jnp.moveaxis(k.reshape(*window_shape, cin, groups, cout // groups), -2, 0)
 
+    if groups == 1 and nd == 2 and native.available() and all(d == 1 for d in lhs_dilation):
+        # The native kernel builds the im2col rows per chunk of output pixels in cache (no patches array).
+        packed = native.pack_int8(k[0].reshape(math.prod(window_shape) * cin, cout), bounded)
+        y = native.int8_conv2d(x[0], packed, tuple(window_shape), strides=tuple(window_strides),
+                               dilation=tuple(rhs_dilation), bounded=bounded,
+                               rescale=None if rescale is None else _rescale_vectors(rescale, lhs.shape[dn.lhs_spec[0]], cout))
+        return _to_layout(y, dn, nd, out, out_sharding)
     # im2col: one strided slice per window offset, concatenated on the feature axis ((window, in) order, like k).
     columns = []
     for offset in itertools.product(*(range(n) for n in window_shape)):
@@ -178,7 +189,20 @@ def int8_conv(
         y = jax.lax.dot_general(patches, kernel, (((nd + 2,), (1,)), ((0,), (0,))),
                                 precision=precision, preferred_element_type=jnp.int32)
         y = jnp.moveaxis(y, 0, -2).reshape(*y.shape[1:-1], cout)  # (batch, *spatial, g * out/g)
-    # Back to the requested output layout: canonical axis 0 is batch, 1..nd spatial, nd + 1 features.
+    if rescale is not None:
+        sx, sw = _rescale_vectors(rescale, y.shape[0], cout)
+        y = y.astype(jnp.float32) * sx.reshape(-1, *(1,) * (nd + 1)) * sw
+    return _to_layout(y, dn, nd, out, out_sharding)
+
+
+def _rescale_vectors(rescale: tuple[Any, Any], batch: int, features: int) -> tuple[jax.Array, jax.Array]:
+    """``(x_scale (batch,), w_scale (features,))`` float32 from scalars or arrays of those sizes."""
+    sx, sw = (jnp.asarray(a, jnp.float32).reshape(-1) for a in rescale)
+    return jnp.broadcast_to(sx, (batch,)), jnp.broadcast_to(sw, (features,))
+
+
+def _to_layout(y: jax.Array, dn: Any, nd: int, out: Any, out_sharding: Any) -> jax.Array:
+    """A canonical result (batch, *spatial, features) in the requested output layout (and sharding)."""
     canonical = {dn.out_spec[0]: 0, dn.out_spec[1]: nd + 1, **{d: 1 + i for i, d in enumerate(dn.out_spec[2:])}}
     y = jnp.transpose(y, [canonical[a] for a in range(nd + 2)])
     assert y.shape == out.shape, (y.shape, out.shape)

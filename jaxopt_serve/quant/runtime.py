@@ -111,7 +111,7 @@ def _resolve(mode: str, kernel_size: int) -> str:
 
 
 # Asymmetric activation grids by bits: (steps, code offset); codes are clip(round(x / s) + zero, -offset, steps - offset).
-_ASYM_GRIDS = {8: (255.0, 128.0), 7: (127.0, 0.0)}
+_ASYM_GRIDS = {8: (254.0, 127.0), 7: (127.0, 0.0)}
 
 
 def _check_act_bits(bits: int) -> int:
@@ -154,7 +154,7 @@ def quantized_dot(
     """``x`` contracted over its last ``n_contract`` axes with the first ``n_contract`` axes of ``kernel``.
 
     ``act_symmetric=False`` quantizes the rows of ``x`` over their ``[min, max]``
-    with a zero point in ``"dynamic"`` mode, in ``2**act_bits - 1`` steps
+    with a zero point in ``"dynamic"`` mode, in 254 (``act_bits=8``) or 127 (``act_bits=7``) steps
     (``act_bits`` 8 or 7; see the module docstring).
 
     Example:
@@ -387,22 +387,17 @@ class _Session:
         if mode == "static":
             sx = self.scale_for(key)
             xq = jnp.clip(jnp.round(x.astype(jnp.float32) / sx), -_QMAX, _QMAX).astype(jnp.int8)
-            sx_out = sx
         else:
             reduce = tuple(a for a in range(x.ndim) if a != batch_axis)
             absmax = jnp.max(jnp.abs(x.astype(jnp.float32)), axis=reduce, keepdims=True)
             sx = jnp.where(absmax > 0, absmax / _QMAX, 1.0)
             xq = jnp.clip(jnp.round(x.astype(jnp.float32) / sx), -_QMAX, _QMAX).astype(jnp.int8)
-            out_shape = [1] * x.ndim
-            out_shape[dn.out_spec[0]] = x.shape[batch_axis]
-            sx_out = sx.reshape(out_shape)
         conv_params = {k: v for k, v in params.items() if k not in ("preferred_element_type", "precision")}
         # Both operands in [-127, 127] (symmetric weights never hold -128; the clip keeps that promise for a
         # hand-made array), so the native kernel may take its faster path.
-        acc = int8_conv(xq, jnp.maximum(wq, -127), **conv_params, bounded=True)
-        sw_shape = [1] * x.ndim
-        sw_shape[dn.out_spec[1]] = scale.shape[out_feature]
-        y = acc.astype(jnp.float32) * sx_out * scale.reshape(sw_shape)
+        # The rescale (per-example activation scale, per-channel weight scale) is fused into the native kernel.
+        y = int8_conv(xq, jnp.maximum(wq, -127), **conv_params, bounded=True,
+                      rescale=(jnp.reshape(sx, -1), jnp.reshape(scale, -1)))
         return y.astype(eqn.outvars[0].aval.dtype)
 
 
@@ -732,7 +727,7 @@ def mark_asymmetric(variables: Variables, pattern: str, *, bits: int = 8) -> Var
 
     ``pattern`` is a regular expression matched in full against layer paths
     (``"layer_0/output"``, the kernel's path without ``params/`` and ``/kernel``).
-    ``bits``: 8 (255 steps over the row's range) or 7 (127 steps, codes in
+    ``bits``: 8 (254 steps over the row's range) or 7 (127 steps, codes in
     ``[0, 127]``: the faster native AVX2 path; see the module docstring). The
     marks live under ``variables["quant_asym"]`` and travel with artifacts.
 
