@@ -332,14 +332,7 @@ def encode_response(
     tensors, blobs = [], []
     for name, array in outputs:
         array = np.asarray(array)
-        tensor: dict[str, Any] = {"name": name, "datatype": datatype_of(array.dtype), "shape": list(array.shape)}
-        if binary is True or (binary and name in binary):
-            raw = _binary_data(array)
-            tensor["parameters"] = {"binary_data_size": len(raw)}
-            blobs.append(raw)
-        else:
-            tensor["data"] = _json_data(array)
-        tensors.append(tensor)
+        tensors.append(_tensor(name, array, binary is True or bool(binary and name in binary), blobs))
     head: dict[str, Any] = {"model_name": model_name, "outputs": tensors}
     if request_id is not None:
         head["id"] = request_id
@@ -347,6 +340,18 @@ def encode_response(
     if not blobs:
         return header, None
     return header + b"".join(blobs), len(header)
+
+
+def _tensor(name: str, array: np.ndarray, binary: bool, blobs: list[bytes]) -> dict[str, Any]:
+    """One tensor entry of a v2 body: its data inline as JSON, or (``binary``) its bytes appended to ``blobs``."""
+    tensor: dict[str, Any] = {"name": name, "datatype": datatype_of(array.dtype), "shape": list(array.shape)}
+    if binary:
+        raw = _binary_data(array)
+        tensor["parameters"] = {"binary_data_size": len(raw)}
+        blobs.append(raw)
+    else:
+        tensor["data"] = _json_data(array)
+    return tensor
 
 
 def encode_request(
@@ -370,14 +375,7 @@ def encode_request(
     for name, value in inputs:
         array = np.asarray(value) if not isinstance(value, (list, tuple)) or not value or not isinstance(
             value[0], (str, bytes)) else np.array([v.encode() if isinstance(v, str) else v for v in value], object)
-        tensor: dict[str, Any] = {"name": name, "datatype": datatype_of(array.dtype), "shape": list(array.shape)}
-        if binary:
-            raw = _binary_data(array)
-            tensor["parameters"] = {"binary_data_size": len(raw)}
-            blobs.append(raw)
-        else:
-            tensor["data"] = _json_data(array)
-        tensors.append(tensor)
+        tensors.append(_tensor(name, array, binary, blobs))
     head: dict[str, Any] = {"inputs": tensors}
     if request_id is not None:
         head["id"] = request_id
