@@ -329,17 +329,41 @@ def encode_response(
     Non-finite float values in JSON ``data`` are written as ``null``: the
     body is always valid JSON. Binary outputs carry them as they are.
     """
-    tensors, blobs = [], []
+    parts, blobs = [], []
     for name, array in outputs:
         array = np.asarray(array)
-        tensors.append(_tensor(name, array, binary is True or bool(binary and name in binary), blobs))
-    head: dict[str, Any] = {"model_name": model_name, "outputs": tensors}
+        as_binary = binary is True or bool(binary and name in binary)
+        fast = None if as_binary else _float_text(array)
+        if fast is None:
+            parts.append(_ENCODER.encode(_tensor(name, array, as_binary, blobs)))
+        else:  # the entry without "data", then the numbers as text (the same JSON, about 2x faster to write)
+            entry = _ENCODER.encode({"name": name, "datatype": datatype_of(array.dtype), "shape": list(array.shape)})
+            parts.append(entry[:-1] + ',"data":' + fast + "}")
+    head = '{"model_name":' + _ENCODER.encode(model_name) + ',"outputs":[' + ",".join(parts) + "]"
     if request_id is not None:
-        head["id"] = request_id
-    header = _ENCODER.encode(head).encode()
+        head += ',"id":' + _ENCODER.encode(request_id)
+    header = (head + "}").encode()
     if not blobs:
         return header, None
     return header + b"".join(blobs), len(header)
+
+
+# Significant digits that bring a float of each width back exactly.
+_ROUND_TRIP_FORMAT = {np.dtype(np.float16): "%.5g", np.dtype(np.float32): "%.9g", np.dtype(np.float64): "%.17g"}
+
+
+def _float_text(array: np.ndarray) -> str | None:
+    """A finite float array's values as a JSON list with just enough digits to read each back exactly, or
+    ``None`` for anything else (other dtypes, NaN, inf or -0.0: the generic path writes those).
+
+    Example:
+        >>> _float_text(np.array([0.1, 1e-7, 3.0], np.float32))
+        '[0.100000001,1.00000001e-07,3]'
+    """
+    fmt = _ROUND_TRIP_FORMAT.get(array.dtype)
+    if fmt is None or not np.isfinite(array).all() or (np.signbit(array) & (array == 0)).any():
+        return None  # ("%g" writes -0.0 as "-0", which JSON readers take for the integer 0)
+    return "[" + ",".join([fmt % v for v in array.reshape(-1).tolist()]) + "]"
 
 
 def _tensor(name: str, array: np.ndarray, binary: bool, blobs: list[bytes]) -> dict[str, Any]:
