@@ -28,6 +28,7 @@
 #include <mutex>
 #include <thread>
 #include <type_traits>
+#include <utility>
 #include <vector>
 
 #if defined(__x86_64__) || defined(_M_X64)
@@ -382,7 +383,8 @@ void Int8Core(int isa, const T* xr0, int64_t m, const int8_t* w, int64_t kp, int
   // Blocks of balanced sizes (17 rows: 6, 6, 5), so few passes go over each panel. Six-row blocks only pay
   // for a few rows (each pass streams the panel); with many rows four-row blocks run faster (measured).
   const int64_t mr = kMR == 6 && m > 25 ? 4 : kMR;
-  const int64_t blocks = (m + mr - 1) / mr, base = m / std::max<int64_t>(blocks, 1), rem = m % std::max<int64_t>(blocks, 1);
+  const int64_t blocks = (m + mr - 1) / mr, divisor = std::max<int64_t>(blocks, 1);
+  const int64_t base = m / divisor, rem = m % divisor;
   for (int64_t g0 = p0; g0 < p1; g0 += group) {
     const int64_t g1 = std::min(p1, g0 + group);
     for (int64_t b = 0, r = 0; b < blocks; r += base + (b < rem), ++b) {
@@ -603,13 +605,20 @@ inline void EmitRow(int64_t isa, const int32_t* sums, const int32_t* colsums, in
   EmitRowPortable(sums, colsums, zero, sx, sw, bias, out, count);
 }
 
+// The emit of the exact products: each row's int32 sums copied into out (rows of n).
+inline auto Int32Rows(int32_t* out, int64_t n) {
+  return [out, n](int64_t r, int64_t c0, const int32_t* sums, const int32_t*, int count) {
+    std::memcpy(out + r * n + c0, sums, sizeof(int32_t) * count);
+  };
+}
+
 // Runs the product for all m rows. prep(r0, r1, buf) writes rows [r0, r1) as T (int8: bounded path,
 // uint8: unsigned path, int16: exact path) into buf; emit(row, col0, sums, colsums, count) takes the int32
 // sums of columns [col0, col0 + count) of a row.
 // `colsums`: the weight's column sums are wanted too (for an activation zero point). They come from an
 // extra leading row of ones in the activation buffer, so they cost one row of the same product, computed
 // by whichever thread owns the columns, before the other rows of that row block are emitted; otherwise
-// colsum is 0.
+// emit gets a null colsums pointer.
 // Small weights (convolutions, narrow layers): threads split the rows and each prepares and runs
 // chunks of rows that stay in cache. Large weights: rows are prepared once, threads split the panels.
 constexpr int64_t kRowChunk = 48;
@@ -676,10 +685,7 @@ ffi::Error Int8MatmulImpl(ffi::Buffer<ffi::S8> x, ffi::Buffer<ffi::S8> w, ffi::R
   if (auto e = CheckPacked(wd, k, n); e.failure()) return e;
   const int64_t kp = wd[1] * 4;
   const int8_t* xs = x.typed_data();
-  int32_t* out = y->typed_data();
-  auto emit = [&](int64_t r, int64_t c0, const int32_t* sums, const int32_t*, int count) {
-    std::memcpy(out + r * n + c0, sums, sizeof(int32_t) * count);
-  };
+  auto emit = Int32Rows(y->typed_data(), n);
   auto run = [&](auto zero) {
     using T = decltype(zero);
     RunInt8<T>(static_cast<int>(isa), m, w.typed_data(), kp, n, false,
@@ -700,13 +706,15 @@ struct ConvShape {
   int64_t batch, hp, wp, c, oh, ow, kh, kw, sh, sw, dh, dw;
 };
 
-ffi::Error CheckConv(ffi::Span<const int64_t> xd, ffi::Span<const int64_t> yd, int64_t n, ConvShape& g) {
+// Fills g's sizes from the input and output, and checks them and the packed weight against the window.
+ffi::Error CheckConv(ffi::Span<const int64_t> xd, ffi::Span<const int64_t> wd, ffi::Span<const int64_t> yd,
+                     int64_t n, ConvShape& g) {
   if (xd.size() != 4 || yd.size() != 4) return ffi::Error::InvalidArgument("conv2d: NHWC input and output");
   g.batch = xd[0], g.hp = xd[1], g.wp = xd[2], g.c = xd[3], g.oh = yd[1], g.ow = yd[2];
   if (g.kh < 1 || g.kw < 1 || g.sh < 1 || g.sw < 1 || g.dh < 1 || g.dw < 1 || yd[0] != g.batch || yd[3] != n ||
       (g.oh - 1) * g.sh + (g.kh - 1) * g.dh >= g.hp || (g.ow - 1) * g.sw + (g.kw - 1) * g.dw >= g.wp)
     return ffi::Error::InvalidArgument("conv2d: window, strides and output size do not fit the input");
-  return ffi::Error::Success();
+  return CheckPacked(wd, g.kh * g.kw * g.c, n);
 }
 
 template <typename Emit>
@@ -746,13 +754,9 @@ ffi::Error Int8Conv2dImpl(ffi::Buffer<ffi::S8> x, ffi::Buffer<ffi::S8> w, ffi::R
                           int64_t isa, int64_t n, int64_t kh, int64_t kw, int64_t sh, int64_t sw, int64_t dh,
                           int64_t dw, int64_t bounded) {
   ConvShape g{0, 0, 0, 0, 0, 0, kh, kw, sh, sw, dh, dw};
-  if (auto e = CheckConv(x.dimensions(), y->dimensions(), n, g); e.failure()) return e;
-  if (auto e = CheckPacked(w.dimensions(), kh * kw * g.c, n); e.failure()) return e;
-  int32_t* out = y->typed_data();
+  if (auto e = CheckConv(x.dimensions(), w.dimensions(), y->dimensions(), n, g); e.failure()) return e;
   RunConv2d(static_cast<int>(isa), g, x.typed_data(), w.typed_data(), w.dimensions()[1] * 4, n, bounded,
-            [&](int64_t r, int64_t c0, const int32_t* sums, const int32_t*, int count) {
-              std::memcpy(out + r * n + c0, sums, sizeof(int32_t) * count);
-            });
+            Int32Rows(y->typed_data(), n));
   return ffi::Error::Success();
 }
 
@@ -761,8 +765,7 @@ ffi::Error W8A8Conv2dImpl(ffi::Buffer<ffi::S8> x, ffi::Buffer<ffi::S8> w, ffi::B
                           ffi::Buffer<ffi::F32> w_scale, ffi::ResultBuffer<ffi::F32> y, int64_t isa, int64_t n,
                           int64_t kh, int64_t kw, int64_t sh, int64_t sw, int64_t dh, int64_t dw, int64_t bounded) {
   ConvShape g{0, 0, 0, 0, 0, 0, kh, kw, sh, sw, dh, dw};
-  if (auto e = CheckConv(x.dimensions(), y->dimensions(), n, g); e.failure()) return e;
-  if (auto e = CheckPacked(w.dimensions(), kh * kw * g.c, n); e.failure()) return e;
+  if (auto e = CheckConv(x.dimensions(), w.dimensions(), y->dimensions(), n, g); e.failure()) return e;
   if (static_cast<int64_t>(x_scale.element_count()) != g.batch || static_cast<int64_t>(w_scale.element_count()) != n)
     return ffi::Error::InvalidArgument("w8a8 conv2d: one x scale per image and one w scale per output channel");
   const float* sx = x_scale.typed_data();
@@ -940,6 +943,21 @@ ffi::Error Int4MatmulImpl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::U8> w, ffi::
   return ffi::Error::Success();
 }
 
+// The attributes both convolution targets take, after their buffers.
+template <typename Binding>
+auto ConvAttrs(Binding binding) {
+  return std::move(binding)
+      .template Attr<int64_t>("isa")
+      .template Attr<int64_t>("n")
+      .template Attr<int64_t>("kh")
+      .template Attr<int64_t>("kw")
+      .template Attr<int64_t>("sh")
+      .template Attr<int64_t>("sw")
+      .template Attr<int64_t>("dh")
+      .template Attr<int64_t>("dw")
+      .template Attr<int64_t>("bounded");
+}
+
 }  // namespace
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(JxsInt8Matmul, Int8MatmulImpl,
@@ -952,36 +970,18 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JxsInt8Matmul, Int8MatmulImpl,
                                   .Attr<int64_t>("bounded"));
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(JxsInt8Conv2d, Int8Conv2dImpl,
-                              ffi::Ffi::Bind()
-                                  .Arg<ffi::Buffer<ffi::S8>>()
-                                  .Arg<ffi::Buffer<ffi::S8>>()
-                                  .Ret<ffi::Buffer<ffi::S32>>()
-                                  .Attr<int64_t>("isa")
-                                  .Attr<int64_t>("n")
-                                  .Attr<int64_t>("kh")
-                                  .Attr<int64_t>("kw")
-                                  .Attr<int64_t>("sh")
-                                  .Attr<int64_t>("sw")
-                                  .Attr<int64_t>("dh")
-                                  .Attr<int64_t>("dw")
-                                  .Attr<int64_t>("bounded"));
+                              ConvAttrs(ffi::Ffi::Bind()
+                                            .Arg<ffi::Buffer<ffi::S8>>()
+                                            .Arg<ffi::Buffer<ffi::S8>>()
+                                            .Ret<ffi::Buffer<ffi::S32>>()));
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(JxsW8A8Conv2d, W8A8Conv2dImpl,
-                              ffi::Ffi::Bind()
-                                  .Arg<ffi::Buffer<ffi::S8>>()
-                                  .Arg<ffi::Buffer<ffi::S8>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Attr<int64_t>("isa")
-                                  .Attr<int64_t>("n")
-                                  .Attr<int64_t>("kh")
-                                  .Attr<int64_t>("kw")
-                                  .Attr<int64_t>("sh")
-                                  .Attr<int64_t>("sw")
-                                  .Attr<int64_t>("dh")
-                                  .Attr<int64_t>("dw")
-                                  .Attr<int64_t>("bounded"));
+                              ConvAttrs(ffi::Ffi::Bind()
+                                            .Arg<ffi::Buffer<ffi::S8>>()
+                                            .Arg<ffi::Buffer<ffi::S8>>()
+                                            .Arg<ffi::Buffer<ffi::F32>>()
+                                            .Arg<ffi::Buffer<ffi::F32>>()
+                                            .Ret<ffi::Buffer<ffi::F32>>()));
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(JxsW8A8Matmul, W8A8MatmulImpl,
                               ffi::Ffi::Bind()

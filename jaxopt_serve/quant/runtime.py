@@ -120,6 +120,11 @@ def _check_act_bits(bits: int) -> int:
     return bits
 
 
+def _asym_mark(bits: int) -> Any:
+    """The ``quant_asym`` mark for ``bits``: ``True`` for 8 (the original form), int8 ``7`` for 7."""
+    return np.bool_(True) if bits == 8 else np.int8(bits)
+
+
 def _mark_bits(key: str, mark: Any) -> int:
     """The bits of a ``quant_asym`` mark, read from its dtype (marks may be traced): bool (True) is 8, int8 (7) is 7."""
     dtype, shape = jnp.result_type(mark), jnp.shape(mark)
@@ -752,8 +757,7 @@ def mark_asymmetric(variables: Variables, pattern: str, *, bits: int = 8) -> Var
     if not layers:
         known = sorted(_layer_keys(variables))
         raise ValueError(f"pattern {pattern!r} matches no quantized kernel's layer; quantized layers: {known}")
-    mark = np.bool_(True) if bits == 8 else np.int8(bits)
-    marks = {**variables.get(ASYM_COLLECTION, {}), **{name: mark for name in layers}}
+    marks = {**variables.get(ASYM_COLLECTION, {}), **{name: _asym_mark(bits) for name in layers}}
     return {**variables, ASYM_COLLECTION: marks}
 
 

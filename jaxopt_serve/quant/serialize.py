@@ -48,7 +48,7 @@ from jaxopt_serve.models.config import ModelConfig
 from jaxopt_serve.models.functional import Variables, init_variables
 from jaxopt_serve.quant.qarray import BITS, QArray, is_qarray
 from jaxopt_serve.quant.rules import QuantizeResult, path_str
-from jaxopt_serve.quant.runtime import ACT_COLLECTION, ASYM_COLLECTION, SMOOTH_COLLECTION
+from jaxopt_serve.quant.runtime import ACT_COLLECTION, ASYM_COLLECTION, SMOOTH_COLLECTION, _asym_mark, _mark_bits
 
 LAYOUT = "quantized"
 QARRAY_KEY = "__qarray__"
@@ -188,9 +188,11 @@ def check_qvariables(config: ModelConfig | Model, qvariables: Mapping[str, Any],
                                 f"kernel's input dimensions")
     for layer, mark in _collection(qvariables, ASYM_COLLECTION, "True"):
         value = np.asarray(mark)
-        bits8 = value.dtype == np.bool_ and value.shape == () and bool(value)
-        bits7 = value.dtype == np.int8 and value.shape == () and int(value) == 7
-        if not (bits8 or bits7):
+        try:  # the runtime's reading of a mark (its dtype), then the one value that dtype may hold
+            valid = value.item() == _asym_mark(_mark_bits(layer, value)).item()
+        except ValueError:
+            valid = False
+        if not valid:
             raise ArtifactError(f"asymmetric-activation mark {ASYM_COLLECTION}/{layer} must be a boolean True "
                                 f"(8 bits) or int8 7 (7 bits), got {value.dtype}{list(value.shape)}")
         if not isinstance(_kernel_of(have, layer), QArray):

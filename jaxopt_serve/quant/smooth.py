@@ -41,6 +41,7 @@ from jaxopt_serve.quant.rules import QuantRule, dequantize_tree, first_match, qu
 from jaxopt_serve.quant.runtime import (
     ASYM_COLLECTION,
     SMOOTH_COLLECTION,
+    _mark_bits,
     mark_asymmetric,
     quantized_dot,
 )
@@ -133,7 +134,7 @@ def smooth_quantize(
             rule = first_match("params/" + "/".join(parts), rules)
             spec = rules[rule].spec if rule is not None and rules[rule].spec is not None else QuantSpec()
             best, _ = search_alpha(np.concatenate(rows[key]), kernel, spec, grid, act_symmetric=key not in marks,
-                                   act_bits=7 if key in marks and np.asarray(marks[key]).dtype == np.int8 else 8)
+                                   act_bits=_mark_bits(key, marks[key]) if key in marks else 8)
         w_absmax = np.abs(kernel.reshape(*kernel.shape[:n], -1)).max(axis=-1)
         s = smooth_factors(peak, w_absmax, best)
         set_leaf(params, parts, jnp.asarray(kernel * _broadcast(s, kernel.ndim)))

@@ -1,12 +1,11 @@
-import json
 import os
 import signal
 import subprocess
 import sys
-import time
 
 import numpy as np
 import pytest
+from chunk_progress import chunks_done
 
 from jaxopt_serve.artifact import Artifact, save_artifact
 from jaxopt_serve.cli import main
@@ -64,16 +63,7 @@ def test_sigkill_mid_run_then_rerun_is_byte_identical(tmp_path, artifact):
     out = tmp_path / "resumed.npy"
     state = tmp_path / "resumed.npy.state.json"
     proc = subprocess.Popen(command(out), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 120
-    done = 0
-    while time.time() < deadline and proc.poll() is None:
-        try:
-            done = json.loads(state.read_text())["done"]
-        except (FileNotFoundError, json.JSONDecodeError, KeyError):
-            done = 0
-        if done >= 20:
-            break
-        time.sleep(0.005)
+    done = chunks_done(state, proc, 20, timeout_s=120)
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait(timeout=30)
     total = 24000 // 16

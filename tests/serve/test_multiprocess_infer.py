@@ -1,6 +1,5 @@
 """``jaxopt-serve infer --output-dir`` across 2 jax.distributed processes: same bytes as 1 process, resumable."""
 
-import json
 import os
 import signal
 import socket
@@ -11,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from chunk_progress import chunks_done
 
 from jaxopt_serve.artifact import Artifact, save_artifact
 from jaxopt_serve.cli import main
@@ -92,16 +92,9 @@ def test_sigkill_of_one_process_then_rerun_resumes_and_matches(job, tmp_path):
     root, reference = job
     procs = _start_two(root, tmp_path)
     state = tmp_path / "shard-1.npy.state.json"
-    done, deadline = 0, time.time() + 180
+    done = 0
     try:
-        while time.time() < deadline and procs[1].poll() is None:
-            try:
-                done = json.loads(state.read_text())["done"]
-            except (FileNotFoundError, json.JSONDecodeError, KeyError):
-                done = 0
-            if done >= 20:
-                break
-            time.sleep(0.005)
+        done = chunks_done(state, procs[1], 20, timeout_s=180)
         os.kill(procs[1].pid, signal.SIGKILL)
     finally:
         time.sleep(0.5)
