@@ -11,11 +11,11 @@ not shadowed); implementation lives in topic packages
 
 from jaxopt_serve.artifact import Artifact, ArtifactError, load_artifact, save_artifact
 from jaxopt_serve.data import Dataset, load_digits
-from jaxopt_serve.model import Model, as_model
-from jaxopt_serve.exported import load_exported
 from jaxopt_serve.distill import DistillConfig, distill_models
 from jaxopt_serve.engine import InferenceEngine, export_model, make_mesh, model_parallel_rules
+from jaxopt_serve.exported import load_exported
 from jaxopt_serve.extras import MissingExtraError
+from jaxopt_serve.model import Model, as_model
 from jaxopt_serve.models import (
     CNN,
     MLP,

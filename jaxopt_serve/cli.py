@@ -590,13 +590,12 @@ def _distill(args: argparse.Namespace) -> int:
 
 
 def _export(args: argparse.Namespace) -> int:
+    import jax
     import numpy as np
 
     from jaxopt_serve.artifact import load_artifact
     from jaxopt_serve.engine import InferenceEngine, export_model
     from jaxopt_serve.exported import load_exported
-
-    import jax
 
     artifact = load_artifact(args.artifact)
     platforms = tuple(p.lower() for p in args.platforms) if args.platforms else None

@@ -16,8 +16,8 @@ from flax import nnx
 
 from jaxopt_serve.artifact import MODEL_FORMAT_VERSION, Artifact, ArtifactError, load_artifact, save_artifact
 from jaxopt_serve.model import Model
-from jaxopt_serve.prune import model_prune_rules, prune, sparse_artifact
 from jaxopt_serve.models import MLPConfig
+from jaxopt_serve.prune import model_prune_rules, prune, sparse_artifact
 from jaxopt_serve.quant import (
     QArray,
     calibrate,

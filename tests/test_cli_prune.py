@@ -16,7 +16,7 @@ def test_prune_help_lists_the_options(capsys):
 
 
 def _sizes(capsys):
-    line = next(l for l in capsys.readouterr().out.splitlines() if l.startswith("size:"))
+    line = next(out for out in capsys.readouterr().out.splitlines() if out.startswith("size:"))
     before, after = (int(v.replace(",", "")) for v in line.split()[1:4:2])
     return before, after
 

@@ -3,12 +3,11 @@ import json
 import numpy as np
 import pytest
 
-from jaxopt_serve.quant.runtime import quantized_predict_fn
-
 from jaxopt_serve.artifact import load_artifact
 from jaxopt_serve.cli import main
 from jaxopt_serve.models import predict_fn
 from jaxopt_serve.quant import QArray
+from jaxopt_serve.quant.runtime import quantized_predict_fn
 from jaxopt_serve.train import accuracy
 
 

@@ -40,8 +40,8 @@ from jaxopt_serve.data.digits import Dataset
 from jaxopt_serve.distill.losses import HIDDEN_LOSSES, check_temperature, distillation_loss
 from jaxopt_serve.fileio import NotARegularFileError, RegularFile, atomic_write
 from jaxopt_serve.models.config import ModelConfig
-from jaxopt_serve.quant.qarray import has_qarrays
 from jaxopt_serve.models.functional import Variables, example_input, init_variables, make_apply, predict_fn
+from jaxopt_serve.quant.qarray import has_qarrays
 from jaxopt_serve.train.loop import TrainState, accuracy, fit, init_state
 from jaxopt_serve.train.recipes import default_optimizer
 

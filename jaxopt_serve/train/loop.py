@@ -18,6 +18,7 @@ in-memory arrays.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any, NamedTuple
 
@@ -445,6 +446,14 @@ class _progress_bar:
             self.bar.stop()
 
 
+def _padded_chunk(a: Any, *, start: int, count: int, batch_size: int) -> np.ndarray:
+    """Rows ``start:start + count`` of ``a``, zero-padded to ``batch_size`` rows (one compiled shape)."""
+    chunk = np.asarray(a[start : start + count])
+    if count < batch_size:
+        chunk = np.concatenate([chunk, np.zeros((batch_size - count, *chunk.shape[1:]), chunk.dtype)])
+    return chunk
+
+
 def accuracy(
     predict: Callable[[Variables, Any], Any] | Model | ModelConfig,
     variables: Variables | None,
@@ -494,13 +503,7 @@ def accuracy(
     correct = 0
     for start in range(0, n, batch_size):
         count = min(batch_size, n - start)
-
-        def chunk_of(a: Any) -> np.ndarray:
-            chunk = np.asarray(a[start : start + count])
-            if count < batch_size:
-                chunk = np.concatenate([chunk, np.zeros((batch_size - count, *chunk.shape[1:]), chunk.dtype)])
-            return chunk
-
+        chunk_of = functools.partial(_padded_chunk, start=start, count=count, batch_size=batch_size)
         predictions = np.asarray(jitted(variables, jax.tree.map(chunk_of, x))).argmax(-1)[:count]
         correct += int((predictions == np.asarray(y[start : start + count])).sum())
     return correct / n

@@ -14,6 +14,7 @@ from jaxopt_serve.exported import MAGIC, PREFIX, load_exported, pack_exported, r
 from standalone import run_standalone as _run_standalone
 from tiny_pytree_models import dict_inputs, dict_model, pooled_model, token_inputs, two_input_model
 
+
 def test_pytree_artifacts_run_standalone_and_match_the_model(tmp_path):
     dict_net, two, pooled = dict_model(), two_input_model(), pooled_model()
     export_model(tmp_path / "dict.jxe", dict_net)

@@ -23,9 +23,9 @@ and trains it.
 
 from __future__ import annotations
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import flax.linen as nn
 from flax import nnx
 
 NUM_CLASSES = 10

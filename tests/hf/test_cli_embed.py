@@ -1,7 +1,7 @@
 import numpy as np
+from sentences import minilm_sentences
 
 from jaxopt_serve.cli import main
-from sentences import minilm_sentences
 
 
 def test_embed_cli_matches_the_python_api(tmp_path, capsys):

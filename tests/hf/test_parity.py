@@ -3,9 +3,9 @@ import re
 
 import numpy as np
 import pytest
+from sentences import minilm_sentences
 
 from jaxopt_serve.hf import SentenceEncoder, bundled_minilm_dir, import_bert
-from sentences import minilm_sentences
 
 pytest.importorskip("tokenizers")  # the hf extra; `make test` installs it
 

@@ -12,12 +12,13 @@ import pytest
 
 pytest.importorskip("tokenizers")  # the hf extra; `make test` installs it
 
+from sentences import minilm_sentences  # noqa: E402
+
 from jaxopt_serve.hf import LENGTH_AXES, SentenceEncoder, bundled_minilm_dir, embedding_model  # noqa: E402
 from jaxopt_serve.quant import QuantRule, QuantSpec  # noqa: E402
 from jaxopt_serve.quant.runtime import execution_report  # noqa: E402
 from jaxopt_serve.quant.smooth import smooth_quantize  # noqa: E402
 from jaxopt_serve.serve import DynamicBatcher  # noqa: E402
-from sentences import minilm_sentences  # noqa: E402
 from standalone import run_standalone  # noqa: E402
 
 BUCKETS, LENGTHS = (4, 8), (16, 32)

@@ -156,7 +156,7 @@ def _cases() -> list[Case]:
         c("train", "learning-rate-inf", lambda f: [*train(f), "--learning-rate", "inf"], "--learning-rate"),
         c("train", "learning-rate-0", lambda f: [*train(f), "--learning-rate", "0"], "--learning-rate"),
         c("train", "learning-rate-negative", lambda f: [*train(f), "--learning-rate", "-0.1"], "--learning-rate"),
-        c("train", "output-a-directory", lambda f: ["train", "-o", str(f.directory)], str("-o")),
+        c("train", "output-a-directory", lambda f: ["train", "-o", str(f.directory)], "-o"),
         c("train", "output-under-a-file", lambda f: ["train", "-o", str(f.plain_file / "m.jxs")], "-o"),
         c("train", "model-unknown", lambda f: [*train(f), "--model", "resnet"], "--model"),
         c("train", "output-missing", lambda f: ["train"], "--output"),

@@ -168,7 +168,7 @@ def infer_tamper_cases_undetected(*, failures: list[str] | None = None) -> int:
     engine()
     undetected = 0
     for npz in (False, True):
-        for name, (_, detected) in CASES.items():
+        for name, (_, _detected) in CASES.items():
             with tempfile.TemporaryDirectory() as tmp:
                 outcome, message = run_case(name, Path(tmp), npz=npz)
             if outcome == "undetected":

@@ -12,8 +12,7 @@ import urllib.request
 
 import numpy as np
 import pytest
-from hypothesis import given, settings
-from hypothesis import strategies as st
+from hypothesis import given, settings, strategies as st
 
 from jaxopt_serve.cli import main
 from jaxopt_serve.engine import InferenceEngine
