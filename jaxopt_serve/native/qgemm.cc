@@ -647,15 +647,17 @@ void RunInt8(int isa, int64_t m, const int8_t* w, int64_t kp, int64_t n, bool co
     if constexpr (kFlags)
       for (int64_t r = r0; r < r1; ++r) flags[r - r0] = NonNegative(rows + (r - r0) * kp, kp);
   };
-  if (weight_bytes <= (int64_t{1} << 20) && m > kRowChunk) {
-    const int64_t chunks = (m + kRowChunk - 1) / kRowChunk;
+  // A chunk's rows plus the ones row fill whole four-row blocks (no three-row blocks for every chunk).
+  const int64_t chunk_rows = kRowChunk - extra;
+  if (weight_bytes <= (int64_t{1} << 20) && m > chunk_rows) {
+    const int64_t chunks = (m + chunk_rows - 1) / chunk_rows;
     ParallelColumns(chunks, m * n * kp, 1, [&](int64_t c0, int64_t c1) {
-      std::vector<T> buf(static_cast<size_t>((kRowChunk + extra) * kp));
-      std::vector<uint8_t> flags(static_cast<size_t>(kRowChunk + extra), 1);
+      std::vector<T> buf(static_cast<size_t>(kRowChunk * kp));
+      std::vector<uint8_t> flags(static_cast<size_t>(kRowChunk), 1);
       std::vector<int32_t> cs(static_cast<size_t>(colsums ? panels * 16 : 0));
       if (colsums) OnesRow(kp, buf.data());
       for (int64_t c = c0; c < c1; ++c) {
-        const int64_t r0 = c * kRowChunk, r1 = std::min(m, r0 + kRowChunk);
+        const int64_t r0 = c * chunk_rows, r1 = std::min(m, r0 + chunk_rows);
         prepare(r0, r1, buf.data() + extra * kp, flags.data() + extra);
         Int8Core(isa, buf.data(), r1 - r0 + extra, w, kp, n, 0, panels, kFlags ? flags.data() : nullptr,
                  core_emit(r0, cs.data()));
