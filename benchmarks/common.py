@@ -39,6 +39,21 @@ def accuracy_pct(config: Any, variables: Any, data: Any, *, mode: str = "weight_
     return 100.0 * accuracy(inference_fn(config, variables, mode=mode), variables, data.x_test, data.y_test)
 
 
+def add_allocator_flag(parser: Any) -> None:
+    """``--allocator retain|default``: whether the process keeps freed host memory (``retain_host_memory``)."""
+    parser.add_argument("--allocator", choices=["retain", "default"], default="retain",
+                        help="retain: glibc keeps freed memory for reuse, as the serving commands do (default); "
+                             "default: glibc's own policy (large buffers mapped and unmapped on every call)")
+
+
+def apply_allocator(args: Any, report: Report) -> None:
+    """Applies ``args.allocator`` before anything is compiled, and records it in the report's settings."""
+    from jaxopt_serve.engine import retain_host_memory
+
+    applied = args.allocator == "retain" and retain_host_memory()
+    report.settings["allocator"] = "retain freed memory (glibc mallopt)" if applied else "glibc default"
+
+
 class Report:
     """Acceptance checks plus free-form tables, printed and written as JSON."""
 
@@ -46,6 +61,7 @@ class Report:
         self.title = title
         self.checks: list[dict[str, Any]] = []
         self.tables: dict[str, list[dict[str, Any]]] = {}
+        self.settings: dict[str, Any] = {}  # process-wide conditions the figures depend on (allocator, ...)
 
     def check(self, name: str, value: float, target: float, op: str) -> None:
         assert op in (">=", "<=")
@@ -57,6 +73,8 @@ class Report:
 
     def print(self) -> None:
         print(f"\n== {self.title} on {device_description()} ==")
+        for key, value in self.settings.items():
+            print(f"{key}: {value}")
         for name, rows in self.tables.items():
             print(f"\n-- {name} --")
             _print_rows(rows)
@@ -66,7 +84,8 @@ class Report:
 
     def write(self, path: str | None) -> None:
         if path:
-            payload = {"device": device_description(), "checks": self.checks, "tables": self.tables}
+            payload = {"device": device_description(), "settings": self.settings, "checks": self.checks,
+                       "tables": self.tables}
             atomic_write(path, (json.dumps(payload, indent=2) + "\n").encode())
             print(f"wrote {path}")
 

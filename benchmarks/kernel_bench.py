@@ -55,7 +55,7 @@ import jax.numpy as jnp
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(__file__))
-from common import Report, _print_rows, device_description  # noqa: E402
+from common import Report, add_allocator_flag, apply_allocator, _print_rows, device_description  # noqa: E402
 
 from jaxopt_serve.fileio import atomic_write  # noqa: E402
 
@@ -381,7 +381,7 @@ class KernelReport(Report):
 
     def write(self, path: str | None) -> None:
         if path:
-            payload = {"device": device_description(), **self.meta, "checks": self.checks, "tables": self.tables}
+            payload = {"device": device_description(), **self.meta, "settings": self.settings, "checks": self.checks, "tables": self.tables}
             atomic_write(path, (json.dumps(payload, indent=2) + "\n").encode())
             print(f"wrote {path}")
 
@@ -474,6 +474,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                         help="comma-separated batch sizes (default 1,16,256)")
     parser.add_argument("--rounds", type=int, default=7, help="alternating timing rounds per (model, batch)")
     parser.add_argument("--seed", type=int, default=0)
+    add_allocator_flag(parser)
     args = parser.parse_args(argv)
     if args.size % GROUP:
         parser.error(f"--size must be a multiple of {GROUP} (the int4 group)")
@@ -489,6 +490,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                           {"cpu": cpu, "native": native_meta, "torch": torch_meta,
                            "config": {"size": args.size, "batches": args.batches, "rounds": args.rounds,
                                       "seed": args.seed, "int4_group": GROUP}})
+    apply_allocator(args, report)
     start = cpu_busy_seconds()
     with torch.inference_mode() if torch is not None else contextlib.nullcontext():
         ms, notes = run_cases(args, report, native, native_meta["note"], torch, torch_meta["note"])

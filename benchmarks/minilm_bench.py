@@ -28,7 +28,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(__file__))
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests", "hf"))
-from common import Report  # noqa: E402
+from common import Report, add_allocator_flag, apply_allocator  # noqa: E402
 from minilm_reference import torch_embeddings  # noqa: E402
 from sentences import minilm_sentences  # noqa: E402
 
@@ -83,8 +83,10 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--json", metavar="PATH", help="write the checks and tables as JSON")
     parser.add_argument("--rounds", type=int, default=5)
+    add_allocator_flag(parser)
     args = parser.parse_args(argv)
     report = Report("all-MiniLM-L6-v2 benchmark")
+    apply_allocator(args, report)
     directory = bundled_minilm_dir()
     sentences = minilm_sentences()
     prose = [s for s in documentation_sentences() if s not in set(CALIBRATION)][:400]

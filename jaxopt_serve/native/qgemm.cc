@@ -628,8 +628,10 @@ void OnesRow(int64_t kp, T* out) {
   for (int64_t i = 0; i < kp; ++i) out[i] = 1;
 }
 
+// `nonneg_input`: the caller knows no row holds a negative value (the flags need no scan).
 template <typename T, typename Prep, typename Emit>
-void RunInt8(int isa, int64_t m, const int8_t* w, int64_t kp, int64_t n, bool colsums, Prep prep, Emit emit) {
+void RunInt8(int isa, int64_t m, const int8_t* w, int64_t kp, int64_t n, bool colsums, Prep prep, Emit emit,
+             bool nonneg_input = false) {
   const int64_t panels = (n + 15) / 16;
   const int64_t weight_bytes = panels * 16 * kp;
   const int64_t extra = colsums ? 1 : 0;
@@ -645,7 +647,7 @@ void RunInt8(int isa, int64_t m, const int8_t* w, int64_t kp, int64_t n, bool co
   auto prepare = [&](int64_t r0, int64_t r1, T* rows, uint8_t* flags) {
     prep(r0, r1, rows);
     if constexpr (kFlags)
-      for (int64_t r = r0; r < r1; ++r) flags[r - r0] = NonNegative(rows + (r - r0) * kp, kp);
+      for (int64_t r = r0; r < r1; ++r) flags[r - r0] = nonneg_input || NonNegative(rows + (r - r0) * kp, kp);
   };
   // A chunk's rows plus the ones row fill whole four-row blocks (no three-row blocks for every chunk).
   const int64_t chunk_rows = kRowChunk - extra;
@@ -719,10 +721,33 @@ ffi::Error CheckConv(ffi::Span<const int64_t> xd, ffi::Span<const int64_t> wd, f
   return CheckPacked(wd, g.kh * g.kw * g.c, n);
 }
 
+// memcpy for the short runs of an im2col row (a window row of a few channels: 9 bytes for 3x3x3), inline:
+// two overlapping 8- or 4-byte moves instead of a library call.
+inline void CopyBytes(int8_t* dst, const int8_t* src, int64_t n) {
+  if (n >= 16) {
+    std::memcpy(dst, src, n);
+  } else if (n >= 8) {
+    uint64_t a, b;
+    std::memcpy(&a, src, 8);
+    std::memcpy(&b, src + n - 8, 8);
+    std::memcpy(dst, &a, 8);
+    std::memcpy(dst + n - 8, &b, 8);
+  } else if (n >= 4) {
+    uint32_t a, b;
+    std::memcpy(&a, src, 4);
+    std::memcpy(&b, src + n - 4, 4);
+    std::memcpy(dst, &a, 4);
+    std::memcpy(dst + n - 4, &b, 4);
+  } else {
+    for (int64_t i = 0; i < n; ++i) dst[i] = src[i];
+  }
+}
+
 template <typename Emit>
 void RunConv2d(int isa, const ConvShape& g, const int8_t* xs, const int8_t* w, int64_t kp, int64_t n, bool bounded,
                Emit emit) {
   const int64_t k = g.kh * g.kw * g.c, m = g.batch * g.oh * g.ow;
+  const bool nonneg = NonNegative(xs, g.batch * g.hp * g.wp * g.c);
   auto run = [&](auto zero) {
     using T = decltype(zero);
     auto prep = [&](int64_t r0, int64_t r1, T* buf) {
@@ -733,7 +758,7 @@ void RunConv2d(int isa, const ConvShape& g, const int8_t* xs, const int8_t* w, i
           const int8_t* row = xs + ((b * g.hp + i * g.sh + a * g.dh) * g.wp + j * g.sw) * g.c;
           if constexpr (sizeof(T) == 1) {
             if (g.dw == 1) {
-              std::memcpy(o, row, g.kw * g.c);
+              CopyBytes(o, row, g.kw * g.c);
               o += g.kw * g.c;
               continue;
             }
@@ -744,10 +769,10 @@ void RunConv2d(int isa, const ConvShape& g, const int8_t* xs, const int8_t* w, i
         for (int64_t q = k; q < kp; ++q) buf[(r - r0) * kp + q] = 0;
       }
     };
-    RunInt8<T>(isa, m, w, kp, n, false, prep, emit);
+    RunInt8<T>(isa, m, w, kp, n, false, prep, emit, nonneg);
   };
   // Bounded, or an input with no negative value (the unsigned path takes any weight): int8 rows.
-  if (bounded || NonNegative(xs, g.batch * g.hp * g.wp * g.c)) run(int8_t{0});
+  if (bounded || nonneg) run(int8_t{0});
   else run(int16_t{0});
 }
 

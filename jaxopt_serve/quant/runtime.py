@@ -17,9 +17,11 @@ rest of the program runs as written. Modes:
   ``calibrate`` (stored in the variables under ``"quant_act"``).
 * ``"auto"``: on CPU, ``"dynamic"`` for dots with kernels of 65,536 elements
   or more (a dot with a single row is padded to two rows, which avoids
-  XLA:CPU's slow int8 matrix-vector path); ``"weight_only"`` for smaller dots,
-  for convolutions (XLA:CPU's int8 convolution measured slower than f32 on the
-  CI CPU) and on every other backend.
+  XLA:CPU's slow int8 matrix-vector path), and for 2-D ungrouped convolutions
+  with kernels of 4,096 elements or more when the native kernels run (without
+  them XLA:CPU's int8 convolution measured slower than f32);
+  ``"weight_only"`` for smaller dots and convolutions, for the other
+  convolutions and on every other backend.
 
 Integer convolutions go through ``intconv.int8_conv`` (windows + one integer
 dot): XLA:CPU's own int8 convolution returns wrong int32 values under some
@@ -100,6 +102,21 @@ def _integer_ok(kernel: QArray, contract: Sequence[int], *, conv: bool = False) 
 
 # Below this many kernel elements, dequantizing costs less than quantizing the activations (auto mode).
 _SMALL_KERNEL = 1 << 16
+
+
+# Below this many kernel elements a convolution is too narrow for the int8 kernel to pay (auto mode): the
+# first layer of an image model (3 input channels: 3x3x3x32 = 864 elements) ran slower in int8 than in f32.
+_SMALL_CONV_KERNEL = 1 << 12
+
+
+def _resolve_conv(mode: str, kernel_size: int, params: Mapping[str, Any]) -> str:
+    """auto: the native int8 convolution (2-D, ungrouped) for kernels of 4,096 elements or more, else weight_only."""
+    if mode != "auto":
+        return mode
+    native_conv = (native.available() and len(params["window_strides"]) == 2
+                   and params.get("feature_group_count", 1) == 1 and params.get("batch_group_count", 1) == 1
+                   and all(d == 1 for d in params.get("lhs_dilation") or (1, 1)))
+    return "dynamic" if native_conv and kernel_size >= _SMALL_CONV_KERNEL else "weight_only"
 
 
 def _resolve(mode: str, kernel_size: int) -> str:
@@ -377,7 +394,7 @@ class _Session:
             raise ValueError(f"{ASYM_COLLECTION}/{key}: asymmetric activations are for dot products, not convolutions")
         if self.observe:
             self.observed[key] = x
-        mode = "weight_only" if self.observe or self.mode == "auto" else self.mode
+        mode = "weight_only" if self.observe else _resolve_conv(self.mode, q.size, params)
         scale = None
         if (mode != "weight_only" and q.granularity != "group" and q.bits <= 8 and q.zero_point is None
                 and params.get("batch_group_count", 1) == 1):
