@@ -31,12 +31,16 @@ from jaxopt_serve.prune.structured import (
     StructuredResult,
     apply_plan,
     group_scores,
+    kept_count,
     mask_plan,
     model_groups,
     plan,
     register_coupling,
     structured_prune,
 )
+from jaxopt_serve.prune.coupling import Analysis, Refusal, analyze
+from jaxopt_serve.prune.rerun import program_fn
+from jaxopt_serve.prune.auto import AutoPruneResult, prune_model, shrink_nnx
 from jaxopt_serve.prune.regularize import (
     add_group_lasso,
     add_l1,
@@ -51,6 +55,14 @@ from jaxopt_serve.prune.sparse_io import decode_sparse, encode_sparse, sparse_ar
 from jaxopt_serve.prune.pipeline import DeepCompressResult, deep_compress, finetune
 
 __all__ = [
+    "Analysis",
+    "AutoPruneResult",
+    "Refusal",
+    "analyze",
+    "kept_count",
+    "program_fn",
+    "prune_model",
+    "shrink_nnx",
     "DeepCompressResult",
     "GradualPruningState",
     "Group",

@@ -66,8 +66,8 @@ def group_norms(params: Any, groups: Sequence[Group]) -> dict[str, jax.Array]:
                     raise ValueError(f"group {group.name!r}: no parameter at {sl.path}")
                 continue
             x = jnp.moveaxis(leaves[sl.path], sl.axis, 0)
-            n = x.shape[0] // sl.repeat
-            sq = jnp.square(x.reshape(sl.repeat, n, -1)).sum(axis=(0, 2))
+            n = group.size or sl.units_in(x.shape[0])
+            sq = jnp.square(x[sl.indices(n)].reshape(n, -1)).sum(axis=1)  # static indices: any Slice layout
             total = sq if total is None else total + sq
         norms[group.name] = jnp.sqrt(total + 1e-12)
     return norms
@@ -78,12 +78,11 @@ def group_sizes(params: Any, groups: Sequence[Group]) -> dict[str, int]:
     leaves = {f"params/{path_str(p)}": x for p, x in jax.tree_util.tree_leaves_with_path(params)}
     sizes = {}
     for group in groups:
-        count, n = 0, None
+        count = 0
         for sl in group.slices:
             if sl.path in leaves:
                 shape = np.shape(leaves[sl.path])
-                n = shape[sl.axis] // sl.repeat
-                count += int(np.prod(shape)) // n
+                count += sl.repeat * sl.block * int(np.prod(shape)) // shape[sl.axis]
         sizes[group.name] = count
     return sizes
 

@@ -43,19 +43,50 @@ class Slice:
     ``repeat`` > 1 describes a flatten: the axis holds ``repeat`` blocks of
     ``n`` units (unit ``i`` at ``r * n + i``), e.g. the Dense rows after
     flattening an NHWC feature map of ``repeat = H * W`` positions.
+
+    The general form, found by the automatic analysis (``prune.coupling``):
+    unit ``i`` is the indices ``offset + r * period + i * block + j`` for
+    ``r < repeat`` and ``j < block``; ``period`` 0 means ``n * block``. A
+    head axis folded into a projection's columns is ``block = head size``;
+    one half of a projection that a ``split`` cuts in two is ``offset``; a
+    fused query/key/value projection is ``repeat = 3`` with ``period = heads
+    * head size``. Several slices may name the same path and axis (a gated
+    projection whose two halves belong to one unit).
     """
 
     path: str
     axis: int
     repeat: int = 1
+    block: int = 1
+    offset: int = 0
+    period: int = 0
+
+    def __post_init__(self) -> None:
+        if self.repeat < 1 or self.block < 1 or self.offset < 0 or self.period < 0:
+            raise ValueError(f"slice of {self.path}: repeat and block must be >= 1 and offset, period >= 0, got {self}")
+
+    def units_in(self, length: int) -> int:
+        """How many units an axis of ``length`` holds when the slice fills it (no offset, no explicit period)."""
+        return (length - self.offset) // (self.repeat * self.block)
+
+    def indices(self, n: int) -> np.ndarray:
+        """``(n, repeat * block)`` indices along the axis: row ``i`` holds unit ``i``."""
+        period = self.period or n * self.block
+        base = self.offset + np.arange(self.repeat)[:, None] * period + np.arange(self.block)[None, :]
+        return (np.arange(n)[:, None, None] * self.block + base[None]).reshape(n, -1)
 
 
 @dataclasses.dataclass(frozen=True)
 class Group:
-    """Units that are removed together: every slice loses the same indices."""
+    """Units that are removed together: every slice loses the same indices.
+
+    ``size`` is the number of units; by default it is read from the first
+    slice (its axis length divided by ``repeat * block``).
+    """
 
     name: str
     slices: tuple[Slice, ...]
+    size: int | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "slices", tuple(self.slices))
@@ -141,20 +172,20 @@ def group_scores(
                 continue
             w = _units(np.asarray(leaves[sl.path], np.float64), sl, n)
             if criterion == "l1":
-                total += np.abs(w).sum(axis=(0, 2))
+                total += np.abs(w).sum(axis=1)
             elif criterion == "l2":
-                total += (w**2).sum(axis=(0, 2))
+                total += (w**2).sum(axis=1)
             else:
                 g = _units(np.asarray(grad_leaves[sl.path], np.float64), sl, n)
-                total += (w * g).sum(axis=(0, 2))
+                total += (w * g).sum(axis=1)
         scores[group.name] = np.sqrt(total) if criterion == "l2" else np.abs(total)
     return scores
 
 
 def _units(x: np.ndarray, sl: Slice, n: int) -> np.ndarray:
-    """``x`` as ``(repeat, n, rest)`` with the slice's units on axis 1."""
+    """``x`` as ``(n, rest)``: row ``i`` holds every entry of unit ``i`` in this slice."""
     moved = np.moveaxis(x, sl.axis, 0)
-    return moved.reshape(sl.repeat, n, -1)
+    return moved[sl.indices(n)].reshape(n, -1)
 
 
 def check_groups(variables: Variables, groups: Sequence[Group]) -> dict[str, int]:
@@ -166,7 +197,7 @@ def check_groups(variables: Variables, groups: Sequence[Group]) -> dict[str, int
     if duplicates:
         raise ValueError(f"group names must be unique, got duplicates {duplicates}")
     for group in groups:
-        n = None
+        n = group.size
         for sl in group.slices:
             if sl.path not in leaves:
                 raise ValueError(f"group {group.name!r}: no variable at {sl.path}; variables have {sorted(leaves)[:8]}...")
@@ -174,18 +205,39 @@ def check_groups(variables: Variables, groups: Sequence[Group]) -> dict[str, int
             if not -len(shape) <= sl.axis < len(shape):
                 raise ValueError(f"group {group.name!r}: {sl.path} has shape {shape}, no axis {sl.axis}")
             length = shape[sl.axis]
-            if sl.repeat <= 0 or length % sl.repeat:
-                raise ValueError(f"group {group.name!r}: {sl.path} axis {sl.axis} (length {length}) is not {sl.repeat} blocks")
-            units = length // sl.repeat
+            if n is None and sl.offset == 0 and sl.period == 0 and length % (sl.repeat * sl.block):
+                raise ValueError(f"group {group.name!r}: {sl.path} axis {sl.axis} (length {length}) is not {sl.repeat} "
+                                 f"blocks of units of {sl.block}")
+            units = sl.units_in(length) if n is None else n
             if n is None:
                 n = units
-            elif units != n:
+            elif sl.offset == 0 and sl.period == 0 and sl.units_in(length) != n and group.size is None:
                 raise ValueError(
-                    f"group {group.name!r}: {sl.path} axis {sl.axis} holds {units} units, the group's first slice "
-                    f"{group.slices[0].path} holds {n}; coupled slices must agree"
+                    f"group {group.name!r}: {sl.path} axis {sl.axis} holds {sl.units_in(length)} units, "
+                    f"the group's first "
+                    f"slice {group.slices[0].path} holds {n}; coupled slices must agree"
                 )
+            if n and sl.indices(n).max() >= length:
+                raise ValueError(f"group {group.name!r}: {sl.path} axis {sl.axis} (length {length}) is too short for "
+                                 f"{n} units of {sl}")
         sizes[group.name] = n
     return sizes
+
+
+def kept_count(n: int, sparsity: float, *, multiple: int = 1) -> int:
+    """Units left of ``n`` after removing ``round(sparsity * n)``, rounded to a multiple of ``multiple``.
+
+    At least one unit (``multiple`` when it fits) stays; a group of at most
+    ``multiple`` units is kept whole.
+
+    Example:
+        >>> kept_count(64, 0.5), kept_count(100, 0.5, multiple=8), kept_count(6, 0.5, multiple=8)
+        (32, 48, 6)
+    """
+    keep = n - int(round(sparsity * n))
+    if multiple > 1 and keep < n:
+        keep = multiple * max(1, int(round(keep / multiple)))
+    return int(min(n, max(1, keep)))
 
 
 def plan(
@@ -195,15 +247,28 @@ def plan(
     *,
     criterion: Criterion = "l1",
     grads: Any | None = None,
+    multiple: int = 1,
+    scope: Literal["layer", "global"] = "layer",
 ) -> dict[str, np.ndarray]:
     """Which units to keep in each group: the highest-scoring ``n - round(s * n)`` (at least one).
 
     ``sparsity`` is one fraction for every group, or ``{group-name regex: fraction}``
     (first match wins; groups matched by no key are kept whole). A key that
     matches no group is an error: that layer has no coupling description.
+    ``multiple`` rounds every kept count to a multiple (8 or 128 suit CPU and
+    accelerator tiles). ``scope="global"`` ranks the units of all groups
+    together (each group's scores divided by their mean, so layers of
+    different scales compare) and removes the lowest ``round(s * total)``;
+    it needs one fraction for every group.
     """
+    if multiple < 1:
+        raise ValueError(f"multiple must be >= 1, got {multiple}")
+    if scope not in ("layer", "global"):
+        raise ValueError(f"scope must be 'layer' or 'global', got {scope!r}")
     names = [g.name for g in groups]
     if isinstance(sparsity, Mapping):
+        if scope == "global":
+            raise ValueError("scope='global' ranks all groups against one fraction: pass a float sparsity")
         targets: dict[str, float] = {}
         for pattern, value in sparsity.items():
             check_sparsity(value, f"structured sparsity for {pattern!r}")
@@ -219,29 +284,57 @@ def plan(
         value = check_sparsity(sparsity, "structured sparsity")
         targets = {n: value for n in names}
     scores = group_scores(variables, groups, criterion=criterion, grads=grads)
+    if scope == "global" and names:
+        targets = _global_targets(scores, float(sparsity))
     kept = {}
     for name in names:
         n = len(scores[name])
-        keep = max(1, n - int(round(targets.get(name, 0.0) * n)))
+        keep = kept_count(n, targets.get(name, 0.0), multiple=multiple)
         kept[name] = np.sort(np.argsort(-scores[name], kind="stable")[:keep])
     return kept
 
 
+def _global_targets(scores: Mapping[str, np.ndarray], sparsity: float) -> dict[str, float]:
+    """Per-group fractions that remove the globally lowest mean-normalized scores."""
+    names = list(scores)
+    normed = [scores[n] / max(float(np.mean(scores[n])), 1e-30) for n in names]
+    owner = np.concatenate([np.full(len(s), i) for i, s in enumerate(normed)])
+    order = np.argsort(np.concatenate(normed), kind="stable")
+    removed = np.zeros(len(names), int)
+    budget = int(round(sparsity * len(order)))
+    for k in order:
+        if budget == 0:
+            break
+        if removed[owner[k]] + 1 < len(normed[owner[k]]):
+            removed[owner[k]] += 1
+            budget -= 1
+    return {n: removed[i] / len(normed[i]) for i, n in enumerate(names)}
+
+
+def _removed(
+    variables: Variables, groups: Sequence[Group], kept: Mapping[str, np.ndarray]
+) -> dict[str, dict[int, np.ndarray]]:
+    """Per path and axis, the indices that the removed units occupy (all groups and slices together)."""
+    sizes = check_groups(variables, groups)
+    leaves = _named(variables)
+    removed: dict[str, dict[int, list[np.ndarray]]] = {}
+    for group in groups:
+        n = sizes[group.name]
+        dropped = np.setdiff1d(np.arange(n), np.asarray(kept[group.name], dtype=int))
+        for sl in group.slices:
+            axis = sl.axis % np.ndim(leaves[sl.path])
+            removed.setdefault(sl.path, {}).setdefault(axis, []).append(sl.indices(n)[dropped].ravel())
+    return {p: {a: np.unique(np.concatenate(ix)) for a, ix in axes.items()} for p, axes in removed.items()}
+
+
 def apply_plan(variables: Variables, groups: Sequence[Group], kept: Mapping[str, np.ndarray]) -> Variables:
     """The smaller variables: every slice keeps only its group's kept units."""
-    sizes = check_groups(variables, groups)
-    take: dict[str, list[tuple[int, np.ndarray]]] = {}
-    for group in groups:
-        idx = np.asarray(kept[group.name])
-        n = sizes[group.name]
-        for sl in group.slices:
-            full = np.concatenate([r * n + idx for r in range(sl.repeat)])
-            take.setdefault(sl.path, []).append((sl.axis, full))
+    removed = _removed(variables, groups, kept)
 
     def leaf(path, x):
-        name = path_str(path)
-        for axis, index in take.get(name, []):
-            x = jnp.take(x, jnp.asarray(index), axis=axis)
+        for axis, index in removed.get(path_str(path), {}).items():
+            keep = np.setdiff1d(np.arange(np.shape(x)[axis]), index)
+            x = jnp.take(x, jnp.asarray(keep), axis=axis)
         return x
 
     return jax.tree_util.tree_map_with_path(leaf, variables)
@@ -249,16 +342,10 @@ def apply_plan(variables: Variables, groups: Sequence[Group], kept: Mapping[str,
 
 def mask_plan(variables: Variables, groups: Sequence[Group], kept: Mapping[str, np.ndarray]) -> Variables:
     """The full-size variables with every removed unit's slices set to zero (same function as ``apply_plan``'s model)."""
-    sizes = check_groups(variables, groups)
-    zero: dict[str, list[tuple[int, np.ndarray]]] = {}
-    for group in groups:
-        n = sizes[group.name]
-        dropped = np.setdiff1d(np.arange(n), np.asarray(kept[group.name]))
-        for sl in group.slices:
-            zero.setdefault(sl.path, []).append((sl.axis, np.concatenate([r * n + dropped for r in range(sl.repeat)])))
+    removed = _removed(variables, groups, kept)
 
     def leaf(path, x):
-        for axis, index in zero.get(path_str(path), []):
+        for axis, index in removed.get(path_str(path), {}).items():
             shape = [1] * np.ndim(x)
             shape[axis] = np.shape(x)[axis]
             keep = np.ones(np.shape(x)[axis], bool)

@@ -1,0 +1,234 @@
+"""Automatic structured pruning (``prune.prune_model``): coupling from the traced program, smaller models out.
+
+    python benchmarks/structured_bench.py --json results/structured.json
+
+Prints tables and the acceptance checks and writes ``{"device", "checks",
+"tables"}`` (``common.Report``). No model here has hand-written coupling:
+
+* ``auto_models_shrunk``: the structured-pruning zoo (``tests/prune/zoo.py``:
+  the foreign ResNet and ViT, an NNX gated MLP, a depthwise-separable conv net,
+  a conv net flattened into a Dense) pruned 50%; a model counts when it got
+  smaller and its outputs equal the masked original's (``mask_plan``).
+* ``auto_groups_match_manual``: 1.0 when the groups found for the four
+  reference models (MLP, CNN, NNX MLP, Transformer encoder) contain exactly the
+  hand-written ones.
+* speed-ups: unpruned time / pruned time, both f32 and ``jax.jit``-compiled,
+  measured in alternating rounds in this process (``common.paired_times``).
+* ``acc_drop_structured50_resnet_finetuned``: the foreign ResNet trained on
+  the bundled digits, pruned 50% (L1), fine-tuned briefly; points of test accuracy.
+* MiniLM (all-MiniLM-L6-v2, bundled): half the heads and FFN units of every
+  layer found automatically; the speed-up at batch 32 x 128 tokens, and the
+  mean cosine to the full model on the 240 held-out sentences after
+  distillation on ``hf.text_corpus`` (``--distill-steps``; 0 skips it).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+import jax
+import numpy as np
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+sys.path.insert(0, os.path.join(os.path.dirname(HERE), "tests"))
+sys.path.insert(0, os.path.join(os.path.dirname(HERE), "tests", "hf"))
+from common import Report, paired_times  # noqa: E402
+
+from foreign import conftest as foreign  # noqa: E402
+from jaxopt_serve.data import load_digits  # noqa: E402
+from jaxopt_serve.model import Model  # noqa: E402
+from jaxopt_serve.models import CNNConfig, MLPConfig, NNXMLPConfig, TransformerConfig, init_variables  # noqa: E402
+from jaxopt_serve.prune import analyze, model_groups, prune_model  # noqa: E402
+from prune import zoo  # noqa: E402
+from prune.zoo_cases import ZOO, zoo_model  # noqa: E402
+
+
+def _count(tree) -> int:
+    return int(sum(np.size(x) for x in jax.tree.leaves(tree)))
+
+
+def zoo_section(report: Report) -> None:
+    rows, shrunk = [], 0
+    for name in ZOO:
+        model = zoo_model(name)
+        result = prune_model(model, 0.5)
+        full = jax.jit(model.apply_fn)(result.masked_variables(), *model.example)
+        small = jax.jit(result.model.apply_fn)(result.variables, *model.example)
+        diff = max(float(np.abs(np.asarray(a) - np.asarray(b)).max())
+                   for a, b in zip(jax.tree.leaves(full), jax.tree.leaves(small)))
+        before, after = _count(model.variables["params"]), _count(result.variables["params"])
+        ok = after < before and diff <= 1e-4
+        shrunk += ok
+        rows.append({"model": name, "groups": len(result.groups), "left whole": len(
+            [r for r in result.analysis.refused if r.kind not in ("input", "output")]),
+            "params": f"{before} -> {after}", "smaller model": result.how,
+            "max |small - masked|": diff, "ok": ok})
+    report.table("zoo: 50% of every group, no hand-written coupling", rows)
+    report.check("auto_models_shrunk", shrunk, 5, ">=")
+
+
+def reference_section(report: Report) -> None:
+    configs = {
+        "mlp": MLPConfig(features=(24, 16), num_classes=5),
+        "nnx_mlp": NNXMLPConfig(features=(24, 16), num_classes=5),
+        "cnn": CNNConfig(channels=(8, 12), convs_per_stage=2, hidden=10),
+        "transformer": TransformerConfig(vocab_size=30, max_len=16, hidden_size=16, num_heads=4, mlp_dim=24,
+                                         num_layers=2),
+    }
+    rows, matched = [], 0
+    for name, config in configs.items():
+        model = Model.from_config(config, init_variables(config, 0), batch_size=2)
+        found = {frozenset(g.slices) for g in analyze(model).groups}
+        manual = {frozenset(g.slices) for g in model_groups(config)}
+        ok = manual <= found
+        matched += ok
+        rows.append({"model": name, "hand-written groups": len(manual), "found": len(found),
+                     "all hand-written found": ok, "extra": len(found - manual)})
+    report.table("reference models: automatic vs hand-written groups", rows)
+    report.check("auto_groups_match_manual", matched / len(configs), 1.0, ">=")
+
+
+def _speed(model: Model, inputs, result, rounds: int, calls: int) -> tuple[float, float]:
+    dense, small = jax.jit(model.apply_fn), jax.jit(result.model.apply_fn)
+    variables, small_vars = jax.device_put(model.variables), jax.device_put(result.variables)
+    return paired_times(lambda: dense(variables, *inputs), lambda: small(small_vars, *inputs),
+                        rounds=rounds, calls=calls)
+
+
+def speed_section(report: Report, rounds: int) -> None:
+    rng = np.random.default_rng(0)
+    rows = []
+    # the zoo's ResNet and ViT classes, at widths and image sizes where compute (not dispatch) dominates
+    resnet = zoo.ResNet(widths=(64, 128))
+    images = rng.normal(size=(16, 32, 32, 3)).astype(np.float32)
+    variables = jax.jit(lambda x: resnet.init(jax.random.key(0), x, train=False))(images[:2])
+    model = Model.linen(resnet, variables, images, eval_kwargs={"train": False}, train_kwargs={"train": True})
+    result = prune_model(model, 0.5)
+    t_full, t_small = _speed(model, (images,), result, rounds, 3)
+    rows.append({"model": "ResNet widths (64, 128), 32x32x3", "batch": 16, "smaller model": result.how,
+                 "unpruned ms": t_full, "pruned ms": t_small, "speed-up": t_full / t_small})
+    report.check("speedup_structured50_resnet_b16", t_full / t_small, 1.5, ">=")
+
+    vit = zoo.ViT(dim=256, heads=8, mlp_dim=1024, depth=2)
+    inputs = {"pixels": rng.normal(size=(16, 16, 16, 1)).astype(np.float32), "mask": np.ones((16, 64), bool)}
+    variables = jax.jit(lambda x: vit.init(jax.random.key(0), x))(inputs)
+    model = Model.linen(vit, variables, inputs)
+    result = prune_model(model, 0.5)
+    t_full, t_small = _speed(model, (inputs,), result, rounds, 3)
+    rows.append({"model": "ViT dim 256, 8 heads, MLP 1024, 2 blocks, 64 patches", "batch": 16,
+                 "smaller model": result.how, "unpruned ms": t_full, "pruned ms": t_small,
+                 "speed-up": t_full / t_small})
+    report.check("speedup_structured50_vit_b16", t_full / t_small, 1.5, ">=")
+    report.table("speed: 50% of every group, f32, jit vs jit", rows)
+
+
+def finetune_section(report: Report, *, steps: int, finetune_steps: int) -> None:
+    digits = load_digits()
+    x_train, x_test = digits.x_train, digits.x_test
+    model, logits_of = foreign.build("resnet", x_train[:2])
+    variables, _ = foreign.train(model, x_train, digits.y_train, logits_of, steps=steps)
+    model = model.with_variables(variables)
+    base = 100 * foreign.evaluate(model, variables, x_test, digits.y_test, logits_of)
+    result = prune_model(model, 0.5)
+    one_shot = 100 * foreign.evaluate(result.model, result.variables, x_test, digits.y_test, logits_of)
+    tuned, _ = foreign.train(result.model, x_train, digits.y_train, logits_of, steps=finetune_steps,
+                             learning_rate=1e-3, seed=1)
+    after = 100 * foreign.evaluate(result.model, tuned, x_test, digits.y_test, logits_of)
+    report.table("foreign ResNet on the digits, 50% of every group (L1)", [
+        {"variant": "trained", "widths": str(model_widths(model)), "accuracy %": base},
+        {"variant": "pruned, no fine-tuning", "widths": str(result.module.widths if result.module else "-"),
+         "accuracy %": one_shot},
+        {"variant": f"pruned, {finetune_steps} fine-tuning steps", "widths": "", "accuracy %": after},
+    ])
+    report.check("acc_drop_structured50_resnet_finetuned", base - after, 1.5, "<=")
+
+
+def model_widths(model: Model):
+    return tuple(model.variables["params"][k]["conv2"]["kernel"].shape[-1] for k in ("block1", "block2"))
+
+
+def minilm_section(report: Report, *, rounds: int, distill_steps: int, learning_rate: float) -> None:
+    import dataclasses
+
+    from sentences import minilm_sentences
+
+    from jaxopt_serve.hf import (
+        SentenceEncoder,
+        bundled_minilm_dir,
+        distill_embeddings,
+        embedding_agreement,
+        text_corpus,
+    )
+    from jaxopt_serve.hf.sentence import example_inputs
+    from jaxopt_serve.prune.structured import _COUPLINGS
+
+    teacher = SentenceEncoder(bundled_minilm_dir())
+    inputs = example_inputs(32, 128)
+    inputs["input_ids"] = np.random.default_rng(0).integers(1000, 20000, size=(32, 128)).astype(np.int32)
+    model = dataclasses.replace(teacher.model, example=(inputs,))
+    start = time.perf_counter()
+    result = prune_model(model, {r".*/attention": 0.5, r".*/intermediate": 0.5})
+    seconds = time.perf_counter() - start
+    t_full, t_small = _speed(model, (inputs,), result, rounds, 1)
+    pruned = {k: v for k, v in result.sizes.items() if v[0] != v[1]}
+    report.table("all-MiniLM-L6-v2, half the heads and FFN units (found automatically), batch 32 x 128", [
+        {"groups pruned": len(pruned), "heads per layer": str(pruned["layer_0/attention"]),
+         "ffn per layer": str(pruned["layer_0/intermediate"]), "smaller model": result.how,
+         "analysis + pruning s": seconds, "f32 ms": t_full, "pruned ms": t_small, "speed-up": t_full / t_small}])
+    report.check("minilm_heads_ffn50_speedup_b32", t_full / t_small, 1.5, ">=")
+    if distill_steps <= 0:
+        return
+    # the automatic groups are the reference encoder's own (tests/prune/test_coupling.py), so the
+    # registered config rewrite names the smaller encoder that distill_embeddings trains
+    kept = {f"layer_{i}/{'heads' if part == 'attention' else 'ffn'}": len(result.kept[f"layer_{i}/{part}"])
+            for i in range(teacher.config.num_layers) for part in ("attention", "intermediate")}
+    config = _COUPLINGS[type(teacher.config)].rewrite(teacher.config, kept)
+    sentences = minilm_sentences()
+    base = teacher.embed(sentences)
+    before = embedding_agreement(base, SentenceEncoder(teacher.directory, config=config,
+                                                       variables=result.variables).embed(sentences))
+    start = time.perf_counter()
+    fitted = distill_embeddings(teacher, config, result.variables, text_corpus(4000), steps=distill_steps,
+                                learning_rate=learning_rate, log_every=50)
+    seconds = time.perf_counter() - start
+    after = embedding_agreement(base, SentenceEncoder(teacher.directory, config=config,
+                                                      variables=fitted.variables).embed(sentences))
+    report.table("MiniLM half heads + FFN, distilled from the full model", [
+        {"steps": distill_steps, "learning rate": learning_rate, "cosine before": before["mean_cosine"],
+         "cosine after": after["mean_cosine"], "top-1 after": after["top1_agreement"], "train s": seconds}])
+    report.check("minilm_heads_ffn50_distilled_cosine", after["mean_cosine"], 0.778, ">=")
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--json", metavar="PATH", help="write the checks and tables as JSON")
+    parser.add_argument("--rounds", type=int, default=5, help="alternating timing rounds")
+    parser.add_argument("--train-steps", type=int, default=300, help="training steps of the foreign ResNet")
+    parser.add_argument("--finetune-steps", type=int, default=200, help="fine-tuning steps after pruning")
+    parser.add_argument("--distill-steps", type=int, default=300, help="MiniLM distillation steps (0: skip)")
+    parser.add_argument("--learning-rate", type=float, default=2e-4, help="MiniLM distillation learning rate")
+    parser.add_argument("--skip", choices=["zoo", "reference", "speed", "finetune", "minilm"], action="append",
+                        default=[])
+    args = parser.parse_args(argv)
+    report = Report("automatic structured pruning")
+    if "zoo" not in args.skip:
+        zoo_section(report)
+    if "reference" not in args.skip:
+        reference_section(report)
+    if "speed" not in args.skip:
+        speed_section(report, args.rounds)
+    if "finetune" not in args.skip:
+        finetune_section(report, steps=args.train_steps, finetune_steps=args.finetune_steps)
+    if "minilm" not in args.skip:
+        minilm_section(report, rounds=args.rounds, distill_steps=args.distill_steps, learning_rate=args.learning_rate)
+    report.print()
+    report.write(args.json)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,99 @@
+"""prune_model: automatic structured pruning of models the package does not define, smaller models out."""
+
+import re
+
+import jax
+import numpy as np
+import pytest
+
+from jaxopt_serve.artifact import Artifact, load_artifact, save_artifact
+from jaxopt_serve.prune import prune_model
+from jaxopt_serve.prune.auto import replace_sizes, size_map
+
+from .zoo_cases import ZOO, zoo_model
+
+# How each zoo model is made smaller: ResNet and the depthwise net keep their sizes in fields (widths);
+# the gated MLP is NNX (shrunk in place); the ViT's heads cannot be stated by MultiHeadDotProductAttention's
+# fields at a fixed qkv_features, and FlattenNet writes its widths as literals: both re-run the program.
+HOW = {"resnet": "linen", "vit": "program", "gated": "nnx", "dw": "linen", "flat": "program"}
+
+
+def _close(a, b):
+    # float32 sums over fewer (all-zero-free) terms in another order: equal up to rounding
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+        np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", ZOO)
+def test_half_the_units_give_a_smaller_model_equal_to_the_masked_original(name):
+    model = zoo_model(name)
+    result = prune_model(model, 0.5)
+    assert result.how == HOW[name], result.note
+    assert result.groups and all(after == before // 2 for before, after in result.sizes.values())
+    full_count = sum(np.size(x) for x in jax.tree.leaves(model.variables["params"]))
+    small_count = sum(np.size(x) for x in jax.tree.leaves(result.variables["params"]))
+    assert small_count < 0.8 * full_count
+    x = model.example
+    _close(jax.jit(result.model.apply_fn)(result.variables, *x), jax.jit(model.apply_fn)(result.masked_variables(), *x))
+
+
+def test_the_rebuilt_resnet_is_an_ordinary_smaller_module():
+    result = prune_model(zoo_model("resnet"), 0.5)
+    assert result.module.widths == (8, 16)
+    batch = np.zeros((5, 8, 8, 1), np.float32)
+    out, updates = result.model.train_step_apply(result.variables, batch)  # BatchNorm in training mode
+    assert out.shape == (5, 10) and updates["batch_stats"]["stem_bn"]["mean"].shape == (8,)
+
+
+def test_the_gated_mlp_is_shrunk_in_place():
+    result = prune_model(zoo_model("gated"), 0.5)
+    assert (result.module.up.out_features, result.module.down.in_features) == (32, 16)
+    assert result.module.up.kernel.shape == (16, 32)
+
+
+def test_the_program_model_runs_any_batch_saves_and_loads(tmp_path):
+    model = zoo_model("vit")
+    result = prune_model(model, 0.5)
+    inputs = {"pixels": np.ones((3, 8, 8, 1), np.float32), "mask": np.ones((3, 16), bool)}
+    assert result.model(result.variables, inputs).shape == (3, 10)
+    path = tmp_path / "vit_half.jxs"
+    save_artifact(path, Artifact.for_model(result.model))
+    loaded = load_artifact(path, model=result.model)
+    _close(loaded.model(loaded.variables, inputs), result.model(result.variables, inputs))
+
+
+def test_asking_for_a_refused_axis_names_the_path_and_the_operation():
+    with pytest.raises(ValueError, match=re.escape("cannot prune 'params/LayerNorm_0/scale': params/LayerNorm_0/"
+                                                   "scale[0]: reduce_sum mixes the entries of this axis (operation: "
+                                                   "reduce_sum)")):
+        prune_model(zoo_model("vit"), {"params/LayerNorm_0/scale": 0.5})
+
+
+def test_protect_ratio_per_layer_multiple_and_global_scope():
+    model = zoo_model("resnet")
+    result = prune_model(model, {"params/block2/.*": 0.5}, protect=[r"params/block2/conv1/kernel"])
+    assert "block2/conv1" not in result.sizes  # protected
+    assert {k: v for k, v in result.sizes.items() if v[0] != v[1]} == {"block2/conv2": (32, 16)}
+    rounded = prune_model(model, 0.4, multiple=8, rebuild=False)
+    assert all(after % 8 == 0 for _, after in rounded.sizes.values())
+    ranked = prune_model(model, 0.5, scope="global", rebuild=False, analysis=rounded.analysis)
+    kept = sum(a for _, a in ranked.sizes.values())
+    assert kept == sum(b for b, _ in ranked.sizes.values()) // 2
+
+
+def test_size_fields_are_replaced_only_where_unambiguous():
+    assert size_map({"a": (16, 8), "b": (16, 8), "c": (32, 16), "d": (10, 5), "e": (10, 6)}) == {16: 8, 32: 16}
+    assert replace_sizes((16, (32, True), "16"), {16: 8, 32: 16}) == (8, (16, True), "16")
+
+
+def test_group_lasso_reads_split_halves_and_the_cut_follows():
+    """Pruning-aware fine-tuning works on the found groups: unit i of the gated MLP is two columns of ``up``."""
+    from jaxopt_serve.prune import group_norms
+
+    model = zoo_model("gated")
+    (group,) = prune_model(model, 0.5, rebuild=False).analysis.groups
+    params = model.variables["params"]
+    up, bias, down = (np.asarray(params[a][b]) for a, b in (("up", "kernel"), ("up", "bias"), ("down", "kernel")))
+    expected = np.sqrt((up[:, :32] ** 2).sum(0) + (up[:, 32:] ** 2).sum(0) + bias[:32] ** 2 + bias[32:] ** 2
+                       + (down ** 2).sum(1))
+    np.testing.assert_allclose(group_norms(params, [group])[group.name], expected, rtol=1e-5)
