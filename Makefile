@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 DEMO_ARGS ?=
 PYTEST_ARGS ?=
 
-.PHONY: demo test docs lint clean
+.PHONY: demo test docs lint clean notebooks-url
 
 # The documentation site into site/. --strict: any warning (a broken link, a docstring griffe cannot read, a page
 # missing from the nav) fails the build. The variable silences Material's notice about its successor.
@@ -44,6 +44,12 @@ docs: $(VENV)/.installed-docs
 # ruff's rules and line length are in pyproject.toml ([tool.ruff]).
 lint: $(VENV)/.installed-lint
 	$(BIN)/ruff check .
+
+# Point every Colab badge and notebook install cell at the repository hosting the project:
+# `make notebooks-url REPO=OWNER/NAME [BRANCH=main]` (the setting is [tool.jaxopt_serve] in pyproject.toml).
+notebooks-url:
+	@test -n "$(REPO)" || { echo "usage: make notebooks-url REPO=OWNER/NAME [BRANCH=main]"; exit 2; }
+	$(PYTHON) notebooks/set_repository.py '$(REPO)' $(if $(BRANCH),--branch '$(BRANCH)')
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache site

@@ -39,6 +39,7 @@ from jaxopt_serve.prune import (
     deep_compress,
     gradual_pruning,
     model_prune_rules,
+    prune_model,
     sparse_artifact,
     structured_prune,
 )
@@ -116,6 +117,7 @@ __all__ = [
     "NNXMLP",
     "NNXMLPConfig",
     "predict_fn",
+    "prune_model",
     "PruneRule",
     "QArray",
     "qat_finetune",

@@ -161,7 +161,8 @@ class Artifact:
         model = _require_model(model, "Artifact.for_model")
         variables = model.variables if variables is None else variables
         if not isinstance(variables, Mapping):
-            raise TypeError(f"Artifact.for_model: variables must be a dict of collections, got {type(variables).__name__}")
+            raise TypeError("Artifact.for_model: variables must be a dict of collections, "
+                            f"got {type(variables).__name__}")
         variables = {str(k): plain(v) for k, v in variables.items()}
         if _has_qarrays(variables):
             from jaxopt_serve.quant.serialize import quantized_artifact
@@ -283,7 +284,7 @@ def load_artifact(path: str | os.PathLike[str], *, check_shapes: bool = True, mo
         >>> load_artifact(path)
         Traceback (most recent call last):
         ...
-        jaxopt_serve.artifact.ArtifactError: artifact ...w.jxs was saved from the function model '<lambda>', which has no config: pass that model to load it, load_artifact(path, model=model)
+        jaxopt_serve.artifact.ArtifactError: artifact ...w.jxs was saved from the function model '<lambda>', ...
         >>> load_artifact(path, model=model).variables["params"]["w"].shape
         (4, 2)
     """
@@ -301,7 +302,8 @@ def load_artifact(path: str | os.PathLike[str], *, check_shapes: bool = True, mo
             decompressor = lzma.LZMADecompressor()
             payload = decompressor.decompress(payload, max_length=_MAX_PAYLOAD)
         except lzma.LZMAError as err:
-            raise ArtifactError(f"artifact {path} is corrupted: its LZMA payload cannot be decompressed ({err})") from err
+            raise ArtifactError(
+                f"artifact {path} is corrupted: its LZMA payload cannot be decompressed ({err})") from err
         if not decompressor.eof:
             raise ArtifactError(f"artifact {path} is corrupted: its LZMA payload is incomplete or inflates past "
                                 f"{_MAX_PAYLOAD:,} bytes")
@@ -340,7 +342,8 @@ def load_artifact(path: str | os.PathLike[str], *, check_shapes: bool = True, mo
         raise ArtifactError(f"{where}: {err}") from err
     except (ValueError, TypeError, KeyError, IndexError, AttributeError) as err:
         # a layout decoder or an init meeting data it did not expect: still an error naming the file
-        raise ArtifactError(f"{where}: its {layout} variables do not fit the model ({type(err).__name__}: {err})") from err
+        raise ArtifactError(
+            f"{where}: its {layout} variables do not fit the model ({type(err).__name__}: {err})") from err
     if model is not None:  # ready to run; immutable, so an NNX training step cannot write into the loaded arrays
         variables = jax.tree.map(jnp.asarray, variables)
     return Artifact(config, variables, input_shape, header.get("metadata", {}), layout, compression,
@@ -387,7 +390,7 @@ def _model_input_shape(model: Model) -> tuple[int, ...] | None:
 def _resolve_target(
     config: Any, input_shape: Any, where: str
 ) -> tuple[ModelConfig | None, Model | None, tuple[int, ...] | None]:
-    """``(config, model, input_shape)`` for a ``ModelConfig`` (with ``input_shape``) or a ``Model`` given in its place."""
+    """``(config, model, input_shape)`` for a ``ModelConfig`` (with ``input_shape``) or a ``Model`` in its place."""
     if isinstance(config, Model):
         if config.config is None:
             return None, config, _model_input_shape(config)
@@ -436,7 +439,7 @@ def _model_leaves(variables: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def _shape_dtype(leaf: Any) -> tuple[tuple[int, ...], str]:
-    """``(shape, dtype name)`` of an array, a ``ShapeDtypeStruct``, an RNG key array or a ``QArray`` (its float view)."""
+    """``(shape, dtype name)`` of an array, a ``ShapeDtypeStruct``, an RNG key array or a ``QArray`` (float view)."""
     dtype = leaf.dtype if hasattr(leaf, "dtype") else np.asarray(leaf).dtype
     name = str(dtype) if jax.dtypes.issubdtype(dtype, jax.dtypes.prng_key) else str(jnp.dtype(dtype))
     shape = leaf.shape if hasattr(leaf, "shape") else np.shape(leaf)
@@ -513,14 +516,16 @@ def _wrap_keys(where: str, raw: Any, spec: list[dict[str, Any]]) -> Any:
 
     out = jax.tree_util.tree_map_with_path(wrap, raw)
     if set(impls) - found:
-        raise ArtifactError(f"{where}: RNG keys {sorted(set(impls) - found)} listed in the header are not in the payload")
+        raise ArtifactError(
+            f"{where}: RNG keys {sorted(set(impls) - found)} listed in the header are not in the payload")
     return out
 
 
 def _saved_from(path: Path, header: dict[str, Any]) -> str:
     info = header.get("model")
     if not isinstance(info, dict) or not isinstance(info.get("name"), str) or not isinstance(info.get("kind"), str):
-        raise ArtifactError(f"artifact {path} is corrupted: its header's model must be {{'name', 'kind'}}, got {info!r}")
+        raise ArtifactError(
+            f"artifact {path} is corrupted: its header's model must be {{'name', 'kind'}}, got {info!r}")
     return f"artifact {path} was saved from the {info['kind']} model {info['name']!r}"
 
 
@@ -620,7 +625,8 @@ def _is_numeric(dtype: np.dtype) -> bool:
 
 
 def _field_error(path: Path, field: str, expected: str, value: Any) -> ArtifactError:
-    return ArtifactError(f"artifact {path} is corrupted: header field {field!r} must be {expected}, got {_short(value)}")
+    return ArtifactError(
+        f"artifact {path} is corrupted: header field {field!r} must be {expected}, got {_short(value)}")
 
 
 def _check_header(path: Path, header: dict[str, Any]) -> None:
@@ -709,7 +715,8 @@ def _check_variables(path: Path, config: ModelConfig, variables: Variables, inpu
     have = {jax.tree_util.keystr(p): leaf for p, leaf in jax.tree_util.tree_leaves_with_path(variables)}
     missing, extra = sorted(set(want) - set(have)), sorted(set(have) - set(want))
     if missing or extra:
-        raise ArtifactError(f"artifact {path}: variables do not fit {config.name}: missing {missing}, unexpected {extra}")
+        raise ArtifactError(
+            f"artifact {path}: variables do not fit {config.name}: missing {missing}, unexpected {extra}")
     for key, spec in want.items():
         leaf = have[key]
         if tuple(leaf.shape) != tuple(spec.shape) or np.dtype(leaf.dtype) != np.dtype(spec.dtype):

@@ -1,4 +1,5 @@
-"""The ``jaxopt-serve`` command line: ``train``, ``eval``, ``demo``, ``quantize``, ``prune``, ``distill``, ``export``, ``serve``, ``infer`` and ``embed``."""
+"""The ``jaxopt-serve`` command line: ``train``, ``eval``, ``demo``, ``quantize``, ``prune``, ``distill``, ``export``,
+``serve``, ``infer`` and ``embed``."""
 
 from __future__ import annotations
 
@@ -51,7 +52,8 @@ _VALUE_CHECKS: list[tuple[str | None, str, str, Callable[[Any], bool], str]] = [
     (None, "val_fraction", "--val-fraction", lambda v: _finite(v) and 0 <= v < 1, "in [0, 1)"),
     ("serve", "timeout", "--timeout", lambda v: v is None or (_finite(v) and v > 0), "> 0 and finite (seconds)"),
     ("serve", "max_body_mb", "--max-body-mb", lambda v: _finite(v) and 0 < v <= 1 << 20, "> 0 and finite (megabytes)"),
-    ("serve", "max_wait_ms", "--max-wait-ms", lambda v: _finite(v) and 0 <= v <= 3.6e6, ">= 0 and finite (milliseconds)"),
+    ("serve", "max_wait_ms", "--max-wait-ms", lambda v: _finite(v) and 0 <= v <= 3.6e6,
+     ">= 0 and finite (milliseconds)"),
     ("serve", "read_timeout", "--read-timeout", lambda v: _finite(v) and v > 0, "> 0 and finite (seconds)"),
 ]
 # command -> (attribute, flag) of the files it reads and of the files it writes
@@ -60,7 +62,7 @@ _INPUTS = {"eval": [("artifact", "artifact")], "quantize": [("artifact", "artifa
            "export": [("artifact", "artifact")],
            "infer": [("artifact", "artifact")], "embed": [("input", "--input")]}
 _OUTPUTS = {"train": [("output", "-o")], "quantize": [("output", "-o")], "prune": [("output", "-o")],
-            "distill": [("output", "-o"), ("checkpoint", "--checkpoint")], "export": [("output", "-o")],
+            "distill": [("output", "-o")], "export": [("output", "-o")],
             "embed": [("output", "--output")], "demo": [("json", "--json")]}
 EXPORT_PLATFORMS = ("cpu", "cuda", "rocm", "tpu")
 
@@ -83,6 +85,8 @@ def check_arguments(args: argparse.Namespace) -> None:
             check_output_file(getattr(args, attr), flag)
     if args.command == "distill" and args.student_config.startswith("@"):
         check_input_file(args.student_config[1:], "--student-config @FILE")
+    if args.command == "distill" and args.checkpoint is not None:
+        check_checkpoint_dir(args.checkpoint, "--checkpoint")
     if args.command == "demo" and args.out_dir is not None:
         check_output_dir(args.out_dir, "--out-dir")
     if args.command == "embed" and args.model_dir != "minilm":
@@ -156,6 +160,17 @@ def check_output_file(path: str, flag: str) -> None:
         raise ValueError(f"{flag} {path}: permission denied (directory not writable)")
 
 
+def check_checkpoint_dir(path: str, flag: str) -> None:
+    """``path`` is a checkpoint directory, a checkpoint file of earlier versions, or a new path under a writable one."""
+    from pathlib import Path
+
+    from jaxopt_serve.train.checkpoint import check_checkpoint_path
+
+    check_checkpoint_path(path, what=flag)
+    target = Path(path)
+    _check_writable_parent(target if target.is_dir() else target.parent, flag, path)
+
+
 def check_output_dir(path: str, flag: str) -> None:
     """``path`` is, or can be created as, a writable directory."""
     from pathlib import Path
@@ -208,7 +223,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     train = sub.add_parser("train", help="train a reference model on the bundled digits and save an artifact",
-                           description="Train a reference model on the bundled digits dataset and save it as an artifact.")
+                           description="Train a reference model on the bundled digits dataset and save it as an "
+                                       "artifact.")
     train.add_argument("--model", choices=IMAGE_MODELS, default="cnn", help="reference model (default: cnn)")
     train.add_argument("--steps", type=_positive_int, default=600, help="optimizer steps (default: 600)")
     train.add_argument("--batch-size", type=_positive_int, default=64, help="examples per step (default: 64)")
@@ -260,13 +276,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     prune = sub.add_parser("prune", help="prune an artifact (unstructured, N:M or structured) and save the result",
                            description="Prune the Dense/Conv kernels of a float artifact. Unstructured methods "
-                           "(magnitude, importance, random, nm) zero weights and save a sparse artifact that stores only "
-                           "the kept values; 'structured' removes whole neurons/channels/heads and saves an ordinary, "
-                           "smaller dense model. Fine-tuning and importance scores use the bundled digits.")
+                           "(magnitude, importance, random, nm) zero weights and save a sparse artifact that stores "
+                           "only the kept values; 'structured' removes whole neurons/channels/heads and saves an "
+                           "ordinary, smaller dense model. Fine-tuning and importance scores use the bundled digits.")
     prune.add_argument("artifact", help="float artifact (written by 'jaxopt-serve train')")
     prune.add_argument("--sparsity", type=float, default=0.5,
-                       help="fraction of weights (unstructured) or units (structured) to remove, in [0, 1) (default: 0.5)")
-    prune.add_argument("--method", choices=("magnitude", "importance", "random", "nm", "structured"), default="magnitude",
+                       help="fraction of weights (unstructured) or units (structured) to remove, in [0, 1) "
+                            "(default: 0.5)")
+    prune.add_argument("--method", choices=("magnitude", "importance", "random", "nm", "structured"),
+                       default="magnitude",
                        help="magnitude |w|, importance |w x grad|, random (a baseline), nm (N:M along the contraction "
                        "axis) or structured (default: magnitude)")
     prune.add_argument("--nm", default="2:4", metavar="N:M", help="the N:M pattern for --method nm (default: 2:4)")
@@ -277,7 +295,8 @@ def build_parser() -> argparse.ArgumentParser:
     prune.add_argument("--finetune-steps", type=int, default=0, metavar="N",
                        help="fine-tune N steps on the digits afterwards, pruned weights held at zero (default: 0)")
     prune.add_argument("--gradual", action="store_true",
-                       help="magnitude only: reach the sparsity gradually during the fine-tuning (Zhu & Gupta schedule)")
+                       help="magnitude only: reach the sparsity gradually during the fine-tuning "
+                            "(Zhu & Gupta schedule)")
     prune.add_argument("--bits", choices=("8", "4"),
                        help="then quantize the kernels to int8/int4 per channel (unstructured: stored sparse)")
     prune.add_argument("--keep-float", metavar="REGEX", nargs="+", action="extend", default=[],
@@ -299,18 +318,23 @@ def build_parser() -> argparse.ArgumentParser:
     distill.add_argument("--batch-size", type=_positive_int, default=64, help="examples per step (default: 64)")
     distill.add_argument("--learning-rate", type=float, default=3e-3, help="peak AdamW learning rate (default: 3e-3)")
     distill.add_argument("--temperature", type=float, default=2.0, help="softmax temperature T (default: 2)")
-    distill.add_argument("--alpha", type=float, default=0.9, help="weight of the soft term; 1 - alpha on labels (default: 0.9)")
+    distill.add_argument("--alpha", type=float, default=0.9,
+                         help="weight of the soft term; 1 - alpha on labels (default: 0.9)")
     distill.add_argument("--hidden-pairs", nargs="+", default=[], metavar="S:T",
                          help="match student layer S to teacher layer T (ints index the Transformer's hidden_states, "
                          "names capture a submodule's output, e.g. dense_0:dense_1)")
-    distill.add_argument("--hidden-loss", choices=("mse", "cosine"), default="mse", help="hidden-state loss (default: mse)")
-    distill.add_argument("--hidden-weight", type=float, default=1.0, help="weight of the hidden-state loss (default: 1)")
+    distill.add_argument("--hidden-loss", choices=("mse", "cosine"), default="mse",
+                         help="hidden-state loss (default: mse)")
+    distill.add_argument("--hidden-weight", type=float, default=1.0,
+                         help="weight of the hidden-state loss (default: 1)")
     distill.add_argument("--teacher-mode", choices=("online", "precomputed"), default="online",
                          help="run the teacher in every step, or once over the training set (default: online)")
     distill.add_argument("--val-fraction", type=float, default=0.1,
                          help="share of the training set held out for per-epoch validation (default: 0.1)")
     distill.add_argument("--patience", type=_positive_int, help="early stopping: epochs without improvement")
-    distill.add_argument("--checkpoint", metavar="PATH", help="checkpoint every epoch; resume from PATH if it exists")
+    distill.add_argument("--checkpoint", metavar="DIR",
+                         help="checkpoint every epoch into DIR (an orbax checkpoint directory); resume from it if it "
+                              "holds one (a checkpoint file of earlier versions too)")
     distill.add_argument("--seed", type=int, default=0, help="seed (default: 0)")
     distill.add_argument("--no-progress", action="store_true", help="no progress bar")
     distill.add_argument("-o", "--output", required=True, help="student artifact path to write")
@@ -407,7 +431,8 @@ def _train(args: argparse.Namespace) -> int:
     )
     _check_trained(artifact.variables, "--learning-rate")
     size = save_artifact(args.output, artifact)
-    print(f"saved {args.model} to {args.output} ({size:,} bytes); test accuracy {artifact.metadata['test_accuracy']:.2%}")
+    print(f"saved {args.model} to {args.output} ({size:,} bytes); "
+          f"test accuracy {artifact.metadata['test_accuracy']:.2%}")
     return 0
 
 
@@ -437,7 +462,8 @@ def _eval(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps({"artifact": args.artifact, "model": artifact.config.name, "mode": mode, "accuracy": acc}))
     else:
-        print(f"{args.artifact}: {artifact.config.name} ({mode}), test accuracy {acc:.2%} on {len(dataset.y_test)} digits")
+        print(f"{args.artifact}: {artifact.config.name} ({mode}), "
+              f"test accuracy {acc:.2%} on {len(dataset.y_test)} digits")
     return 0
 
 
@@ -560,7 +586,8 @@ def _distill(args: argparse.Namespace) -> int:
             raise ValueError(f"--hidden-pairs entries look like S:T, got {pair!r}")
         pairs.append(tuple(int(p) if p.lstrip("-").isdigit() else p for p in parts))
     config = DistillConfig(temperature=args.temperature, alpha=args.alpha, hidden_pairs=tuple(pairs),
-                           hidden_loss=args.hidden_loss, hidden_weight=args.hidden_weight, teacher_mode=args.teacher_mode)
+                           hidden_loss=args.hidden_loss, hidden_weight=args.hidden_weight,
+                           teacher_mode=args.teacher_mode)
     digits = load_digits(seed=args.seed)
     if tuple(teacher.input_shape) == digits.input_shape:
         dataset = digits
@@ -574,7 +601,8 @@ def _distill(args: argparse.Namespace) -> int:
                      val_fraction=args.val_fraction, patience=args.patience, checkpoint=args.checkpoint,
                      progress=not args.no_progress)
     student_acc = accuracy(predict_fn(student_config), result.variables, dataset.x_test, dataset.y_test)
-    teacher_acc = accuracy(predict_fn(teacher.config), dequantize_tree(teacher.variables), dataset.x_test, dataset.y_test)
+    teacher_acc = accuracy(predict_fn(teacher.config), dequantize_tree(teacher.variables), dataset.x_test,
+                           dataset.y_test)
     metadata = {"test_accuracy": student_acc, "distillation": {
         "teacher": args.teacher, "teacher_test_accuracy": teacher_acc, "steps": result.steps,
         "best_val_accuracy": result.best_val_accuracy, "stopped_early": result.stopped_early,
@@ -838,6 +866,11 @@ def _quantize(args: argparse.Namespace) -> int:
     return 0
 
 
+# Long-running commands that call a compiled model many times: they keep freed host memory for reuse
+# (engine.host_memory; JAXOPT_SERVE_RETAIN_MEMORY=0 turns it off).
+_SERVING_COMMANDS = ("serve", "infer", "embed", "demo")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``jaxopt-serve``; returns the process exit status."""
     args = build_parser().parse_args(argv)
@@ -846,6 +879,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                "serve": _serve, "infer": _infer, "embed": _embed}[args.command]
     try:
         check_arguments(args)  # every value and path, before any work
+        if args.command in _SERVING_COMMANDS:
+            from jaxopt_serve.engine.host_memory import retain_host_memory_from_env
+
+            retain_host_memory_from_env()
         return handler(args)
     except MissingExtraError as err:
         print(f"error: {_one_line(err)}", file=sys.stderr)

@@ -6,12 +6,15 @@ The teacher runs inside the jit-compiled step (``teacher_mode="online"``) or
 once over the training set beforehand (``"precomputed"``). A validation split
 carved from the training set is scored every epoch; early stopping keeps the
 best student. With ``checkpoint=PATH`` the student, the optimizer state and
-the early-stopping record are written (msgpack after a JSON record, with a
-SHA-256 checksum, atomically) every epoch and at the end, and a later call
-with the same path resumes where it stopped (a checkpoint that is corrupted,
-of another run, or whose arrays do not fit the student is refused by name):
-the batch order is a pure function of ``(seed, step)``, so a resumed run ends
-with exactly the parameters of an uninterrupted one.
+the early-stopping record are committed every epoch and at the end as an
+orbax checkpoint (a directory, ``jaxopt_serve.train.checkpoint``: atomic
+commits, arrays restored onto the run's shardings), and a later call with the
+same path resumes where it stopped (a checkpoint that is corrupted, of another
+run, or whose arrays do not fit the student is refused by name): the batch
+order is a pure function of ``(seed, step)``, so a resumed run ends with
+exactly the parameters of an uninterrupted one. Checkpoint files of earlier
+versions (one file: JSON record, msgpack, SHA-256) still load, and the next
+save replaces such a file by the directory (keeping the file as ``PATH.v2``).
 
 Hidden-state distillation pairs student and teacher layers: an ``int`` names
 an entry of the ``hidden_states`` the model sows (the Transformer encoder:
@@ -38,15 +41,16 @@ from flax import serialization
 
 from jaxopt_serve.data.digits import Dataset
 from jaxopt_serve.distill.losses import HIDDEN_LOSSES, check_temperature, distillation_loss
-from jaxopt_serve.fileio import NotARegularFileError, RegularFile, atomic_write
+from jaxopt_serve.fileio import NotARegularFileError, RegularFile
 from jaxopt_serve.models.config import ModelConfig
 from jaxopt_serve.models.functional import Variables, example_input, init_variables, make_apply, predict_fn
 from jaxopt_serve.quant.qarray import has_qarrays
+from jaxopt_serve.train import checkpoint as ckpt
 from jaxopt_serve.train.loop import TrainState, accuracy, fit, init_state
 from jaxopt_serve.train.recipes import default_optimizer
 
 Layer = int | str
-CHECKPOINT_VERSION = 2  # 2: payload size in the record and a SHA-256 trailer; 1 still loads
+CHECKPOINT_VERSION = 2  # the last single-file format (payload size and a SHA-256 trailer; 1 without): read only
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -75,7 +79,8 @@ class DistillConfig:
         if not 0.0 <= self.alpha <= 1.0:
             raise ValueError(f"DistillConfig.alpha must be in [0, 1], got {self.alpha!r}")
         if self.hidden_loss not in HIDDEN_LOSSES:
-            raise ValueError(f"DistillConfig.hidden_loss must be one of {sorted(HIDDEN_LOSSES)}, got {self.hidden_loss!r}")
+            raise ValueError(
+                f"DistillConfig.hidden_loss must be one of {sorted(HIDDEN_LOSSES)}, got {self.hidden_loss!r}")
         if self.hidden_weight < 0:
             raise ValueError(f"DistillConfig.hidden_weight must be >= 0, got {self.hidden_weight!r}")
         if self.teacher_mode not in ("online", "precomputed"):
@@ -83,7 +88,8 @@ class DistillConfig:
         pairs = tuple(tuple(p) for p in self.hidden_pairs)
         for pair in pairs:
             if len(pair) != 2 or not all(isinstance(v, (int, str)) and not isinstance(v, bool) for v in pair):
-                raise ValueError(f"DistillConfig.hidden_pairs entries must be (student_layer, teacher_layer), got {pair!r}")
+                raise ValueError(
+                    f"DistillConfig.hidden_pairs entries must be (student_layer, teacher_layer), got {pair!r}")
         object.__setattr__(self, "hidden_pairs", pairs)
 
 
@@ -159,7 +165,8 @@ def _lookup(intermediates: Any, layer: Layer, config: ModelConfig) -> jax.Array:
     node = intermediates
     for part in layer.split("/"):
         if not isinstance(node, dict) or part not in node:
-            raise ValueError(f"hidden layer {layer!r} does not exist in {config.name!r} (no submodule output captured there)")
+            raise ValueError(
+                f"hidden layer {layer!r} does not exist in {config.name!r} (no submodule output captured there)")
         node = node[part]
     return node["__call__"][0]
 
@@ -184,6 +191,7 @@ def teacher_fn(config: ModelConfig, variables: Variables, layers: Sequence[Layer
 
 
 def _state_dict(state: TrainState, tracker: dict[str, Any]) -> dict[str, Any]:
+    """The tree of a single-file checkpoint (the format before orbax), as it was written."""
     return {
         "step": state.step, "params": state.params, "model_state": state.model_state, "opt_state": state.opt_state,
         "rng": jax.random.key_data(state.rng), "best_params": tracker["best_params"],
@@ -191,34 +199,83 @@ def _state_dict(state: TrainState, tracker: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def save_checkpoint(path: str | os.PathLike[str], state: TrainState, tracker: dict[str, Any], fingerprint: dict) -> None:
-    """Write the run's state (msgpack) and its record (JSON) into one checksummed file, atomically.
+_BEST = ("best_params", "best_state")
 
-    Layout: the record's length (8 bytes, little-endian), the record (JSON,
-    with ``payload_bytes``), the msgpack payload, the SHA-256 of all of it.
+
+def save_checkpoint(path: str | os.PathLike[str], state: TrainState, tracker: dict[str, Any],
+                    fingerprint: dict) -> None:
+    """Commit the run's state, its best student so far and its early-stopping record as an orbax checkpoint.
+
+    ``path`` is a checkpoint directory (``jaxopt_serve.train.checkpoint``): each
+    save is a new step directory, committed atomically, and the previous one is
+    removed once it is. A ``path`` holding a checkpoint in the single-file format
+    of earlier versions is kept beside it as ``PATH.v2`` and replaced by the
+    directory.
     """
-    payload = serialization.to_bytes(jax.device_get(_state_dict(state, tracker)))
-    record = {"version": CHECKPOINT_VERSION, "fingerprint": fingerprint, "payload_bytes": len(payload),
-              **{k: v for k, v in tracker.items() if k not in ("best_params", "best_state")}}
-    header = json.dumps(record, sort_keys=True).encode("utf-8")
-    body = len(header).to_bytes(8, "little") + header + payload
-    atomic_write(path, body + hashlib.sha256(body).digest())
+    path = Path(path)
+    if path.is_file():  # the single-file format: keep it until the directory holds a committed step
+        legacy = _legacy_backup(path)
+        os.replace(path, legacy)
+    record = {k: v for k, v in tracker.items() if k not in _BEST}
+    extra = {k: tracker[k] for k in _BEST}
+    ckpt.save_checkpoint(path, state, record=record, extra=extra, fingerprint=fingerprint)
 
 
 def load_checkpoint(path: str | os.PathLike[str], template: TrainState, fingerprint: dict, *,
-                    allow_nonfinite: bool = False) -> tuple[TrainState, dict]:
+                    allow_nonfinite: bool = False, shardings: Any = None) -> tuple[TrainState, dict]:
     """Read a checkpoint written by ``save_checkpoint`` for the same run (same student, seed and data).
 
     ``allow_nonfinite``: restore float arrays holding NaN or inf (refused by
     default: resuming a diverged run only repeats the divergence).
+    ``shardings``: where the arrays go (``train.checkpoint.restore_checkpoint``;
+    default: where the template's are). A checkpoint file in the single-file
+    format of earlier versions (length, JSON record, msgpack, SHA-256) is still
+    read, onto the default device.
 
     Raises:
-        ValueError: ``path`` is not a regular file, or the checkpoint is
+        ValueError: ``path`` is not a checkpoint, or the checkpoint is
             truncated, corrupted, of another version or run, holds arrays of
             other shapes than the run's, or (by default) NaN or inf values
-            (the message names the file and the array).
+            (the message names the checkpoint and the array).
     """
-    record, payload = _read_checkpoint(Path(path))
+    path = Path(path)
+    if not path.is_dir():
+        return _load_legacy_checkpoint(path, template, fingerprint, allow_nonfinite=allow_nonfinite)
+    blank = {"best_params": template.params, "best_state": template.model_state}
+    restored = ckpt.restore_checkpoint(path, template, extra=blank, fingerprint=fingerprint, shardings=shardings,
+                                       allow_nonfinite=allow_nonfinite)
+    tracker = dict(restored.record)
+    for key in ("best_val_accuracy", "best_step", "bad_epochs", "history", "stopped_early"):
+        if key not in tracker:
+            raise ValueError(f"checkpoint {path} (step {restored.step}) is not a distillation checkpoint: "
+                             f"its record has no {key!r}")
+    tracker.update(restored.extra)
+    return restored.state, tracker
+
+
+def _legacy_backup(path: Path) -> Path:
+    """Where a single-file checkpoint is kept once the orbax directory replaces it."""
+    return path.with_name(path.name + ".v2")
+
+
+def _has_checkpoint(path: Path) -> bool:
+    """Whether ``path`` holds something to resume from (a single-file checkpoint, or a committed orbax step)."""
+    ckpt.check_checkpoint_path(path, what="checkpoint")
+    return path.is_file() or ckpt.latest_step(path) is not None
+
+
+def _resume_source(path: Path) -> Path | None:
+    """The checkpoint to resume from: ``path``, or the kept single-file one when a conversion did not finish."""
+    if _has_checkpoint(path):
+        return path
+    backup = _legacy_backup(path)
+    return backup if backup.is_file() else None
+
+
+def _load_legacy_checkpoint(path: Path, template: TrainState, fingerprint: dict, *,
+                            allow_nonfinite: bool) -> tuple[TrainState, dict]:
+    """Read a single-file checkpoint (format 1 or 2: length, JSON record, msgpack payload, SHA-256 trailer)."""
+    record, payload = _read_checkpoint(path)
     if record.get("fingerprint") != fingerprint:
         stored = record.get("fingerprint") if isinstance(record.get("fingerprint"), dict) else {}
         changed = sorted(k for k in fingerprint if stored.get(k) != fingerprint[k])
@@ -261,7 +318,8 @@ def _read_checkpoint(path: Path) -> tuple[dict[str, Any], bytes]:
         except (ValueError, RecursionError) as err:
             raise ValueError(f"checkpoint {path} cannot be read: {err}") from err
         if not isinstance(record, dict):
-            raise ValueError(f"checkpoint {path} is corrupted: its record is a JSON {type(record).__name__}, not an object")
+            raise ValueError(
+                f"checkpoint {path} is corrupted: its record is a JSON {type(record).__name__}, not an object")
         version = record.get("version")
         if version == 1:  # no size, no checksum: the rest of the file is the payload
             return record, file.read_exact(8 + size, file.size - 8 - size, "payload")
@@ -288,7 +346,8 @@ def _check_state(path: str | os.PathLike[str], expected: Any, restored: Any) -> 
     try:
         have = jax.tree_util.tree_structure(expected).flatten_up_to(restored)
     except (ValueError, TypeError) as err:
-        raise ValueError(f"checkpoint {path} is corrupted: its state has another structure than the run's ({err})") from err
+        raise ValueError(
+            f"checkpoint {path} is corrupted: its state has another structure than the run's ({err})") from err
     for (key, leaf), got in zip(want, have):
         name = jax.tree_util.keystr(key)
         shape, dtype = np.shape(leaf), np.dtype(getattr(leaf, "dtype", np.asarray(leaf).dtype))
@@ -352,7 +411,8 @@ def distill(
         seed: student init, batch order, validation split.
         val_fraction: share of the training set held out for per-epoch validation (0: none).
         patience: stop after this many epochs without a better validation accuracy.
-        checkpoint: file to checkpoint to every epoch and at the end; resumed from when it exists.
+        checkpoint: checkpoint directory, committed every epoch and at the end; resumed from
+            when it holds a checkpoint of this run (a single-file checkpoint of earlier versions too).
         progress: show a progress bar.
 
     Raises:
@@ -437,10 +497,12 @@ def distill(
     fingerprint = json.loads(json.dumps(fingerprint))
     template = init_state(variables, optimizer, seed=seed)
     tracker: dict[str, Any] = {"best_val_accuracy": None, "best_step": 0, "bad_epochs": 0, "history": [],
-                               "stopped_early": False, "best_params": template.params, "best_state": template.model_state}
+                               "stopped_early": False, "best_params": template.params,
+                               "best_state": template.model_state}
     state = None
-    if checkpoint is not None and Path(checkpoint).exists():
-        state, tracker = load_checkpoint(checkpoint, template, fingerprint)
+    source = _resume_source(Path(checkpoint)) if checkpoint is not None else None
+    if source is not None:
+        state, tracker = load_checkpoint(source, template, fingerprint)
     if tracker["stopped_early"] or (state is not None and int(state.step) >= steps):
         return _result(student_config, state, tracker)
     student_predict = predict_fn(student_config)

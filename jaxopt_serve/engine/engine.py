@@ -301,7 +301,8 @@ class InferenceEngine:
 
     def _init_lengths(self, length_buckets: Any, length_axes: Any, output_length_axes: Any) -> None:
         if (length_buckets is None) != (length_axes is None):
-            raise ValueError("length_buckets= and length_axes= go together: the sizes, and which axis of which input leaf")
+            raise ValueError(
+                "length_buckets= and length_axes= go together: the sizes, and which axis of which input leaf")
         if output_length_axes is not None and length_buckets is None:
             raise ValueError("output_length_axes= needs length_buckets= and length_axes=")
         self.length_buckets: tuple[int, ...] | None = None
@@ -371,7 +372,7 @@ class InferenceEngine:
         return inputs[0] if self.num_inputs == 1 else tuple(inputs)
 
     def check_inputs(self, *args: Any) -> tuple[Any, ...]:
-        """The inputs as numpy arrays of the example's dtypes, or ``ValueError`` naming the leaf (before any dispatch)."""
+        """The inputs as numpy arrays of the example's dtypes, or ``ValueError`` naming the leaf (before dispatch)."""
         return self._check(self.inputs_of(args))[0]
 
     def check_input(self, x: Any) -> Any:
@@ -402,7 +403,7 @@ class InferenceEngine:
         return f"({', '.join(dims)})"
 
     def _check_single_array(self, x: Any) -> np.ndarray:
-        """``x`` as an array, checked with the messages of the one-array engine: shape and dtype for the model by name."""
+        """``x`` as an array, checked with the one-array engine's messages: shape and dtype for the model by name."""
         x, ex, axis = np.asarray(x), self.example[0], self._length_axes[0]
         same = x.dtype != object and x.ndim == ex.ndim and all(
             d == e for i, (d, e) in enumerate(zip(x.shape[1:], ex.shape[1:]), 1) if i != axis)
@@ -511,7 +512,8 @@ class InferenceEngine:
             chunk = pad_rows(chunk, bucket)
             if self._input_sharding is not None:  # also right with several processes: each places its own shards
                 chunk = jax.tree.map(
-                    lambda c: jax.make_array_from_callback(c.shape, self._input_sharding, lambda idx, c=c: c[idx]), chunk)
+                    lambda c: jax.make_array_from_callback(c.shape, self._input_sharding, lambda idx, c=c: c[idx]),
+                    chunk)
             out = jax.tree.map(_to_host, exe(self.variables, chunk))
             outputs.append(take_rows(out, 0, n))
         out = concat_rows(outputs)

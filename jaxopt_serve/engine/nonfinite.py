@@ -49,7 +49,7 @@ def check_policy(policy: Any, *, name: str = "nan_policy") -> str:
 
 
 def nonfinite_rows(inputs: Any) -> np.ndarray | None:
-    """A bool mask of the rows holding a NaN or inf in any float leaf of ``inputs``; ``None`` when every row is finite."""
+    """A bool mask of the rows holding a NaN or inf in any float leaf of ``inputs``; ``None`` when all are finite."""
     bad = None
     for leaf in jax.tree.leaves(inputs):
         leaf = np.asarray(leaf)
@@ -61,7 +61,7 @@ def nonfinite_rows(inputs: Any) -> np.ndarray | None:
 
 
 def row_text(mask: np.ndarray, *, offset: int = 0) -> str:
-    """``"rows [1, 5]"`` for a row mask (the first ``SHOWN_ROWS`` rows, then how many more), counting from ``offset``."""
+    """``"rows [1, 5]"`` for a row mask (the first ``SHOWN_ROWS`` rows, then how many more), from ``offset``."""
     rows = (np.flatnonzero(mask) + offset).tolist()
     more = f" and {len(rows) - SHOWN_ROWS} more" if len(rows) > SHOWN_ROWS else ""
     return f"rows {rows[:SHOWN_ROWS]}{more}"

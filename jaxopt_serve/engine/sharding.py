@@ -62,7 +62,8 @@ def make_mesh(data: int = 1, model: int = 1, *, devices: Sequence[jax.Device] | 
             raise ValueError(f"mesh axis {name!r} must be a positive int, got {size!r}")
     if len(devices) % (data * model):
         raise ValueError(
-            f"a {data} x {model} mesh needs a device count divisible by {data * model}; there are {len(devices)} devices"
+            f"a {data} x {model} mesh needs a device count divisible by {data * model}; "
+            f"there are {len(devices)} devices"
         )
     grid = np.asarray(devices[: data * model], dtype=object).reshape(data, model)
     return Mesh(grid, (DATA, MODEL), axis_types=(jax.sharding.AxisType.Auto,) * 2)
@@ -93,7 +94,8 @@ def model_parallel_rules(config: Any, *, size: int | None = None) -> list[Shardi
         rules = []
         for i in range(len(config.features)):
             if i % 2 == 0:  # column-parallel: split output neurons (and the bias)
-                rules += [ShardingRule(rf"params/dense_{i}/kernel", (None, MODEL)), ShardingRule(rf"params/dense_{i}/bias", (MODEL,))]
+                rules += [ShardingRule(rf"params/dense_{i}/kernel", (None, MODEL)),
+                          ShardingRule(rf"params/dense_{i}/bias", (MODEL,))]
             else:  # row-parallel: split input rows; XLA sums the partial products
                 rules.append(ShardingRule(rf"params/dense_{i}/kernel", (MODEL, None)))
         return rules
@@ -165,7 +167,8 @@ def _check_spec(name: str, shape: tuple[int, ...], spec: P, mesh: Mesh) -> None:
         size = 1
         for n in names:
             if n not in mesh.shape:
-                raise ValueError(f"{name}: sharding spec {spec} names mesh axis {n!r}; the mesh has {tuple(mesh.shape)}")
+                raise ValueError(
+                    f"{name}: sharding spec {spec} names mesh axis {n!r}; the mesh has {tuple(mesh.shape)}")
             size *= mesh.shape[n]
         if shape[dim] % size:
             raise ValueError(
@@ -181,7 +184,10 @@ def _qarray_specs(q: QArray, spec: P) -> QArray:
     def along(x):  # scales / zero points: keep the kernel's split where they have the full dimension
         if x is None:
             return None
-        dims = tuple(axis if np.shape(x)[d] == q.shape[d] else None for d, axis in enumerate(full)) if np.ndim(x) == len(q.shape) else ()
+        if np.ndim(x) == len(q.shape):
+            dims = tuple(axis if np.shape(x)[d] == q.shape[d] else None for d, axis in enumerate(full))
+        else:
+            dims = ()
         return P(*dims)
 
     return dataclasses.replace(q, values=values, scale=along(q.scale), zero_point=along(q.zero_point))

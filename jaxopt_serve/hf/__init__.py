@@ -1,4 +1,5 @@
-"""Pretrained checkpoints: BERT-family import (safetensors), sentence embeddings and their compression (``hf`` extra)."""
+"""Pretrained checkpoints: BERT-family import (safetensors), sentence embeddings and their compression
+(``hf`` extra)."""
 
 from jaxopt_serve.hf.bert import bert_mapping, config_from_hf, import_bert
 from jaxopt_serve.hf.compress import distill_embeddings, embedding_agreement, layer_student

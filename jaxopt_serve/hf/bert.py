@@ -111,7 +111,8 @@ def import_bert(directory: str | os.PathLike[str]) -> tuple[TransformerConfig, V
     mapping = bert_mapping(config)
     extra = sorted(set(tensors) - set(mapping) - set(IGNORED))
     if extra:
-        raise ValueError(f"checkpoint tensors not used by the BERT mapping: {extra[:5]}{' ...' if len(extra) > 5 else ''}")
+        raise ValueError(
+            f"checkpoint tensors not used by the BERT mapping: {extra[:5]}{' ...' if len(extra) > 5 else ''}")
     missing = sorted(set(mapping) - set(tensors))
     if missing:
         raise ValueError(f"checkpoint is missing tensors: {missing[:5]}{' ...' if len(missing) > 5 else ''}")

@@ -48,14 +48,18 @@ def generated_sentences(count: int, *, seed: int = 0) -> list[str]:
         raise ValueError(f"count must be >= 0, got {count}")
     rng = random.Random(seed)
     shapes = [
-        lambda: f"{rng.choice(_PEOPLE).capitalize()} {rng.choice(_ACTIONS)} {rng.choice(_THINGS)} {rng.choice(_PLACES)}.",
-        lambda: f"{rng.choice(_TIMES).capitalize()}, {rng.choice(_PEOPLE)} {rng.choice(_ACTIONS)} {rng.choice(_THINGS)}.",
+        lambda: (f"{rng.choice(_PEOPLE).capitalize()} {rng.choice(_ACTIONS)} {rng.choice(_THINGS)} "
+                 f"{rng.choice(_PLACES)}."),
+        lambda: (f"{rng.choice(_TIMES).capitalize()}, {rng.choice(_PEOPLE)} {rng.choice(_ACTIONS)} "
+                 f"{rng.choice(_THINGS)}."),
         lambda: f"Why did {rng.choice(_PEOPLE)} leave {rng.choice(_THINGS)} {rng.choice(_PLACES)}?",
         lambda: f"{rng.choice(_PEOPLE).capitalize()} talked about {rng.choice(_TOPICS)} {rng.choice(_TIMES)}.",
         lambda: f"Everyone {rng.choice(_PLACES)} felt {rng.choice(_FEELINGS)} about {rng.choice(_TOPICS)}.",
         lambda: f"{rng.choice(_PEOPLE).capitalize()} paid {rng.randint(2, 990)} euros for {rng.choice(_THINGS)}.",
-        lambda: f"Is it true that {rng.choice(_PEOPLE)} {rng.choice(_ACTIONS)} {rng.choice(_THINGS)} {rng.choice(_TIMES)}?",
-        lambda: f"I was {rng.choice(_FEELINGS)} when {rng.choice(_PEOPLE)} {rng.choice(_ACTIONS)} {rng.choice(_THINGS)}.",
+        lambda: (f"Is it true that {rng.choice(_PEOPLE)} {rng.choice(_ACTIONS)} {rng.choice(_THINGS)} "
+                 f"{rng.choice(_TIMES)}?"),
+        lambda: (f"I was {rng.choice(_FEELINGS)} when {rng.choice(_PEOPLE)} {rng.choice(_ACTIONS)} "
+                 f"{rng.choice(_THINGS)}."),
     ]
     seen: dict[str, None] = {}
     while len(seen) < count:

@@ -64,7 +64,8 @@ def _read_json(path: Path, default: Any) -> Any:
 
 
 def _embed_method(pooling: str, normalize: bool) -> Callable[..., jax.Array]:
-    """The Linen method ``embed(module, inputs, *, train=False)`` of a ``TransformerEncoder``: encode, pool, normalize."""
+    """The Linen method ``embed(module, inputs, *, train=False)`` of a ``TransformerEncoder``: encode, pool,
+    normalize."""
     if pooling not in POOLINGS:
         raise ValueError(f"pooling must be one of {POOLINGS}, got {pooling!r}")
 
@@ -144,7 +145,8 @@ def embedding_model(
 
 def _float_shapes(variables: Any) -> Any:
     """``variables`` with every ``QArray`` replaced by a float ``ShapeDtypeStruct`` of its shape."""
-    return jax.tree.map(lambda leaf: jax.ShapeDtypeStruct(leaf.shape, jnp.dtype(leaf.dtype)) if is_qarray(leaf) else leaf,
+    return jax.tree.map(lambda leaf: jax.ShapeDtypeStruct(leaf.shape, jnp.dtype(leaf.dtype))
+                        if is_qarray(leaf) else leaf,
                         variables, is_leaf=is_qarray)
 
 
@@ -268,7 +270,8 @@ class SentenceEncoder:
 
     @property
     def model(self) -> Model:
-        """The embedding function as a ``Model`` on ``self.variables``: ``model(variables, {"input_ids", "attention_mask"})``."""
+        """The embedding function as a ``Model`` on ``self.variables``:
+        ``model(variables, {"input_ids", "attention_mask"})``."""
         if self._model is None or self._model[0] is not self.variables:
             name = f"sentence_encoder({self.directory.name})"
             self._model = (self.variables, embedding_model(self.config, self.variables, pooling=self.pooling,
@@ -340,7 +343,8 @@ class SentenceEncoder:
 
         Args:
             path: the artifact to write.
-            variables: other variables for the same config (default: the encoder's); quantized ones run in ``quant_mode``.
+            variables: other variables for the same config (default: the encoder's); quantized ones run in
+                ``quant_mode``.
             quant_mode: see ``export_model`` (``"weight_only"`` runs on any backend).
             platforms: backends to export for (default: the current one).
         """
@@ -419,7 +423,8 @@ class SentenceEncoder:
         if ids.shape != mask.shape:
             raise ValueError(f"ids of shape {ids.shape} and mask of shape {mask.shape} must have one shape")
         engine = self._engine_for(engine)
-        out = [engine({"input_ids": ids[start : start + batch_size], "attention_mask": mask[start : start + batch_size]})
+        out = [engine({"input_ids": ids[start : start + batch_size],
+                       "attention_mask": mask[start : start + batch_size]})
                for start in range(0, len(ids), batch_size)]
         return np.concatenate(out) if out else np.zeros((0, self.config.hidden_size), np.float32)
 

@@ -15,6 +15,7 @@ and a rule with ``spec=None`` keeps a leaf in float.
 from __future__ import annotations
 
 import dataclasses
+import os
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -171,6 +172,7 @@ def qat_finetune(
     progress: bool = True,
     reestimate_stats: bool = True,
     logits_of: Any = None,
+    checkpoint: str | os.PathLike[str] | None = None,
 ) -> tuple[QuantizeResult, FitResult]:
     """Fine-tune ``variables`` with fake-quantized weights, then quantize them for real.
 
@@ -198,6 +200,9 @@ def qat_finetune(
             several accuracy points on some seeds.
         logits_of: for a model whose output is not the logits array, the function
             that picks them (e.g. ``lambda out: out["logits"]``).
+        checkpoint: a directory the fine-tune checkpoints to at every log point
+            and resumes from (orbax, ``fit(..., checkpoint=)``); a resumed
+            fine-tune ends with the weights of an uninterrupted one.
 
     Returns:
         ``(QuantizeResult, FitResult)``: the quantized variables with the
@@ -237,6 +242,7 @@ def qat_finetune(
         batch_size=batch_size,
         seed=seed,
         progress=progress,
+        checkpoint=checkpoint,
     )
     quantized = quantize(result.variables, rules)
     if reestimate_stats:

@@ -6,7 +6,9 @@ so later chapters plug in their own losses (fake-quantized forward passes,
 distillation against a teacher) and their own optax transforms (masks,
 regularizers) without a new loop. The batch order is a pure function of
 ``(seed, step)``, so a run resumed from a saved ``TrainState`` sees the same
-batches as an uninterrupted one.
+batches as an uninterrupted one; ``fit(..., checkpoint=DIR)`` saves one
+(orbax, ``jaxopt_serve.train.checkpoint``) at every log point and resumes
+from it.
 
 Any model works: ``classification_loss``, ``accuracy`` and ``fit`` take a
 ``jaxopt_serve.model.Model`` (a Linen or NNX module or a plain function, with
@@ -19,6 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import os
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any, NamedTuple
 
@@ -218,6 +221,7 @@ def fit(
     on_log: Callable[[TrainState, dict[str, float]], bool | None] | None = None,
     logits_of: LogitsOf | None = None,
     reestimate_bn: bool | int | None = None,
+    checkpoint: str | os.PathLike[str] | None = None,
 ) -> FitResult:
     """Train for ``steps`` optimizer steps (in total, counting a resumed ``state``'s).
 
@@ -252,6 +256,11 @@ def fit(
             history entry, so its ``eval_fn`` sees them. Default: on when
             ``loss_fn`` is a ``Model``; other loss functions cannot (a ``Model``
             is needed to run the forward passes).
+        checkpoint: a directory to checkpoint to (orbax, ``jaxopt_serve.train.checkpoint``)
+            at every log point, with the history so far; when it already holds a
+            checkpoint of this run (same ``seed``, ``batch_size`` and ``log_every``),
+            training resumes from it, onto the shardings of ``state`` (or of
+            ``variables``), and ends with exactly the state of an uninterrupted run.
 
     Returns:
         ``FitResult`` with the final ``TrainState`` and the history.
@@ -294,9 +303,28 @@ def fit(
         draw, calibration = _iter_batches(batches, bn_batches)
     if state is None:
         state = init_state(variables, optimizer, seed=seed)
-    train_step = make_train_step(loss_fn, optimizer)
     history: list[dict[str, float]] = []
+    fingerprint = {"seed": seed, "batch_size": batch_size, "log_every": log_every}
+    if checkpoint is not None:
+        from jaxopt_serve.train import checkpoint as ckpt
+
+        ckpt.check_checkpoint_path(checkpoint)
+        if ckpt.latest_step(checkpoint) is not None:
+            restored = ckpt.restore_checkpoint(checkpoint, state, fingerprint=fingerprint)
+            state, history = restored.state, list(restored.record.get("history", []))
+            if restored.record.get("stopped"):
+                return FitResult(state=state, history=history)
+    train_step = make_train_step(loss_fn, optimizer)
     start = int(state.step)
+    saved_state = state
+
+    def save(stopped: bool) -> None:
+        nonlocal saved_state
+        if checkpoint is not None:
+            ckpt.save_checkpoint(checkpoint, state, record={"history": history, "stopped": stopped},
+                                 fingerprint=fingerprint)
+            saved_state = state
+
     pending: list[Metrics] = []
     reestimated = bn_batches == 0
 
@@ -313,6 +341,7 @@ def fit(
             entry.update(eval_fn(state.variables))
         stop = bool(on_log(state, entry)) if on_log is not None else False
         history.append(entry)
+        save(stop)
         advance(done, entry)
         return stop
 
@@ -331,6 +360,8 @@ def fit(
                     break
     if not reestimated and start < int(state.step):
         state = _reestimate(model, state, calibration(), seed)
+    if state is not saved_state and start < int(state.step):  # re-estimated after the last log point
+        save(True)
     return FitResult(state=state, history=history)
 
 

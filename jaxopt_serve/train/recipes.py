@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import optax
 
 from jaxopt_serve.artifact import Artifact
@@ -11,7 +13,9 @@ from jaxopt_serve.models.functional import init_variables, make_apply, predict_f
 from jaxopt_serve.train.loop import FitResult, accuracy, classification_loss, fit
 
 
-def default_optimizer(steps: int, *, learning_rate: float = 3e-3, weight_decay: float = 1e-4) -> optax.GradientTransformation:
+def default_optimizer(
+    steps: int, *, learning_rate: float = 3e-3, weight_decay: float = 1e-4
+) -> optax.GradientTransformation:
     """AdamW with a short linear warm-up and cosine decay over ``steps``."""
     schedule = optax.warmup_cosine_decay_schedule(
         init_value=0.0,
@@ -32,8 +36,11 @@ def train_classifier(
     learning_rate: float = 3e-3,
     seed: int = 0,
     progress: bool = True,
+    checkpoint: str | os.PathLike[str] | None = None,
 ) -> tuple[Artifact, FitResult]:
     """Train ``config``'s model on ``dataset`` and return it as an ``Artifact`` (with test accuracy).
+
+    ``checkpoint``: a directory that ``fit`` checkpoints to and resumes from (orbax).
 
     Example:
         >>> from jaxopt_serve.data import load_digits
@@ -52,6 +59,7 @@ def train_classifier(
         batch_size=batch_size,
         seed=seed,
         progress=progress,
+        checkpoint=checkpoint,
     )
     test_accuracy = accuracy(predict_fn(config), result.variables, dataset.x_test, dataset.y_test)
     metadata = {

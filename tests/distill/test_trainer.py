@@ -30,8 +30,9 @@ def test_a_resumed_run_ends_with_the_parameters_of_an_uninterrupted_one(tmp_path
     kwargs = dict(seed=3, progress=False, patience=5, optimizer=default_optimizer(50))
     whole = distill(TEACHER, teacher_variables, STUDENT, digits, steps=50, **kwargs)
     path = tmp_path / "run.ckpt"
-    first = distill(TEACHER, teacher_variables, STUDENT, digits, steps=27, checkpoint=path, **kwargs)  # "killed" mid-epoch
-    assert first.steps == 27 and path.exists()
+    # "killed" mid-epoch
+    first = distill(TEACHER, teacher_variables, STUDENT, digits, steps=27, checkpoint=path, **kwargs)
+    assert first.steps == 27 and path.is_dir()
     resumed = distill(TEACHER, teacher_variables, STUDENT, digits, steps=50, checkpoint=path, **kwargs)
     assert resumed.steps == 50
     _same(whole.final_variables, resumed.final_variables)
@@ -39,6 +40,26 @@ def test_a_resumed_run_ends_with_the_parameters_of_an_uninterrupted_one(tmp_path
     assert resumed.best_val_accuracy == whole.best_val_accuracy
     assert [h["val_accuracy"] for h in resumed.history if "val_accuracy" in h] == \
            [h["val_accuracy"] for h in whole.history if "val_accuracy" in h]
+
+
+def test_a_checkpoint_file_of_earlier_versions_resumes_and_becomes_a_directory(tmp_path, digits, teacher_variables,
+                                                                               monkeypatch):
+    from jaxopt_serve.distill import trainer
+    from jaxopt_serve.train import default_optimizer
+    from robustness.artifact_cases import legacy_checkpoint_bytes
+
+    kwargs = dict(seed=3, progress=False, patience=5, optimizer=default_optimizer(50))
+    whole = distill(TEACHER, teacher_variables, STUDENT, digits, steps=50, **kwargs)
+    path = tmp_path / "old.ckpt"
+    with monkeypatch.context() as patch:  # the single-file writer of earlier versions
+        patch.setattr(trainer, "save_checkpoint", lambda p, state, tracker, fingerprint: p.write_bytes(
+            legacy_checkpoint_bytes(state, tracker, fingerprint)))
+        distill(TEACHER, teacher_variables, STUDENT, digits, steps=27, checkpoint=path, **kwargs)
+    assert path.is_file()
+    resumed = distill(TEACHER, teacher_variables, STUDENT, digits, steps=50, checkpoint=path, **kwargs)
+    _same(whole.final_variables, resumed.final_variables)
+    _same(whole.variables, resumed.variables)
+    assert path.is_dir() and (tmp_path / "old.ckpt.v2").is_file()  # converted; the old file is kept beside
 
 
 def test_a_checkpoint_of_another_run_is_refused(tmp_path, digits, teacher_variables):
@@ -98,6 +119,7 @@ def test_bad_inputs_are_clear_errors(digits, teacher_variables):
     tokens = load_digit_tokens()
     encoder = TransformerConfig(vocab_size=18, max_len=65, seq_len=65, hidden_size=8, num_layers=1, num_heads=1,
                                 mlp_dim=8, num_classes=10)
-    with pytest.raises(ValueError, match=r"hidden layer 5 does not exist in 'transformer': it exposes hidden_states 0..1"):
+    with pytest.raises(ValueError,
+                       match=r"hidden layer 5 does not exist in 'transformer': it exposes hidden_states 0..1"):
         distill(encoder, init_variables(encoder, 0), encoder, tokens, steps=1, progress=False,
                 config=DistillConfig(hidden_pairs=((1, 5),)))

@@ -60,7 +60,8 @@ def test_quantized_variables_run_quantized(cnn_variables):
 
 
 @pytest.mark.parametrize("x, message", [
-    (np.zeros((2, 8, 8, 3), np.float32), re.escape("expected a batch of shape (batch, 8, 8, 1) for 'cnn', got (2, 8, 8, 3)")),
+    (np.zeros((2, 8, 8, 3), np.float32),
+     re.escape("expected a batch of shape (batch, 8, 8, 1) for 'cnn', got (2, 8, 8, 3)")),
     (np.zeros((8, 8, 1), np.float32), re.escape("got (8, 8, 1)")),
     (np.zeros((2, 8, 8, 1), np.int32), "expected float32 inputs for 'cnn', got int32"),
     (np.zeros((0, 8, 8, 1), np.float32), "empty batch"),
@@ -93,7 +94,8 @@ def test_persistent_cache_serves_a_fresh_process(tmp_path):
         engine = InferenceEngine(cfg, init_variables(cfg, 0), max_batch=4).warmup()
         print(len(hits))
     """)
-    runs = [subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120) for _ in range(2)]
+    runs = [subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+            for _ in range(2)]
     for run in runs:
         assert run.returncode == 0, run.stderr
     first, second = (int(r.stdout.split()[-1]) for r in runs)

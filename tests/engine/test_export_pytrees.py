@@ -24,7 +24,8 @@ def test_pytree_artifacts_run_standalone_and_match_the_model(tmp_path):
     a, b = rng.normal(size=(5, 3)).astype(np.float32), np.arange(5, dtype=np.int32)
     jobs = [(tmp_path / "dict.jxe", dict_inputs(1), "dict"), (tmp_path / "dict.jxe", dict_inputs(13, seed=1), "dict"),
             (tmp_path / "two.jxe", (a, b), "positional"),
-            (tmp_path / "pooled.jxe", token_inputs(3, 5), "dict"), (tmp_path / "pooled.jxe", token_inputs(2, 11), "dict")]
+            (tmp_path / "pooled.jxe", token_inputs(3, 5), "dict"),
+            (tmp_path / "pooled.jxe", token_inputs(2, 11), "dict")]
     models = {"dict.jxe": dict_net, "two.jxe": two, "pooled.jxe": pooled}
     for (artifact, inputs, call), got in zip(jobs, _run_standalone(tmp_path, jobs)):
         model = models[artifact.name]
@@ -43,7 +44,8 @@ def test_loader_checks_structure_shapes_and_lengths(tmp_path):
     assert logits.dtype == np.float32 and ids.dtype == np.int32 and isinstance(ids, np.ndarray)
     assert model.input_shape is None and [s["name"] for s in model.inputs] == ["inputs[0]['mask']", "inputs[0]['x']"]
     bad = {**dict_inputs(2), "mask": np.zeros((2, 3), bool)}
-    with pytest.raises(ValueError, match=re.escape("inputs[0]['mask']: expected a batch of shape (batch, 4), got (2, 3)")):
+    with pytest.raises(ValueError,
+                       match=re.escape("inputs[0]['mask']: expected a batch of shape (batch, 4), got (2, 3)")):
         model(bad)
     with pytest.raises(ValueError, match=re.escape("expected leaves [\"inputs[0]['mask']\", \"inputs[0]['x']\"]")):
         model({"x": dict_inputs(2)["x"]})

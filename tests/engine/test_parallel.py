@@ -60,7 +60,8 @@ def test_pmap_outputs_equal_single_device_outputs(case):
 
 def test_quantized_kernels_shard_their_values_and_scales():
     config, q, x = _case("int8 mlp")
-    engine = InferenceEngine(config, q, max_batch=16, mesh=make_mesh(data=2, model=4), rules=model_parallel_rules(config))
+    engine = InferenceEngine(config, q, max_batch=16, mesh=make_mesh(data=2, model=4),
+                             rules=model_parallel_rules(config))
     kernel = engine.variables["params"]["dense_0"]["kernel"]
     assert kernel.values.sharding.spec == P(None, "model")
     assert kernel.scale.sharding.spec == P(None, "model")
@@ -74,8 +75,8 @@ def test_mesh_that_does_not_divide_the_devices_is_an_error():
 
 def test_rule_that_does_not_divide_a_dimension_names_the_path():
     rules = [ShardingRule(r"params/classifier/kernel", (None, "model"))]
-    with pytest.raises(ValueError, match=r"params/classifier/kernel: dimension 1 \(size 10\) of shape \(16, 10\) is not "
-                                         r"divisible by mesh axis 'model' of size 4"):
+    with pytest.raises(ValueError, match=r"params/classifier/kernel: dimension 1 \(size 10\) of shape \(16, 10\) "
+                                         r"is not divisible by mesh axis 'model' of size 4"):
         InferenceEngine(CNN, random_variables(CNN), mesh=make_mesh(data=2, model=4), rules=rules)
 
 

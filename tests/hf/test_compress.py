@@ -46,7 +46,8 @@ def test_pruned_encoder_runs_with_its_own_config(teacher):
     base, emb = teacher.embed(SENTENCES), small.embed(SENTENCES)
     assert emb.shape == base.shape
     assert embedding_agreement(base, emb)["mean_cosine"] > 0.5
-    with pytest.raises(ValueError, match=r"params/layer_0/attention/.* has shape \(9, 32\), the given config needs \(12, 32\)"):
+    with pytest.raises(ValueError,
+                       match=r"params/layer_0/attention/.* has shape \(9, 32\), the given config needs \(12, 32\)"):
         SentenceEncoder(bundled_minilm_dir(), config=teacher.config, variables=pruned.variables)
 
 

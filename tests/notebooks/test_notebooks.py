@@ -1,4 +1,4 @@
-"""The notebooks: stored without outputs, linked from the README, and executed top to bottom on CPU.
+"""The notebooks: stored without outputs, Colab badges from one setting, and executed top to bottom on CPU.
 
 Each notebook runs in a fresh Jupyter kernel (the ``python3`` kernel, which
 jupyter_client starts with this interpreter) in a temporary directory, with
@@ -9,9 +9,11 @@ one private XLA compilation cache (they compile the same small CNN), which
 takes about a third off the run time.
 """
 
+import importlib.util
 import json
 import os
 import re
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -58,12 +60,77 @@ def test_first_cell_installs_in_colab_and_shows_the_devices(name):
         assert needed in source, f"{name}.ipynb setup cell lacks {needed!r}"
 
 
-@pytest.mark.parametrize("name", sorted(FIGURES))
-def test_readme_links_the_notebook_with_an_open_in_colab_link(name):
-    readme = README.read_text(encoding="utf-8")
-    assert f"](notebooks/{name}.ipynb)" in readme
-    colab = rf"\(https://colab\.research\.google\.com/github/[\w.<>-]+/[\w.-]+/blob/main/notebooks/{name}\.ipynb\)"
-    assert re.search(colab, readme), f"no Open in Colab link for {name}.ipynb"
+def _set_repository():
+    spec = importlib.util.spec_from_file_location("set_repository", NOTEBOOKS / "set_repository.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+COLAB_URL = re.compile(r"https://colab\.research\.google\.com/github/[^)\s\"]*")
+
+
+def _colab_urls(root):
+    """``{file: [every Colab URL in it]}`` over the notebooks, the README and the docs."""
+    files = [*sorted((root / "notebooks").glob("*.ipynb")), root / "README.md", *sorted((root / "docs").rglob("*.md"))]
+    return {path: COLAB_URL.findall(path.read_text(encoding="utf-8")) for path in files}
+
+
+def _check_urls(root, repository, branch):
+    """The problems with the badges and install cells under ``root`` for the setting ``(repository, branch)``."""
+    problems = []
+    for path, urls in _colab_urls(root).items():
+        for url in urls:
+            match = re.fullmatch(r"https://colab\.research\.google\.com/github/(.+)/blob/(.+)/notebooks/([\w.-]+)\.ipynb",
+                                 url)
+            if match is None or match.group(1, 2) != (repository, branch):
+                problems.append(f"{path.name}: {url} does not open {repository} at {branch}")
+            elif not (root / "notebooks" / f"{match.group(3)}.ipynb").is_file():
+                problems.append(f"{path.name}: {url} names a notebook that does not exist")
+    for name in sorted(FIGURES):
+        notebook = json.loads((root / "notebooks" / f"{name}.ipynb").read_text(encoding="utf-8"))
+        own = f"https://colab.research.google.com/github/{repository}/blob/{branch}/notebooks/{name}.ipynb"
+        if own not in "".join(notebook["cells"][0]["source"]):
+            problems.append(f"{name}.ipynb: its first cell has no Open in Colab badge for itself")
+        setup = "".join(notebook["cells"][1]["source"])
+        if f'REPO = "{repository}"' not in setup or 'git+https://github.com/{REPO}' not in setup:
+            problems.append(f"{name}.ipynb: its install cell does not install {repository} through REPO")
+        code = "".join("".join(c["source"]) for c in notebook["cells"] if c["cell_type"] == "code")
+        if re.search(r"github\.com/(?!\{REPO\})", code):
+            problems.append(f"{name}.ipynb: a code cell names a GitHub URL other than the one of REPO")
+    return problems
+
+
+def test_every_colab_badge_and_install_cell_uses_the_repository_setting():
+    """One setting ([tool.jaxopt_serve] in pyproject.toml) names the repository; everything else derives from it."""
+    module = _set_repository()
+    repository, branch = module.setting(NOTEBOOKS.parent)
+    assert _check_urls(NOTEBOOKS.parent, repository, branch) == []
+    notebooks_page = (NOTEBOOKS.parent / "docs" / "notebooks.md").read_text(encoding="utf-8")
+    for name in sorted(FIGURES):  # the docs' table links each notebook and its badge
+        assert f"](notebooks/{name}.ipynb)" in notebooks_page
+        assert module.badge_url(repository, branch, name) in notebooks_page
+    assert "make notebooks-url REPO=OWNER/NAME" in README.read_text(encoding="utf-8")
+
+
+def test_make_notebooks_url_rewrites_every_badge_and_install_cell(tmp_path):
+    root = tmp_path / "clone"
+    (root / "notebooks").mkdir(parents=True)
+    for path in [NOTEBOOKS.parent / "pyproject.toml", NOTEBOOKS.parent / "README.md"]:
+        shutil.copy(path, root / path.name)
+    for path in NOTEBOOKS.glob("*.ipynb"):
+        shutil.copy(path, root / "notebooks" / path.name)
+    shutil.copytree(NOTEBOOKS.parent / "docs", root / "docs")
+    module = _set_repository()
+    old = module.setting(root)
+    assert module.main(["acme-labs/serving.fork", "--branch", "release", "--root", str(root)]) == 0
+    assert module.setting(root) == ("acme-labs/serving.fork", "release")
+    assert _check_urls(root, "acme-labs/serving.fork", "release") == []
+    assert all(urls for path, urls in _colab_urls(root).items() if path.suffix == ".ipynb")
+    for path in (root / "notebooks").glob("*.ipynb"):
+        json.loads(path.read_text(encoding="utf-8"))  # still valid JSON
+        assert old[0] not in path.read_text(encoding="utf-8")
+    assert module.main(["not a repository", "--root", str(root)]) == 2
 
 
 @pytest.fixture(scope="module")

@@ -3,8 +3,10 @@
 Shared by ``test_artifact_matrix.py`` and ``benchmarks/robustness_report.py``.
 Kinds: reference-model artifacts in the dense, quantized and sparse (LZMA)
 layouts, a format-2 artifact of a ``Model.function``, an exported model
-(``.jxe``) and a distillation checkpoint; all tiny, built once by
-``build_bases``. Cases:
+(``.jxe``) and a distillation checkpoint in the single-file format of earlier
+versions (checkpoints are orbax directories now, whose damage cases are in
+``tests/train/test_checkpoint.py``; the old files must still load, or fail
+clearly); all tiny, built once by ``build_bases``. Cases:
 
 * generic damage (``GENERIC``): an empty file, truncation at 12 offsets, byte
   and bit flips, zeroed regions, appended bytes, a pickle, a ``.npy``, JSON
@@ -80,7 +82,7 @@ def _leaves(tree: Any) -> list[np.ndarray]:
 def build_bases(root: str | os.PathLike[str]) -> dict[str, Base]:
     """Save one tiny file of every kind under ``root``; ``{kind: Base}``."""
     from jaxopt_serve.artifact import Artifact, load_artifact, save_artifact
-    from jaxopt_serve.distill.trainer import load_checkpoint, save_checkpoint
+    from jaxopt_serve.distill.trainer import load_checkpoint
     from jaxopt_serve.engine import export_model
     from jaxopt_serve.exported import load_exported
     from jaxopt_serve.model import Model
@@ -138,13 +140,31 @@ def build_bases(root: str | os.PathLike[str]) -> dict[str, Base]:
     fingerprint = {"run": "robustness", "seed": 0}
     tracker = {"best_val_accuracy": 0.5, "best_step": 1, "bad_epochs": 0, "history": [], "stopped_early": False,
                "best_params": template.params, "best_state": template.model_state}
-    save_checkpoint(root / "run.ckpt", template, tracker, fingerprint)
+    (root / "run.ckpt").write_bytes(legacy_checkpoint_bytes(template, tracker, fingerprint))
     add("checkpoint", root / "run.ckpt",
         lambda p, **kw: load_checkpoint(p, template, fingerprint, **kw),
         lambda restored: [np.asarray(x) for x in jax.tree.leaves(
             jax.tree.map(lambda v: jax.random.key_data(v) if jnp.issubdtype(v.dtype, jax.dtypes.prng_key) else v,
                          restored[0]))], prefix=8)
     return bases
+
+
+def legacy_checkpoint_bytes(template: Any, tracker: dict[str, Any], fingerprint: dict[str, Any]) -> bytes:
+    """A distillation checkpoint in the single-file format of earlier versions (2), which still loads.
+
+    Layout: the record's length (8 bytes, little-endian), the record (JSON, with
+    ``payload_bytes``), the msgpack payload of the state, the SHA-256 of all of it.
+    Checkpoints are orbax directories now; this writer exists only here.
+    """
+    tree = {"step": template.step, "params": template.params, "model_state": template.model_state,
+            "opt_state": template.opt_state, "rng": jax.random.key_data(template.rng),
+            "best_params": tracker["best_params"], "best_state": tracker["best_state"]}
+    payload = serialization.to_bytes(jax.device_get(tree))
+    record = {"version": 2, "fingerprint": fingerprint, "payload_bytes": len(payload),
+              **{k: v for k, v in tracker.items() if k not in ("best_params", "best_state")}}
+    header = json.dumps(record, sort_keys=True).encode("utf-8")
+    body = len(header).to_bytes(8, "little") + header + payload
+    return body + hashlib.sha256(body).digest()
 
 
 # ---------------------------------------------------------------------------------------------- re-packing
@@ -506,7 +526,8 @@ def _artifact_edits(kind: str) -> list[Case]:
         _bytes_case(f"{shape_field}-missing", lambda b: artifact_with_header(b, **{shape_field: _DELETE})),
         _bytes_case("format_version-as-string", lambda b: artifact_with_header(b, format_version="1")),
         _bytes_case("format_version-99", lambda b: artifact_with_header(b, format_version=99)),
-        _bytes_case("payload_bytes-as-string", lambda b: artifact_with_header(b, payload_bytes=str(split(b)[0]["payload_bytes"]))),
+        _bytes_case("payload_bytes-as-string",
+                    lambda b: artifact_with_header(b, payload_bytes=str(split(b)[0]["payload_bytes"]))),
         _bytes_case("payload_bytes-negative", lambda b: artifact_with_header(b, payload_bytes=-1)),
         _bytes_case("payload_bytes-missing", lambda b: artifact_with_header(b, payload_bytes=_DELETE)),
         _bytes_case("layout-as-int", lambda b: artifact_with_header(b, layout=7)),
@@ -546,7 +567,8 @@ def _artifact_edits(kind: str) -> list[Case]:
             _bytes_case("input_shape-other-size", lambda b: artifact_with_header(b, input_shape=[8, 9, 1])),
             _bytes_case("input_shape-huge", lambda b: artifact_with_header(b, input_shape=[1 << 40, 1 << 40, 1])),
             _bytes_case("input_dtype-as-int", lambda b: artifact_with_header(b, input_dtype=32)),
-            _bytes_case("model-fields-as-string", lambda b: artifact_with_header(b, model={"name": "mlp", "fields": "x"})),
+            _bytes_case("model-fields-as-string",
+                        lambda b: artifact_with_header(b, model={"name": "mlp", "fields": "x"})),
             _bytes_case("model-unknown-name", lambda b: artifact_with_header(b, model={"name": "bogus", "fields": {}})),
             _bytes_case("model-field-wrong-type", lambda b: artifact_with_header(
                 b, model={**split(b)[0]["model"], "fields": {**split(b)[0]["model"]["fields"], "features": "8"}})),
@@ -575,9 +597,11 @@ def _exported_edits() -> list[Case]:
         _bytes_case("format_version-2-on-a-version-3-function", _exported_header_edit(format_version=2)),
         _bytes_case("variables-as-string", _exported_header_edit(variables="params")),
         _bytes_case("variables-entry-path-int", lambda b: _exported_header_edit(
-            variables=[{**exported_parts(b)[0]["variables"][0], "path": 5}, *exported_parts(b)[0]["variables"][1:]])(b)),
+            variables=[{**exported_parts(b)[0]["variables"][0], "path": 5},
+                       *exported_parts(b)[0]["variables"][1:]])(b)),
         _bytes_case("variables-entry-shape-string", lambda b: _exported_header_edit(
-            variables=[{**exported_parts(b)[0]["variables"][0], "shape": "8"}, *exported_parts(b)[0]["variables"][1:]])(b)),
+            variables=[{**exported_parts(b)[0]["variables"][0], "shape": "8"},
+                       *exported_parts(b)[0]["variables"][1:]])(b)),
         _bytes_case("inputs-empty", _exported_header_edit(inputs=[])),
         _bytes_case("inputs-entry-shape-string", lambda b: _exported_header_edit(
             inputs=[{**exported_parts(b)[0]["inputs"][0], "shape": "x"}])(b)),
@@ -600,7 +624,8 @@ def _exported_edits() -> list[Case]:
         _bytes_case("variable-float64", _exported_variable_edit(_first_variable(lambda x: x.astype(np.float64)))),
         _bytes_case("variable-as-string-array", _exported_variable_edit(_first_variable(lambda x: np.array(["abc"])))),
         _bytes_case("nan-weights", _exported_variable_edit(_exported_nan)),
-        _bytes_case("nan-weights-allowed", _exported_variable_edit(_exported_nan), expect="loads", allow_nonfinite=True),
+        _bytes_case("nan-weights-allowed", _exported_variable_edit(_exported_nan), expect="loads",
+                    allow_nonfinite=True),
     ]
 
 
@@ -611,7 +636,8 @@ def _checkpoint_edits() -> list[Case]:
         _bytes_case("record-not-json", lambda b: pack(b, b"{nope", split(b)[1])),
         _bytes_case("fingerprint-missing", lambda b: checkpoint_with(b, {"fingerprint": _DELETE})),
         _bytes_case("fingerprint-as-string", lambda b: checkpoint_with(b, {"fingerprint": "x"})),
-        _bytes_case("fingerprint-of-another-run", lambda b: checkpoint_with(b, {"fingerprint": {"run": "other", "seed": 0}})),
+        _bytes_case("fingerprint-of-another-run",
+                    lambda b: checkpoint_with(b, {"fingerprint": {"run": "other", "seed": 0}})),
         _bytes_case("version-99", lambda b: checkpoint_with(b, {"version": 99})),
         _bytes_case("payload_bytes-as-string", lambda b: checkpoint_with(b, {"payload_bytes": "10"})),
         _bytes_case("payload_bytes-missing", lambda b: checkpoint_with(b, {"payload_bytes": _DELETE})),

@@ -87,7 +87,8 @@ def test_a_pytree_model_marks_float_outputs_and_refuses_integer_ones():
     def f(w, x):
         return {"scores": x["a"] @ w, "count": x["n"] + 1}
 
-    m = Model.function(f, np.eye(3, dtype=np.float32), {"a": np.zeros((1, 3), np.float32), "n": np.zeros((1,), np.int32)})
+    m = Model.function(f, np.eye(3, dtype=np.float32),
+                       {"a": np.zeros((1, 3), np.float32), "n": np.zeros((1,), np.int32)})
     x = {"a": np.array([[1, 2, 3], [np.nan, 0, 0]], np.float32), "n": np.array([5, 6], np.int32)}
     with pytest.raises(ValueError, match=r"rows \[1\]: this model has integer or bool outputs"):
         InferenceEngine(m, max_batch=4)(x)

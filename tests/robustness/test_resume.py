@@ -56,8 +56,9 @@ def test_a_repaired_resume_reports_what_it_recomputed(tmp_path):
     (tmp_path / "m.bin").write_bytes(b"model")
 
     def run(on_chunk=None):
-        return run_batch_inference(engine(), tmp_path / "in.npy", tmp_path / "out.npy", artifact_path=tmp_path / "m.bin",
-                                   chunk_size=CHUNK, progress=False, on_chunk=on_chunk)
+        return run_batch_inference(engine(), tmp_path / "in.npy", tmp_path / "out.npy",
+                                   artifact_path=tmp_path / "m.bin", chunk_size=CHUNK, progress=False,
+                                   on_chunk=on_chunk)
 
     def crash(done, total):
         if done == 6:
