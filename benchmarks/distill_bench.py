@@ -58,8 +58,10 @@ def cnn_section(report: Report, *, seeds: list[int], steps: int, rounds: int) ->
 
     x = jnp.asarray(np.resize(digits.x_test, (256, *digits.input_shape)))
     t_fn, s_fn = jax.jit(predict_fn(teacher_cfg)), jax.jit(predict_fn(student_cfg))
-    t_ms, s_ms = paired_times(lambda: t_fn(teacher.variables, x), lambda: s_fn(kd.variables, x), rounds=rounds, calls=20)
-    report.table("speed at batch 256, jit-compiled", [{"model": "teacher", "ms": t_ms}, {"model": "student", "ms": s_ms},
+    t_ms, s_ms = paired_times(lambda: t_fn(teacher.variables, x), lambda: s_fn(kd.variables, x), rounds=rounds,
+                              calls=20)
+    report.table("speed at batch 256, jit-compiled", [{"model": "teacher", "ms": t_ms},
+                                                       {"model": "student", "ms": s_ms},
                                                        {"model": "speed-up", "ms": t_ms / s_ms}])
     report.check("student_param_fraction", s_params / t_params, 0.25, "<=")
     report.check("acc_gap_teacher_minus_student", gap, 1.0, "<=")
@@ -93,7 +95,7 @@ def encoder_section(report: Report, *, seeds: list[int], steps: int) -> None:
     names = list(variants)
     report.table("does hidden-state distillation help?", [{
         "hidden minus logits-only (points, mean)": float(np.mean(acc[names[1]]) - np.mean(acc[names[0]])),
-        "seeds where hidden wins": int(sum(h > l for h, l in zip(acc[names[1]], acc[names[0]]))),
+        "seeds where hidden wins": int(sum(h > lo for h, lo in zip(acc[names[1]], acc[names[0]]))),
     }])
 
 

@@ -72,7 +72,8 @@ def stream_section(report: Report, *, requests: int, seed: int) -> None:
         t_warm = time.perf_counter() - start
     report.table(f"{requests} requests, random batch sizes 1-64 (distinct: {len(set(sizes.tolist()))})", [
         {"path": "jax.jit, recompiles per new shape", "total s": t_plain, "compiles": plain_compiles.count},
-        {"path": "bucketed engine (cold: compiles its buckets)", "total s": t_engine, "compiles": engine_compiles.count},
+        {"path": "bucketed engine (cold: compiles its buckets)", "total s": t_engine,
+         "compiles": engine_compiles.count},
         {"path": "bucketed engine, second stream (warm)", "total s": t_warm, "compiles": after.count},
     ])
     report.check("speedup_bucketed_vs_recompiling_stream", t_plain / t_engine, 1.5, ">=")

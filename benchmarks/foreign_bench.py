@@ -77,19 +77,18 @@ sys.path.insert(0, HERE)
 sys.path.insert(0, os.path.join(os.path.dirname(HERE), "tests"))  # the foreign zoo and the standalone loader
 
 from common import Report, _print_rows as print_rows  # noqa: E402
-from foreign import conftest as zoo  # noqa: E402
-from foreign import models as zoo_models  # noqa: E402
 from jax.sharding import NamedSharding, PartitionSpec as P  # noqa: E402
-from standalone import run_standalone  # noqa: E402
 
+from foreign import conftest as zoo, models as zoo_models  # noqa: E402
 from jaxopt_serve.data import load_digits  # noqa: E402
-from jaxopt_serve.fileio import atomic_write  # noqa: E402
-from jaxopt_serve.timing import device_description  # noqa: E402
 from jaxopt_serve.engine import export_model, make_mesh, model_parallel_rules  # noqa: E402
 from jaxopt_serve.engine.sharding import DATA, shard_variables  # noqa: E402
+from jaxopt_serve.fileio import atomic_write  # noqa: E402
 from jaxopt_serve.quant import calibrate, quantize, quantized_predict_fn, serving_layout  # noqa: E402
 from jaxopt_serve.quant.runtime import MODES, execution_report  # noqa: E402
 from jaxopt_serve.quant.select import int4_rules, model_rules, weight_paths  # noqa: E402
+from jaxopt_serve.timing import device_description  # noqa: E402
+from standalone import run_standalone  # noqa: E402
 
 HELD_OUT = 256
 CALIBRATION_BATCH = 128
@@ -158,8 +157,8 @@ def cpu_name() -> str:
                     flags = set(value.split())
     except OSError:
         pass
-    vector = next((label for flag, label in (("avx512f", "AVX-512"), ("avx2", "AVX2"), ("avx", "AVX")) if flag in flags),
-                  None)
+    vector = next((label for flag, label in (("avx512f", "AVX-512"), ("avx2", "AVX2"), ("avx", "AVX"))
+                   if flag in flags), None)
     return ", ".join(x for x in (name, f"{os.cpu_count()} cores", vector) if x)
 
 
@@ -230,7 +229,8 @@ def train_zoo(steps: int) -> dict[str, dict[str, Any]]:
         jax.block_until_ready(variables)
         seconds = time.perf_counter() - start
         accuracy = zoo.evaluate(model, variables, x_test, digits.y_test, logits_of)
-        print(f"[train] {name}: {seconds:.1f} s, final loss {history[-1]:.3f}, test accuracy {accuracy:.3f}", flush=True)
+        print(f"[train] {name}: {seconds:.1f} s, final loss {history[-1]:.3f}, test accuracy {accuracy:.3f}",
+              flush=True)
         cases[name] = {"model": model.with_variables(variables), "logits_of": logits_of, "x_train": x_train,
                        "held": zoo.take(x_test, slice(0, HELD_OUT)), "accuracy": accuracy, "train_s": seconds}
     return cases
@@ -325,7 +325,6 @@ def qwix_predict(name: str, case: dict[str, Any]) -> tuple[Any, Any, int]:
     """``(jitted fn, its first argument, quantized weights)`` of the qwix W8A8 PTQ model; raises what qwix raises."""
     import qwix
     from flax import nnx
-
     from qwix._src.providers.ptq import WithAux
 
     model, held = case["model"], case["held"]
@@ -393,25 +392,29 @@ def qwix_section(report: BenchReport, cases: dict[str, dict[str, Any]], quant: d
         f32 = aot(model, model.variables, held)
         ours = aot(quantized_predict_fn(model, mode="dynamic"), q, held)
         ours_serving = aot(quantized_predict_fn(model, mode="dynamic"), qs, held)
-        fns = {"f32": lambda: f32(model.variables, held), "ours": lambda: ours(q, held),
-               "ours serving": lambda: ours_serving(qs, held)}
+        # The lambdas are timed by interleaved_ms below, within this iteration: late binding is harmless.
+        fns = {"f32": lambda: f32(model.variables, held),  # noqa: B023 - called in this iteration
+               "ours": lambda: ours(q, held),  # noqa: B023 - called in this iteration
+               "ours serving": lambda: ours_serving(qs, held)}  # noqa: B023 - called in this iteration
         if qfn is not None:
             row["qwix int8 weights"] = qcount
             row["qwix cos"] = float(cosine_per_example(logits_of(qfn(qarg, held)), reference).min())
-            fns["qwix"] = lambda: qfn(qarg, held)
+            fns["qwix"] = lambda: qfn(qarg, held)  # noqa: B023 - called in this iteration
         else:
             row["qwix int8 weights"] = 0
             row["qwix cos"] = None
         ms = interleaved_ms(fns, rounds=rounds)
         row.update({"f32 ms": ms["f32"], "ours W8A8 ms": ms["ours"], "ours W8A8 serving_layout ms": ms["ours serving"],
-                    "qwix W8A8 ms": ms.get("qwix"), "qwix / ours time": ms["qwix"] / ms["ours"] if "qwix" in ms else None,
+                    "qwix W8A8 ms": ms.get("qwix"),
+                    "qwix / ours time": ms["qwix"] / ms["ours"] if "qwix" in ms else None,
                     "qwix error": failures.get(name, "")})
         if "qwix" in ms:
             speedups.append(ms["qwix"] / ms["ours"])
         rows.append(row)
         print(f"[qwix] {name}: {({k: round(v, 3) for k, v in ms.items()})}", flush=True)
     report.table(f"qwix {qwix.__version__} W8A8 PTQ (dynamic activations) vs ours (mode='dynamic'), batch {HELD_OUT}, "
-                 f"AOT-compiled jit, median of {rounds} interleaved runs; cos = min per-example logit cosine to f32", rows)
+                 f"AOT-compiled jit, median of {rounds} interleaved runs; cos = min per-example logit cosine to f32",
+                 rows)
     ours_ok = {n for n in cases if quant[n]["cosines"]["dynamic"] >= INT8_MIN_COSINE and quant[n]["not_int8"] == {}}
     where = sorted(ours_ok & set(failures))
     report.check("models_quantized_where_qwix_fails", len(where), 0, ">=",
@@ -439,7 +442,6 @@ def minilm_section(report: BenchReport, *, count: int = 64) -> None:
         return
     try:
         from hf.sentences import minilm_sentences  # tests/hf/sentences.py
-
         from jaxopt_serve.hf import bundled_minilm_dir
         from jaxopt_serve.hf.sentence import encode_fn
 

@@ -23,15 +23,16 @@
 
 All variants of one (model, batch) are timed in alternating rounds in this process (the starting variant rotates
 each round; every round starts after a 50 ms pause and one untimed call, so one library's spinning idle threads
-and cache contents do not land on the next variant's clock), so machine drift hits them alike; speed-ups are baseline median / ours median. The ``ours_*`` rows
-are null, with a note, when ``jaxopt_serve.native`` is missing or ``native.available()`` is False; the torch rows
-likewise when torch is not importable. ``kernel_int32_mismatches`` counts int32 entries where
-``native.int8_matmul`` differs from ``lax.dot_general`` over ragged shapes. ``--json PATH`` writes (atomically)
+and cache contents do not land on the next variant's clock), so machine drift hits them alike; speed-ups are
+baseline median / ours median. The ``ours_*`` rows are null, with a note, when ``jaxopt_serve.native`` is missing
+or ``native.available()`` is False; the torch rows likewise when torch is not importable.
+``kernel_int32_mismatches`` counts int32 entries where ``native.int8_matmul`` differs from ``lax.dot_general`` over
+ragged shapes. ``--json PATH`` writes (atomically)
 ``{"device", "cpu", "native", "torch", "config", "checks": [{"name", "value", "target", "op", "passed"}], "tables"}``;
-a skipped check has value and passed null, ``"skipped": true`` and a note. ``cpu.other_processes_cpu_share`` (the share of all
-cores' time that other processes used while timing) flags runs that shared the CPU: on a 2-core machine a busy
-neighbour stalls multi-threaded calls (torch's OpenMP barriers most of all) by whole scheduler time slices, so
-trust only runs where it is near 0.
+a skipped check has value and passed null, ``"skipped": true`` and a note. ``cpu.other_processes_cpu_share`` (the
+share of all cores' time that other processes used while timing) flags runs that shared the CPU: on a 2-core
+machine a busy neighbour stalls multi-threaded calls (torch's OpenMP barriers most of all) by whole scheduler
+time slices, so trust only runs where it is near 0.
 """
 
 from __future__ import annotations
@@ -55,7 +56,7 @@ import jax.numpy as jnp
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(__file__))
-from common import Report, add_allocator_flag, apply_allocator, _print_rows, device_description  # noqa: E402
+from common import Report, _print_rows, add_allocator_flag, apply_allocator, device_description  # noqa: E402
 
 from jaxopt_serve.fileio import atomic_write  # noqa: E402
 
@@ -381,7 +382,8 @@ class KernelReport(Report):
 
     def write(self, path: str | None) -> None:
         if path:
-            payload = {"device": device_description(), **self.meta, "settings": self.settings, "checks": self.checks, "tables": self.tables}
+            payload = {"device": device_description(), **self.meta, "settings": self.settings, "checks": self.checks,
+                       "tables": self.tables}
             atomic_write(path, (json.dumps(payload, indent=2) + "\n").encode())
             print(f"wrote {path}")
 

@@ -63,7 +63,8 @@ def variants(f32: SentenceEncoder) -> dict[str, tuple[dict, str]]:
                                       asymmetric=r".*", asymmetric_bits=bits, method="encode", attention_mask=mask)
                 for bits in (7, 8)}
     smoothed = smooth_quantize(f32.config, f32.variables, ids, every, alpha=0.5, method="encode", attention_mask=mask)
-    gptq = gptq_quantize(f32.config, f32.variables, ids, [QuantRule(p, int4_asym) for p in (ATTENTION, FFN_IN, FFN_OUT)],
+    gptq = gptq_quantize(f32.config, f32.variables, ids,
+                         [QuantRule(p, int4_asym) for p in (ATTENTION, FFN_IN, FFN_OUT)],
                          method="encode", attention_mask=mask)
     return {
         BEST: (searched[7], "dynamic"),
@@ -74,7 +75,8 @@ def variants(f32: SentenceEncoder) -> dict[str, tuple[dict, str]]:
             quantize(f32.variables, [QuantRule(ATTENTION, int8), QuantRule(FFN_IN, int8)]).variables, "dynamic"),
         "int8 weight-only": (quantize(f32.variables, every).variables, "weight_only"),
         "int4 weight-only (g16, symmetric, round-to-nearest)": (
-            quantize(f32.variables, [QuantRule(p, int4) for p in (ATTENTION, FFN_IN, FFN_OUT)]).variables, "weight_only"),
+            quantize(f32.variables, [QuantRule(p, int4) for p in (ATTENTION, FFN_IN, FFN_OUT)]).variables,
+            "weight_only"),
         "int4 weight-only (g32, asymmetric, GPTQ)": (gptq, "weight_only"),
     }
 
@@ -103,7 +105,8 @@ def main(argv=None) -> int:
         cos = (emb * base).sum(-1)
         rows.append({"variant": name, "mean cosine": float(cos.mean()), "min cosine": float(cos.min()),
                      "top-1 agreement": _top1(base, emb),
-                     f"top-1, {len(prose)} doc sentences": _top1(prose_base, encoders[name].embed(prose)) if prose else None})
+                     f"top-1, {len(prose)} doc sentences":
+                         _top1(prose_base, encoders[name].embed(prose)) if prose else None})
     report.table("quality vs f32 on 240 sentences", rows)
     report.check("int8_mean_cosine", rows[0]["mean cosine"], 0.995, ">=")
     report.check("int4_mean_cosine", rows[7]["mean cosine"], 0.98, ">=")

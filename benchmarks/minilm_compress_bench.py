@@ -51,7 +51,8 @@ def main(argv=None) -> int:
     }
     rows = []
     for name, (config, variables) in candidates.items():
-        before = embedding_agreement(base, SentenceEncoder(directory, config=config, variables=variables).embed(sentences))
+        before = embedding_agreement(
+            base, SentenceEncoder(directory, config=config, variables=variables).embed(sentences))
         start = time.perf_counter()
         result = distill_embeddings(teacher, config, variables, corpus, steps=args.steps,
                                     learning_rate=args.learning_rate, log_every=50)

@@ -69,10 +69,11 @@ def accuracy_section(report: Report, *, steps: int, finetune_steps: int, gradual
                 warnings.simplefilter("ignore")
                 # N:M groups input channels: the first conv has one, so it stays dense.
                 pattern = r"params/(?!conv_0/)(.*/)?kernel" if method == "nm" else r"params/(.*/)?kernel"
-                v, result = unstructured(config, artifact.variables, digits, sparsity=0.8, method=method, scope="global",
-                                         pattern=pattern, seed=seed)
+                v, result = unstructured(config, artifact.variables, digits, sparsity=0.8, method=method,
+                                         scope="global", pattern=pattern, seed=seed)
             criteria.append({"model": name, "criterion": method if method != "nm" else "2:4 magnitude",
-                             "sparsity": result.overall, "accuracy % (no fine-tuning)": accuracy_pct(config, v, digits)})
+                             "sparsity": result.overall,
+                             "accuracy % (no fine-tuning)": accuracy_pct(config, v, digits)})
     report.table("artifact size on disk", sizes)
     report.table("digits test accuracy", accs)
     report.table("one-shot unstructured pruning, global scope, no fine-tuning", criteria)
@@ -95,14 +96,16 @@ def speed_section(report: Report, *, rounds: int) -> None:
         dense_fn, small_fn = jax.jit(predict_fn(config)), jax.jit(predict_fn(pruned.config))
         x = jnp.asarray(rng.normal(size=(batch, *shape)), jnp.float32)
         calls = 2 if name.startswith("cnn") else 5
-        t_dense, t_small = paired_times(lambda: dense_fn(variables, x), lambda: small_fn(pruned.variables, x),
+        t_dense, t_small = paired_times(lambda: dense_fn(variables, x),  # noqa: B023 - called in this iteration
+                                        lambda: small_fn(pruned.variables, x),  # noqa: B023 - called in this iteration
                                         rounds=rounds, calls=calls)
         rows.append({"model": name, "batch": batch, "variant": f"50% structured -> {_widths(pruned.config)}",
                      "unpruned ms": t_dense, "pruned ms": t_small, "speed-up": t_dense / t_small})
         # 90% unstructured: same dense shapes, zeros inside; XLA's dense kernels do not skip them.
         masked = jax.device_put(
             jax.tree.map(lambda a: np.where(rng.uniform(size=a.shape) < 0.9, 0, a).astype(a.dtype), variables))
-        t_dense, t_masked = paired_times(lambda: dense_fn(variables, x), lambda: dense_fn(masked, x),
+        t_dense, t_masked = paired_times(lambda: dense_fn(variables, x),  # noqa: B023 - called in this iteration
+                                         lambda: dense_fn(masked, x),  # noqa: B023 - called in this iteration
                                          rounds=max(3, rounds // 2), calls=calls)
         rows.append({"model": name, "batch": batch, "variant": "90% unstructured (zeros, dense shapes)",
                      "unpruned ms": t_dense, "pruned ms": t_masked, "speed-up": t_dense / t_masked})

@@ -142,7 +142,10 @@ def _noop_engine(max_batch: int) -> InferenceEngine:
 def serve_child(path: str, port: int, minilm: bool) -> None:
     """The inference server process: cnn, noop, cnn_overload (queue of 32) and, optionally, minilm."""
     from jaxopt_serve.artifact import load_artifact
+    from jaxopt_serve.engine import retain_host_memory
     from jaxopt_serve.serve import InferenceServer, ServedModel
+
+    retain_host_memory()  # as `jaxopt-serve serve` does
 
     artifact = load_artifact(path)
     engine = InferenceEngine(artifact.config, artifact.variables, input_shape=artifact.input_shape,
@@ -193,7 +196,7 @@ def http_section(report: Report, *, seconds: float, rounds: int, minilm: bool) -
             points["minilm"] = (new_url, "/v2/models/minilm/infer", json.dumps({"inputs": [
                 {"name": "text", "shape": [1], "datatype": "BYTES", "data": [SENTENCE]}]}).encode())
         measured: dict[str, list[dict]] = {name: [] for name in points}
-        for name, (url, route, body) in points.items():  # warm: connections, first batches
+        for _name, (url, route, body) in points.items():  # warm: connections, first batches
             http_closed_loop("127.0.0.1", _port(url), route, body, clients=32, seconds=0.3)
         for _ in range(rounds):
             for name, (url, route, body) in points.items():

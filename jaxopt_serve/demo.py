@@ -95,7 +95,8 @@ def quantized_variants(ctx: DemoContext) -> list[Variant]:
     kernels = r"params/(.*/)?kernel"
     int8 = quantize(variables, [QuantRule(kernels, QuantSpec(qtype="int8"))]).variables
     static = calibrate(config, int8, ctx.dataset.x_train[:512], method="percentile")
-    int4 = quantize(variables, grouped_rules(variables, QuantSpec(qtype="int4", granularity="group", group_size=32))).variables
+    int4_spec = QuantSpec(qtype="int4", granularity="group", group_size=32)
+    int4 = quantize(variables, grouped_rules(variables, int4_spec)).variables
     qat, _ = qat_finetune(config, variables, ctx.dataset, ternary_rules(), steps=ctx.qat_steps, seed=ctx.seed,
                           progress=ctx.progress)
     variants = []
@@ -132,7 +133,8 @@ def pruned_variants(ctx: DemoContext) -> list[Variant]:
     small = structured(config, variables, ctx.dataset, sparsity=0.5, finetune_steps=max(1, ctx.prune_steps // 2),
                        seed=ctx.seed, progress=ctx.progress)
     small_path = ctx.out_dir / "cnn_structured50.jxs"
-    save_artifact(small_path, Artifact(small.config, small.variables, ctx.base.input_shape, {"structured": small.sizes}))
+    save_artifact(small_path,
+                  Artifact(small.config, small.variables, ctx.base.input_shape, {"structured": small.sizes}))
     return [
         Variant("90% sparse + int4", quantized_predict_fn(config, mode="auto"), serving_layout(loaded), sparse_path,
                 nonzero, config),
@@ -159,8 +161,8 @@ def distilled_variants(ctx: DemoContext) -> list[Variant]:
     params = count_params(result.variables)
     return [
         Variant("distilled student", predict_fn(student), result.variables, path, params, student),
-        Variant("student + int8", quantized_predict_fn(student, mode="dynamic"), serving_layout(int8), int8_path, params,
-                student),
+        Variant("student + int8", quantized_predict_fn(student, mode="dynamic"), serving_layout(int8), int8_path,
+                params, student),
     ]
 
 
@@ -169,7 +171,9 @@ VARIANT_BUILDERS: list[Callable[[DemoContext], list[Variant]]] = [
 ]
 
 
-def measure(variant: Variant, dataset: Dataset, *, latency_repeats: int = 200, throughput_repeats: int = 20) -> dict[str, Any]:
+def measure(
+    variant: Variant, dataset: Dataset, *, latency_repeats: int = 200, throughput_repeats: int = 20
+) -> dict[str, Any]:
     """One table row: size, test accuracy, p50 latency at batch 1 and throughput at batch 256.
 
     Every number comes from the inference engine (``InferenceEngine`` with

@@ -195,7 +195,8 @@ def _check_leaves(specs: list[dict[str, Any]], leaves: list[Any]) -> list[np.nda
             if length is None:
                 length = x.shape[axis]
             elif x.shape[axis] != length:
-                raise ValueError(f"{name}: length {x.shape[axis]} (axis {axis}) differs from the other inputs' {length}")
+                raise ValueError(
+                    f"{name}: length {x.shape[axis]} (axis {axis}) differs from the other inputs' {length}")
         dtype = np.dtype(spec["dtype"])
         if x.dtype != dtype:
             if _kind(x.dtype) != _kind(dtype):
@@ -349,7 +350,8 @@ def _check_header(header: dict[str, Any], where: str) -> None:
                   and _is_dtype(spec.get("dtype")))
             axis = spec.get("length_axis") if isinstance(spec, dict) else None
             if not ok or not (axis is None or (_is_int(axis, 1) and axis < len(spec["shape"]))):
-                fail(f"inputs[{i}]", "{'name': str, 'shape': [int | null, ...], 'dtype': str, 'length_axis': int | null}")
+                fail(f"inputs[{i}]",
+                     "{'name': str, 'shape': [int | null, ...], 'dtype': str, 'length_axis': int | null}")
 
 
 def read_exported(data: bytes, where: str = "exported artifact") -> tuple[dict[str, Any], bytes, list[np.ndarray]]:

@@ -158,8 +158,8 @@ class RegularFile:
     def read_exact(self, offset: int, length: int, part: str) -> bytes:
         """``length`` bytes at ``offset``; ``ValueError`` naming the file and ``part`` if the file is shorter."""
         if offset < 0 or length < 0 or offset + length > self.size:
-            raise ValueError(f"{self.what} {self.path} is truncated: its {part} needs bytes {offset}..{offset + length}, "
-                             f"the file has {self.size}")
+            raise ValueError(f"{self.what} {self.path} is truncated: its {part} needs bytes "
+                             f"{offset}..{offset + length}, the file has {self.size}")
         chunks, done = [], 0
         while done < length:
             chunk = os.pread(self.fd, min(length - done, 1 << 26), offset + done)

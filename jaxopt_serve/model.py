@@ -130,7 +130,8 @@ class Model:
         train_kwargs: Mapping[str, Any] | None = None,
         name: str | None = None,
     ) -> Model:
-        """A Flax NNX module: its ``nnx.Param`` s become ``variables["params"]``, all other state ``variables["state"]``.
+        """A Flax NNX module: its ``nnx.Param`` s become ``variables["params"]``, all other state
+        ``variables["state"]``.
 
         Inference runs the module after ``module.eval()``, training steps after
         ``module.train()``; a training step returns the new ``"state"``
@@ -235,7 +236,9 @@ class Model:
         """Inference: the outputs for ``inputs`` (pure; wrap in ``jax.jit``)."""
         return self.apply_fn(variables, *inputs)
 
-    def train_step_apply(self, variables: Variables, *inputs: Any, rng: jax.Array | None = None) -> tuple[Any, Variables]:
+    def train_step_apply(
+        self, variables: Variables, *inputs: Any, rng: jax.Array | None = None
+    ) -> tuple[Any, Variables]:
         """Training mode: ``(outputs, updated non-param collections)`` (``{}`` when nothing changed)."""
         if self.train_fn is None:
             return self.apply_fn(variables, *inputs), {}
@@ -327,7 +330,9 @@ def as_model(model: Any, variables: Variables | None = None, *, input_shape: Seq
     )
 
 
-def check_inputs(example: tuple[Any, ...], inputs: tuple[Any, ...], *, cast: bool = True, name: str = "model") -> tuple[Any, ...]:
+def check_inputs(
+    example: tuple[Any, ...], inputs: tuple[Any, ...], *, cast: bool = True, name: str = "model"
+) -> tuple[Any, ...]:
     """Check a batch of ``inputs`` against ``example`` (see ``Model.check_inputs``)."""
     if len(inputs) != len(example):
         raise ValueError(f"{name} takes {len(example)} positional input(s), got {len(inputs)}")
@@ -336,7 +341,8 @@ def check_inputs(example: tuple[Any, ...], inputs: tuple[Any, ...], *, cast: boo
         in_leaves = ex_tree.flatten_up_to(inputs)
     except (ValueError, TypeError) as err:
         got = jax.tree.structure(inputs)
-        raise ValueError(f"inputs of {name} do not have the example's structure: expected {ex_tree}, got {got}") from err
+        raise ValueError(
+            f"inputs of {name} do not have the example's structure: expected {ex_tree}, got {got}") from err
     out, batch = [], None
     for (path, ex), x in zip(ex_leaves, in_leaves):
         where = "inputs" + jax.tree_util.keystr(path)
@@ -379,7 +385,8 @@ def _check_example(example: tuple[Any, ...]) -> tuple[Any, ...]:
     batch = None
     for path, leaf in leaves:
         if not hasattr(leaf, "shape") or len(leaf.shape) == 0:
-            raise ValueError(f"example inputs{jax.tree_util.keystr(path)}: every input leaf needs a batch axis, got {leaf!r}")
+            raise ValueError(
+                f"example inputs{jax.tree_util.keystr(path)}: every input leaf needs a batch axis, got {leaf!r}")
         if batch is None:
             batch = leaf.shape[0]
         elif leaf.shape[0] != batch:

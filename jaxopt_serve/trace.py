@@ -31,7 +31,8 @@ import jax.numpy as jnp
 import numpy as np
 
 # Operations that only re-view a weight: the tag follows them.
-VIEW_PRIMITIVES = frozenset({"reshape", "transpose", "squeeze", "expand_dims", "convert_element_type", "copy", "copy_p"})
+VIEW_PRIMITIVES = frozenset(
+    {"reshape", "transpose", "squeeze", "expand_dims", "convert_element_type", "copy", "copy_p"})
 # Nested calls that are inlined when a tagged value enters them (their semantics is one call of the body).
 INLINE_PRIMITIVES = frozenset({
     "pjit", "jit", "closed_call", "core_call", "custom_jvp_call", "custom_vjp_call", "custom_vjp_call_jaxpr",

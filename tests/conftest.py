@@ -4,7 +4,8 @@ import os
 
 # Must happen before jax initializes its backends (first device query).
 os.environ["XLA_FLAGS"] = " ".join(
-    flag for flag in os.environ.get("XLA_FLAGS", "").split() if not flag.startswith("--xla_force_host_platform_device_count")
+    flag for flag in os.environ.get("XLA_FLAGS", "").split()
+    if not flag.startswith("--xla_force_host_platform_device_count")
 ) + " --xla_force_host_platform_device_count=8"
 
 import jax  # noqa: E402

@@ -210,7 +210,8 @@ def test_loading_without_the_model_says_to_pass_it(saved, kind):
 def test_saving_checks_the_variables_against_the_model(models):
     model = models["function"]
     bad = {"params": {**model.variables["params"], "w1": np.zeros((IN, HIDDEN + 1), np.float32)}}
-    with pytest.raises(ArtifactError, match=r"variable params/w1 is float32\[16, 33\], the model expects float32\[16, 32"):
+    with pytest.raises(ArtifactError,
+                       match=r"variable params/w1 is float32\[16, 33\], the model expects float32\[16, 32"):
         Artifact.for_model(model, bad)
     with pytest.raises(ArtifactError, match=r"missing \['params/b1'\]"):
         Artifact.for_model(model, {"params": {k: v for k, v in model.variables["params"].items() if k != "b1"}})

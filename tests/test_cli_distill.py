@@ -9,8 +9,8 @@ from jaxopt_serve.models import count_params
 
 def test_distill_writes_a_smaller_student(tmp_path, float_artifact, trained_cnn, capsys):
     out = tmp_path / "student.jxs"
-    assert main(["distill", str(float_artifact), "--student-config", '{"channels": [8, 8], "hidden": 16}', "--steps", "40",
-                 "--no-progress", "--checkpoint", str(tmp_path / "s.ckpt"), "-o", str(out)]) == 0
+    assert main(["distill", str(float_artifact), "--student-config", '{"channels": [8, 8], "hidden": 16}',
+                 "--steps", "40", "--no-progress", "--checkpoint", str(tmp_path / "s.ckpt"), "-o", str(out)]) == 0
     printed = capsys.readouterr().out
     assert "test accuracy: teacher" in printed
     student = load_artifact(out)

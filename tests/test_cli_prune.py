@@ -11,7 +11,8 @@ def test_prune_help_lists_the_options(capsys):
         main(["prune", "--help"])
     assert exit_info.value.code == 0
     out = capsys.readouterr().out
-    for option in ("--sparsity", "--method", "--nm", "--scope", "--criterion", "--finetune-steps", "--gradual", "--bits"):
+    for option in ("--sparsity", "--method", "--nm", "--scope", "--criterion", "--finetune-steps", "--gradual",
+                   "--bits"):
         assert option in out
 
 

@@ -50,8 +50,10 @@ def test_quantize_writes_a_smaller_artifact_that_keeps_its_accuracy(tmp_path, fl
             assert isinstance(kernel, np.ndarray) and kernel.dtype == np.float32
         else:
             assert isinstance(kernel, QArray) and kernel.qtype == qtype
-    float_acc = accuracy(predict_fn(loaded.config), load_artifact(float_artifact).variables, digits.x_test, digits.y_test)
-    quant_acc = accuracy(quantized_predict_fn(loaded.config, mode="auto"), loaded.variables, digits.x_test, digits.y_test)
+    float_acc = accuracy(predict_fn(loaded.config), load_artifact(float_artifact).variables, digits.x_test,
+                         digits.y_test)
+    quant_acc = accuracy(quantized_predict_fn(loaded.config, mode="auto"), loaded.variables, digits.x_test,
+                         digits.y_test)
     assert abs(quant_acc - float_acc) <= 0.02, (float_acc, quant_acc)
     # `eval` reads quantized artifacts too (on their dequantized weights).
     assert main(["eval", str(out), "--json"]) == 0

@@ -1,5 +1,7 @@
 """Pruning: unstructured and N:M masks, gradual schedules, structured surgery, sparse artifacts, regularizers."""
 
+from jaxopt_serve.prune.auto import AutoPruneResult, prune_model, shrink_nnx
+from jaxopt_serve.prune.coupling import Analysis, Refusal, analyze
 from jaxopt_serve.prune.masks import (
     PruneResult,
     PruneRule,
@@ -10,21 +12,34 @@ from jaxopt_serve.prune.masks import (
     compute_masks,
     default_prune_rules,
     importance_scores,
-    model_prune_rules,
     is_nm_sparse,
     magnitude_scores,
     mean_gradients,
+    model_prune_rules,
     nm_mask,
     prune,
     random_scores,
     tree_sparsity,
 )
+from jaxopt_serve.prune.pipeline import DeepCompressResult, deep_compress, finetune
+from jaxopt_serve.prune.regularize import (
+    add_group_lasso,
+    add_l1,
+    add_l2,
+    group_lasso_penalty,
+    group_norms,
+    l1_penalty,
+    l2_penalty,
+    regularized,
+)
+from jaxopt_serve.prune.rerun import program_fn
 from jaxopt_serve.prune.schedule import (
     GradualPruningState,
     gradual_pruning,
     keep_masks,
     polynomial_sparsity,
 )
+from jaxopt_serve.prune.sparse_io import decode_sparse, encode_sparse, sparse_artifact
 from jaxopt_serve.prune.structured import (
     Group,
     Slice,
@@ -38,21 +53,6 @@ from jaxopt_serve.prune.structured import (
     register_coupling,
     structured_prune,
 )
-from jaxopt_serve.prune.coupling import Analysis, Refusal, analyze
-from jaxopt_serve.prune.rerun import program_fn
-from jaxopt_serve.prune.auto import AutoPruneResult, prune_model, shrink_nnx
-from jaxopt_serve.prune.regularize import (
-    add_group_lasso,
-    add_l1,
-    add_l2,
-    group_lasso_penalty,
-    group_norms,
-    l1_penalty,
-    l2_penalty,
-    regularized,
-)
-from jaxopt_serve.prune.sparse_io import decode_sparse, encode_sparse, sparse_artifact
-from jaxopt_serve.prune.pipeline import DeepCompressResult, deep_compress, finetune
 
 __all__ = [
     "Analysis",

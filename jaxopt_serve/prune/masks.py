@@ -227,7 +227,9 @@ def importance_scores(grad_fn: Callable[[Any, Any], Any], params: Any, batches: 
     return mean_gradients(lambda p, scores: scores, params, per_batch)
 
 
-def calibration_batches(x: np.ndarray, y: np.ndarray, *, batch_size: int = 128, limit: int | None = None) -> list[tuple]:
+def calibration_batches(
+    x: np.ndarray, y: np.ndarray, *, batch_size: int = 128, limit: int | None = None
+) -> list[tuple]:
     """``(x, y)`` split into full batches (the remainder is dropped), at most ``limit`` of them."""
     count = max(1, len(x) // batch_size)
     if limit is not None:

@@ -105,7 +105,8 @@ def unstructured(
     if finetune_steps:
         if dataset is None:
             raise ValueError("fine-tuning needs a dataset")
-        pruned = finetune(config, pruned, dataset, steps=finetune_steps, masks=result.masks, seed=seed, progress=progress)
+        pruned = finetune(config, pruned, dataset, steps=finetune_steps, masks=result.masks, seed=seed,
+                          progress=progress)
     return pruned, result
 
 
@@ -124,7 +125,8 @@ def gradual(
     seed: int = 0,
     progress: bool = False,
 ) -> Variables:
-    """Fine-tune while raising kernel sparsity to ``sparsity`` (Zhu & Gupta), reached after ``end_fraction`` of the steps."""
+    """Fine-tune while raising kernel sparsity to ``sparsity`` (Zhu & Gupta), reached after ``end_fraction`` of the
+    steps."""
     if steps <= 1:
         raise ValueError(f"gradual pruning needs steps > 1, got {steps}")
     end = max(1, int(steps * end_fraction))
@@ -176,7 +178,8 @@ def deep_compress(
         quantized = quantize(pruned, [QuantRule(r"params/(.*/)?kernel", spec)]).variables
     kernels = [x for p, x in jax.tree_util.tree_leaves_with_path(pruned["params"]) if p[-1].key == "kernel"]
     achieved = float(sum(int((np.asarray(k) == 0).sum()) for k in kernels) / sum(k.size for k in kernels))
-    meta = {**dict(metadata or {}), "deep_compression": {"sparsity": sparsity, "bits": bits, "finetune_steps": finetune_steps}}
+    meta = {**dict(metadata or {}),
+            "deep_compression": {"sparsity": sparsity, "bits": bits, "finetune_steps": finetune_steps}}
     artifact = sparse_artifact(config, quantized, dataset.input_shape, meta, float_dtype="float16")
     return DeepCompressResult(pruned, quantized, artifact, achieved)
 

@@ -89,7 +89,8 @@ def sparse_artifact(
         >>> sparse_size, dense_size = save_artifact(path, sparse_artifact(cfg, v, (8, 8, 1))), 4 * (64 * 256 + 256 * 10)
         >>> dense_size / sparse_size > 3
         True
-        >>> bool(np.array_equal(load_artifact(path).variables["params"]["dense_0"]["kernel"], v["params"]["dense_0"]["kernel"]))
+        >>> bool(np.array_equal(load_artifact(path).variables["params"]["dense_0"]["kernel"],
+        ...                     v["params"]["dense_0"]["kernel"]))
         True
 
         Any model, e.g. a plain function:
@@ -97,7 +98,8 @@ def sparse_artifact(
         >>> import jax.numpy as jnp
         >>> from jaxopt_serve.model import Model
         >>> from jaxopt_serve.prune import model_prune_rules
-        >>> m = Model.function(lambda p, x: x @ p["w"], {"w": jnp.linspace(-1, 1, 256).reshape(16, 16)}, jnp.ones((1, 16)))
+        >>> m = Model.function(lambda p, x: x @ p["w"], {"w": jnp.linspace(-1, 1, 256).reshape(16, 16)},
+        ...                    jnp.ones((1, 16)))
         >>> pruned = {"params": prune(m.variables["params"], model_prune_rules(m, 0.8)).params}
         >>> size = save_artifact(path, sparse_artifact(m, pruned))
         >>> loaded = load_artifact(path, model=m)
@@ -136,7 +138,9 @@ def _sparse_zeros(leaf: Any) -> float:
     return float((values == 0).mean()) if values.size else 0.0
 
 
-def encode_sparse(variables: Variables, *, min_sparsity: float = 0.25, float_dtype: str | None = None) -> dict[str, Any]:
+def encode_sparse(
+    variables: Variables, *, min_sparsity: float = 0.25, float_dtype: str | None = None
+) -> dict[str, Any]:
     """The on-disk tree (plain nested dict of numpy arrays) for ``variables``."""
 
     def encode(leaf: Any) -> Any:
@@ -281,7 +285,8 @@ def _meta_bytes(meta: dict[str, Any]) -> np.ndarray:
 
 def _encode_layout(variables: Variables, metadata: dict[str, Any]) -> Variables:
     options = metadata.get("sparse", {})
-    return encode_sparse(variables, min_sparsity=options.get("min_sparsity", 0.25), float_dtype=options.get("float_dtype"))
+    return encode_sparse(variables, min_sparsity=options.get("min_sparsity", 0.25),
+                         float_dtype=options.get("float_dtype"))
 
 
 def _decode_layout(target: ModelConfig | Model, raw: Variables, header: dict[str, Any]) -> Variables:

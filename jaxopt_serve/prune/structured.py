@@ -122,8 +122,9 @@ def model_groups(config: ModelConfig) -> list[Group]:
     coupling = _COUPLINGS.get(type(config))
     if coupling is None:
         raise ValueError(
-            f"model {config.name!r} ({type(config).__name__}) has no built-in coupling description; pass groups=[Group(...)] "
-            f"listing which parameters are coupled (and register_coupling for a config rewrite)"
+            f"model {config.name!r} ({type(config).__name__}) has no built-in coupling description; "
+            f"pass groups=[Group(...)] listing which parameters are coupled "
+            f"(and register_coupling for a config rewrite)"
         )
     return coupling.groups(config)
 
@@ -200,7 +201,8 @@ def check_groups(variables: Variables, groups: Sequence[Group]) -> dict[str, int
         n = group.size
         for sl in group.slices:
             if sl.path not in leaves:
-                raise ValueError(f"group {group.name!r}: no variable at {sl.path}; variables have {sorted(leaves)[:8]}...")
+                raise ValueError(
+                    f"group {group.name!r}: no variable at {sl.path}; variables have {sorted(leaves)[:8]}...")
             shape = np.shape(leaves[sl.path])
             if not -len(shape) <= sl.axis < len(shape):
                 raise ValueError(f"group {group.name!r}: {sl.path} has shape {shape}, no axis {sl.axis}")
@@ -341,7 +343,8 @@ def apply_plan(variables: Variables, groups: Sequence[Group], kept: Mapping[str,
 
 
 def mask_plan(variables: Variables, groups: Sequence[Group], kept: Mapping[str, np.ndarray]) -> Variables:
-    """The full-size variables with every removed unit's slices set to zero (same function as ``apply_plan``'s model)."""
+    """The full-size variables with every removed unit's slices set to zero (same function as ``apply_plan``'s
+    model)."""
     removed = _removed(variables, groups, kept)
 
     def leaf(path, x):

@@ -1,6 +1,16 @@
 """Quantization: quantized arrays, rule-based quantization of variable trees, quantized execution, QAT."""
 
+from jaxopt_serve.quant.calibrate import calibrate
+from jaxopt_serve.quant.gptq import gptq_quantize
 from jaxopt_serve.quant.qarray import BITS, QArray, QuantSpec, fake_quantize, has_qarrays, pack, quantize_array, unpack
+from jaxopt_serve.quant.qat import (
+    fake_quantize_tree,
+    qat_apply,
+    qat_finetune,
+    reestimate_batch_stats,
+    selected_specs,
+    ternary_rules,
+)
 from jaxopt_serve.quant.rules import (
     QuantizeResult,
     QuantRule,
@@ -10,16 +20,6 @@ from jaxopt_serve.quant.rules import (
     grouped_rules,
     quantize,
     tree_nbytes,
-)
-from jaxopt_serve.quant.smooth import smooth_quantize
-from jaxopt_serve.quant.gptq import gptq_quantize
-from jaxopt_serve.quant.qat import (
-    fake_quantize_tree,
-    qat_apply,
-    qat_finetune,
-    reestimate_batch_stats,
-    selected_specs,
-    ternary_rules,
 )
 from jaxopt_serve.quant.runtime import (
     MODES,
@@ -32,8 +32,8 @@ from jaxopt_serve.quant.runtime import (
     serving_layout,
 )
 from jaxopt_serve.quant.select import int4_rules, model_rules, weight_paths
-from jaxopt_serve.quant.calibrate import calibrate
 from jaxopt_serve.quant.serialize import check_qvariables, decode_qtree, encode_qtree, quantized_artifact
+from jaxopt_serve.quant.smooth import smooth_quantize
 
 __all__ = [
     "MODES",

@@ -7,9 +7,9 @@ from typing import Any, Literal
 import jax.numpy as jnp
 import numpy as np
 
+from jaxopt_serve.model import Model
 from jaxopt_serve.models.config import ModelConfig
 from jaxopt_serve.models.functional import Variables
-from jaxopt_serve.model import Model
 from jaxopt_serve.quant.observe import calibration_batches, calibration_model, is_batch_stream, observe_batches
 from jaxopt_serve.quant.runtime import ACT_COLLECTION
 
@@ -98,7 +98,10 @@ def calibrate(
     return {**variables, ACT_COLLECTION: scales}
 
 
-def _mse_clip(mags: np.ndarray, peak: float, ratios: np.ndarray = np.linspace(0.2, 1.0, 41)) -> float:
+_MSE_CLIP_RATIOS = np.linspace(0.2, 1.0, 41)  # _mse_clip's default search grid
+
+
+def _mse_clip(mags: np.ndarray, peak: float, ratios: np.ndarray = _MSE_CLIP_RATIOS) -> float:
     best, best_err = peak, np.inf
     for ratio in ratios:
         clip = peak * float(ratio)

@@ -167,7 +167,8 @@ def int8_conv(
         packed = native.pack_int8(k[0].reshape(math.prod(window_shape) * cin, cout), bounded)
         y = native.int8_conv2d(x[0], packed, tuple(window_shape), strides=tuple(window_strides),
                                dilation=tuple(rhs_dilation), bounded=bounded,
-                               rescale=None if rescale is None else _rescale_vectors(rescale, lhs.shape[dn.lhs_spec[0]], cout))
+                               rescale=None if rescale is None
+                               else _rescale_vectors(rescale, lhs.shape[dn.lhs_spec[0]], cout))
         return _to_layout(y, dn, nd, out, out_sharding)
     # im2col: one strided slice per window offset, concatenated on the feature axis ((window, in) order, like k).
     columns = []

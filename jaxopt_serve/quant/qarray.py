@@ -348,7 +348,8 @@ def _ternary(x: jax.Array, reduce: tuple[int, ...], spec: QuantSpec):
         return q, jnp.where(hits > 0, scale, 1.0)
 
     if spec.calibration == "mse":
-        threshold = _best_clip(mean_abs, lambda t: quant(t)[0] * quant(t)[1] - x, reduce, ratios=np.linspace(0.1, 1.5, 29))
+        threshold = _best_clip(mean_abs, lambda t: quant(t)[0] * quant(t)[1] - x, reduce,
+                               ratios=np.linspace(0.1, 1.5, 29))
     else:
         threshold = 0.7 * mean_abs  # Ternary Weight Networks' rule (Li et al., 2016)
     q, scale = quant(threshold)
@@ -369,7 +370,10 @@ def _percentile(x: jax.Array, p: float, reduce: tuple[int, ...]) -> jax.Array:
     return jnp.percentile(x, p, axis=reduce, keepdims=True)
 
 
-def _best_clip(base, error_fn, reduce, ratios=np.linspace(0.3, 1.0, 36)):
+_CLIP_RATIOS = np.linspace(0.3, 1.0, 36)  # _best_clip's default search grid
+
+
+def _best_clip(base, error_fn, reduce, ratios=_CLIP_RATIOS):
     """Per group, the ``base * ratio`` with the smallest squared error ``error_fn(base * ratio)``."""
     best_value, best_err = base, jnp.sum(error_fn(base) ** 2, axis=reduce, keepdims=True)
     for ratio in ratios[:-1] if ratios[-1] == 1.0 else ratios:

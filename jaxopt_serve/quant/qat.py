@@ -22,6 +22,7 @@ from typing import Any
 import jax
 import numpy as np
 
+from jaxopt_serve.model import Model
 from jaxopt_serve.models.functional import ApplyFn, Variables, make_apply
 from jaxopt_serve.quant.qarray import QuantSpec, fake_quantize, is_qarray, resolve_axis
 from jaxopt_serve.quant.rules import (
@@ -33,7 +34,6 @@ from jaxopt_serve.quant.rules import (
     path_str,
     quantize,
 )
-from jaxopt_serve.model import Model
 from jaxopt_serve.train.batch_stats import reestimate_batch_stats as reestimate_model_batch_stats
 from jaxopt_serve.train.loop import FitResult, classification_loss, fit
 from jaxopt_serve.train.recipes import default_optimizer
@@ -64,7 +64,9 @@ def ternary_rules(model: Any = None) -> list[QuantRule]:
     ]
 
 
-def selected_specs(tree: Mapping[str, Any], rules: Sequence[QuantRule], *, prefix: str | None = None) -> dict[str, QuantSpec]:
+def selected_specs(
+    tree: Mapping[str, Any], rules: Sequence[QuantRule], *, prefix: str | None = None
+) -> dict[str, QuantSpec]:
     """The ``QuantSpec`` each leaf of ``tree`` gets from ``rules`` (first match wins), keyed by path.
 
     Leaves matched by no rule or by a ``spec=None`` rule are left out. Checks
@@ -120,7 +122,8 @@ def fake_quantize_tree(tree: Mapping[str, Any], rules: Sequence[QuantRule], *, p
         >>> from jaxopt_serve.quant import QuantSpec
         >>> tree = {"params": {"dense": {"kernel": jnp.array([[0.9, -0.05], [-1.1, 0.4]]), "bias": jnp.ones(2)}}}
         >>> out = fake_quantize_tree(tree, [QuantRule(r".*/kernel", QuantSpec(qtype="binary"))])
-        >>> np.asarray(out["params"]["dense"]["kernel"], np.float64).round(3).tolist(), out["params"]["dense"]["bias"].tolist()
+        >>> (np.asarray(out["params"]["dense"]["kernel"], np.float64).round(3).tolist(),
+        ...  out["params"]["dense"]["bias"].tolist())
         ([[1.0, -0.225], [-1.0, 0.225]], [1.0, 1.0])
     """
     specs = selected_specs(tree, rules, prefix=prefix)

@@ -40,7 +40,8 @@ class QuantRule:
         except re.error as err:
             raise ValueError(f"QuantRule pattern {self.pattern!r} is not a valid regex: {err}") from err
         if self.spec is not None and not isinstance(self.spec, QuantSpec):
-            raise TypeError(f"QuantRule {self.pattern!r}: spec must be a QuantSpec or None, got {type(self.spec).__name__}")
+            raise TypeError(
+                f"QuantRule {self.pattern!r}: spec must be a QuantSpec or None, got {type(self.spec).__name__}")
 
     def matches(self, path: str) -> bool:
         return re.fullmatch(self.pattern, path) is not None
@@ -51,7 +52,9 @@ def default_rules(spec: QuantSpec | None = None) -> list[QuantRule]:
     return [QuantRule(r"params/(.*/)?kernel", spec or QuantSpec())]
 
 
-def grouped_rules(variables: Mapping[str, Any], spec: QuantSpec, *, pattern: str = r"params/(.*/)?kernel") -> list[QuantRule]:
+def grouped_rules(
+    variables: Mapping[str, Any], spec: QuantSpec, *, pattern: str = r"params/(.*/)?kernel"
+) -> list[QuantRule]:
     """One rule per leaf matching ``pattern``: ``spec`` (per-group) where its group size fits, else per-channel.
 
     A group size that does not divide a kernel's contraction axis is an error
@@ -60,8 +63,10 @@ def grouped_rules(variables: Mapping[str, Any], spec: QuantSpec, *, pattern: str
 
     Example:
         >>> import numpy as np
-        >>> v = {"params": {"a": {"kernel": np.ones((64, 8), np.float32)}, "b": {"kernel": np.ones((3, 8), np.float32)}}}
-        >>> [(r.pattern, r.spec.granularity) for r in grouped_rules(v, QuantSpec(qtype="int4", granularity="group", group_size=32))]
+        >>> v = {"params": {"a": {"kernel": np.ones((64, 8), np.float32)},
+        ...                 "b": {"kernel": np.ones((3, 8), np.float32)}}}
+        >>> spec = QuantSpec(qtype="int4", granularity="group", group_size=32)
+        >>> [(r.pattern, r.spec.granularity) for r in grouped_rules(v, spec)]
         [('params/a/kernel', 'group'), ('params/b/kernel', 'channel')]
     """
     from jaxopt_serve.quant.qarray import resolve_axis

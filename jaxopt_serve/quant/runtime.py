@@ -127,7 +127,8 @@ def _resolve(mode: str, kernel_size: int) -> str:
     return "dynamic"
 
 
-# Asymmetric activation grids by bits: (steps, code offset); codes are clip(round(x / s) + zero, -offset, steps - offset).
+# Asymmetric activation grids by bits: (steps, code offset); codes are
+# clip(round(x / s) + zero, -offset, steps - offset).
 _ASYM_GRIDS = {8: (254.0, 127.0), 7: (127.0, 0.0)}
 
 
@@ -149,7 +150,8 @@ def _mark_bits(key: str, mark: Any) -> int:
         return 8
     if shape == () and dtype == jnp.int8:
         return 7
-    raise ValueError(f"{ASYM_COLLECTION}/{key}: a mark must be True (8 bits) or int8 7 (7 bits), got {dtype}{list(shape)}")
+    raise ValueError(
+        f"{ASYM_COLLECTION}/{key}: a mark must be True (8 bits) or int8 7 (7 bits), got {dtype}{list(shape)}")
 
 
 def _quantize_activations(x2: jax.Array, act_scale: jax.Array | None) -> tuple[jax.Array, jax.Array, None]:
@@ -197,7 +199,8 @@ def quantized_dot(
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
     in_dims = kernel.shape[:n_contract]
     if tuple(x.shape[x.ndim - n_contract :]) != tuple(in_dims):
-        raise ValueError(f"input shape {x.shape} does not end with the kernel's input dims {in_dims} (kernel {kernel.shape})")
+        raise ValueError(
+            f"input shape {x.shape} does not end with the kernel's input dims {in_dims} (kernel {kernel.shape})")
     cx, cw = tuple(range(x.ndim - n_contract, x.ndim)), tuple(range(n_contract))
     dims = ((cx, cw), ((), ()))
     mode = _resolve(mode, kernel.size)
@@ -779,4 +782,5 @@ def mark_asymmetric(variables: Variables, pattern: str, *, bits: int = 8) -> Var
 
 
 def _layer_keys(variables: Variables) -> list[str]:
-    return sorted({layer_key(path) for path in quantized_leaves({k: v for k, v in variables.items() if k not in COLLECTIONS})})
+    weights = {k: v for k, v in variables.items() if k not in COLLECTIONS}
+    return sorted({layer_key(path) for path in quantized_leaves(weights)})

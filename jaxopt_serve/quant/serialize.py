@@ -200,7 +200,8 @@ def check_qvariables(config: ModelConfig | Model, qvariables: Mapping[str, Any],
 
 
 def _kernel_of(leaves: Mapping[str, Any], layer: str) -> Any:
-    """The leaf whose ``runtime.layer_key`` is ``layer``: ``params/<layer>/kernel`` or ``params/<layer>``; a ``QArray`` first."""
+    """The leaf whose ``runtime.layer_key`` is ``layer``: ``params/<layer>/kernel`` or ``params/<layer>``; a
+    ``QArray`` first."""
     found = [leaves[p] for p in (f"params/{layer}/kernel", f"params/{layer}") if p in leaves]
     return next((leaf for leaf in found if isinstance(leaf, QArray)), found[0] if found else None)
 
@@ -251,7 +252,8 @@ def _decode(tree: Any, path: tuple[str, ...]) -> Any:
     if isinstance(tree, Mapping):
         if QARRAY_KEY in tree:
             if len(tree) != 1:
-                raise ArtifactError(f"quantized variable {_name(path)}: unexpected keys {sorted(set(tree) - {QARRAY_KEY})}")
+                raise ArtifactError(
+                    f"quantized variable {_name(path)}: unexpected keys {sorted(set(tree) - {QARRAY_KEY})}")
             return _decode_qarray(tree[QARRAY_KEY], _name(path))
         return {str(k): _decode(v, (*path, str(k))) for k, v in tree.items()}
     return tree
@@ -265,7 +267,8 @@ def _decode_qarray(entry: Any, name: str) -> QArray:
     if not {"values", "scale", "meta"} <= keys or not keys <= {"values", "scale", "zero_point", "meta"}:
         raise ArtifactError(f"{where}: expected keys values, scale, meta (and zero_point), got {sorted(keys)}")
     meta = _parse_meta(entry["meta"], where)
-    qtype, shape, granularity, axis, group_size = (meta[k] for k in ("qtype", "shape", "granularity", "axis", "group_size"))
+    qtype, shape, granularity, axis, group_size = (
+        meta[k] for k in ("qtype", "shape", "granularity", "axis", "group_size"))
     values, scale = np.asarray(entry["values"]), np.asarray(entry["scale"])
     zero_point = np.asarray(entry["zero_point"]) if "zero_point" in entry else None
     size = math.prod(shape)
@@ -294,7 +297,8 @@ def _decode_qarray(entry: Any, name: str) -> QArray:
 def _parse_meta(raw: Any, where: str) -> dict[str, Any]:
     array = np.asarray(raw)
     if array.dtype != np.uint8 or array.ndim != 1:
-        raise ArtifactError(f"{where}: metadata must be a uint8 array of JSON bytes, got {array.dtype}{list(array.shape)}")
+        raise ArtifactError(
+            f"{where}: metadata must be a uint8 array of JSON bytes, got {array.dtype}{list(array.shape)}")
     try:
         meta = json.loads(array.tobytes().decode("utf-8"))
     except (UnicodeDecodeError, ValueError) as err:

@@ -35,8 +35,8 @@ import numpy as np
 from jaxopt_serve.model import Model
 from jaxopt_serve.models.config import ModelConfig
 from jaxopt_serve.models.functional import Variables
-from jaxopt_serve.quant.qarray import QuantSpec, quantize_array
 from jaxopt_serve.quant.observe import calibration_batches, calibration_model, observe_batches
+from jaxopt_serve.quant.qarray import QuantSpec, quantize_array
 from jaxopt_serve.quant.rules import QuantRule, dequantize_tree, first_match, quantize
 from jaxopt_serve.quant.runtime import (
     ASYM_COLLECTION,

@@ -555,7 +555,8 @@ class _Sink:
                 raise ValueError(f"output {name} has no batch axis (shape ()); every output leaf needs one")
         if single and output_path.suffix != ".npz":
             _remove(partial)
-            out = np.lib.format.open_memmap(partial, mode="w+", dtype=leaves[0].dtype, shape=(rows, *leaves[0].shape[1:]))
+            out = np.lib.format.open_memmap(partial, mode="w+", dtype=leaves[0].dtype,
+                                            shape=(rows, *leaves[0].shape[1:]))
             return cls(partial, None, [out])
         if output_path.suffix != ".npz":
             names = slash_names(first)

@@ -1,4 +1,5 @@
-"""Closed-loop load generation: N concurrent clients, each waiting for its answer, against a batcher or an HTTP server."""
+"""Closed-loop load generation: N concurrent clients, each waiting for its answer, against a batcher or an HTTP
+server."""
 
 from __future__ import annotations
 
@@ -59,7 +60,8 @@ def http_closed_loop(
     headers: dict[str, str] | None = None,
     connect_timeout: float = 10.0,
 ) -> dict[str, Any]:
-    """``clients`` keep-alive HTTP/1.1 connections on one event loop, each POSTing ``body`` back to back for ``seconds``.
+    """``clients`` keep-alive HTTP/1.1 connections on one event loop, each POSTing ``body`` back to back for
+    ``seconds``.
 
     A small raw-socket client (no HTTP library), so that the load generator
     costs little CPU next to the server it measures. Returns throughput

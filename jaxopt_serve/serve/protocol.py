@@ -36,7 +36,8 @@ Example:
     >>> decode_request(b'{"inputs": [{"name": "x", "shape": [1], "datatype": "FP32", "data": [NaN]}]}')
     Traceback (most recent call last):
     ...
-    jaxopt_serve.serve.protocol.ProtocolError: body is not valid JSON: NaN is not a JSON number (send non-finite values as binary tensor data)
+    jaxopt_serve.serve.protocol.ProtocolError: body is not valid JSON: NaN is not a JSON number (send non-finite
+    values as binary tensor data)
     >>> body, header_length = encode_response("m", [("y", np.array([[0.5, np.nan]], np.float32))])
     >>> header_length is None, json.loads(body)["outputs"][0]["data"]
     (True, [0.5, None])

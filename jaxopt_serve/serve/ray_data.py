@@ -39,7 +39,14 @@ from typing import Any
 import jax
 import numpy as np
 
-from jaxopt_serve.engine.nonfinite import NanPolicy, check_policy, mark_rows, nonfinite_error, nonfinite_rows, replace_rows
+from jaxopt_serve.engine.nonfinite import (
+    NanPolicy,
+    check_policy,
+    mark_rows,
+    nonfinite_error,
+    nonfinite_rows,
+    replace_rows,
+)
 from jaxopt_serve.engine.pytrees import slash_names
 from jaxopt_serve.extras import require
 from jaxopt_serve.serve.sharded_infer import expand_inputs
@@ -320,7 +327,8 @@ def ray_batch_inference(
         raise ValueError(f"num_cpus must be >= 0, got {num_cpus!r}")
     model_path = Path(model_path)
     if not model_path.is_file():
-        raise ValueError(f"model_path {model_path} {'is not a regular file' if model_path.exists() else 'does not exist'}")
+        problem = "is not a regular file" if model_path.exists() else "does not exist"
+        raise ValueError(f"model_path {model_path} {problem}")
     paths = expand_inputs(inputs)
     output_path = Path(output_path)
     if output_path.suffix not in (".npy", ".npz"):

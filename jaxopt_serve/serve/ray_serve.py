@@ -226,7 +226,8 @@ def v2_deployment(model_path: str | os.PathLike[str], *, name: str | None = None
     serve = require("ray.serve", extra="ray", purpose="The Ray Serve deployment")
     model_path = Path(model_path)
     if not model_path.is_file():
-        raise ValueError(f"model_path {model_path} {'is not a regular file' if model_path.exists() else 'does not exist'}")
+        problem = "is not a regular file" if model_path.exists() else "does not exist"
+        raise ValueError(f"model_path {model_path} {problem}")
     for field, value in (("max_batch_size", max_batch_size), ("num_replicas", num_replicas)):
         if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
             raise ValueError(f"{field} must be a positive integer, got {value!r}")

@@ -229,7 +229,8 @@ class ServedModel:
             if got != spec.datatype:
                 raise ValueError(f"input {name!r}: expected datatype {spec.datatype}, got {got}")
             if array.ndim != len(spec.shape) or any(w not in (-1, g) for w, g in zip(spec.shape, array.shape)):
-                raise ValueError(f"input {name!r}: expected shape {list(spec.shape)} (-1: any), got {list(array.shape)}")
+                raise ValueError(
+                    f"input {name!r}: expected shape {list(spec.shape)} (-1: any), got {list(array.shape)}")
             if array.ndim and rows is not None and array.shape[0] != rows:
                 raise ValueError(f"input {name!r}: {array.shape[0]} rows, the other inputs have {rows}")
             rows = array.shape[0] if array.ndim else rows
@@ -711,7 +712,6 @@ def _protocol_class(read_timeout_s: float, max_header_bytes: int) -> type:
     request line and headers, and JSON bodies on the errors the protocol itself answers."""
     try:
         import httptools  # noqa: F401
-
         from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol as Base
     except ImportError:
         from uvicorn.protocols.http.h11_impl import H11Protocol as Base

@@ -164,7 +164,8 @@ def test_exported_models_run_without_the_package(foreign_models, int8_models, tm
         inputs = jax.tree.map(lambda a: np.asarray(a[:5]), case.inputs)
         is_dict = isinstance(inputs, dict)
         jobs.append((path, inputs if is_dict else [inputs], "dict" if is_dict else "args"))
-        expected.append(jax.tree.leaves(jax.jit(quantized_predict_fn(case.model, mode="dynamic"))(int8_models[name], inputs)))
+        predict = jax.jit(quantized_predict_fn(case.model, mode="dynamic"))
+        expected.append(jax.tree.leaves(predict(int8_models[name], inputs)))
     for name, got, want in zip(FOREIGN, run_standalone(tmp_path, jobs), expected):
         assert len(got) == len(want), name
         for g, w in zip(got, want):

@@ -45,7 +45,8 @@ def test_every_notebook_is_tested():
 
 @pytest.mark.parametrize("name", sorted(FIGURES))
 def test_stored_without_outputs(name):
-    """Outputs hold machine-specific numbers and images: they are stripped before commit (notebooks/strip_outputs.py)."""
+    """Outputs hold machine-specific numbers and images: they are stripped before commit
+    (notebooks/strip_outputs.py)."""
     for i, cell in enumerate(load(name)["cells"]):
         if cell["cell_type"] == "code":
             assert cell["outputs"] == [] and cell["execution_count"] is None, f"{name}.ipynb cell {i} has outputs"
@@ -157,7 +158,8 @@ def test_notebook_runs_top_to_bottom_and_saves_its_figures(name, tmp_path, monke
     monkeypatch.setenv("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.2")
 
     notebook = nbformat.read(NOTEBOOKS / f"{name}.ipynb", as_version=4)
-    client = NotebookClient(notebook, kernel_name="python3", timeout=600, resources={"metadata": {"path": str(tmp_path)}})
+    client = NotebookClient(notebook, kernel_name="python3", timeout=600,
+                            resources={"metadata": {"path": str(tmp_path)}})
     client.execute()  # raises CellExecutionError, with the cell and its traceback, if any cell fails
 
     stderr = [o["text"] for c in notebook.cells for o in c.get("outputs", []) if o.get("name") == "stderr"]

@@ -66,7 +66,8 @@ def test_long_zero_runs_use_escape_coded_gaps():
     entry = encoded["params"]["classifier"]["kernel"]["__sparse__"]
     assert "gaps" in entry and entry["gaps"].dtype == np.uint8
     assert entry["gaps"].size == 4 + 700 // 255 + 4295 // 255  # escapes for the runs longer than 254
-    variables = jax.tree.map(np.asarray, init_variables(MLPConfig(features=(50,), num_classes=100, input_shape=(1,)), 0))
+    config = MLPConfig(features=(50,), num_classes=100, input_shape=(1,))
+    variables = jax.tree.map(np.asarray, init_variables(config, 0))
     variables["params"]["classifier"]["kernel"] = kernel
     decoded = decode_sparse(MLPConfig(features=(50,), num_classes=100, input_shape=(1,)),
                             encode_sparse(variables), (1,))

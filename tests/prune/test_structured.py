@@ -39,7 +39,7 @@ def test_pruned_model_equals_the_masked_full_model(name, criterion):
     full, _ = make_apply(config)(masked, x)
     small, _ = make_apply(result.config)(result.variables, x)
     np.testing.assert_allclose(small, full, rtol=1e-4, atol=1e-4)  # float32 sums in another order
-    for group, (before, after) in result.sizes.items():
+    for _group, (before, after) in result.sizes.items():
         assert after == before - round(0.5 * before)
     # the smaller model is an ordinary model: fresh init has exactly these shapes
     fresh = jax.eval_shape(lambda: init_variables(result.config, 0))
@@ -122,7 +122,8 @@ def test_an_incomplete_coupling_is_caught_against_the_rewritten_config():
     config = MLPConfig(features=(8, 6), num_classes=3)
     # dense_0's consumer (dense_1 rows) is left out: the result would not fit the smaller model
     groups = [Group("dense_0", (Slice("params/dense_0/kernel", 1), Slice("params/dense_0/bias", 0)))]
-    with pytest.raises(ValueError, match="params/dense_1/kernel with shape .* a layer coupled to a pruned one is missing"):
+    with pytest.raises(ValueError,
+                       match="params/dense_1/kernel with shape .* a layer coupled to a pruned one is missing"):
         structured_prune(config, random_variables(config), {"dense_0": 0.5},
                          groups=groups, rewrite=lambda c, kept: c.replace(features=(kept["dense_0"], 6)))
 

@@ -29,7 +29,8 @@ def _layer_error(variables, qvariables, x, layer="dense_0"):
 
 
 @pytest.mark.parametrize("spec", [INT4, QuantSpec(qtype="int4", granularity="group", group_size=8),
-                                  QuantSpec(qtype="int8", granularity="channel")], ids=["int4-g16-asym", "int4-g8-sym", "int8"])
+                                  QuantSpec(qtype="int8", granularity="channel")],
+                         ids=["int4-g16-asym", "int4-g8-sym", "int8"])
 def test_gptq_lowers_the_layer_output_error_of_round_to_nearest(correlated_case, spec):
     variables, x = correlated_case
     rules = [QuantRule(r"params/dense_0/kernel", spec)]

@@ -3,8 +3,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import random_variables
 
+from conftest import random_variables
 from jaxopt_serve.models import CNNConfig, MLPConfig, make_apply, predict_fn
 from jaxopt_serve.quant import (
     QuantRule,
@@ -76,7 +76,8 @@ def test_bare_params_and_variables_give_the_same_result_and_match_quantize():
     from_variables = fake_quantize_tree(variables, RULES)["params"]
     from_params = fake_quantize_tree(variables["params"], RULES)
     reference = dequantize_tree(quantize(variables, RULES).variables)["params"]
-    for a, b, c in zip(jax.tree.leaves(from_variables), jax.tree.leaves(from_params), jax.tree.leaves(reference), strict=True):
+    for a, b, c in zip(jax.tree.leaves(from_variables), jax.tree.leaves(from_params), jax.tree.leaves(reference),
+                       strict=True):
         np.testing.assert_array_equal(a, b)
         np.testing.assert_allclose(a, c, atol=1e-6)
 

@@ -40,6 +40,7 @@ NNX_MLP = NNXMLPConfig(features=(64, 64), num_classes=10)
 CNN = CNNConfig(channels=(4, 8), hidden=16)
 TRANSFORMER = TransformerConfig(vocab_size=50, max_len=16, hidden_size=16, num_heads=2, mlp_dim=32, num_layers=1)
 DEFAULT_PATTERN = r"params/(.*/)?kernel"
+DEFAULT_SPEC = QuantSpec()  # frozen: one shared instance, as a default argument would be
 MLP_KERNEL_SIZES = (64 * 64, 64 * 64, 64 * 10)
 MLP_KERNELS = {"params/dense_0/kernel", "params/dense_1/kernel", "params/classifier/kernel"}
 
@@ -74,7 +75,7 @@ def _nbytes(x):
     return int(np.prod(x.shape)) * np.dtype(x.dtype).itemsize
 
 
-def _check_only_kernels_quantized(original, result: QuantizeResult, spec=QuantSpec()):
+def _check_only_kernels_quantized(original, result: QuantizeResult, spec=DEFAULT_SPEC):
     before, after = _paths(original), _paths(result.variables)
     assert set(before) == set(after)  # same leaves, same paths
     kernels = {path for path in before if path.startswith("params/") and path.endswith("/kernel")}
@@ -241,7 +242,8 @@ def test_first_match_wins_and_none_keeps_float(mlp_variables):
 
     # In the other order the kernel rule comes first, and a None rule for the classifier kernel
     # alone never gets a leaf: it is reported as unused.
-    with pytest.warns(UnusedRuleWarning, match=re.escape("quantization rule 'params/classifier/kernel' matched no parameter")):
+    with pytest.warns(UnusedRuleWarning,
+                      match=re.escape("quantization rule 'params/classifier/kernel' matched no parameter")):
         reordered = quantize(mlp_variables, [*default_rules(), QuantRule(r"params/classifier/kernel", None)])
     assert isinstance(_paths(reordered.variables)["params/classifier/kernel"], QArray)
     assert reordered.unused_rules == ["params/classifier/kernel"]
@@ -263,7 +265,8 @@ def test_specific_rule_before_the_default(mlp_variables):
 
 def test_unused_rule_is_reported_and_warned(mlp_variables):
     rules = [*default_rules(), QuantRule(r".*lstm.*", QuantSpec(qtype="int4"))]
-    with pytest.warns(UnusedRuleWarning, match=re.escape("quantization rule '.*lstm.*' matched no parameter")) as record:
+    with pytest.warns(UnusedRuleWarning,
+                      match=re.escape("quantization rule '.*lstm.*' matched no parameter")) as record:
         result = quantize(mlp_variables, rules)
     assert len(record) == 1 and issubclass(UnusedRuleWarning, UserWarning)
     assert record[0].filename == __file__  # stacklevel points at the caller
@@ -299,7 +302,8 @@ def test_none_rule_protects_a_leaf_that_could_not_be_quantized():
 
 def test_group_size_that_does_not_divide_names_the_path_and_shape(mlp_variables):
     rules = [QuantRule(r"params/dense_0/kernel", QuantSpec(qtype="int4", granularity="group", group_size=5))]
-    with pytest.raises(ValueError, match=re.escape("params/dense_0/kernel: group_size 5 does not divide axis 0 of shape (64, 64)")):
+    with pytest.raises(ValueError, match=re.escape(
+            "params/dense_0/kernel: group_size 5 does not divide axis 0 of shape (64, 64)")):
         quantize(mlp_variables, rules)
 
 
@@ -309,7 +313,8 @@ def test_non_finite_weights_name_the_path(mlp_variables, bad):
     kernel[3, 5] = bad
     variables = {**mlp_variables, "params": {**mlp_variables["params"], "dense_1": {
         **mlp_variables["params"]["dense_1"], "kernel": jnp.asarray(kernel)}}}
-    with pytest.raises(ValueError, match=re.escape("params/dense_1/kernel: cannot quantize an array holding NaN or inf")):
+    with pytest.raises(ValueError,
+                       match=re.escape("params/dense_1/kernel: cannot quantize an array holding NaN or inf")):
         quantize(variables)
 
 

@@ -5,8 +5,8 @@ import warnings
 import jax
 import numpy as np
 import pytest
-from conftest import random_variables
 
+from conftest import random_variables
 from jaxopt_serve.artifact import Artifact, ArtifactError, load_artifact, save_artifact
 from jaxopt_serve.models import CNNConfig, MLPConfig, predict_fn
 from jaxopt_serve.quant import (
@@ -27,7 +27,9 @@ from jaxopt_serve.quant.calibrate import calibrate
 CNN = CNNConfig(channels=(4, 8), hidden=16)  # kernels (3,3,1,4), (3,3,4,8), (8,16), (16,10)
 MLP = MLPConfig(features=(16,))  # kernels (64,16), (16,10)
 PREDICT = {
-    config.name: jax.jit(lambda v, x, predict=predict_fn(config): predict(dequantize_tree(v), x)) for config in (CNN, MLP)
+    # The default binds each config's own predict function (the point of it, so not a B008 slip).
+    config.name: jax.jit(lambda v, x, predict=predict_fn(config): predict(dequantize_tree(v), x))  # noqa: B008
+    for config in (CNN, MLP)
 }
 
 
@@ -92,7 +94,8 @@ def test_encode_decode_without_a_file():
 
 
 def test_static_activation_scales_round_trip(tmp_path):
-    q = calibrate(MLP, _quantize(random_variables(MLP), default_rules()), np.ones((8, 8, 8, 1), np.float32), method="absmax")
+    q = calibrate(MLP, _quantize(random_variables(MLP), default_rules()), np.ones((8, 8, 8, 1), np.float32),
+                  method="absmax")
     save_artifact(tmp_path / "s.jxs", quantized_artifact(MLP, q, (8, 8, 1)))
     loaded = load_artifact(tmp_path / "s.jxs")
     _assert_bit_exact(loaded.variables, q)
@@ -158,7 +161,8 @@ def test_float_leaf_of_the_wrong_dtype_missing_and_extra_are_named(tmp_path):
     q = _quantize(random_variables(MLP), default_rules())
     bad = {"params": {**q["params"], "dense_0": {**q["params"]["dense_0"], "bias": np.zeros(16, np.float16)}}}
     _save_unchecked(tmp_path / "a.jxs", MLP, bad)
-    with pytest.raises(ArtifactError, match=r"variable params/dense_0/bias is float16\[16\], the model expects float32"):
+    with pytest.raises(ArtifactError,
+                       match=r"variable params/dense_0/bias is float16\[16\], the model expects float32"):
         load_artifact(tmp_path / "a.jxs")
     missing = {"params": {"dense_0": q["params"]["dense_0"], "extra": {"kernel": q["params"]["classifier"]["kernel"]}}}
     _save_unchecked(tmp_path / "b.jxs", MLP, missing)

@@ -78,7 +78,7 @@ def test_two_processes_write_the_one_process_bytes(job, tmp_path):
     root, reference = job
     procs = _start_two(root, tmp_path)
     results = _finish(procs)
-    for p, (out, err) in zip(procs, results):
+    for p, (_out, err) in zip(procs, results):
         assert p.returncode == 0, err[-3000:]
     assert "process 0 of 2: wrote 2 of 3 shards" in results[0][0]
     assert "process 1 of 2: wrote 1 of 3 shards" in results[1][0]
@@ -107,7 +107,7 @@ def test_sigkill_of_one_process_then_rerun_resumes_and_matches(job, tmp_path):
 
     procs = _start_two(root, tmp_path)
     results = _finish(procs)
-    for p, (out, err) in zip(procs, results):
+    for p, (_out, err) in zip(procs, results):
         assert p.returncode == 0, err[-3000:]
     assert "shard-1.npy resumed at chunk" in results[1][0], results[1]
     resumed_at = int(results[1][0].split("resumed at chunk ")[1].split(")")[0].split(",")[0])

@@ -55,7 +55,7 @@ def test_drain_finishes_accepted_requests_and_turns_new_ones_away():
     for t in threads:
         t.join(30)
     assert [a[0] for a in accepted] == [200, 200, 200]  # accepted before the drain: all answered
-    for _, headers, raw in accepted:
+    for _, _headers, raw in accepted:
         assert json.loads(raw)["outputs"][0]["data"] == expected(x).reshape(-1).tolist()
     assert server.drained.is_set()
 
