@@ -21,7 +21,6 @@ does nothing and returns ``False``.
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import os
 
 # glibc's mallopt parameters (malloc.h).

@@ -721,28 +721,6 @@ ffi::Error CheckConv(ffi::Span<const int64_t> xd, ffi::Span<const int64_t> wd, f
   return CheckPacked(wd, g.kh * g.kw * g.c, n);
 }
 
-// memcpy for the short runs of an im2col row (a window row of a few channels: 9 bytes for 3x3x3), inline:
-// two overlapping 8- or 4-byte moves instead of a library call.
-inline void CopyBytes(int8_t* dst, const int8_t* src, int64_t n) {
-  if (n >= 16) {
-    std::memcpy(dst, src, n);
-  } else if (n >= 8) {
-    uint64_t a, b;
-    std::memcpy(&a, src, 8);
-    std::memcpy(&b, src + n - 8, 8);
-    std::memcpy(dst, &a, 8);
-    std::memcpy(dst + n - 8, &b, 8);
-  } else if (n >= 4) {
-    uint32_t a, b;
-    std::memcpy(&a, src, 4);
-    std::memcpy(&b, src + n - 4, 4);
-    std::memcpy(dst, &a, 4);
-    std::memcpy(dst + n - 4, &b, 4);
-  } else {
-    for (int64_t i = 0; i < n; ++i) dst[i] = src[i];
-  }
-}
-
 template <typename Emit>
 void RunConv2d(int isa, const ConvShape& g, const int8_t* xs, const int8_t* w, int64_t kp, int64_t n, bool bounded,
                Emit emit) {
@@ -758,7 +736,7 @@ void RunConv2d(int isa, const ConvShape& g, const int8_t* xs, const int8_t* w, i
           const int8_t* row = xs + ((b * g.hp + i * g.sh + a * g.dh) * g.wp + j * g.sw) * g.c;
           if constexpr (sizeof(T) == 1) {
             if (g.dw == 1) {
-              CopyBytes(o, row, g.kw * g.c);
+              std::memcpy(o, row, g.kw * g.c);
               o += g.kw * g.c;
               continue;
             }

@@ -45,6 +45,14 @@ import numpy as np
 from jaxopt_serve import native
 
 
+def native_conv2d_applies(spatial_dims: int, groups: int, lhs_dilation: Sequence[int]) -> bool:
+    """Whether ``int8_conv`` runs on ``native.int8_conv2d``, which builds the im2col rows in cache.
+
+    True when the native kernels run here and the convolution is 2-D, ungrouped and without input dilation.
+    """
+    return groups == 1 and spatial_dims == 2 and native.available() and all(d == 1 for d in lhs_dilation)
+
+
 def int8_conv(
     lhs: jax.Array,
     rhs: jax.Array,
@@ -162,7 +170,7 @@ def int8_conv(
         x = x[None]
     k = jnp.moveaxis(k.reshape(*window_shape, cin, groups, cout // groups), -2, 0)
 
-    if groups == 1 and nd == 2 and native.available() and all(d == 1 for d in lhs_dilation):
+    if native_conv2d_applies(nd, groups, lhs_dilation):
         # The native kernel builds the im2col rows per chunk of output pixels in cache (no patches array).
         packed = native.pack_int8(k[0].reshape(math.prod(window_shape) * cin, cout), bounded)
         y = native.int8_conv2d(x[0], packed, tuple(window_shape), strides=tuple(window_strides),

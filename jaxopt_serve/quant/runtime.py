@@ -62,7 +62,7 @@ from jaxopt_serve import native
 from jaxopt_serve.model import Model, as_model
 from jaxopt_serve.models.config import ModelConfig
 from jaxopt_serve.models.functional import Variables, predict_fn
-from jaxopt_serve.quant.intconv import int8_conv
+from jaxopt_serve.quant.intconv import int8_conv, native_conv2d_applies
 from jaxopt_serve.quant.qarray import QArray, has_qarrays, is_qarray
 from jaxopt_serve.trace import (
     Tagged,
@@ -113,9 +113,9 @@ def _resolve_conv(mode: str, kernel_size: int, params: Mapping[str, Any]) -> str
     """auto: the native int8 convolution (2-D, ungrouped) for kernels of 4,096 elements or more, else weight_only."""
     if mode != "auto":
         return mode
-    native_conv = (native.available() and len(params["window_strides"]) == 2
-                   and params.get("feature_group_count", 1) == 1 and params.get("batch_group_count", 1) == 1
-                   and all(d == 1 for d in params.get("lhs_dilation") or (1, 1)))
+    spatial_dims = len(params["window_strides"])
+    groups = max(params.get("feature_group_count", 1), params.get("batch_group_count", 1))
+    native_conv = native_conv2d_applies(spatial_dims, groups, params.get("lhs_dilation") or (1,) * spatial_dims)
     return "dynamic" if native_conv and kernel_size >= _SMALL_CONV_KERNEL else "weight_only"
 
 
