@@ -52,13 +52,19 @@ class DepthwiseSeparable(nn.Module):
 
 
 class FlattenNet(nn.Module):
-    """Two convs with literal widths, a 2x2 max pool, then the NHWC map flattened into a Dense."""
+    """Two convs with literal widths, a 2x2 max pool, then the NHWC map flattened into a Dense.
+
+    ``scale`` multiplies the literal widths (8, 16, 24) for the speed benchmark; no field holds a pruned size,
+    so automatic pruning re-runs the program at any scale.
+    """
+
+    scale: int = 1
 
     @nn.compact
     def __call__(self, x):
-        x = nn.relu(nn.Conv(8, (3, 3), name="conv0")(x))
+        x = nn.relu(nn.Conv(8 * self.scale, (3, 3), name="conv0")(x))
         x = nn.max_pool(x, (2, 2), strides=(2, 2))
-        x = nn.relu(nn.Conv(16, (3, 3), name="conv1")(x))
+        x = nn.relu(nn.Conv(16 * self.scale, (3, 3), name="conv1")(x))
         x = x.reshape(x.shape[0], -1)
-        x = nn.relu(nn.Dense(24, name="fc")(x))
+        x = nn.relu(nn.Dense(24 * self.scale, name="fc")(x))
         return nn.Dense(10, name="head")(x)
