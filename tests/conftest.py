@@ -3,10 +3,13 @@
 import os
 
 # Must happen before jax initializes its backends (first device query).
-os.environ["XLA_FLAGS"] = " ".join(
-    flag for flag in os.environ.get("XLA_FLAGS", "").split()
-    if not flag.startswith("--xla_force_host_platform_device_count")
-) + " --xla_force_host_platform_device_count=8"
+_flags = [f for f in os.environ.get("XLA_FLAGS", "").split() if not f.startswith("--xla_force_host_platform")]
+# The suite's programs are small and compiled once or twice each: compiling dominates its CPU time, and LLVM at
+# optimization level 0 compiles them in half the time (the suite's CPU time halves). The numerics are IEEE at any
+# level. Set --xla_backend_optimization_level yourself in XLA_FLAGS to test at another level (XLA's default is 3).
+if not any(f.startswith("--xla_backend_optimization_level") for f in _flags):
+    _flags.append("--xla_backend_optimization_level=0")
+os.environ["XLA_FLAGS"] = " ".join([*_flags, "--xla_force_host_platform_device_count=8"])
 
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
@@ -17,6 +20,67 @@ jax.config.update("jax_num_cpu_devices", 8)
 from jaxopt_serve.data import load_digits  # noqa: E402
 from jaxopt_serve.models import CNNConfig, init_variables  # noqa: E402
 from jaxopt_serve.train import train_classifier  # noqa: E402
+
+# `make test` runs the suite on two pytest-xdist workers (-n 2). The scheduler below sends whole groups of tests to a
+# worker: every test module is one group, so its module-scoped fixtures (trained models, servers, engines) are built
+# once, on one worker. Exceptions: each notebook is its own group (each starts its own kernel and shares only a
+# compilation cache); the two foreign-model modules are one group (their zoo is trained once per session, about
+# 50 s); the two Ray modules are one group (two local Ray clusters at once would overcommit two cores). Groups are
+# handed out longest first (HEAVY, from --durations), so no long one is left for the end while the other worker
+# idles. (xdist's own --dist loadgroup marks do not work with pytest 9.2: xdist 3.8 rewrites a node id field that
+# pytest no longer reads.)
+_SHARED = {
+    "tests/foreign/test_quant.py": "foreign",
+    "tests/foreign/test_training.py": "foreign",
+    "tests/serve/test_ray_data.py": "ray",
+    "tests/serve/test_ray_serve.py": "ray",
+}
+_NOTEBOOK = "tests/notebooks/test_notebooks.py::test_notebook_runs_top_to_bottom_and_saves_its_figures[{}]"
+# The groups that take longest on the 2-core machine, longest first; the rest follow in collection order.
+HEAVY = (
+    "foreign",
+    "tests/quant/test_qarray.py",
+    _NOTEBOOK.format("03_distillation"),
+    "tests/quant/test_runtime.py",
+    "ray",
+    _NOTEBOOK.format("02_pruning_regularization"),
+    "tests/models/test_shapes.py",
+    "tests/test_demo.py",
+    "tests/distill/test_trainer.py",
+    _NOTEBOOK.format("06_your_own_model"),
+    "tests/engine/test_distributed.py",
+    _NOTEBOOK.format("00_quickstart"),
+    _NOTEBOOK.format("01_quantization"),
+    "tests/hf/test_sentence_engine.py",
+    _NOTEBOOK.format("04_acceleration_parallelism"),
+)
+
+
+def test_group(nodeid: str) -> str:
+    """The group a test runs in under xdist (see above)."""
+    module = nodeid.split("::")[0]
+    if module == "tests/notebooks/test_notebooks.py" and "test_notebook_runs_top_to_bottom" in nodeid:
+        return nodeid
+    return _SHARED.get(module, module)
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_make_scheduler(config, log):
+    from xdist.scheduler import LoadScopeScheduling
+
+    class GroupScheduling(LoadScopeScheduling):
+        def _split_scope(self, nodeid):
+            return test_group(nodeid)
+
+    config.option.loadscopereorder = False  # keep the order pytest_collection_modifyitems gives
+    return GroupScheduling(config, log)
+
+
+def pytest_collection_modifyitems(config, items):
+    """HEAVY groups first (in that order), then the rest in collection order."""
+    rank = {group: i for i, group in enumerate(HEAVY)}
+    items.sort(key=lambda item: rank.get(test_group(item.nodeid), len(HEAVY)))  # stable: the rest keep their order
+
 
 # A CNN small enough to train in seconds on 2 cores, large enough to pass 90%.
 SMALL_CNN = CNNConfig(channels=(8, 16), hidden=32)

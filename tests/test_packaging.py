@@ -264,3 +264,38 @@ def test_single_version_and_typed_marker():
     assert (ROOT / PACKAGE / "py.typed").is_file()
     assert "py.typed" in pyproject["tool"]["setuptools"]["package-data"][PACKAGE]
     assert (ROOT / "LICENSE").read_text().lstrip().startswith("Apache License")
+
+
+def lower_bounds(pyproject: dict) -> dict[str, set[str]]:
+    """The lower bound (``>=X`` or ``==X``) of every requirement of the core and of the test extra, by name."""
+    project = pyproject["project"]
+    me, raw = normalize(project["name"]), project["optional-dependencies"]
+    bounds: dict[str, set[str]] = {}
+
+    def walk(requirements: list[str]) -> None:
+        for requirement in requirements:
+            name, extras = requirement_name(requirement)
+            if name == me:
+                for extra in extras:
+                    walk(raw[extra])
+                continue
+            match = re.search(r"(?:>=|==)\s*([^\s,;]+)", requirement.split(";")[0])
+            assert match, f"{requirement!r} has no lower bound"
+            bounds.setdefault(name, set()).add(match[1])
+
+    walk(project["dependencies"] + raw["test"])
+    return bounds
+
+
+def test_lower_bounds_are_what_make_test_min_installs():
+    # make test-min installs constraints-min.txt's pins and runs the suite: each pin must be the requirement's bound.
+    bounds = lower_bounds(tomllib.loads((ROOT / "pyproject.toml").read_text()))
+    assert all(len(v) == 1 for v in bounds.values()), {k: v for k, v in bounds.items() if len(v) > 1}
+    pins: dict[str, str] = {}
+    for line in (ROOT / "constraints-min.txt").read_text().splitlines():
+        line = line.split("#")[0].strip()
+        if line:
+            name, sep, version = line.partition("==")
+            assert sep and version.strip(), f"constraints-min.txt: {line!r} is not name==version"
+            pins[normalize(name.strip())] = version.strip()
+    assert pins == {name: version for name, (version,) in bounds.items()}
