@@ -51,8 +51,8 @@ test: $(VENV)/.installed-test $(VENV)/.installed-minilm
 # `make test` with the oldest versions pyproject.toml allows: its own environment ($(VENV_MIN)), where pip installs
 # every dependency of the test extra at exactly its lower bound (constraints-min.txt; --build-constraint too, so the
 # native kernels compile against the oldest jaxlib's headers), then the same ruff, pytest and strict docs build.
-# The lower bounds are the versions this target ran the whole suite with: change one in constraints-min.txt and
-# pyproject.toml together (tests/test_packaging.py checks they agree), and run it again.
+# Change a lower bound in constraints-min.txt and pyproject.toml together (tests/test_packaging.py checks they
+# agree), and run this target again.
 test-min:
 	$(MAKE) test VENV=$(VENV_MIN) PIP_INPUTS=$(CONSTRAINTS_MIN) \
 		PIP_ARGS='-c $(CURDIR)/$(CONSTRAINTS_MIN) --build-constraint $(CURDIR)/$(CONSTRAINTS_MIN)'

@@ -126,7 +126,7 @@ def test_sharded_equals_one_device_in_every_mode(foreign_models, int8_models, na
         out = np.asarray(jax.tree.leaves(jax.jit(quantized_predict_fn(model, mode=mode))(sharded, inputs))[0])
         scale = max(np.abs(single[mode]).max(), 1e-30)
         diff = np.abs(out - single[mode]) / scale
-        if mode in ("dynamic", "static"):
+        if mode in ("dynamic", "static", "auto"):  # auto runs the larger convolutions on the int8 kernel
             assert diff.max() <= INTEGER_STEP_TOL, (name, mesh_name, mode, diff.max())
             assert (diff > SHARDED_REL_TOL).mean() <= INTEGER_MOVED_FRACTION, (name, mesh_name, mode)
         else:
