@@ -22,6 +22,7 @@ import importlib.metadata
 import re
 import sys
 import tomllib
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -62,26 +63,29 @@ class Declared:
         return self.core.union(*self.extras.values())
 
 
+def requirements(project: dict, listed: list[str], seen: tuple[str, ...] = ()) -> Iterator[str]:
+    """``listed`` with every self-reference (``jaxopt_serve[serve,hf]``) replaced by the requirements of its extras."""
+    me, raw = normalize(project["name"]), project.get("optional-dependencies", {})
+    for requirement in listed:
+        name, extras = requirement_name(requirement)
+        if name != me:
+            yield requirement
+            continue
+        for extra in extras:
+            assert extra in raw, f"{requirement!r} names the extra {extra!r}, which pyproject.toml lacks"
+            assert extra not in seen, f"the extras {seen + (extra,)} refer to each other in a cycle"
+            yield from requirements(project, raw[extra], seen + (extra,))
+
+
 def declared(pyproject: dict) -> Declared:
     project = pyproject["project"]
-    me = normalize(project["name"])
+
+    def names(listed: list[str], seen: tuple[str, ...]) -> frozenset[str]:
+        return frozenset(requirement_name(r)[0] for r in requirements(project, listed, seen))
+
+    core = names(project["dependencies"], ())
     raw = project.get("optional-dependencies", {})
-
-    def expand(requirements: list[str], seen: tuple[str, ...]) -> set[str]:
-        names: set[str] = set()
-        for requirement in requirements:
-            name, extras = requirement_name(requirement)
-            if name != me:
-                names.add(name)
-                continue
-            for extra in extras:  # a self-reference: jaxopt_serve[serve,hf]
-                assert extra in raw, f"{requirement!r} names the extra {extra!r}, which pyproject.toml lacks"
-                assert extra not in seen, f"the extras {seen + (extra,)} refer to each other in a cycle"
-                names |= expand(raw[extra], seen + (extra,))
-        return names
-
-    core = frozenset(expand(project["dependencies"], ()))
-    return Declared(core, {extra: frozenset(expand(reqs, (extra,))) | core for extra, reqs in raw.items()})
+    return Declared(core, {extra: names(reqs, (extra,)) | core for extra, reqs in raw.items()})
 
 
 @dataclass(frozen=True)
@@ -269,21 +273,11 @@ def test_single_version_and_typed_marker():
 def lower_bounds(pyproject: dict) -> dict[str, set[str]]:
     """The lower bound (``>=X`` or ``==X``) of every requirement of the core and of the test extra, by name."""
     project = pyproject["project"]
-    me, raw = normalize(project["name"]), project["optional-dependencies"]
     bounds: dict[str, set[str]] = {}
-
-    def walk(requirements: list[str]) -> None:
-        for requirement in requirements:
-            name, extras = requirement_name(requirement)
-            if name == me:
-                for extra in extras:
-                    walk(raw[extra])
-                continue
-            match = re.search(r"(?:>=|==)\s*([^\s,;]+)", requirement.split(";")[0])
-            assert match, f"{requirement!r} has no lower bound"
-            bounds.setdefault(name, set()).add(match[1])
-
-    walk(project["dependencies"] + raw["test"])
+    for requirement in requirements(project, project["dependencies"] + project["optional-dependencies"]["test"]):
+        match = re.search(r"(?:>=|==)\s*([^\s,;]+)", requirement.split(";")[0])
+        assert match, f"{requirement!r} has no lower bound"
+        bounds.setdefault(requirement_name(requirement)[0], set()).add(match[1])
     return bounds
 
 
