@@ -108,6 +108,16 @@ def _speed(model: Model, inputs, result, rounds: int, calls: int) -> tuple[float
                         rounds=rounds, calls=calls)
 
 
+def _speed_row(report: Report, rows: list, label: str, model: Model, inputs: tuple, rounds: int, check: str,
+               target: float) -> None:
+    """Prune ``model`` 50%, time it against the unpruned one at batch 16, add its row and its check."""
+    result = prune_model(model, 0.5)
+    t_full, t_small = _speed(model, inputs, result, rounds, 3)
+    rows.append({"model": label, "batch": 16, "smaller model": result.how, "unpruned ms": t_full,
+                 "pruned ms": t_small, "speed-up": t_full / t_small})
+    report.check(check, t_full / t_small, target, ">=")
+
+
 # sizes and targets of the gated, depthwise-separable and flattened rows; measured on the 2-core AMD EPYC under
 # load: gated 1.65-2.61x, dw 1.85-2.30x, flat 3.28-4.71x (docs/guides/pruning.md)
 GATED_DIN, GATED_HIDDEN, GATED_MIN = 512, 2048, 1.3
@@ -118,63 +128,38 @@ FLAT_SCALE, FLAT_MIN = 8, 2.0
 def speed_section(report: Report, rounds: int) -> None:
     rng = np.random.default_rng(0)
     rows = []
-    # the zoo's ResNet and ViT classes, at widths and image sizes where compute (not dispatch) dominates
-    resnet = zoo.ResNet(widths=(64, 128))
     images = rng.normal(size=(16, 32, 32, 3)).astype(np.float32)
+    # the zoo's classes, at widths and image sizes where compute (not dispatch) dominates
+    resnet = zoo.ResNet(widths=(64, 128))
     variables = jax.jit(lambda x: resnet.init(jax.random.key(0), x, train=False))(images[:2])
     model = Model.linen(resnet, variables, images, eval_kwargs={"train": False}, train_kwargs={"train": True})
-    result = prune_model(model, 0.5)
-    t_full, t_small = _speed(model, (images,), result, rounds, 3)
-    rows.append({"model": "ResNet widths (64, 128), 32x32x3", "batch": 16, "smaller model": result.how,
-                 "unpruned ms": t_full, "pruned ms": t_small, "speed-up": t_full / t_small})
-    report.check("speedup_structured50_resnet_b16", t_full / t_small, 1.5, ">=")
+    _speed_row(report, rows, "ResNet widths (64, 128), 32x32x3", model, (images,), rounds,
+               "speedup_structured50_resnet_b16", 1.5)
 
     vit = zoo.ViT(dim=256, heads=8, mlp_dim=1024, depth=2)
     inputs = {"pixels": rng.normal(size=(16, 16, 16, 1)).astype(np.float32), "mask": np.ones((16, 64), bool)}
     variables = jax.jit(lambda x: vit.init(jax.random.key(0), x))(inputs)
-    model = Model.linen(vit, variables, inputs)
-    result = prune_model(model, 0.5)
-    t_full, t_small = _speed(model, (inputs,), result, rounds, 3)
-    rows.append({"model": "ViT dim 256, 8 heads, MLP 1024, 2 blocks, 64 patches", "batch": 16,
-                 "smaller model": result.how, "unpruned ms": t_full, "pruned ms": t_small,
-                 "speed-up": t_full / t_small})
-    report.check("speedup_structured50_vit_b16", t_full / t_small, 1.5, ">=")
+    _speed_row(report, rows, "ViT dim 256, 8 heads, MLP 1024, 2 blocks, 64 patches",
+               Model.linen(vit, variables, inputs), (inputs,), rounds, "speedup_structured50_vit_b16", 1.5)
 
-    # the other three zoo classes, sized the same way. The gated MLP's residual width stays whole (RMSNorm reduces
-    # over it): the hidden halves. The flattened net's literal widths times its scale: no field holds a size, so
-    # its pruned model is the program re-run, as at scale 1.
+    # The gated MLP's residual width stays whole (RMSNorm reduces over it): the hidden halves. The flattened net's
+    # literal widths times its scale: no field holds a size, so its pruned model is the program re-run, as at scale 1.
     gated = zoo.GatedMLP(din=GATED_DIN, hidden=GATED_HIDDEN, dout=10, rngs=nnx.Rngs(0))
     x = rng.normal(size=(16, GATED_DIN)).astype(np.float32)
-    model = Model.nnx(gated, x)
-    result = prune_model(model, 0.5)
-    t_full, t_small = _speed(model, (x,), result, rounds, 3)
-    rows.append({"model": f"NNX gated MLP din {GATED_DIN}, hidden {GATED_HIDDEN} (up {GATED_DIN}x{2 * GATED_HIDDEN})",
-                 "batch": 16, "smaller model": result.how, "unpruned ms": t_full, "pruned ms": t_small,
-                 "speed-up": t_full / t_small})
-    report.check("speedup_structured50_gated_b16", t_full / t_small, GATED_MIN, ">=")
+    label = f"NNX gated MLP din {GATED_DIN}, hidden {GATED_HIDDEN} (up {GATED_DIN}x{2 * GATED_HIDDEN})"
+    _speed_row(report, rows, label, Model.nnx(gated, x), (x,), rounds, "speedup_structured50_gated_b16", GATED_MIN)
 
     dw = zoo.DepthwiseSeparable(widths=DW_WIDTHS)
-    images = rng.normal(size=(16, 32, 32, 3)).astype(np.float32)
     variables = jax.jit(lambda x: dw.init(jax.random.key(0), x, train=False))(images[:2])
     model = Model.linen(dw, variables, images, eval_kwargs={"train": False}, train_kwargs={"train": True})
-    result = prune_model(model, 0.5)
-    t_full, t_small = _speed(model, (images,), result, rounds, 3)
-    rows.append({"model": f"depthwise-separable widths {DW_WIDTHS}, 32x32x3", "batch": 16,
-                 "smaller model": result.how, "unpruned ms": t_full, "pruned ms": t_small,
-                 "speed-up": t_full / t_small})
-    report.check("speedup_structured50_dw_b16", t_full / t_small, DW_MIN, ">=")
+    _speed_row(report, rows, f"depthwise-separable widths {DW_WIDTHS}, 32x32x3", model, (images,), rounds,
+               "speedup_structured50_dw_b16", DW_MIN)
 
     flat = zoo.FlattenNet(scale=FLAT_SCALE)
-    images = rng.normal(size=(16, 32, 32, 3)).astype(np.float32)
     variables = jax.jit(lambda x: flat.init(jax.random.key(0), x))(images[:2])
-    model = Model.linen(flat, variables, images)
-    result = prune_model(model, 0.5)
-    t_full, t_small = _speed(model, (images,), result, rounds, 3)
     widths = (8 * FLAT_SCALE, 16 * FLAT_SCALE, 24 * FLAT_SCALE)
-    rows.append({"model": f"convs {widths[:2]} flattened into Dense {widths[2]}, 32x32x3", "batch": 16,
-                 "smaller model": result.how, "unpruned ms": t_full, "pruned ms": t_small,
-                 "speed-up": t_full / t_small})
-    report.check("speedup_structured50_flat_b16", t_full / t_small, FLAT_MIN, ">=")
+    _speed_row(report, rows, f"convs {widths[:2]} flattened into Dense {widths[2]}, 32x32x3",
+               Model.linen(flat, variables, images), (images,), rounds, "speedup_structured50_flat_b16", FLAT_MIN)
     report.table("speed: 50% of every group, f32, jit vs jit", rows)
 
 
