@@ -106,11 +106,21 @@ def test_nonnegative_rows_take_the_unsigned_path_exactly(m, k, n, seed, bounded)
 def test_pack_int8_round_trips_and_checks_the_bound():
     wq = np.arange(-128, 127, dtype=np.int8)[: 37 * 5].reshape(37, 5)
     packed = native.pack_int8(wq)
-    assert not packed.bounded and packed.panels.shape == (1, 64 // 4, 16, 4)  # K 37 padded to 64
+    assert not packed.bounded and packed.panels.shape == (1, 64 // 4 + 1, 16, 4)  # K 37 padded to 64, column sums
     np.testing.assert_array_equal(native.unpack_int8(packed.panels, 37, 5), wq)
     with pytest.raises(ValueError, match="bounded=True, but the weight holds -128"):
         native.pack_int8(wq, bounded=True)
     assert native.pack_int8(np.maximum(wq, -127)).bounded
+
+
+@pytest.mark.parametrize("fill", [-128, 127, None])
+def test_pack_int8_stores_each_panels_column_sums_as_little_endian_int32(fill):
+    """The kernels read a panel's last quad as 16 int32 column sums; sums past 16 bits (K = 4,000 of -128) too."""
+    rng = np.random.default_rng(1)
+    wq = np.full((4000, 20), fill, np.int8) if fill is not None else rng.integers(-128, 128, (4000, 20), np.int8)
+    panels = np.asarray(native.pack_int8(wq).panels)
+    sums = np.ascontiguousarray(panels[:, -1]).view("<i4").reshape(-1)  # (P, 16, 4) bytes -> P * 16 int32
+    np.testing.assert_array_equal(sums, np.pad(wq.astype(np.int32).sum(axis=0), (0, 12)))
 
 
 @needs_native

@@ -1,8 +1,9 @@
 // Quantized matrix products for XLA:CPU, called from jit-compiled programs through the XLA FFI.
 //
 // Weights are packed once (see jaxopt_serve/native/__init__.py):
-//   int8:  (P, Kp / 4, 16, 4) int8, panels of 16 output columns by quads of inputs, Kp = K rounded up to a
-//          multiple of 32, zero padded;
+//   int8:  (P, Kp / 4 + 1, 16, 4) int8, panels of 16 output columns by quads of inputs, Kp = K rounded up to
+//          a multiple of 32, zero padded; each panel's last quad holds its 16 column sums as int32 (the
+//          correction for an activation zero point, and for the VNNI path's offset activations);
 //   int4:  (P, Kp / 2, 8) uint8, panels of 8 output columns, two 4-bit codes per byte (inputs 2 kk and
 //          2 kk + 1, low nibble first), with per-group float scales and zero points (P, Kp / group, 8).
 // Targets:
@@ -11,16 +12,16 @@
 //                     (dynamic absmax / 127, or a given static scale), int32 sums, then
 //                     acc * x_scale * w_scale (+ bias)
 //   jxs_int4_matmul   f32 (M, K) x packed int4 -> f32 (M, N)            weight-only, float sums
-// Each has an AVX2 path and a portable path; `isa` (an attribute) picks one: 0 portable, 1 AVX2. The int8
-// products take the bounded AVX2 microkernel (vpmaddubsw) when both operands are in [-127, 127], and the
-// exact one (vpmaddwd) for any int8 otherwise; both give the exact int32 sums.
+// `isa` (an attribute) picks the path: 0 portable, 1 AVX2, 2 AVX-512 VNNI (int8 products; the rest of the
+// work takes the AVX2 code). On AVX2 the int8 products take the bounded microkernel (vpmaddubsw) when both
+// operands are in [-127, 127], and the exact one (vpmaddwd) for any int8 otherwise; the VNNI microkernel
+// (vpdpbusd) is exact for any int8. All give the exact int32 sums.
 // Work is split over output columns across a persistent thread pool (no thread start per call).
 
 #include <algorithm>
 #include <atomic>
 #include <chrono>
 #include <cmath>
-#include <condition_variable>
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
@@ -43,125 +44,63 @@ namespace ffi = xla::ffi;
 namespace {
 
 // ------------------------------------------------------------------------------------------- threads
+//
+// Work runs on XLA's own intra-op thread pool (the FFI hands it to each handler), the one that runs XLA's
+// parallel loops: a second pool of our own would keep its idle workers spinning beside XLA's on the same
+// cores between the model's products (measured: MiniLM W8A8 7% slower with one).
 
-// Workers spin (pausing, and yielding the core to any other runnable thread) for a while after each job
-// before they sleep on a condition variable: back-to-back calls, as in a model's consecutive layers, then
-// start without a futex wake-up, which on a virtual machine can cost more than a batch-1 product.
-class Pool {
- public:
-  Pool(int threads, int64_t spin_us) : size_(std::max(1, threads)), spin_us_(spin_us) {
-    for (int i = 1; i < size_; ++i) workers_.emplace_back([this, i] { Loop(i); });
-  }
-  ~Pool() {
-    {
-      std::lock_guard<std::mutex> lock(mu_);
-      stop_ = true;
-      generation_.fetch_add(1);
-    }
-    wake_.notify_all();
-    for (auto& t : workers_) t.join();
-  }
-  int size() const { return size_; }
-
-  // Runs fn(i) for i in [0, parts) on the pool; the caller runs part 0. Concurrent callers
-  // (several XLA devices at once) do not queue: the one that finds the pool busy runs inline.
-  void Run(int parts, const std::function<void(int)>& fn) {
-    parts = std::min(parts, size_);
-    std::unique_lock<std::mutex> busy(run_mu_, std::try_to_lock);
-    if (parts <= 1 || !busy.owns_lock()) {
-      for (int i = 0; i < parts; ++i) fn(i);
-      return;
-    }
-    job_ = &fn;
-    parts_ = parts;
-    pending_.store(parts - 1);
-    generation_.fetch_add(1);  // publishes job_ and parts_ to the workers
-    if (sleeping_.load() > 0) {
-      { std::lock_guard<std::mutex> lock(mu_); }
-      wake_.notify_all();
-    }
-    fn(0);
-    for (int64_t i = 0; pending_.load(std::memory_order_acquire) != 0; ++i) Relax(i);
-  }
-
- private:
-  static void Relax(int64_t i) {
+inline void Relax(int64_t i) {
 #ifdef JXS_X86
-    _mm_pause();
+  _mm_pause();
 #endif
-    if (i % 64 == 63) std::this_thread::yield();
-  }
+  if (i % 64 == 63) std::this_thread::yield();
+}
 
-  void Loop(int index) {
-    uint64_t seen = 0;  // the generation at construction: a job posted before this thread starts is not missed
-    for (;;) {
-      auto until = std::chrono::steady_clock::now() + std::chrono::microseconds(spin_us_);
-      for (int64_t i = 0; generation_.load(std::memory_order_acquire) == seen; ++i) {
-        Relax(i);
-        if (i % 1024 == 1023 && std::chrono::steady_clock::now() > until) {
-          std::unique_lock<std::mutex> lock(mu_);
-          sleeping_.fetch_add(1);
-          wake_.wait(lock, [&] { return generation_.load() != seen; });
-          sleeping_.fetch_sub(1);
-          break;
-        }
-      }
-      if (stop_) return;
-      seen = generation_.load(std::memory_order_acquire);
-      if (index < parts_) {
-        (*job_)(index);
-        pending_.fetch_sub(1, std::memory_order_release);
-      }
-    }
-  }
+// XLA's pool, for the handler running on this thread (set by XlaPoolScope).
+thread_local ffi::ThreadPool* tls_xla_pool = nullptr;
 
-  const int size_;
-  const int64_t spin_us_;
-  std::vector<std::thread> workers_;
-  std::mutex mu_, run_mu_;
-  std::condition_variable wake_;
-  const std::function<void(int)>* job_ = nullptr;
-  int parts_ = 0;
-  std::atomic<int> pending_{0}, sleeping_{0};
-  std::atomic<uint64_t> generation_{0};
-  std::atomic<bool> stop_{false};
+struct XlaPoolScope {
+  explicit XlaPoolScope(ffi::ThreadPool& pool) : previous(tls_xla_pool) { tls_xla_pool = &pool; }
+  ~XlaPoolScope() { tls_xla_pool = previous; }
+  ffi::ThreadPool* previous;
 };
 
-int ThreadCount() {
-  if (const char* env = std::getenv("JAXOPT_SERVE_THREADS")) {
-    int n = std::atoi(env);
-    if (n > 0) return n;
-  }
-  unsigned n = std::thread::hardware_concurrency();
-  return n == 0 ? 1 : static_cast<int>(n);
+// Runs fn(i) for i in [0, parts): parts - 1 tasks on the pool and the caller claim indices from one counter
+// until none is left, then the caller waits for the claimed ones. A task that starts late finds nothing to
+// claim and returns; so the caller never waits for a thread to wake, and never deadlocks when every pool
+// thread is busy (it runs whatever nobody took).
+void RunParts(ffi::ThreadPool& pool, int parts, const std::function<void(int)>& fn) {
+  struct State {
+    const std::function<void(int)>* fn;
+    int parts;
+    std::atomic<int> next{0}, done{0};
+  };
+  auto state = std::make_shared<State>();  // outlives this call in tasks that start after it returns
+  state->fn = &fn;
+  state->parts = parts;
+  auto work = [](State& st) {
+    for (int i; (i = st.next.fetch_add(1, std::memory_order_relaxed)) < st.parts;) {
+      (*st.fn)(i);
+      st.done.fetch_add(1, std::memory_order_release);
+    }
+  };
+  for (int t = 1; t < parts; ++t) pool.Schedule([state, work] { work(*state); });
+  work(*state);
+  for (int64_t i = 0; state->done.load(std::memory_order_acquire) != parts; ++i) Relax(i);
 }
 
-// How long idle workers spin before they sleep: JAXOPT_SERVE_SPIN_US, default 200 (0: sleep at once).
-int64_t SpinMicros() {
-  if (const char* env = std::getenv("JAXOPT_SERVE_SPIN_US")) {
-    long v = std::atol(env);
-    if (v >= 0) return v;
-  }
-  return 200;
-}
-
-Pool& GetPool() {
-  static Pool* pool = new Pool(ThreadCount(), SpinMicros());  // never destroyed: workers may outlive static teardown
-  return *pool;
-}
-
-// Splits [0, n) into `parts` column ranges aligned to `align`; calls fn(begin, end) on the pool.
+// Splits [0, n) into one column range per pool thread, aligned to `align`; calls fn(begin, end) for each.
 void ParallelColumns(int64_t n, int64_t work, int64_t align,
                      const std::function<void(int64_t, int64_t)>& fn) {
-  Pool& pool = GetPool();
-  int parts = static_cast<int>(std::min<int64_t>(pool.size(), (n + align - 1) / align));
-  if (work < (1 << 16)) parts = 1;  // too small to be worth a wake-up
+  const int64_t threads = tls_xla_pool ? tls_xla_pool->num_threads() : 1;
+  int parts = static_cast<int>(std::min<int64_t>(threads, (n + align - 1) / align));
+  if (work < (1 << 16)) parts = 1;  // too small to be worth a task
   if (parts <= 1) {
     fn(0, n);
     return;
   }
   int64_t chunk = ((n + parts - 1) / parts + align - 1) / align * align;
-  pool.Run(parts, [&](int i) {
+  RunParts(*tls_xla_pool, parts, [&](int i) {
     int64_t b = std::min<int64_t>(n, i * chunk), e = std::min<int64_t>(n, b + chunk);
     if (b < e) fn(b, e);
   });
@@ -229,8 +168,15 @@ __attribute__((target("avx2,fma"))) void QuantizeRowAvx2(const float* x, int64_t
 
 // ----------------------------------------------------------------------------------- int8 GEMM cores
 //
-// A packed weight is (P, Kp / 4, 16, 4): panel p (16 output columns), input quad q, column c, input 4 q + i.
-// Per quad a panel holds 64 bytes: columns 0-7 (4 inputs each), then columns 8-15.
+// A packed weight is (P, Kp / 4 + 1, 16, 4): panel p (16 output columns), input quad q, column c, input
+// 4 q + i. Per quad a panel holds 64 bytes: columns 0-7 (4 inputs each), then columns 8-15. After the Kp / 4
+// quads of inputs comes one of column sums (16 int32).
+
+// Bytes from one panel to the next, and the column sums of panel p.
+constexpr int64_t PanelBytes(int64_t kp) { return (kp + 4) * 16; }
+inline const int32_t* ColumnSums(const int8_t* w, int64_t kp, int64_t p) {
+  return reinterpret_cast<const int32_t*>(w + p * PanelBytes(kp) + kp * 16);
+}
 // Two AVX2 microkernels read it:
 //   bounded (activations and weights in [-127, 127], as symmetric quantization makes them): int8 rows,
 //     vpmaddubsw(|x|, w * sign(x)) then vpmaddwd with ones; |x| * |w| <= 127 * 127, so the int16 pair
@@ -368,6 +314,120 @@ inline void Block(int rows, const T* x, int64_t kp, const int8_t* panel, int32_t
 }
 #endif
 
+// ------------------------------------------------------------------------- int8 GEMM, AVX-512 VNNI
+//
+// vpdpbusd multiplies unsigned bytes by signed bytes and adds each group of four products into an int32
+// lane, with no intermediate saturation. One quad of a panel is one zmm (16 columns x 4 inputs), so a row's
+// quad, broadcast, meets a whole panel in one instruction. Signed activation rows are stored as x + 128
+// (x ^ 0x80) and the sums corrected by 128 * (the weight's column sums): exact for any int8 operands,
+// -128 included, so this path needs no bounded or int16 variant. Unsigned rows (codes in [0, 127]) need no
+// correction. The microkernel runs MR rows against NR panels: MR * NR accumulators, NR weight vectors and
+// one broadcast (6 x 4: 29 of the 32 registers).
+
+#ifdef JXS_X86
+#define JXS_VNNI __attribute__((target("avx512f,avx512bw,avx512vnni")))
+constexpr int kVnniMR = 6, kVnniNR = 4;
+
+// acc += per-lane sums of four u8 x s8 products. Through the intrinsic, GCC 12 copies every accumulator of
+// the microkernel to the stack on each step (it does not tie the accumulator to one register); the asm does.
+JXS_VNNI inline void Dpbusd(__m512i& acc, __m512i x, __m512i w) {
+  __asm__("vpdpbusd %2, %1, %0" : "+v"(acc) : "v"(x), "v"(w));
+}
+
+// MR rows of unsigned bytes (kp each) against NR consecutive panels; out[r][16 j + c] for panel j.
+// With kOffset (rows hold x + 128) the sums are corrected by 128 times the panels' column sums.
+template <int MR, int NR, bool kOffset>
+JXS_VNNI void PanelsVnni(const uint8_t* x, int64_t kp, const int8_t* w, int32_t out[][kVnniNR * 16]) {
+  const int64_t panel_bytes = PanelBytes(kp);
+  __m512i acc[MR][NR];
+#pragma GCC unroll 8
+  for (int r = 0; r < MR; ++r)
+#pragma GCC unroll 4
+    for (int j = 0; j < NR; ++j) acc[r][j] = _mm512_setzero_si512();
+  for (int64_t q = 0; q < kp / 4; ++q) {
+    __m512i wv[NR];
+#pragma GCC unroll 4
+    for (int j = 0; j < NR; ++j) wv[j] = _mm512_loadu_si512(w + j * panel_bytes + q * 64);
+#pragma GCC unroll 8
+    for (int r = 0; r < MR; ++r) {
+      int32_t quad;
+      std::memcpy(&quad, x + r * kp + 4 * q, 4);
+      const __m512i xb = _mm512_set1_epi32(quad);
+#pragma GCC unroll 4
+      for (int j = 0; j < NR; ++j) Dpbusd(acc[r][j], xb, wv[j]);
+    }
+  }
+#pragma GCC unroll 8
+  for (int r = 0; r < MR; ++r)
+#pragma GCC unroll 4
+    for (int j = 0; j < NR; ++j) {
+      __m512i v = acc[r][j];
+      if constexpr (kOffset)
+        v = _mm512_sub_epi32(v, _mm512_slli_epi32(_mm512_loadu_si512(w + j * panel_bytes + kp * 16), 7));
+      _mm512_storeu_si512(out[r] + 16 * j, v);
+    }
+}
+
+template <int MR, bool kOffset>
+void PanelsVnniNR(int np, const uint8_t* x, int64_t kp, const int8_t* w, int32_t out[][kVnniNR * 16]) {
+  switch (np) {
+    case 4: return PanelsVnni<MR, 4, kOffset>(x, kp, w, out);
+    case 3: return PanelsVnni<MR, 3, kOffset>(x, kp, w, out);
+    case 2: return PanelsVnni<MR, 2, kOffset>(x, kp, w, out);
+    default: return PanelsVnni<MR, 1, kOffset>(x, kp, w, out);
+  }
+}
+
+template <bool kOffset>
+void BlockVnni(int rows, int np, const uint8_t* x, int64_t kp, const int8_t* w, int32_t out[][kVnniNR * 16]) {
+  switch (rows) {
+    case 6: return PanelsVnniNR<6, kOffset>(np, x, kp, w, out);
+    case 5: return PanelsVnniNR<5, kOffset>(np, x, kp, w, out);
+    case 4: return PanelsVnniNR<4, kOffset>(np, x, kp, w, out);
+    case 3: return PanelsVnniNR<3, kOffset>(np, x, kp, w, out);
+    case 2: return PanelsVnniNR<2, kOffset>(np, x, kp, w, out);
+    default: return PanelsVnniNR<1, kOffset>(np, x, kp, w, out);
+  }
+}
+
+// Int8Core on the VNNI path. int8 rows (T = int8_t) hold x ^ 0x80 (see FlipRows); uint8 rows hold codes.
+template <typename T, typename Emit>
+void Int8CoreVnni(const T* xr0, int64_t m, const int8_t* w, int64_t kp, int64_t n, int64_t p0, int64_t p1,
+                  Emit emit) {
+  constexpr bool kOffset = std::is_same_v<T, int8_t>;
+  const uint8_t* x = reinterpret_cast<const uint8_t*>(xr0);
+  const int64_t panel_bytes = PanelBytes(kp);
+  const int64_t group = std::max<int64_t>(kVnniNR, (int64_t{256} * 1024) / panel_bytes / kVnniNR * kVnniNR);
+  int32_t tile[kVnniMR][kVnniNR * 16];
+  const int64_t blocks = (m + kVnniMR - 1) / kVnniMR, divisor = std::max<int64_t>(blocks, 1);
+  const int64_t base = m / divisor, rem = m % divisor;
+  for (int64_t g0 = p0; g0 < p1; g0 += group) {
+    const int64_t g1 = std::min(p1, g0 + group);
+    for (int64_t b = 0, r = 0; b < blocks; r += base + (b < rem), ++b) {
+      const int rows = static_cast<int>(base + (b < rem));
+      for (int64_t p = g0; p < g1; p += kVnniNR) {
+        const int np = static_cast<int>(std::min<int64_t>(kVnniNR, g1 - p));
+        BlockVnni<kOffset>(rows, np, x + r * kp, kp, w + p * panel_bytes, tile);
+        for (int j = 0; j < np; ++j) {
+          const int64_t c0 = (p + j) * 16;
+          const int cols = static_cast<int>(std::min<int64_t>(16, n - c0));
+          for (int i = 0; i < rows; ++i) emit(r + i, c0, tile[i] + 16 * j, cols);
+        }
+      }
+    }
+  }
+}
+#endif
+
+// The VNNI path's form of int8 rows: x + 128 as unsigned bytes.
+template <typename T>
+void FlipRows(T* rows, int64_t count) {
+  if constexpr (std::is_same_v<T, int8_t>) {
+    uint8_t* b = reinterpret_cast<uint8_t*>(rows);
+    for (int64_t i = 0; i < count; ++i) b[i] ^= 0x80;
+  }
+}
+
 // Sums for rows [0, m) and panels [p0, p1) (columns 16 p ...); emit(row, col0, sums, count) per row of a tile,
 // with count = min(16, n - col0) int32 sums.
 // Panels go in groups that fit L2 and every row block runs over a group before the next.
@@ -376,8 +436,13 @@ inline void Block(int rows, const T* x, int64_t kp, const int8_t* panel, int32_t
 template <typename T, typename Emit>
 void Int8Core(int isa, const T* xr0, int64_t m, const int8_t* w, int64_t kp, int64_t n, int64_t p0,
               int64_t p1, const uint8_t* nonneg, Emit emit) {
+#ifdef JXS_X86
+  if constexpr (!std::is_same_v<T, int16_t>) {
+    if (isa == 2) return Int8CoreVnni(xr0, m, w, kp, n, p0, p1, emit);
+  }
+#endif
   constexpr int kMR = BlockRows<T>();
-  const int64_t panel_bytes = kp * 16;
+  const int64_t panel_bytes = PanelBytes(kp);
   const int64_t group = std::max<int64_t>(1, (int64_t{256} * 1024) / panel_bytes);
   int32_t tile[6][16];
   // Blocks of balanced sizes (17 rows: 6, 6, 5), so few passes go over each panel. Six-row blocks only pay
@@ -398,7 +463,7 @@ void Int8Core(int isa, const T* xr0, int64_t m, const int8_t* w, int64_t kp, int
         const int8_t* panel = w + p * panel_bytes;
         const T* xr = xr0 + r * kp;
 #ifdef JXS_X86
-        if (isa == 1) {
+        if (isa >= 1) {
           if constexpr (std::is_same_v<T, int8_t>) {
             if (unsigned_rows) {
               Block<uint8_t>(rows, reinterpret_cast<const uint8_t*>(xr), kp, panel, tile);
@@ -527,7 +592,7 @@ void QuantizeRowRange(int isa, const float* x, int64_t r0, int64_t r1, int64_t k
     T* o = out + (r - r0) * kp;
     if (zeros) {
 #ifdef JXS_X86
-      if (isa == 1) {
+      if (isa >= 1) {
         QuantizeRowAsymAvx2(xr, k, kp, bits, o, scales + r, zeros + r);
         continue;
       }
@@ -536,7 +601,7 @@ void QuantizeRowRange(int isa, const float* x, int64_t r0, int64_t r1, int64_t k
       continue;
     }
 #ifdef JXS_X86
-    if (isa == 1) {
+    if (isa >= 1) {
       float s = static_scale ? *static_scale : RowScaleAvx2(xr, k);
       scales[r] = s;
       QuantizeRowAvx2(xr, k, kp, s, o);
@@ -549,17 +614,20 @@ void QuantizeRowRange(int isa, const float* x, int64_t r0, int64_t r1, int64_t k
   }
 }
 
+// Kp of a packed int8 weight's dimensions (its last quad holds column sums).
+int64_t PackedK(ffi::Span<const int64_t> wd) { return (wd[1] - 1) * 4; }
+
 int64_t Rows(ffi::Span<const int64_t> d) {
   int64_t m = 1;
   for (size_t i = 0; i + 1 < d.size(); ++i) m *= d[i];
   return m;
 }
 
-// A packed int8 weight is (P, Kp / 4, 16, 4): P panels of 16 output columns.
+// A packed int8 weight is (P, Kp / 4 + 1, 16, 4): P panels of 16 output columns, then their column sums.
 ffi::Error CheckPacked(ffi::Span<const int64_t> wd, int64_t k, int64_t n) {
   if (wd.size() != 4 || wd[2] != 16 || wd[3] != 4)
-    return ffi::Error::InvalidArgument("packed int8 weight must have shape (panels, Kp / 4, 16, 4)");
-  const int64_t kp = wd[1] * 4;
+    return ffi::Error::InvalidArgument("packed int8 weight must have shape (panels, Kp / 4 + 1, 16, 4)");
+  const int64_t kp = PackedK(wd);
   if (kp % 32 != 0 || kp < k || kp - k >= 32)
     return ffi::Error::InvalidArgument("packed int8 weight: padded input size must be K rounded up to 32");
   if (n <= (wd[0] - 1) * 16 || n > wd[0] * 16)
@@ -600,7 +668,7 @@ __attribute__((target("avx2,fma"))) void EmitRowAvx2(const int32_t* sums, const 
 inline void EmitRow(int64_t isa, const int32_t* sums, const int32_t* colsums, int32_t zero, float sx, const float* sw,
                     const float* bias, float* out, int count) {
 #ifdef JXS_X86
-  if (isa == 1) return EmitRowAvx2(sums, colsums, zero, sx, sw, bias, out, count);
+  if (isa >= 1) return EmitRowAvx2(sums, colsums, zero, sx, sw, bias, out, count);
 #endif
   EmitRowPortable(sums, colsums, zero, sx, sw, bias, out, count);
 }
@@ -612,82 +680,69 @@ inline auto Int32Rows(int32_t* out, int64_t n) {
   };
 }
 
-// Runs the product for all m rows. prep(r0, r1, buf) writes rows [r0, r1) as T (int8: bounded path,
+// Runs the product for all m rows. prep(r0, r1, buf) writes rows [r0, r1) as T (int8: bounded or VNNI path,
 // uint8: unsigned path, int16: exact path) into buf; emit(row, col0, sums, colsums, count) takes the int32
-// sums of columns [col0, col0 + count) of a row.
-// `colsums`: the weight's column sums are wanted too (for an activation zero point). They come from an
-// extra leading row of ones in the activation buffer, so they cost one row of the same product, computed
-// by whichever thread owns the columns, before the other rows of that row block are emitted; otherwise
-// emit gets a null colsums pointer.
+// sums of columns [col0, col0 + count) of a row, and with `colsums` (an activation zero point to correct)
+// the weight's column sums of those columns, read from the packed panel (otherwise a null pointer).
 // Small weights (convolutions, narrow layers): threads split the rows and each prepares and runs
 // chunks of rows that stay in cache. Large weights: rows are prepared once, threads split the panels.
-constexpr int64_t kRowChunk = 48;
-
-template <typename T>
-void OnesRow(int64_t kp, T* out) {
-  for (int64_t i = 0; i < kp; ++i) out[i] = 1;
-}
+constexpr int64_t kRowChunk = 48;  // whole blocks of 4 (AVX2) and 6 (VNNI) rows
 
 // `nonneg_input`: the caller knows no row holds a negative value (the flags need no scan).
 template <typename T, typename Prep, typename Emit>
 void RunInt8(int isa, int64_t m, const int8_t* w, int64_t kp, int64_t n, bool colsums, Prep prep, Emit emit,
              bool nonneg_input = false) {
   const int64_t panels = (n + 15) / 16;
-  const int64_t weight_bytes = panels * 16 * kp;
-  const int64_t extra = colsums ? 1 : 0;
-  constexpr bool kFlags = std::is_same_v<T, int8_t>;  // int8 rows: which are nonnegative (unsigned path)
-  // Int8Core's emit for a buffer whose row `extra` is activation row `base`; cs receives the column sums.
-  auto core_emit = [&](int64_t base, int32_t* cs) {
-    return [&emit, base, cs, extra](int64_t r, int64_t col0, const int32_t* sums, int count) {
-      if (r < extra) std::memcpy(cs + col0, sums, sizeof(int32_t) * count);
-      else emit(base + r - extra, col0, sums, extra ? cs + col0 : nullptr, count);
+  const int64_t weight_bytes = panels * PanelBytes(kp);
+  // int8 rows: which are nonnegative (the AVX2 unsigned path); the VNNI path stores them flipped instead.
+  const bool vnni = isa == 2, flags_wanted = std::is_same_v<T, int8_t> && !vnni;
+  // Int8Core's emit for a buffer whose row 0 is activation row `base`.
+  auto core_emit = [&](int64_t base) {
+    return [&emit, base, colsums, w, kp](int64_t r, int64_t col0, const int32_t* sums, int count) {
+      emit(base + r, col0, sums, colsums ? ColumnSums(w, kp, col0 / 16) : nullptr, count);
     };
   };
   // Prepares rows [r0, r1) into `rows` (row r0 first) and, for int8 rows, their flags.
   auto prepare = [&](int64_t r0, int64_t r1, T* rows, uint8_t* flags) {
     prep(r0, r1, rows);
-    if constexpr (kFlags)
+    if (vnni) FlipRows(rows, (r1 - r0) * kp);
+    if (flags_wanted)
       for (int64_t r = r0; r < r1; ++r) flags[r - r0] = nonneg_input || NonNegative(rows + (r - r0) * kp, kp);
   };
-  // A chunk's rows plus the ones row fill whole four-row blocks (no three-row blocks for every chunk).
-  const int64_t chunk_rows = kRowChunk - extra;
-  if (weight_bytes <= (int64_t{1} << 20) && m > chunk_rows) {
-    const int64_t chunks = (m + chunk_rows - 1) / chunk_rows;
+  if (weight_bytes <= (int64_t{1} << 20) && m > kRowChunk) {
+    const int64_t chunks = (m + kRowChunk - 1) / kRowChunk;
     ParallelColumns(chunks, m * n * kp, 1, [&](int64_t c0, int64_t c1) {
       std::vector<T> buf(static_cast<size_t>(kRowChunk * kp));
       std::vector<uint8_t> flags(static_cast<size_t>(kRowChunk), 1);
-      std::vector<int32_t> cs(static_cast<size_t>(colsums ? panels * 16 : 0));
-      if (colsums) OnesRow(kp, buf.data());
       for (int64_t c = c0; c < c1; ++c) {
-        const int64_t r0 = c * chunk_rows, r1 = std::min(m, r0 + chunk_rows);
-        prepare(r0, r1, buf.data() + extra * kp, flags.data() + extra);
-        Int8Core(isa, buf.data(), r1 - r0 + extra, w, kp, n, 0, panels, kFlags ? flags.data() : nullptr,
-                 core_emit(r0, cs.data()));
+        const int64_t r0 = c * kRowChunk, r1 = std::min(m, r0 + kRowChunk);
+        prepare(r0, r1, buf.data(), flags.data());
+        Int8Core(isa, buf.data(), r1 - r0, w, kp, n, 0, panels, flags_wanted ? flags.data() : nullptr,
+                 core_emit(r0));
       }
     });
     return;
   }
-  std::vector<T> xq(static_cast<size_t>((m + extra) * kp));
-  std::vector<uint8_t> flags(static_cast<size_t>(m + extra), 1);
-  std::vector<int32_t> cs(static_cast<size_t>(colsums ? panels * 16 : 0));
-  if (colsums) OnesRow(kp, xq.data());
+  std::vector<T> xq(static_cast<size_t>(m * kp));
+  std::vector<uint8_t> flags(static_cast<size_t>(m), 1);
   ParallelColumns(m, m * kp * 8, 1, [&](int64_t r0, int64_t r1) {
-    prepare(r0, r1, xq.data() + (extra + r0) * kp, flags.data() + extra + r0);
+    prepare(r0, r1, xq.data() + r0 * kp, flags.data() + r0);
   });
   ParallelColumns(panels, m * n * kp, 1, [&](int64_t p0, int64_t p1) {
-    Int8Core(isa, xq.data(), m + extra, w, kp, n, p0, p1, kFlags ? flags.data() : nullptr, core_emit(0, cs.data()));
+    Int8Core(isa, xq.data(), m, w, kp, n, p0, p1, flags_wanted ? flags.data() : nullptr, core_emit(0));
   });
 }
 
 // ------------------------------------------------------------------------------------------ handlers
 
 // `bounded`: the caller guarantees activations and weights in [-127, 127] (the faster path).
-ffi::Error Int8MatmulImpl(ffi::Buffer<ffi::S8> x, ffi::Buffer<ffi::S8> w, ffi::ResultBuffer<ffi::S32> y,
-                          int64_t isa, int64_t n, int64_t bounded) {
+ffi::Error Int8MatmulImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::S8> x, ffi::Buffer<ffi::S8> w,
+                          ffi::ResultBuffer<ffi::S32> y, int64_t isa, int64_t n, int64_t bounded) {
+  XlaPoolScope scope(pool);
   auto xd = x.dimensions(), wd = w.dimensions();
   const int64_t k = xd.back(), m = Rows(xd);
   if (auto e = CheckPacked(wd, k, n); e.failure()) return e;
-  const int64_t kp = wd[1] * 4;
+  const int64_t kp = PackedK(wd);
   const int8_t* xs = x.typed_data();
   auto emit = Int32Rows(y->typed_data(), n);
   auto run = [&](auto zero) {
@@ -695,8 +750,8 @@ ffi::Error Int8MatmulImpl(ffi::Buffer<ffi::S8> x, ffi::Buffer<ffi::S8> w, ffi::R
     RunInt8<T>(static_cast<int>(isa), m, w.typed_data(), kp, n, false,
                [&](int64_t r0, int64_t r1, T* buf) { WidenRowRange(xs, r0, r1, k, kp, buf); }, emit);
   };
-  // Bounded, or an input with no negative value (the unsigned path takes any weight): int8 rows.
-  if (bounded || NonNegative(xs, m * k)) run(int8_t{0});
+  // Bounded, or an input with no negative value (the unsigned path takes any weight), or VNNI: int8 rows.
+  if (isa == 2 || bounded || NonNegative(xs, m * k)) run(int8_t{0});
   else run(int16_t{0});
   return ffi::Error::Success();
 }
@@ -749,26 +804,29 @@ void RunConv2d(int isa, const ConvShape& g, const int8_t* xs, const int8_t* w, i
     };
     RunInt8<T>(isa, m, w, kp, n, false, prep, emit, nonneg);
   };
-  // Bounded, or an input with no negative value (the unsigned path takes any weight): int8 rows.
-  if (bounded || nonneg) run(int8_t{0});
+  // Bounded, or an input with no negative value (the unsigned path takes any weight), or VNNI: int8 rows.
+  if (isa == 2 || bounded || nonneg) run(int8_t{0});
   else run(int16_t{0});
 }
 
 // Exact int32 (B, OH, OW, N).
-ffi::Error Int8Conv2dImpl(ffi::Buffer<ffi::S8> x, ffi::Buffer<ffi::S8> w, ffi::ResultBuffer<ffi::S32> y,
-                          int64_t isa, int64_t n, int64_t kh, int64_t kw, int64_t sh, int64_t sw, int64_t dh,
-                          int64_t dw, int64_t bounded) {
+ffi::Error Int8Conv2dImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::S8> x, ffi::Buffer<ffi::S8> w,
+                          ffi::ResultBuffer<ffi::S32> y, int64_t isa, int64_t n, int64_t kh, int64_t kw,
+                          int64_t sh, int64_t sw, int64_t dh, int64_t dw, int64_t bounded) {
+  XlaPoolScope scope(pool);
   ConvShape g{0, 0, 0, 0, 0, 0, kh, kw, sh, sw, dh, dw};
   if (auto e = CheckConv(x.dimensions(), w.dimensions(), y->dimensions(), n, g); e.failure()) return e;
-  RunConv2d(static_cast<int>(isa), g, x.typed_data(), w.typed_data(), w.dimensions()[1] * 4, n, bounded,
+  RunConv2d(static_cast<int>(isa), g, x.typed_data(), w.typed_data(), PackedK(w.dimensions()), n, bounded,
             Int32Rows(y->typed_data(), n));
   return ffi::Error::Success();
 }
 
 // Float (B, OH, OW, N): sums * x_scale[b] * w_scale[n], the W8A8 epilogue fused.
-ffi::Error W8A8Conv2dImpl(ffi::Buffer<ffi::S8> x, ffi::Buffer<ffi::S8> w, ffi::Buffer<ffi::F32> x_scale,
-                          ffi::Buffer<ffi::F32> w_scale, ffi::ResultBuffer<ffi::F32> y, int64_t isa, int64_t n,
-                          int64_t kh, int64_t kw, int64_t sh, int64_t sw, int64_t dh, int64_t dw, int64_t bounded) {
+ffi::Error W8A8Conv2dImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::S8> x, ffi::Buffer<ffi::S8> w,
+                          ffi::Buffer<ffi::F32> x_scale, ffi::Buffer<ffi::F32> w_scale,
+                          ffi::ResultBuffer<ffi::F32> y, int64_t isa, int64_t n, int64_t kh, int64_t kw,
+                          int64_t sh, int64_t sw, int64_t dh, int64_t dw, int64_t bounded) {
+  XlaPoolScope scope(pool);
   ConvShape g{0, 0, 0, 0, 0, 0, kh, kw, sh, sw, dh, dw};
   if (auto e = CheckConv(x.dimensions(), w.dimensions(), y->dimensions(), n, g); e.failure()) return e;
   if (static_cast<int64_t>(x_scale.element_count()) != g.batch || static_cast<int64_t>(w_scale.element_count()) != n)
@@ -777,7 +835,7 @@ ffi::Error W8A8Conv2dImpl(ffi::Buffer<ffi::S8> x, ffi::Buffer<ffi::S8> w, ffi::B
   const float* sc = w_scale.typed_data();
   float* out = y->typed_data();
   const int64_t pixels = g.oh * g.ow;
-  RunConv2d(static_cast<int>(isa), g, x.typed_data(), w.typed_data(), w.dimensions()[1] * 4, n, bounded,
+  RunConv2d(static_cast<int>(isa), g, x.typed_data(), w.typed_data(), PackedK(w.dimensions()), n, bounded,
             [&](int64_t r, int64_t c0, const int32_t* sums, const int32_t*, int count) {
               EmitRow(isa, sums, nullptr, 0, sx[r / pixels], sc + c0, nullptr, out + r * n + c0, count);
             });
@@ -789,17 +847,18 @@ ffi::Error W8A8Conv2dImpl(ffi::Buffer<ffi::S8> x, ffi::Buffer<ffi::S8> w, ffi::B
 // `bounded`: the weights are in [-127, 127]; then modes 0-2 (activation codes in [-127, 127]) take the
 // bounded path, whose blocks of nonnegative rows take the unsigned one. Mode 3 takes the unsigned path with
 // any int8 weights; otherwise the exact one runs.
-ffi::Error W8A8MatmulImpl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::S8> w, ffi::Buffer<ffi::F32> w_scale,
-                          ffi::Buffer<ffi::F32> bias, ffi::Buffer<ffi::F32> act_scale,
+ffi::Error W8A8MatmulImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::S8> w,
+                          ffi::Buffer<ffi::F32> w_scale, ffi::Buffer<ffi::F32> bias, ffi::Buffer<ffi::F32> act_scale,
                           ffi::ResultBuffer<ffi::F32> y, int64_t isa, int64_t mode, int64_t has_bias,
                           int64_t bounded) {
+  XlaPoolScope scope(pool);
   auto xd = x.dimensions(), wd = w.dimensions();
   const int64_t k = xd.back(), m = Rows(xd), n = static_cast<int64_t>(w_scale.element_count());
   if (auto e = CheckPacked(wd, k, n); e.failure()) return e;
   if (has_bias && static_cast<int64_t>(bias.element_count()) != n)
     return ffi::Error::InvalidArgument("bias must have one entry per output feature");
   if (mode < 0 || mode > 3) return ffi::Error::InvalidArgument("w8a8: unknown activation mode");
-  const int64_t kp = wd[1] * 4;
+  const int64_t kp = PackedK(wd);
   const bool asym = mode >= 2;
   std::vector<float> sx(static_cast<size_t>(m));
   std::vector<int32_t> zx(asym ? static_cast<size_t>(m) : 0);
@@ -822,7 +881,7 @@ ffi::Error W8A8MatmulImpl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::S8> w, ffi::
                emit);
   };
   if (mode == 3) run(uint8_t{0});
-  else if (bounded) run(int8_t{0});
+  else if (bounded || isa == 2) run(int8_t{0});
   else run(int16_t{0});
   return ffi::Error::Success();
 }
@@ -911,9 +970,10 @@ __attribute__((target("avx2,fma"))) void Int4Avx2(const float* x, int64_t m, con
 }
 #endif
 
-ffi::Error Int4MatmulImpl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::U8> w, ffi::Buffer<ffi::F32> scale,
-                          ffi::Buffer<ffi::F32> zero, ffi::ResultBuffer<ffi::F32> y, int64_t isa, int64_t group,
-                          int64_t n) {
+ffi::Error Int4MatmulImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::U8> w,
+                          ffi::Buffer<ffi::F32> scale, ffi::Buffer<ffi::F32> zero, ffi::ResultBuffer<ffi::F32> y,
+                          int64_t isa, int64_t group, int64_t n) {
+  XlaPoolScope scope(pool);
   auto xd = x.dimensions(), wd = w.dimensions();
   if (wd.size() != 3 || wd[2] != 8)
     return ffi::Error::InvalidArgument("int4 weight must have shape (panels, Kp / 2, 8)");
@@ -938,7 +998,7 @@ ffi::Error Int4MatmulImpl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::U8> w, ffi::
   float* out = y->typed_data();
   ParallelColumns(panels, m * n * kp, 4, [&](int64_t p0, int64_t p1) {
 #ifdef JXS_X86
-    if (isa == 1)
+    if (isa >= 1)
       return Int4Avx2(xp.data(), m, w.typed_data(), scale.typed_data(), zero.typed_data(), kp, group, p0, p1, n,
                       xsum.data(), out);
 #endif
@@ -967,6 +1027,7 @@ auto ConvAttrs(Binding binding) {
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(JxsInt8Matmul, Int8MatmulImpl,
                               ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
                                   .Arg<ffi::Buffer<ffi::S8>>()
                                   .Arg<ffi::Buffer<ffi::S8>>()
                                   .Ret<ffi::Buffer<ffi::S32>>()
@@ -976,12 +1037,14 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JxsInt8Matmul, Int8MatmulImpl,
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(JxsInt8Conv2d, Int8Conv2dImpl,
                               ConvAttrs(ffi::Ffi::Bind()
+                                            .Ctx<ffi::ThreadPool>()
                                             .Arg<ffi::Buffer<ffi::S8>>()
                                             .Arg<ffi::Buffer<ffi::S8>>()
                                             .Ret<ffi::Buffer<ffi::S32>>()));
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(JxsW8A8Conv2d, W8A8Conv2dImpl,
                               ConvAttrs(ffi::Ffi::Bind()
+                                            .Ctx<ffi::ThreadPool>()
                                             .Arg<ffi::Buffer<ffi::S8>>()
                                             .Arg<ffi::Buffer<ffi::S8>>()
                                             .Arg<ffi::Buffer<ffi::F32>>()
@@ -990,6 +1053,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JxsW8A8Conv2d, W8A8Conv2dImpl,
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(JxsW8A8Matmul, W8A8MatmulImpl,
                               ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::S8>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
@@ -1003,6 +1067,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JxsW8A8Matmul, W8A8MatmulImpl,
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(JxsInt4Matmul, Int4MatmulImpl,
                               ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::U8>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
@@ -1012,12 +1077,16 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JxsInt4Matmul, Int4MatmulImpl,
                                   .Attr<int64_t>("group")
                                   .Attr<int64_t>("n"));
 
-// Which instruction-set paths this build can run on this CPU: bit 0 portable, bit 1 AVX2.
+// Which instruction-set paths this build can run on this CPU: bit 0 portable, bit 1 AVX2, bit 2 AVX-512 VNNI.
 extern "C" int jxs_supported_isas() {
   int bits = 1;
 #ifdef JXS_X86
   __builtin_cpu_init();
   if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) bits |= 2;
+  if ((bits & 2) && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+      __builtin_cpu_supports("avx512vnni"))
+    bits |= 4;
 #endif
   return bits;
 }
+

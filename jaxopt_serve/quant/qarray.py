@@ -101,7 +101,7 @@ class QArray:
             which XLA:CPU's integer dot reads faster; ``int_values`` and
             ``dequantize`` undo it, artifacts store the original layout.
         packed: int8 2-D values stored as the native CPU kernels' panels
-            ``(P, Kp / 4, 16, 4)`` (see ``jaxopt_serve.native.pack_int8`` and
+            ``(P, Kp / 4 + 1, 16, 4)`` (see ``jaxopt_serve.native.pack_int8`` and
             ``runtime.serving_layout``); undone the same way.
 
     Example:

@@ -200,7 +200,7 @@ def test_serving_layout_gives_the_same_outputs_and_saves_canonically(tmp_path):
             if kernel_path == "xla":
                 assert kernel.transposed and kernel.values.shape == (64, 64) and kernel.shape == (64, 64)
             else:
-                assert kernel.packed and kernel.values.shape == (4, 16, 16, 4) and kernel.shape == (64, 64)
+                assert kernel.packed and kernel.values.shape == (4, 17, 16, 4) and kernel.shape == (64, 64)
             np.testing.assert_array_equal(kernel.int_values(), q["params"]["dense_0"]["kernel"].int_values())
             for mode in ("dynamic", "static", "weight_only"):
                 calibrated = calibrate(config, served, x, method="absmax") if mode == "static" else served
