@@ -25,7 +25,7 @@ $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 
-$(VENV)/.installed-%: pyproject.toml setup.py jaxopt_serve/native/qgemm.cc $(PIP_INPUTS) | $(BIN)/python
+$(VENV)/.installed-%: pyproject.toml setup.py $(wildcard jaxopt_serve/native/*.cc jaxopt_serve/native/*.h) $(PIP_INPUTS) | $(BIN)/python
 	$(BIN)/python -m pip install --quiet $(PIP_ARGS) -e '.[$*]'
 	touch $@
 

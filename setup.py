@@ -1,4 +1,4 @@
-"""Builds the native kernels (jaxopt_serve/native/qgemm.cc) against the XLA FFI headers that jaxlib ships.
+"""Builds the native kernels (jaxopt_serve/native/*.cc) against the XLA FFI headers that jaxlib ships.
 
 Everything else about the package is in pyproject.toml. The extension is optional: without a C++
 compiler the install still succeeds, with a warning, and the quantized runtime uses XLA's own
@@ -32,7 +32,8 @@ setup(
     ext_modules=[
         Extension(
             "jaxopt_serve.native._qgemm",
-            ["jaxopt_serve/native/qgemm.cc"],
+            ["jaxopt_serve/native/qgemm.cc", "jaxopt_serve/native/attention.cc"],
+            depends=["jaxopt_serve/native/pool.h"],
             language="c++",
             extra_compile_args=["-O3", "-std=c++17", "-pthread"],
             extra_link_args=["-pthread"],

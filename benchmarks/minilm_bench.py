@@ -14,7 +14,9 @@ Speed: batch 32, sequence length 128 (random token ids, full attention
 mask), encoder + mean pooling + normalization through the ``InferenceEngine``
 (``SentenceEncoder.engine``, numpy in and out), median of alternating rounds,
 against torch f32 and ``torch.ao.quantization.quantize_dynamic`` int8 on the
-same checkpoint. Writes ``{"device", "checks", "tables"}``.
+same checkpoint. The headline int8 row (the checks) uses 8-bit asymmetric activations; the 7-bit row
+beside it (torch's x86 activation range) is the faster one on AVX2-only CPUs, the 8-bit one equally fast
+with AVX-512 VNNI and closer to f32. Writes ``{"device", "checks", "tables"}``.
 """
 
 from __future__ import annotations
@@ -42,8 +44,8 @@ ATTENTION = r"params/layer_\d+/attention/(query|key|value|out)/kernel"
 FFN_IN = r"params/layer_\d+/intermediate/kernel"
 FFN_OUT = r"params/layer_\d+/output/kernel"
 CALIBRATION = text_corpus(4000)[:128]  # corpus sentences, not the evaluated ones
-BEST = "int8 W8A8 dynamic + SmoothQuant (alpha searched per layer) + asymmetric 7-bit activations"
-ASYM8 = "int8 W8A8 dynamic + SmoothQuant (alpha searched per layer) + asymmetric 8-bit activations"
+BEST = "int8 W8A8 dynamic + SmoothQuant (alpha searched per layer) + asymmetric 8-bit activations"
+ASYM7 = "int8 W8A8 dynamic + SmoothQuant (alpha searched per layer) + asymmetric 7-bit activations"
 
 
 def _top1(a: np.ndarray, b: np.ndarray) -> float:
@@ -67,8 +69,8 @@ def variants(f32: SentenceEncoder) -> dict[str, tuple[dict, str]]:
                          [QuantRule(p, int4_asym) for p in (ATTENTION, FFN_IN, FFN_OUT)],
                          method="encode", attention_mask=mask)
     return {
-        BEST: (searched[7], "dynamic"),
-        ASYM8: (searched[8], "dynamic"),
+        BEST: (searched[8], "dynamic"),
+        ASYM7: (searched[7], "dynamic"),
         "int8 W8A8 dynamic + SmoothQuant (alpha 0.5)": (smoothed, "dynamic"),
         "int8 W8A8 dynamic (all encoder kernels)": (quantize(f32.variables, every).variables, "dynamic"),
         "int8 W8A8 dynamic, FFN output float": (
@@ -130,13 +132,13 @@ def main(argv=None) -> int:
     inputs = {"input_ids": ids, "attention_mask": mask}
     f32_engine = f32.engine(buckets=(32,), length_buckets=(128,)).warmup()
     w8a8_engine = encoders[BEST].engine(buckets=(32,), length_buckets=(128,)).warmup()
-    asym8_engine = encoders[ASYM8].engine(buckets=(32,), length_buckets=(128,)).warmup()
+    asym7_engine = encoders[ASYM7].engine(buckets=(32,), length_buckets=(128,)).warmup()
     calls = {
         "torch f32": lambda: torch_run(model),
         "torch quantize_dynamic int8": lambda: torch_run(dynamic),
         "jaxopt_serve f32": lambda: f32_engine(inputs),
         "jaxopt_serve int8 W8A8": lambda: w8a8_engine(inputs),
-        "jaxopt_serve int8 W8A8, 8-bit activations": lambda: asym8_engine(inputs),
+        "jaxopt_serve int8 W8A8, 7-bit activations": lambda: asym7_engine(inputs),
     }
     for fn in calls.values():
         fn()

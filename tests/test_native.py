@@ -297,3 +297,44 @@ def test_int8_conv_rescale_is_the_float_of_the_sums(kernel):
         got = jax.jit(lambda a, q: int8_conv(a, q, **kwargs, bounded=True, rescale=(sx, sw)))(x, k)
     assert got.dtype == jnp.float32
     np.testing.assert_allclose(np.asarray(got), want, rtol=1e-6, atol=1e-6 * np.abs(want).max())
+
+
+# ------------------------------------------------------------------------------------------ attention
+
+
+@needs_native
+@settings(max_examples=20, deadline=None)
+@given(b=st.integers(1, 3), t=st.integers(1, 40), h=st.integers(1, 3), d=st.sampled_from([1, 5, 16, 20, 32, 40]),
+       seed=st.integers(0, 2**16))
+def test_attention_equals_the_xla_formulation_on_every_kernel(b, t, h, d, seed):
+    """Ragged lengths and head sizes (not multiples of any vector width), partly and fully masked key rows."""
+    rng = np.random.default_rng(seed)
+    q, k, v = (rng.normal(size=(b, t, h, d)).astype(np.float32) * 2 for _ in range(3))
+    mask = rng.random((b, t)) < 0.7
+    mask[0] = False  # no key kept: every query gets the mean of all values, as softmax over equal logits gives
+    want = np.asarray(native.attention_reference(q, k, v, mask))
+    for kernel in KERNELS:
+        with native.use_kernel(kernel):
+            got = np.asarray(jax.jit(lambda q, k, v, m: native.attention(q, k, v, m))(q, k, v, mask))
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=2e-5, err_msg=f"{kernel} b={b} t={t} h={h} d={d}")
+    np.testing.assert_allclose(want[0], np.broadcast_to(v[0].mean(0), want[0].shape), rtol=1e-5, atol=1e-6)
+
+
+@needs_native
+def test_attention_gradient_is_the_reference_gradient_and_the_fallback_is_the_reference():
+    rng = np.random.default_rng(3)
+    q, k, v = (rng.normal(size=(2, 9, 2, 8)).astype(np.float32) for _ in range(3))
+    mask = np.ones((2, 9), bool)
+    mask[1, 5:] = False
+    loss = lambda fn: lambda q, k, v: (fn(q, k, v, mask, scale=0.3) ** 2).sum()  # noqa: E731
+    got = jax.grad(loss(native.attention), argnums=(0, 1, 2))(q, k, v)
+    want = jax.grad(loss(native.attention_reference), argnums=(0, 1, 2))(q, k, v)
+    for g, w in zip(got, want):
+        np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-6)
+    with native.use_kernel("xla"):
+        np.testing.assert_array_equal(jax.jit(lambda *a: native.attention(*a, mask))(q, k, v),
+                                      jax.jit(lambda *a: native.attention_reference(*a, mask))(q, k, v))
+    with pytest.raises(ValueError, match=r"mask must be \(batch, length\) = \(2, 9\)"):
+        native.attention(q, k, v, mask[:, :4])
+    with pytest.raises(ValueError, match="share one"):
+        native.attention(q, k[:, :3], v)

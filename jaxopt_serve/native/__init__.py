@@ -7,6 +7,11 @@ the activations per row inside the call, sum in int32 and rescale to float in
 the same pass, on a persistent thread pool. The integer sums equal
 ``lax.dot_general(int8, int8, preferred_element_type=int32)`` bit for bit.
 
+``attention`` is a fused multi-head attention for CPU inference in the same
+library (scores, softmax and the weighted sum of values per (batch, head),
+in cache, on the ``(batch, length, heads, dim)`` layout projections make);
+the reference Transformer encoder (and so MiniLM) runs on it.
+
 Which path runs is picked per CPU, fastest first: ``"avx512vnni"``
 (AVX-512 with VNNI, ``vpdpbusd`` on 64 int8 products per instruction),
 ``"avx2"`` (AVX2 + FMA, ``vpmaddubsw``/``vpmaddwd``) or ``"portable"`` (plain
@@ -45,6 +50,8 @@ import numpy as np
 __all__ = [
     "Int4Weight",
     "Int8Weight",
+    "attention",
+    "attention_reference",
     "available",
     "int4_matmul",
     "int8_conv2d",
@@ -63,7 +70,7 @@ KERNEL_ENV = "JAXOPT_SERVE_KERNEL"
 K_ALIGN = 32  # int8 weights: the input axis is padded to a multiple of this
 _TARGETS = {"jxs_int8_matmul": "JxsInt8Matmul", "jxs_int8_conv2d": "JxsInt8Conv2d",
             "jxs_w8a8_conv2d": "JxsW8A8Conv2d", "jxs_w8a8_matmul": "JxsW8A8Matmul",
-            "jxs_int4_matmul": "JxsInt4Matmul"}
+            "jxs_int4_matmul": "JxsInt4Matmul", "jxs_attention": "JxsAttention"}
 _forced = threading.local()
 
 
@@ -361,3 +368,75 @@ def int4_matmul(x: Any, w: Int4Weight) -> jax.Array:
                            vmap_method="sequential")(
         x2, w.codes, w.scale, w.zero, isa=np.int64(_isa_code()), group=np.int64(w.group), n=np.int64(n))
     return out.reshape(*lead, n)
+
+
+# ------------------------------------------------------------------------------------------ attention
+
+
+def attention_reference(q: Any, k: Any, v: Any, mask: Any = None, *, scale: float | None = None) -> jax.Array:
+    """Multi-head attention in XLA's ops: ``softmax(scale q k^T, masked keys at finfo.min) v``.
+
+    ``q``, ``k``, ``v``: ``(batch, length, heads, dim)``; ``mask``: ``(batch, length)``, true for the keys
+    to attend to (all when ``None``); ``scale`` defaults to ``dim ** -0.5``. Returns ``(batch, length,
+    heads, dim)``. The formulation ``attention`` computes, and its gradient.
+    """
+    q, k, v = (jnp.asarray(a) for a in (q, k, v))
+    dim = q.shape[-1]
+    scale = dim**-0.5 if scale is None else scale
+    q, k, v = (jnp.swapaxes(a, 1, 2) for a in (q, k, v))  # heads first: batched matmuls
+    logits = jnp.matmul(q, jnp.swapaxes(k, -1, -2)) * jnp.asarray(scale, q.dtype)
+    if mask is not None:
+        logits = jnp.where(jnp.asarray(mask, bool)[:, None, None, :], logits, jnp.finfo(logits.dtype).min)
+    return jnp.swapaxes(jnp.matmul(jax.nn.softmax(logits, axis=-1), v), 1, 2)
+
+
+def attention(q: Any, k: Any, v: Any, mask: Any = None, *, scale: float | None = None) -> jax.Array:
+    """``attention_reference`` in one native call on CPU (f32; the fused kernel), XLA's ops elsewhere.
+
+    The kernel reads ``q``, ``k``, ``v`` in the ``(batch, length, heads, dim)``
+    layout projections produce and writes the output in it: no transposes, no
+    ``(batch, heads, length, length)`` array in memory; masked keys are
+    skipped. Its gradient is the reference formulation's (recomputed), so
+    training through it works. Falls back to ``attention_reference`` when the
+    kernels are off (``native.available()`` is false, e.g. under
+    ``use_kernel("xla")``, on GPU/TPU) or the inputs are not f32.
+
+    Example:
+        >>> import numpy as np
+        >>> from jaxopt_serve import native
+        >>> q = k = v = np.random.default_rng(0).normal(size=(2, 5, 3, 4)).astype(np.float32)
+        >>> mask = np.array([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]], bool)
+        >>> got, want = native.attention(q, k, v, mask), native.attention_reference(q, k, v, mask)
+        >>> bool(np.allclose(got, want, atol=1e-5))
+        True
+    """
+    q, k, v = (jnp.asarray(a) for a in (q, k, v))
+    if q.ndim != 4 or k.shape != q.shape or v.shape != q.shape:
+        raise ValueError(f"attention: q, k and v must share one (batch, length, heads, dim) shape, got {q.shape}, "
+                         f"{k.shape} and {v.shape}")
+    if mask is not None and tuple(jnp.shape(mask)) != q.shape[:2]:
+        raise ValueError(f"attention: mask must be (batch, length) = {q.shape[:2]}, got {tuple(jnp.shape(mask))}")
+    scale = float(q.shape[-1] ** -0.5 if scale is None else scale)
+    if not available() or any(a.dtype != jnp.float32 for a in (q, k, v)):
+        return attention_reference(q, k, v, mask, scale=scale)
+    kept = jnp.ones(q.shape[:2], jnp.int32) if mask is None else jnp.asarray(mask).astype(jnp.int32)
+    return _native_attention(q, k, v, kept, _isa_code(), scale)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
+def _native_attention(q: jax.Array, k: jax.Array, v: jax.Array, kept: jax.Array, isa: int, scale: float) -> jax.Array:
+    return jax.ffi.ffi_call("jxs_attention", jax.ShapeDtypeStruct(q.shape, jnp.float32), vmap_method="sequential")(
+        q, k, v, kept, isa=np.int64(isa), scale=np.float32(scale))
+
+
+def _native_attention_fwd(q, k, v, kept, isa, scale):
+    return _native_attention(q, k, v, kept, isa, scale), (q, k, v, kept)
+
+
+def _native_attention_bwd(isa, scale, residuals, grad):
+    q, k, v, kept = residuals
+    _, vjp = jax.vjp(lambda q, k, v: attention_reference(q, k, v, kept != 0, scale=scale), q, k, v)
+    return (*vjp(grad), None)
+
+
+_native_attention.defvjp(_native_attention_fwd, _native_attention_bwd)

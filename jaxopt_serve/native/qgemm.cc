@@ -20,13 +20,11 @@
 
 #include <algorithm>
 #include <atomic>
-#include <chrono>
 #include <cmath>
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
 #include <functional>
-#include <mutex>
 #include <thread>
 #include <type_traits>
 #include <utility>
@@ -37,6 +35,7 @@
 #define JXS_X86 1
 #endif
 
+#include "pool.h"
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
@@ -44,19 +43,8 @@ namespace ffi = xla::ffi;
 namespace {
 
 // ------------------------------------------------------------------------------------------- threads
-//
-// Work runs on XLA's own intra-op thread pool (the FFI hands it to each handler), the one that runs XLA's
-// parallel loops: a second pool of our own would keep its idle workers spinning beside XLA's on the same
-// cores between the model's products (measured: MiniLM W8A8 7% slower with one).
 
-inline void Relax(int64_t i) {
-#ifdef JXS_X86
-  _mm_pause();
-#endif
-  if (i % 64 == 63) std::this_thread::yield();
-}
-
-// XLA's pool, for the handler running on this thread (set by XlaPoolScope).
+// XLA's pool (pool.h), for the handler running on this thread (set by XlaPoolScope).
 thread_local ffi::ThreadPool* tls_xla_pool = nullptr;
 
 struct XlaPoolScope {
@@ -64,30 +52,6 @@ struct XlaPoolScope {
   ~XlaPoolScope() { tls_xla_pool = previous; }
   ffi::ThreadPool* previous;
 };
-
-// Runs fn(i) for i in [0, parts): parts - 1 tasks on the pool and the caller claim indices from one counter
-// until none is left, then the caller waits for the claimed ones. A task that starts late finds nothing to
-// claim and returns; so the caller never waits for a thread to wake, and never deadlocks when every pool
-// thread is busy (it runs whatever nobody took).
-void RunParts(ffi::ThreadPool& pool, int parts, const std::function<void(int)>& fn) {
-  struct State {
-    const std::function<void(int)>* fn;
-    int parts;
-    std::atomic<int> next{0}, done{0};
-  };
-  auto state = std::make_shared<State>();  // outlives this call in tasks that start after it returns
-  state->fn = &fn;
-  state->parts = parts;
-  auto work = [](State& st) {
-    for (int i; (i = st.next.fetch_add(1, std::memory_order_relaxed)) < st.parts;) {
-      (*st.fn)(i);
-      st.done.fetch_add(1, std::memory_order_release);
-    }
-  };
-  for (int t = 1; t < parts; ++t) pool.Schedule([state, work] { work(*state); });
-  work(*state);
-  for (int64_t i = 0; state->done.load(std::memory_order_acquire) != parts; ++i) Relax(i);
-}
 
 // Splits [0, n) into one column range per pool thread, aligned to `align`; calls fn(begin, end) for each.
 void ParallelColumns(int64_t n, int64_t work, int64_t align,
@@ -100,7 +64,7 @@ void ParallelColumns(int64_t n, int64_t work, int64_t align,
     return;
   }
   int64_t chunk = ((n + parts - 1) / parts + align - 1) / align * align;
-  RunParts(*tls_xla_pool, parts, [&](int i) {
+  jxs::RunParts(tls_xla_pool, parts, parts, [&](int64_t i) {
     int64_t b = std::min<int64_t>(n, i * chunk), e = std::min<int64_t>(n, b + chunk);
     if (b < e) fn(b, e);
   });

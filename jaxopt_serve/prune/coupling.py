@@ -57,6 +57,7 @@ import jax
 import jax.extend.core as jcore
 import numpy as np
 
+from jaxopt_serve import native
 from jaxopt_serve.model import Model, as_model
 from jaxopt_serve.prune.structured import Group, Slice
 from jaxopt_serve.trace import path_of, trace
@@ -735,7 +736,8 @@ def analyze(model: Any, *, head_dims: bool = False) -> Analysis:
     walker = _Walker(graph)
     var_leaves = jax.tree_util.tree_leaves_with_path(model.variables)
     names = [path_of(p) for p, _ in var_leaves]
-    closed, out_tree = trace(model.apply_fn, model.variables, *model.batch_spec(model.batch_size))
+    with native.use_kernel("xla"):  # XLA's ops only (the fused attention's call would hide its axes)
+        closed, out_tree = trace(model.apply_fn, model.variables, *model.batch_spec(model.batch_size))
     flat_inputs = jax.tree.leaves(model.example)
     exprs: list[Any] = []
     in_reason = Reason(INPUT, "input", "an axis of the model's inputs")
