@@ -303,12 +303,10 @@ def test_int8_conv_rescale_is_the_float_of_the_sums(kernel):
 
 
 @needs_native
-@settings(max_examples=20, deadline=None)
-@given(b=st.integers(1, 3), t=st.integers(1, 40), h=st.integers(1, 3), d=st.sampled_from([1, 5, 16, 20, 32, 40]),
-       seed=st.integers(0, 2**16))
-def test_attention_equals_the_xla_formulation_on_every_kernel(b, t, h, d, seed):
+@pytest.mark.parametrize("b,t,h,d", [(1, 1, 1, 1), (2, 13, 3, 20), (3, 40, 2, 40), (2, 33, 1, 5)])
+def test_attention_equals_the_xla_formulation_on_every_kernel(b, t, h, d):
     """Ragged lengths and head sizes (not multiples of any vector width), partly and fully masked key rows."""
-    rng = np.random.default_rng(seed)
+    rng = np.random.default_rng(t * 100 + d)
     q, k, v = (rng.normal(size=(b, t, h, d)).astype(np.float32) * 2 for _ in range(3))
     mask = rng.random((b, t)) < 0.7
     mask[0] = False  # no key kept: every query gets the mean of all values, as softmax over equal logits gives
