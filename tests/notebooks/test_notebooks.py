@@ -7,8 +7,15 @@ test, and so does a warning printed by a cell. Every figure a notebook should
 save is then checked: a PNG, not tiny, not one flat colour. The kernels share
 one private XLA compilation cache (they compile the same small CNN), which
 takes about a third off the run time.
+
+Each notebook gathers its run-size knobs (training steps, batch sizes, timed
+repeats...) in one cell tagged ``parameters``, right after the setup cell; the
+test runs it with the smaller values of ``QUICK``, in a cell inserted right after
+that one, the way papermill injects parameters. Every cell still runs and every
+figure is still drawn, on shorter runs.
 """
 
+import ast
 import importlib.util
 import json
 import os
@@ -34,6 +41,17 @@ FIGURES = {
 }
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
+# notebook -> smaller values for knobs of its `parameters` cell, for the test run (the printed accuracies are lower)
+QUICK = {
+    "00_quickstart": {"STEPS": 100, "LATENCY_REPEATS": 10},
+    "01_quantization": {"STEPS": 100, "QAT_STEPS": 20, "BATCH_SIZES": (1, 8, 64), "REPEATS": 5},
+    "02_pruning_regularization": {"STEPS": 100, "FINETUNE_STEPS": 30, "SPARSITIES": (0.5, 0.8, 0.9)},
+    "03_distillation": {"STEPS": 100, "QAT_STEPS": 20},
+    "04_acceleration_parallelism": {"STEPS": 100, "REQUESTS": 6, "MULTIPLES": (1, 4, 16), "REPEATS": 3},
+    "05_serving_batch_inference": {"STEPS": 100, "CLIENTS": (1, 4, 16), "SECONDS": 0.1, "LATENCY_REPEATS": 20},
+    "06_your_own_model": {"STEPS": 30, "FINETUNE_STEPS": 20, "DISTILL_STEPS": 20},
+}
+
 
 def load(name):
     return json.loads((NOTEBOOKS / f"{name}.ipynb").read_text(encoding="utf-8"))
@@ -41,6 +59,47 @@ def load(name):
 
 def test_every_notebook_is_tested():
     assert sorted(p.stem for p in NOTEBOOKS.glob("*.ipynb")) == sorted(FIGURES)
+    assert set(QUICK) <= set(FIGURES)
+
+
+def parameters_cells(cells):
+    """The indices of the cells tagged ``parameters`` (papermill's convention)."""
+    return [i for i, cell in enumerate(cells) if "parameters" in cell.get("metadata", {}).get("tags", [])]
+
+
+def _assigned(source):
+    """The names a cell's code assigns (anywhere in it, e.g. also as a loop variable); a cell may `await`."""
+    tree = compile(source, "<cell>", "exec", flags=ast.PyCF_ONLY_AST | ast.PyCF_ALLOW_TOP_LEVEL_AWAIT)
+    return {node.id for node in ast.walk(tree) if isinstance(node, ast.Name) and isinstance(node.ctx, ast.Store)}
+
+
+def with_overrides(notebook, name):
+    """``notebook`` with ``QUICK[name]`` assigned in a code cell right after its ``parameters`` cell."""
+    import nbformat
+
+    overrides = QUICK.get(name, {})
+    if overrides:
+        [index] = parameters_cells(notebook.cells)
+        source = "# Injected parameters (tests/notebooks/test_notebooks.py QUICK): a shorter run\n" + "\n".join(
+            f"{knob} = {value!r}" for knob, value in overrides.items())
+        cell = nbformat.v4.new_code_cell(source, metadata={"tags": ["injected-parameters"]})
+        notebook.cells.insert(index + 1, cell)
+    return notebook
+
+
+@pytest.mark.parametrize("name", sorted(QUICK))
+def test_every_override_sets_a_knob_of_the_parameters_cell(name):
+    """An override can never silently miss: the knob is assigned in the one ``parameters`` cell, a code cell
+    right after the setup cell, and no later cell assigns it again."""
+    cells = load(name)["cells"]
+    assert parameters_cells(cells) == [2], f"{name}.ipynb: one cell tagged parameters, right after the setup cell"
+    assert cells[2]["cell_type"] == "code"
+    knobs = _assigned("".join(cells[2]["source"]))
+    assert not set(QUICK[name]) - knobs, f"{name}.ipynb: its parameters cell does not assign {set(QUICK[name]) - knobs}"
+    for i, cell in enumerate(cells[3:], start=3):
+        if cell["cell_type"] == "code":
+            again = set(QUICK[name]) & _assigned("".join(cell["source"]))
+            assert not again, f"{name}.ipynb cell {i} assigns {again} again: the override would not hold"
 
 
 @pytest.mark.parametrize("name", sorted(FIGURES))
@@ -152,12 +211,16 @@ def test_notebook_runs_top_to_bottom_and_saves_its_figures(name, tmp_path, monke
     # What a fresh CPU runtime sees: conftest.py's 8 virtual devices are for the tests, not for the kernel
     # (the parallelism notebook asks for its own before importing jax).
     flags = [f for f in os.environ.get("XLA_FLAGS", "").split() if not f.startswith("--xla_force_host_platform")]
+    # A notebook compiles hundreds of small programs (eager operations included) and compiling is most of its run
+    # time; XLA's CPU fusion emitters compile them about twice as slowly as the elemental ones (same IEEE numerics).
+    if not any(f.startswith("--xla_cpu_use_fusion_emitters") for f in flags):
+        flags.append("--xla_cpu_use_fusion_emitters=false")
     monkeypatch.setenv("XLA_FLAGS", " ".join(flags))
     monkeypatch.setenv("JAX_PLATFORMS", "cpu")
     monkeypatch.setenv("JAX_COMPILATION_CACHE_DIR", str(compilation_cache))
     monkeypatch.setenv("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.2")
 
-    notebook = nbformat.read(NOTEBOOKS / f"{name}.ipynb", as_version=4)
+    notebook = with_overrides(nbformat.read(NOTEBOOKS / f"{name}.ipynb", as_version=4), name)
     client = NotebookClient(notebook, kernel_name="python3", timeout=600,
                             resources={"metadata": {"path": str(tmp_path)}})
     client.execute()  # raises CellExecutionError, with the cell and its traceback, if any cell fails
