@@ -13,7 +13,6 @@
 // (W = 8) and any CPU (W = 4); `isa` picks one, with the int8 kernels' codes (2 and 1 x86 paths, 0 portable).
 
 #include <algorithm>
-#include <atomic>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -200,22 +199,14 @@ template <int W>
   const int64_t scratch = g.dim * np + g.length * dp + kRows * np;
   const int64_t threads = pool ? std::max<int64_t>(1, pool->num_threads()) : 1;
   const int64_t pairs = g.batch * g.heads;
-  // Parts of a few pairs each, claimed by whichever thread is free; each thread has its own scratch, at a
-  // slot it takes the first time it runs a part of this call.
-  static std::atomic<uint64_t> calls{0};
-  const uint64_t call = calls.fetch_add(1) + 1;
-  std::vector<float> buffers(static_cast<size_t>(threads * scratch));
-  std::atomic<int64_t> slots{0};
+  // Parts of a few pairs each, claimed by whichever thread is free; a thread runs one part at a time, so
+  // its scratch is a buffer of its own, kept between calls.
   const int64_t chunk = std::max<int64_t>(1, pairs / (threads * 8));
   const int64_t parts = (pairs + chunk - 1) / chunk;
   jxs::RunParts(pool, parts, threads, [&](int64_t part) {
-    thread_local uint64_t seen = 0;
-    thread_local int64_t slot = 0;
-    if (seen != call) {
-      seen = call;
-      slot = slots.fetch_add(1);
-    }
-    float* kt = buffers.data() + slot * scratch;
+    thread_local std::vector<float> buffer;
+    if (buffer.size() < static_cast<size_t>(scratch)) buffer.resize(static_cast<size_t>(scratch));
+    float* kt = buffer.data();
     for (int64_t p = part * chunk; p < std::min(pairs, (part + 1) * chunk); ++p) {
       const int64_t b = p / g.heads, h = p % g.heads;
       pair(g, q, k, v, out, b, h, keys[b], uniform[b] != 0, kt, kt + g.dim * np, kt + g.dim * np + g.length * dp);

@@ -16,7 +16,7 @@
 // work takes the AVX2 code). On AVX2 the int8 products take the bounded microkernel (vpmaddubsw) when both
 // operands are in [-127, 127], and the exact one (vpmaddwd) for any int8 otherwise; the VNNI microkernel
 // (vpdpbusd) is exact for any int8. All give the exact int32 sums.
-// Work is split over output columns across a persistent thread pool (no thread start per call).
+// Work is split over output columns (or rows) on XLA's intra-op thread pool (pool.h).
 
 #include <algorithm>
 #include <atomic>
@@ -135,18 +135,18 @@ __attribute__((target("avx2,fma"))) void QuantizeRowAvx2(const float* x, int64_t
 // A packed weight is (P, Kp / 4 + 1, 16, 4): panel p (16 output columns), input quad q, column c, input
 // 4 q + i. Per quad a panel holds 64 bytes: columns 0-7 (4 inputs each), then columns 8-15. After the Kp / 4
 // quads of inputs comes one of column sums (16 int32).
-
-// Bytes from one panel to the next, and the column sums of panel p.
-constexpr int64_t PanelBytes(int64_t kp) { return (kp + 4) * 16; }
-inline const int32_t* ColumnSums(const int8_t* w, int64_t kp, int64_t p) {
-  return reinterpret_cast<const int32_t*>(w + p * PanelBytes(kp) + kp * 16);
-}
 // Two AVX2 microkernels read it:
 //   bounded (activations and weights in [-127, 127], as symmetric quantization makes them): int8 rows,
 //     vpmaddubsw(|x|, w * sign(x)) then vpmaddwd with ones; |x| * |w| <= 127 * 127, so the int16 pair
 //     sums never saturate and the result is exact;
 //   exact (any int8, including -128): int16 rows, vpmaddwd on 4 columns x 4 inputs at a time, the two
 //     partial sums of each column added at the end.
+
+// Bytes from one panel to the next, and the column sums of panel p.
+constexpr int64_t PanelBytes(int64_t kp) { return (kp + 4) * 16; }
+inline const int32_t* ColumnSums(const int8_t* w, int64_t kp, int64_t p) {
+  return reinterpret_cast<const int32_t*>(w + p * PanelBytes(kp) + kp * 16);
+}
 
 #ifdef JXS_X86
 template <int MR>
@@ -327,7 +327,7 @@ JXS_VNNI void PanelsVnni(const uint8_t* x, int64_t kp, const int8_t* w, int32_t 
     for (int j = 0; j < NR; ++j) {
       __m512i v = acc[r][j];
       if constexpr (kOffset)
-        v = _mm512_sub_epi32(v, _mm512_slli_epi32(_mm512_loadu_si512(w + j * panel_bytes + kp * 16), 7));
+        v = _mm512_sub_epi32(v, _mm512_slli_epi32(_mm512_loadu_si512(ColumnSums(w, kp, j)), 7));
       _mm512_storeu_si512(out[r] + 16 * j, v);
     }
 }
@@ -1053,4 +1053,3 @@ extern "C" int jxs_supported_isas() {
 #endif
   return bits;
 }
-
