@@ -9,7 +9,27 @@ _flags = [f for f in os.environ.get("XLA_FLAGS", "").split() if not f.startswith
 # level. Set --xla_backend_optimization_level yourself in XLA_FLAGS to test at another level (XLA's default is 3).
 if not any(f.startswith("--xla_backend_optimization_level") for f in _flags):
     _flags.append("--xla_backend_optimization_level=0")
+# XLA's CPU fusion emitters compile about twice as slowly as its elemental emitters; the suite compiles far more than
+# it runs, so it takes the elemental ones. Both are correct; their float results can differ in the last bits (exp,
+# tanh and friends are approximated differently), so the suite's bars must hold under either (set the flag yourself
+# to test the default emitters).
+if not any(f.startswith("--xla_cpu_use_fusion_emitters") for f in _flags):
+    _flags.append("--xla_cpu_use_fusion_emitters=false")
 os.environ["XLA_FLAGS"] = " ".join([*_flags, "--xla_force_host_platform_device_count=8"])
+# One persistent compilation cache for the session, shared by both xdist workers and every subprocess the tests start
+# (notebook kernels, CLI runs, multi-process and Ray workers): a program compiled once is loaded everywhere else, and
+# a test that jits a fresh function with the same program loads it too. The first process to import this file (the
+# xdist controller) creates it and removes it at exit; the workers and subprocesses inherit the variables.
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+    import atexit
+    import shutil
+    import tempfile
+
+    _cache = tempfile.mkdtemp(prefix="jaxopt_serve_tests_xla_cache_")
+    atexit.register(shutil.rmtree, _cache, ignore_errors=True)
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = _cache
+    os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+    os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
 
 import jax  # noqa: E402
 import numpy as np  # noqa: E402

@@ -210,11 +210,9 @@ def test_notebook_runs_top_to_bottom_and_saves_its_figures(name, tmp_path, monke
     monkeypatch.setenv("JAXOPT_SERVE_FIGURES", str(figures))
     # What a fresh CPU runtime sees: conftest.py's 8 virtual devices are for the tests, not for the kernel
     # (the parallelism notebook asks for its own before importing jax).
+    # The kernel keeps conftest.py's other flags: a notebook compiles hundreds of small programs (eager operations
+    # included), and compiling is most of its run time.
     flags = [f for f in os.environ.get("XLA_FLAGS", "").split() if not f.startswith("--xla_force_host_platform")]
-    # A notebook compiles hundreds of small programs (eager operations included) and compiling is most of its run
-    # time; XLA's CPU fusion emitters compile them about twice as slowly as the elemental ones (same IEEE numerics).
-    if not any(f.startswith("--xla_cpu_use_fusion_emitters") for f in flags):
-        flags.append("--xla_cpu_use_fusion_emitters=false")
     monkeypatch.setenv("XLA_FLAGS", " ".join(flags))
     monkeypatch.setenv("JAX_PLATFORMS", "cpu")
     monkeypatch.setenv("JAX_COMPILATION_CACHE_DIR", str(compilation_cache))
