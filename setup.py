@@ -24,8 +24,10 @@ class BuildNative(build_ext):
         try:
             super().build_extension(ext)
         except Exception as err:  # noqa: BLE001 - any compiler failure leaves the XLA fallback
-            print(f"WARNING: jaxopt_serve's native kernels were not built ({err}); quantized models will run on "
-                  "XLA's integer ops. Install a C++ compiler (g++ or clang++) and reinstall to get them.")
+            print(
+                f"WARNING: jaxopt_serve's native kernels were not built ({err}); quantized models will run on "
+                "XLA's integer ops. Install a C++ compiler (g++ or clang++) and reinstall to get them."
+            )
 
 
 setup(

@@ -41,9 +41,13 @@ def accuracy_pct(config: Any, variables: Any, data: Any, *, mode: str = "weight_
 
 def add_allocator_flag(parser: Any) -> None:
     """``--allocator retain|default``: whether the process keeps freed host memory (``retain_host_memory``)."""
-    parser.add_argument("--allocator", choices=["retain", "default"], default="retain",
-                        help="retain: glibc keeps freed memory for reuse, as the serving commands do (default); "
-                             "default: glibc's own policy (large buffers mapped and unmapped on every call)")
+    parser.add_argument(
+        "--allocator",
+        choices=["retain", "default"],
+        default="retain",
+        help="retain: glibc keeps freed memory for reuse, as the serving commands do (default); "
+        "default: glibc's own policy (large buffers mapped and unmapped on every call)",
+    )
 
 
 def apply_allocator(args: Any, report: Report) -> None:
@@ -79,13 +83,26 @@ class Report:
             print(f"\n-- {name} --")
             _print_rows(rows)
         print("\n-- acceptance checks --")
-        _print_rows([{"check": c["name"], "value": round(c["value"], 4), "target": f"{c['op']} {c['target']}",
-                      "result": "PASS" if c["passed"] else "MISS"} for c in self.checks])
+        _print_rows(
+            [
+                {
+                    "check": c["name"],
+                    "value": round(c["value"], 4),
+                    "target": f"{c['op']} {c['target']}",
+                    "result": "PASS" if c["passed"] else "MISS",
+                }
+                for c in self.checks
+            ]
+        )
 
     def write(self, path: str | None) -> None:
         if path:
-            payload = {"device": device_description(), "settings": self.settings, "checks": self.checks,
-                       "tables": self.tables}
+            payload = {
+                "device": device_description(),
+                "settings": self.settings,
+                "checks": self.checks,
+                "tables": self.tables,
+            }
             atomic_write(path, (json.dumps(payload, indent=2) + "\n").encode())
             print(f"wrote {path}")
 

@@ -43,7 +43,8 @@ else:
     _count = "4"
 os.environ["XLA_FLAGS"] = " ".join(
     [f for f in os.environ.get("XLA_FLAGS", "").split() if not f.startswith("--xla_force_host_platform_device_count")]
-    + [f"--xla_force_host_platform_device_count={_count}"])
+    + [f"--xla_force_host_platform_device_count={_count}"]
+)
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
@@ -63,10 +64,26 @@ from jaxopt_serve.timing import CompileCounter, device_description  # noqa: E402
 
 # Sizes: "full" on an accelerator, "small" on CPU (the suite must finish there in minutes).
 SIZES = {
-    "full": {"width": 4096, "batches": (1, 16), "w8a8_batch": 256, "image": 224, "max_batch": 64, "requests": 200,
-             "rounds": 7, "calls": 10},
-    "small": {"width": 1024, "batches": (1, 16), "w8a8_batch": 64, "image": 32, "max_batch": 16, "requests": 40,
-              "rounds": 3, "calls": 3},
+    "full": {
+        "width": 4096,
+        "batches": (1, 16),
+        "w8a8_batch": 256,
+        "image": 224,
+        "max_batch": 64,
+        "requests": 200,
+        "rounds": 7,
+        "calls": 10,
+    },
+    "small": {
+        "width": 1024,
+        "batches": (1, 16),
+        "w8a8_batch": 64,
+        "image": 32,
+        "max_batch": 16,
+        "requests": 40,
+        "rounds": 3,
+        "calls": 3,
+    },
 }
 
 
@@ -88,8 +105,11 @@ def matmul_section(report: Report, size: dict) -> None:
     variables = jax.device_put(variables)
     float_predict = jax.jit(predict_fn(config))
     q8 = jax.device_put(quantize(variables, default_rules(QuantSpec(qtype="int8"))).variables)
-    q4 = jax.device_put(quantize(variables, grouped_rules(
-        variables, QuantSpec(qtype="int4", granularity="group", group_size=128))).variables)
+    q4 = jax.device_put(
+        quantize(
+            variables, grouped_rules(variables, QuantSpec(qtype="int4", granularity="group", group_size=128))
+        ).variables
+    )
     bf16_vars = jax.device_put(_bf16(variables))
     with native.use_kernel("xla"):  # XLA's ops for every quantized product, on every backend
         weight_only = jax.jit(quantized_predict_fn(config, mode="weight_only"))
@@ -109,11 +129,20 @@ def matmul_section(report: Report, size: dict) -> None:
             for name, fn in variants.items():
                 out = np.asarray(fn(), np.float32)
                 t_f32, t_variant = paired_times(baseline, fn, rounds=size["rounds"], calls=size["calls"])
-                rows.append({"batch": batch, "variant": name, "f32 ms": t_f32, "ms": t_variant,
-                             "speed-up vs f32": t_f32 / t_variant, "cosine to f32": _cosine(out, reference)})
+                rows.append(
+                    {
+                        "batch": batch,
+                        "variant": name,
+                        "f32 ms": t_f32,
+                        "ms": t_variant,
+                        "speed-up vs f32": t_f32 / t_variant,
+                        "cosine to f32": _cosine(out, reference),
+                    }
+                )
     report.table(f"3-layer MLP, {width}-wide: f32 vs bf16 / int8 / int4 / W8A8 (XLA ops)", rows)
-    worst = {name: min(r["cosine to f32"] for r in rows if r["variant"] == name)
-             for name in {r["variant"] for r in rows}}
+    worst = {
+        name: min(r["cosine to f32"] for r in rows if r["variant"] == name) for name in {r["variant"] for r in rows}
+    }
     report.check("mlp_int8_weight_only_min_cosine", worst["int8 weight-only"], 0.999, ">=")
     # random Gaussian weights are int4's worst case, and three layers compound it
     report.check("mlp_int4_weight_only_min_cosine", worst["int4 weight-only (g128)"], 0.97, ">=")
@@ -149,25 +178,45 @@ def engine_section(report: Report, size: dict, directory: str) -> None:
     single = InferenceEngine(config, variables, input_shape=shape, max_batch=size["max_batch"]).warmup()
     warm_s = time.perf_counter() - start
     rate, outputs, compiles = _serve(single, pool, sizes)
-    rows.append({"engine": "1 device, f32", "devices": 1, "buckets": len(single.buckets), "warm-up s": warm_s,
-                 "rows/s": rate, "compiles after warm-up": compiles, "max |diff| to 1 device": 0.0})
+    rows.append(
+        {
+            "engine": "1 device, f32",
+            "devices": 1,
+            "buckets": len(single.buckets),
+            "warm-up s": warm_s,
+            "rows/s": rate,
+            "compiles after warm-up": compiles,
+            "max |diff| to 1 device": 0.0,
+        }
+    )
     report.check("engine_compiles_after_warmup", compiles, 0, "<=")
 
     devices = jax.devices()
     mesh = make_mesh(data=len(devices))
     start = time.perf_counter()
-    sharded = InferenceEngine(config, variables, input_shape=shape, max_batch=size["max_batch"] * len(devices),
-                              mesh=mesh).warmup()
+    sharded = InferenceEngine(
+        config, variables, input_shape=shape, max_batch=size["max_batch"] * len(devices), mesh=mesh
+    ).warmup()
     warm_s = time.perf_counter() - start
     rate_sharded, sharded_outputs, sharded_compiles = _serve(sharded, pool, sizes)
     diff = max(float(np.max(np.abs(a - b))) for a, b in zip(outputs, sharded_outputs))
-    rows.append({"engine": f"data-parallel over {len(devices)}, f32", "devices": len(devices),
-                 "buckets": len(sharded.buckets), "warm-up s": warm_s, "rows/s": rate_sharded,
-                 "compiles after warm-up": sharded_compiles, "max |diff| to 1 device": diff})
+    rows.append(
+        {
+            "engine": f"data-parallel over {len(devices)}, f32",
+            "devices": len(devices),
+            "buckets": len(sharded.buckets),
+            "warm-up s": warm_s,
+            "rows/s": rate_sharded,
+            "compiles after warm-up": sharded_compiles,
+            "max |diff| to 1 device": diff,
+        }
+    )
     report.check("sharded_compiles_after_warmup", sharded_compiles, 0, "<=")
     report.check("sharded_max_abs_diff_to_one_device", diff, 1e-4, "<=")
-    report.table(f"reference CNN at {image}x{image}x3: bucketed AOT engine, {len(sizes)} requests of "
-                 f"1-{size['max_batch']} rows", rows)
+    report.table(
+        f"reference CNN at {image}x{image}x3: bucketed AOT engine, {len(sizes)} requests of 1-{size['max_batch']} rows",
+        rows,
+    )
 
     export_rows = []
     probe = pool[: min(8, size["max_batch"])]
@@ -179,8 +228,9 @@ def engine_section(report: Report, size: dict, directory: str) -> None:
         seconds = time.perf_counter() - start
         engine = InferenceEngine(config, tree, input_shape=shape, max_batch=size["max_batch"], quant_mode=mode)
         diff = float(np.max(np.abs(np.asarray(loaded(probe)) - np.asarray(engine(probe)))))
-        export_rows.append({"model": name, "file bytes": nbytes, "export + load s": seconds,
-                            "max |diff| to engine": diff})
+        export_rows.append(
+            {"model": name, "file bytes": nbytes, "export + load s": seconds, "max |diff| to engine": diff}
+        )
         report.check(f"export_roundtrip_max_abs_diff_{name.split()[0]}", diff, 1e-4, "<=")
     report.table("export_model -> load_exported round trip (CNN)", export_rows)
 
@@ -188,19 +238,29 @@ def engine_section(report: Report, size: dict, directory: str) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--json", metavar="PATH", help="write the report as JSON (atomically)")
-    parser.add_argument("--size", choices=["auto", "small", "full"], default="auto",
-                        help="auto: full sizes on GPU/TPU, small on CPU")
-    parser.add_argument("--cpu-devices", type=int, default=4,
-                        help="virtual devices of the CPU backend, for the sharded section (default 4)")
+    parser.add_argument(
+        "--size", choices=["auto", "small", "full"], default="auto", help="auto: full sizes on GPU/TPU, small on CPU"
+    )
+    parser.add_argument(
+        "--cpu-devices",
+        type=int,
+        default=4,
+        help="virtual devices of the CPU backend, for the sharded section (default 4)",
+    )
     parser.add_argument("--sections", default="matmul,engine", help="comma-separated: matmul, engine")
     args = parser.parse_args()
     backend = jax.default_backend()
     size_name = args.size if args.size != "auto" else ("small" if backend == "cpu" else "full")
     size = SIZES[size_name]
     first = jax.devices()[0]
-    device = {"platform": first.platform, "device_kind": first.device_kind, "device_count": jax.device_count(),
-              "jax": jax.__version__, "sizes": size_name,
-              **{k: v for k, v in size.items() if k not in ("rounds", "calls")}}
+    device = {
+        "platform": first.platform,
+        "device_kind": first.device_kind,
+        "device_count": jax.device_count(),
+        "jax": jax.__version__,
+        "sizes": size_name,
+        **{k: v for k, v in size.items() if k not in ("rounds", "calls")},
+    }
     report = Report("device suite")
     start = time.perf_counter()
     sections = set(args.sections.split(","))
@@ -213,8 +273,11 @@ def main() -> None:
     report.table("device and sizes", [{"setting": k, "value": str(v)} for k, v in device.items()])
     report.print()
     if args.json:
-        payload = {"device": {"description": device_description(), **device}, "checks": report.checks,
-                   "tables": report.tables}
+        payload = {
+            "device": {"description": device_description(), **device},
+            "checks": report.checks,
+            "tables": report.tables,
+        }
         atomic_write(args.json, (json.dumps(payload, indent=2) + "\n").encode())
         print(f"wrote {args.json}")
 

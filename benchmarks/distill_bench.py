@@ -42,27 +42,42 @@ def cnn_section(report: Report, *, seeds: list[int], steps: int, rounds: int) ->
     for seed in seeds:
         digits = load_digits(seed=seed)
         teacher, _ = train_classifier(teacher_cfg, digits, steps=steps, seed=seed, progress=False)
-        kd = distill(teacher_cfg, teacher.variables, student_cfg, digits, steps=steps, seed=seed, val_fraction=0.0,
-                     progress=False)
+        kd = distill(
+            teacher_cfg,
+            teacher.variables,
+            student_cfg,
+            digits,
+            steps=steps,
+            seed=seed,
+            val_fraction=0.0,
+            progress=False,
+        )
         scratch, _ = train_classifier(student_cfg, digits, steps=steps, seed=seed, progress=False)
         acc["teacher"].append(accuracy_pct(teacher_cfg, teacher.variables, digits))
         acc["distilled student"].append(accuracy_pct(student_cfg, kd.variables, digits))
         acc["student from scratch"].append(accuracy_pct(student_cfg, scratch.variables, digits))
     t_params, s_params = count_params(teacher.variables), count_params(kd.variables)
-    rows = [{"model": name, "params": t_params if name == "teacher" else s_params, **_stats(values)}
-            for name, values in acc.items()]
-    report.table(f"digits test accuracy %, {len(seeds)} seeds, {steps} steps each "
-                 f"(student {student_cfg.channels} / hidden {student_cfg.hidden}; T=2, alpha=0.9)", rows)
+    rows = [
+        {"model": name, "params": t_params if name == "teacher" else s_params, **_stats(values)}
+        for name, values in acc.items()
+    ]
+    report.table(
+        f"digits test accuracy %, {len(seeds)} seeds, {steps} steps each "
+        f"(student {student_cfg.channels} / hidden {student_cfg.hidden}; T=2, alpha=0.9)",
+        rows,
+    )
     gap = np.mean(acc["teacher"]) - np.mean(acc["distilled student"])
     gain = np.mean(acc["distilled student"]) - np.mean(acc["student from scratch"])
 
     x = jnp.asarray(np.resize(digits.x_test, (256, *digits.input_shape)))
     t_fn, s_fn = jax.jit(predict_fn(teacher_cfg)), jax.jit(predict_fn(student_cfg))
-    t_ms, s_ms = paired_times(lambda: t_fn(teacher.variables, x), lambda: s_fn(kd.variables, x), rounds=rounds,
-                              calls=20)
-    report.table("speed at batch 256, jit-compiled", [{"model": "teacher", "ms": t_ms},
-                                                       {"model": "student", "ms": s_ms},
-                                                       {"model": "speed-up", "ms": t_ms / s_ms}])
+    t_ms, s_ms = paired_times(
+        lambda: t_fn(teacher.variables, x), lambda: s_fn(kd.variables, x), rounds=rounds, calls=20
+    )
+    report.table(
+        "speed at batch 256, jit-compiled",
+        [{"model": "teacher", "ms": t_ms}, {"model": "student", "ms": s_ms}, {"model": "speed-up", "ms": t_ms / s_ms}],
+    )
     report.check("student_param_fraction", s_params / t_params, 0.25, "<=")
     report.check("acc_gap_teacher_minus_student", gap, 1.0, "<=")
     report.check("acc_gain_kd_over_scratch", gain, 0.0, ">=")
@@ -71,32 +86,54 @@ def cnn_section(report: Report, *, seeds: list[int], steps: int, rounds: int) ->
 
 def encoder_section(report: Report, *, seeds: list[int], steps: int) -> None:
     tokens = load_digit_tokens()
-    teacher_cfg = TransformerConfig(vocab_size=18, max_len=65, seq_len=65, hidden_size=64, num_layers=4, num_heads=4,
-                                    mlp_dim=128, num_classes=10)
+    teacher_cfg = TransformerConfig(
+        vocab_size=18, max_len=65, seq_len=65, hidden_size=64, num_layers=4, num_heads=4, mlp_dim=128, num_classes=10
+    )
     student_cfg = teacher_cfg.replace(num_layers=2, hidden_size=32, num_heads=2, mlp_dim=64)
     teacher, _ = train_classifier(teacher_cfg, tokens, steps=steps, learning_rate=1e-3, seed=0, progress=False)
     variants = {
         "logits only": DistillConfig(),
         "logits + hidden states (cosine, student 1,2 <- teacher 2,4)": DistillConfig(
-            hidden_pairs=((1, 2), (2, 4)), hidden_loss="cosine", hidden_weight=1.0),
+            hidden_pairs=((1, 2), (2, 4)), hidden_loss="cosine", hidden_weight=1.0
+        ),
     }
     acc: dict[str, list[float]] = {name: [] for name in [*variants, "from scratch"]}
     for seed in seeds:
         for name, cfg in variants.items():
-            result = distill(teacher_cfg, teacher.variables, student_cfg, tokens, config=cfg, steps=steps,
-                             learning_rate=1e-3, seed=seed, val_fraction=0.0, progress=False)
+            result = distill(
+                teacher_cfg,
+                teacher.variables,
+                student_cfg,
+                tokens,
+                config=cfg,
+                steps=steps,
+                learning_rate=1e-3,
+                seed=seed,
+                val_fraction=0.0,
+                progress=False,
+            )
             acc[name].append(accuracy_pct(student_cfg, result.variables, tokens))
         scratch, _ = train_classifier(student_cfg, tokens, steps=steps, learning_rate=1e-3, seed=seed, progress=False)
         acc["from scratch"].append(accuracy_pct(student_cfg, scratch.variables, tokens))
     rows = [{"student (2 layers, width 32)": name, **_stats(values)} for name, values in acc.items()]
-    rows.insert(0, {"student (2 layers, width 32)": "teacher (4 layers, width 64, seed 0)",
-                    **_stats([accuracy_pct(teacher_cfg, teacher.variables, tokens)])})
+    rows.insert(
+        0,
+        {
+            "student (2 layers, width 32)": "teacher (4 layers, width 64, seed 0)",
+            **_stats([accuracy_pct(teacher_cfg, teacher.variables, tokens)]),
+        },
+    )
     report.table(f"encoder on digit tokens, test accuracy %, {len(seeds)} seeds, {steps} steps", rows)
     names = list(variants)
-    report.table("does hidden-state distillation help?", [{
-        "hidden minus logits-only (points, mean)": float(np.mean(acc[names[1]]) - np.mean(acc[names[0]])),
-        "seeds where hidden wins": int(sum(h > lo for h, lo in zip(acc[names[1]], acc[names[0]]))),
-    }])
+    report.table(
+        "does hidden-state distillation help?",
+        [
+            {
+                "hidden minus logits-only (points, mean)": float(np.mean(acc[names[1]]) - np.mean(acc[names[0]])),
+                "seeds where hidden wins": int(sum(h > lo for h, lo in zip(acc[names[1]], acc[names[0]]))),
+            }
+        ],
+    )
 
 
 def main(argv=None) -> int:

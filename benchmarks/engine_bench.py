@@ -40,9 +40,14 @@ def jit_section(report: Report, *, rounds: int) -> None:
     jitted_fn = jax.jit(predict_fn(config))
     jitted = lambda: jitted_fn(variables, x)  # noqa: E731
     t_eager, t_jit = paired_times(eager, jitted, rounds=rounds, calls=3)
-    report.table("reference CNN, batch 64: un-jitted apply vs jax.jit", [
-        {"variant": "eager apply", "ms": t_eager}, {"variant": "jax.jit", "ms": t_jit},
-        {"variant": "speed-up", "ms": t_eager / t_jit}])
+    report.table(
+        "reference CNN, batch 64: un-jitted apply vs jax.jit",
+        [
+            {"variant": "eager apply", "ms": t_eager},
+            {"variant": "jax.jit", "ms": t_jit},
+            {"variant": "speed-up", "ms": t_eager / t_jit},
+        ],
+    )
     report.check("speedup_jit_vs_eager_cnn", t_eager / t_jit, 2.0, ">=")
 
 
@@ -70,12 +75,18 @@ def stream_section(report: Report, *, requests: int, seed: int) -> None:
         for n in rng.integers(1, 65, size=requests):
             engine(pool[:n])
         t_warm = time.perf_counter() - start
-    report.table(f"{requests} requests, random batch sizes 1-64 (distinct: {len(set(sizes.tolist()))})", [
-        {"path": "jax.jit, recompiles per new shape", "total s": t_plain, "compiles": plain_compiles.count},
-        {"path": "bucketed engine (cold: compiles its buckets)", "total s": t_engine,
-         "compiles": engine_compiles.count},
-        {"path": "bucketed engine, second stream (warm)", "total s": t_warm, "compiles": after.count},
-    ])
+    report.table(
+        f"{requests} requests, random batch sizes 1-64 (distinct: {len(set(sizes.tolist()))})",
+        [
+            {"path": "jax.jit, recompiles per new shape", "total s": t_plain, "compiles": plain_compiles.count},
+            {
+                "path": "bucketed engine (cold: compiles its buckets)",
+                "total s": t_engine,
+                "compiles": engine_compiles.count,
+            },
+            {"path": "bucketed engine, second stream (warm)", "total s": t_warm, "compiles": after.count},
+        ],
+    )
     report.check("speedup_bucketed_vs_recompiling_stream", t_plain / t_engine, 1.5, ">=")
     report.check("compiles_after_warmup", after.count, 0, "<=")
 
@@ -102,14 +113,20 @@ def cache_section(report: Report) -> None:
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
     times = []
     for _ in range(2):
-        run = subprocess.run([sys.executable, "-c", FIRST_PREDICTION, cache], capture_output=True, text=True,
-                             timeout=600, env=env)
+        run = subprocess.run(
+            [sys.executable, "-c", FIRST_PREDICTION, cache], capture_output=True, text=True, timeout=600, env=env
+        )
         if run.returncode:
             raise RuntimeError(run.stderr)
         times.append(float(run.stdout.split()[-1]))
-    report.table("time to first prediction, fresh process, 4-layer encoder, 7 buckets (1-64)", [
-        {"cache": "cold (empty directory)", "s": times[0]}, {"cache": "warm (same directory)", "s": times[1]},
-        {"cache": "speed-up", "s": times[0] / times[1]}])
+    report.table(
+        "time to first prediction, fresh process, 4-layer encoder, 7 buckets (1-64)",
+        [
+            {"cache": "cold (empty directory)", "s": times[0]},
+            {"cache": "warm (same directory)", "s": times[1]},
+            {"cache": "speed-up", "s": times[0] / times[1]},
+        ],
+    )
     report.check("speedup_warm_cache_first_prediction", times[0] / times[1], 1.5, ">=")
 
 

@@ -62,9 +62,12 @@ from pathlib import Path
 from typing import Any
 
 # Eight CPU devices for the sharded meshes; must precede the first jax import.
-os.environ["XLA_FLAGS"] = " ".join(
-    f for f in os.environ.get("XLA_FLAGS", "").split() if not f.startswith("--xla_force_host_platform_device_count")
-) + " --xla_force_host_platform_device_count=8"
+os.environ["XLA_FLAGS"] = (
+    " ".join(
+        f for f in os.environ.get("XLA_FLAGS", "").split() if not f.startswith("--xla_force_host_platform_device_count")
+    )
+    + " --xla_force_host_platform_device_count=8"
+)
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
@@ -103,8 +106,12 @@ INTEGER_MODES = ("dynamic", "static")
 MINILM_MIN_COSINE = 0.99999
 # The Linen classes behind the zoo's Linen models (qwix rewrites the module, so it needs the class) and their
 # inference keyword arguments, as conftest.build passes them.
-LINEN = {"resnet": (zoo_models.ResNet, {"train": False}), "vit": (zoo_models.ViT, {}),
-         "raw_params": (zoo_models.RawParams, {}), "multi_out": (zoo_models.MultiOut, {})}
+LINEN = {
+    "resnet": (zoo_models.ResNet, {"train": False}),
+    "vit": (zoo_models.ViT, {}),
+    "raw_params": (zoo_models.RawParams, {}),
+    "multi_out": (zoo_models.MultiOut, {}),
+}
 
 
 class BenchReport(Report):
@@ -112,8 +119,9 @@ class BenchReport(Report):
 
     def check(self, name: str, value: float | None, target: float, op: str, note: str | None = None) -> None:
         if value is None:
-            self.checks.append({"name": name, "value": None, "target": target, "op": op, "passed": None,
-                                "note": note or "skipped"})
+            self.checks.append(
+                {"name": name, "value": None, "target": target, "op": op, "passed": None, "note": note or "skipped"}
+            )
             return
         super().check(name, value, target, op)
         if note:
@@ -126,16 +134,22 @@ class BenchReport(Report):
             print(f"\n-- {name} --")
             print_rows(rows)
         print("\n-- acceptance checks --")
-        print_rows([{"check": c["name"], "value": "null" if c["value"] is None else f"{c['value']:.6g}",
-                     "target": f"{c['op']} {c['target']:.6g}",
-                     "result": "SKIP" if c["passed"] is None else "PASS" if c["passed"] else "MISS"}
-                    for c in self.checks])
+        print_rows(
+            [
+                {
+                    "check": c["name"],
+                    "value": "null" if c["value"] is None else f"{c['value']:.6g}",
+                    "target": f"{c['op']} {c['target']:.6g}",
+                    "result": "SKIP" if c["passed"] is None else "PASS" if c["passed"] else "MISS",
+                }
+                for c in self.checks
+            ]
+        )
         notes = [c for c in self.checks if c.get("note")]
         if notes:
             print("\n-- notes --")
             for c in notes:
                 print(f"{c['name']}: {c['note']}")
-
 
     def write(self, path: str | None) -> None:
         if path:
@@ -157,8 +171,9 @@ def cpu_name() -> str:
                     flags = set(value.split())
     except OSError:
         pass
-    vector = next((label for flag, label in (("avx512f", "AVX-512"), ("avx2", "AVX2"), ("avx", "AVX"))
-                   if flag in flags), None)
+    vector = next(
+        (label for flag, label in (("avx512f", "AVX-512"), ("avx2", "AVX2"), ("avx", "AVX")) if flag in flags), None
+    )
     return ", ".join(x for x in (name, f"{os.cpu_count()} cores", vector) if x)
 
 
@@ -209,8 +224,13 @@ def first_line(err: BaseException) -> str:
 
 def step(name: str, value: float, target: float, op: str) -> dict[str, Any]:
     passed = value >= target if op == ">=" else value <= target
-    return {"step": name, "value": value, "target": f"{op} {target:g}", "result": "PASS" if passed else "MISS",
-            "passed": passed}
+    return {
+        "step": name,
+        "value": value,
+        "target": f"{op} {target:g}",
+        "result": "PASS" if passed else "MISS",
+        "passed": passed,
+    }
 
 
 # ---------------------------------------------------------------------------------------------- the zoo
@@ -229,10 +249,17 @@ def train_zoo(steps: int) -> dict[str, dict[str, Any]]:
         jax.block_until_ready(variables)
         seconds = time.perf_counter() - start
         accuracy = zoo.evaluate(model, variables, x_test, digits.y_test, logits_of)
-        print(f"[train] {name}: {seconds:.1f} s, final loss {history[-1]:.3f}, test accuracy {accuracy:.3f}",
-              flush=True)
-        cases[name] = {"model": model.with_variables(variables), "logits_of": logits_of, "x_train": x_train,
-                       "held": zoo.take(x_test, slice(0, HELD_OUT)), "accuracy": accuracy, "train_s": seconds}
+        print(
+            f"[train] {name}: {seconds:.1f} s, final loss {history[-1]:.3f}, test accuracy {accuracy:.3f}", flush=True
+        )
+        cases[name] = {
+            "model": model.with_variables(variables),
+            "logits_of": logits_of,
+            "x_train": x_train,
+            "held": zoo.take(x_test, slice(0, HELD_OUT)),
+            "accuracy": accuracy,
+            "train_s": seconds,
+        }
     return cases
 
 
@@ -245,8 +272,9 @@ def quantization_steps(name: str, case: dict[str, Any]) -> dict[str, Any]:
     rules = model_rules(model)
     q = quantize(model.variables, rules).variables
     # Static scales as the tests calibrate them: absmax over the first TRAIN_SUBSET training examples.
-    qs = calibrate(model, q, zoo.take(case["x_train"], slice(0, zoo.TRAIN_SUBSET)), method="absmax",
-                   batch_size=CALIBRATION_BATCH)
+    qs = calibrate(
+        model, q, zoo.take(case["x_train"], slice(0, zoo.TRAIN_SUBSET)), method="absmax", batch_size=CALIBRATION_BATCH
+    )
     outputs, cosines = {}, {}
     predict = {mode: jax.jit(quantized_predict_fn(model, mode=mode)) for mode in MODES}
     for mode in MODES:
@@ -263,9 +291,18 @@ def quantization_steps(name: str, case: dict[str, Any]) -> dict[str, Any]:
     q4 = quantize(model.variables, int4_rules(model)).variables
     out4 = jax.jit(quantized_predict_fn(model, mode="weight_only"))(q4, held)
     cos4 = float(cosine_per_example(logits_of(out4), reference).min())
-    return {"q": qs, "outputs": outputs, "cosines": cosines, "eligible": len(eligible), "int8": len(int8),
-            "not_int8": not_int8, "int4_cosine": cos4, "float_out": float_out,
-            "static_all": static_all, "train_n": len(jax.tree.leaves(case["x_train"])[0])}
+    return {
+        "q": qs,
+        "outputs": outputs,
+        "cosines": cosines,
+        "eligible": len(eligible),
+        "int8": len(int8),
+        "not_int8": not_int8,
+        "int4_cosine": cos4,
+        "float_out": float_out,
+        "static_all": static_all,
+        "train_n": len(jax.tree.leaves(case["x_train"])[0]),
+    }
 
 
 def export_steps(cases: dict[str, dict[str, Any]], quant: dict[str, dict[str, Any]]) -> dict[str, float]:
@@ -290,8 +327,9 @@ def export_steps(cases: dict[str, dict[str, Any]], quant: dict[str, dict[str, An
     return diffs
 
 
-def sharded_steps(name: str, case: dict[str, Any], quant: dict[str, Any], meshes: list[tuple[str, int, int]]
-                  ) -> list[dict[str, Any]]:
+def sharded_steps(
+    name: str, case: dict[str, Any], quant: dict[str, Any], meshes: list[tuple[str, int, int]]
+) -> list[dict[str, Any]]:
     """Every mode on every mesh against one device."""
     model, q, held = case["model"], quant["q"], case["held"]
     rows = []
@@ -304,8 +342,16 @@ def sharded_steps(name: str, case: dict[str, Any], quant: dict[str, Any], meshes
         for mode in MODES:
             out = jax.tree.map(np.asarray, predict[mode](sharded, inputs))
             worst, moved = relative_diff(out, quant["outputs"][mode])
-            rows.append({"model": name, "mesh": mesh_name, "mode": mode, "split weights": len(rules),
-                         "max |diff| / scale": worst, "outputs moved": moved})
+            rows.append(
+                {
+                    "model": name,
+                    "mesh": mesh_name,
+                    "mode": mode,
+                    "split weights": len(rules),
+                    "max |diff| / scale": worst,
+                    "outputs moved": moved,
+                }
+            )
     return rows
 
 
@@ -317,8 +363,10 @@ def qwix_rules() -> list[Any]:
 
     # The attention modules' own products (scores, weighted values) stay float, as in ours; their Dense /
     # Linear projections are child modules (.../query) and take the second rule.
-    return [qwix.QuantizationRule(module_path=r".*(MultiHeadDotProductAttention_\d+|attn)", weight_qtype=None),
-            qwix.QuantizationRule(module_path=".*", weight_qtype=jnp.int8, act_qtype=jnp.int8)]
+    return [
+        qwix.QuantizationRule(module_path=r".*(MultiHeadDotProductAttention_\d+|attn)", weight_qtype=None),
+        qwix.QuantizationRule(module_path=".*", weight_qtype=jnp.int8, act_qtype=jnp.int8),
+    ]
 
 
 def qwix_predict(name: str, case: dict[str, Any]) -> tuple[Any, Any, int]:
@@ -350,16 +398,21 @@ def qwix_predict(name: str, case: dict[str, Any]) -> tuple[Any, Any, int]:
         jax.block_until_ready(fn(state, held))
         count = sum(1 for leaf in jax.tree.leaves(nnx.to_pure_dict(state), is_leaf=is_aux) if is_aux(leaf))
         if count == 0:  # NNX keeps WithAux inside Params; look at the module's attributes
-            count = sum(1 for _, m in nnx.iter_modules(qmodule) for v in vars(m).values()
-                        if is_aux(getattr(v, "value", v)) or is_aux(v))
+            count = sum(
+                1
+                for _, m in nnx.iter_modules(qmodule)
+                for v in vars(m).values()
+                if is_aux(getattr(v, "value", v)) or is_aux(v)
+            )
         return fn, state, count
     # A plain function: hand it to qwix as it is, to record what it says.
     qwix.quantize_model(zoo_models.plain_mlp, provider)
     raise RuntimeError("qwix.quantize_model accepted a plain function")  # not expected
 
 
-def qwix_section(report: BenchReport, cases: dict[str, dict[str, Any]], quant: dict[str, dict[str, Any]], *,
-                 rounds: int) -> dict[str, str]:
+def qwix_section(
+    report: BenchReport, cases: dict[str, dict[str, Any]], quant: dict[str, dict[str, Any]], *, rounds: int
+) -> dict[str, str]:
     try:
         import qwix
     except ImportError:
@@ -373,8 +426,12 @@ def qwix_section(report: BenchReport, cases: dict[str, dict[str, Any]], quant: d
         q = quant[name]["q"]
         qs = serving_layout(q)
         reference = logits_of(quant[name]["float_out"])  # computed before qwix was ever called
-        row: dict[str, Any] = {"model": name, "kind": model.kind, "weights": quant[name]["eligible"],
-                               "ours cos": quant[name]["cosines"]["dynamic"]}
+        row: dict[str, Any] = {
+            "model": name,
+            "kind": model.kind,
+            "weights": quant[name]["eligible"],
+            "ours cos": quant[name]["cosines"]["dynamic"],
+        }
         qfn = None
         try:
             # qwix patches jax.lax.dot_general & co. while its module traces. JAX's trace caches do not know: a
@@ -393,9 +450,11 @@ def qwix_section(report: BenchReport, cases: dict[str, dict[str, Any]], quant: d
         ours = aot(quantized_predict_fn(model, mode="dynamic"), q, held)
         ours_serving = aot(quantized_predict_fn(model, mode="dynamic"), qs, held)
         # The lambdas are timed by interleaved_ms below, within this iteration: late binding is harmless.
-        fns = {"f32": lambda: f32(model.variables, held),  # noqa: B023 - called in this iteration
-               "ours": lambda: ours(q, held),  # noqa: B023 - called in this iteration
-               "ours serving": lambda: ours_serving(qs, held)}  # noqa: B023 - called in this iteration
+        fns = {
+            "f32": lambda: f32(model.variables, held),  # noqa: B023 - called in this iteration
+            "ours": lambda: ours(q, held),  # noqa: B023 - called in this iteration
+            "ours serving": lambda: ours_serving(qs, held),  # noqa: B023 - called in this iteration
+        }
         if qfn is not None:
             row["qwix int8 weights"] = qcount
             row["qwix cos"] = float(cosine_per_example(logits_of(qfn(qarg, held)), reference).min())
@@ -404,26 +463,44 @@ def qwix_section(report: BenchReport, cases: dict[str, dict[str, Any]], quant: d
             row["qwix int8 weights"] = 0
             row["qwix cos"] = None
         ms = interleaved_ms(fns, rounds=rounds)
-        row.update({"f32 ms": ms["f32"], "ours W8A8 ms": ms["ours"], "ours W8A8 serving_layout ms": ms["ours serving"],
-                    "qwix W8A8 ms": ms.get("qwix"),
-                    "qwix / ours time": ms["qwix"] / ms["ours"] if "qwix" in ms else None,
-                    "qwix error": failures.get(name, "")})
+        row.update(
+            {
+                "f32 ms": ms["f32"],
+                "ours W8A8 ms": ms["ours"],
+                "ours W8A8 serving_layout ms": ms["ours serving"],
+                "qwix W8A8 ms": ms.get("qwix"),
+                "qwix / ours time": ms["qwix"] / ms["ours"] if "qwix" in ms else None,
+                "qwix error": failures.get(name, ""),
+            }
+        )
         if "qwix" in ms:
             speedups.append(ms["qwix"] / ms["ours"])
         rows.append(row)
-        print(f"[qwix] {name}: {({k: round(v, 3) for k, v in ms.items()})}", flush=True)
-    report.table(f"qwix {qwix.__version__} W8A8 PTQ (dynamic activations) vs ours (mode='dynamic'), batch {HELD_OUT}, "
-                 f"AOT-compiled jit, median of {rounds} interleaved runs; cos = min per-example logit cosine to f32",
-                 rows)
+        print(f"[qwix] {name}: { ({k: round(v, 3) for k, v in ms.items()}) }", flush=True)
+    report.table(
+        f"qwix {qwix.__version__} W8A8 PTQ (dynamic activations) vs ours (mode='dynamic'), batch {HELD_OUT}, "
+        f"AOT-compiled jit, median of {rounds} interleaved runs; cos = min per-example logit cosine to f32",
+        rows,
+    )
     ours_ok = {n for n in cases if quant[n]["cosines"]["dynamic"] >= INT8_MIN_COSINE and quant[n]["not_int8"] == {}}
     where = sorted(ours_ok & set(failures))
-    report.check("models_quantized_where_qwix_fails", len(where), 0, ">=",
-                 note=f"qwix fails on {where}: " + "; ".join(f"{n}: {failures[n]}" for n in where) if where else None)
+    report.check(
+        "models_quantized_where_qwix_fails",
+        len(where),
+        0,
+        ">=",
+        note=f"qwix fails on {where}: " + "; ".join(f"{n}: {failures[n]}" for n in where) if where else None,
+    )
     if speedups:
         both = [r["model"] for r in rows if r["qwix W8A8 ms"] is not None]
-        report.check("speedup_vs_qwix_w8a8_b256", float(np.exp(np.mean(np.log(speedups)))), 1.0, ">=",
-                     note=f"qwix time / our time, geometric mean over {both}; our time is quantized_predict_fn(mode="
-                          f"'dynamic') on the variables as quantize() stores them (the serving_layout column is extra)")
+        report.check(
+            "speedup_vs_qwix_w8a8_b256",
+            float(np.exp(np.mean(np.log(speedups)))),
+            1.0,
+            ">=",
+            note=f"qwix time / our time, geometric mean over {both}; our time is quantized_predict_fn(mode="
+            f"'dynamic') on the variables as quantize() stores them (the serving_layout column is extra)",
+        )
     else:
         report.check("speedup_vs_qwix_w8a8_b256", None, 1.0, ">=", note="qwix handled none of the models")
     return failures
@@ -437,8 +514,13 @@ def minilm_section(report: BenchReport, *, count: int = 64) -> None:
     from jaxopt_serve.hf import SentenceEncoder
 
     if not hasattr(SentenceEncoder, "engine"):
-        report.check("minilm_engine_min_cosine", None, MINILM_MIN_COSINE, ">=",
-                     note="skipped: jaxopt_serve.hf.SentenceEncoder has no engine(...) yet")
+        report.check(
+            "minilm_engine_min_cosine",
+            None,
+            MINILM_MIN_COSINE,
+            ">=",
+            note="skipped: jaxopt_serve.hf.SentenceEncoder has no engine(...) yet",
+        )
         return
     try:
         from hf.sentences import minilm_sentences  # tests/hf/sentences.py
@@ -451,29 +533,51 @@ def minilm_section(report: BenchReport, *, count: int = 64) -> None:
         # no engine, no bucketing or padding beyond the tokenizer's.
         ids, mask = encoder.tokenize(sentences)
         direct = jax.jit(encode_fn(encoder.config, encoder.pooling, encoder.normalize, "dynamic", quantized=False))
-        reference = np.concatenate([np.asarray(direct(encoder.variables, ids[i : i + 32], mask[i : i + 32]))
-                                    for i in range(0, len(ids), 32)])
+        reference = np.concatenate(
+            [np.asarray(direct(encoder.variables, ids[i : i + 32], mask[i : i + 32])) for i in range(0, len(ids), 32)]
+        )
         engine = encoder.engine(max_batch=32)
         batch = encoder.inputs(sentences) if hasattr(encoder, "inputs") else {"input_ids": ids, "attention_mask": mask}
         got = np.asarray(engine(batch))
         cos = cosine_per_example(got, reference)
-        rows = [{"comparison": "engine vs encoder function (jit, no engine)", "sentences": len(sentences),
-                 "min cosine": float(cos.min()), "max |diff|": float(np.abs(got - reference).max())}]
+        rows = [
+            {
+                "comparison": "engine vs encoder function (jit, no engine)",
+                "sentences": len(sentences),
+                "min cosine": float(cos.min()),
+                "max |diff|": float(np.abs(got - reference).max()),
+            }
+        ]
         torch_ref = os.path.join(os.path.dirname(HERE), "tests", "hf", "minilm_reference.npz")
         if os.path.exists(torch_ref):
             with np.load(torch_ref) as z:
                 if int(z["count"]) == len(minilm_sentences()):
                     pt = z["embeddings"][: len(sentences)]
-                    rows.append({"comparison": "engine vs sentence-transformers (torch) reference",
-                                 "sentences": len(sentences), "min cosine": float(cosine_per_example(got, pt).min()),
-                                 "max |diff|": float(np.abs(got - pt).max())})
+                    rows.append(
+                        {
+                            "comparison": "engine vs sentence-transformers (torch) reference",
+                            "sentences": len(sentences),
+                            "min cosine": float(cosine_per_example(got, pt).min()),
+                            "max |diff|": float(np.abs(got - pt).max()),
+                        }
+                    )
         report.table("MiniLM (all-MiniLM-L6-v2) sentence embeddings through SentenceEncoder.engine", rows)
-        report.check("minilm_engine_min_cosine", float(cos.min()), MINILM_MIN_COSINE, ">=",
-                     note=f"{len(sentences)} sentences (tests/hf/sentences.py), engine(max_batch=32) vs the "
-                          f"encoder's jitted encode function on the same tokens")
+        report.check(
+            "minilm_engine_min_cosine",
+            float(cos.min()),
+            MINILM_MIN_COSINE,
+            ">=",
+            note=f"{len(sentences)} sentences (tests/hf/sentences.py), engine(max_batch=32) vs the "
+            f"encoder's jitted encode function on the same tokens",
+        )
     except Exception as err:  # noqa: BLE001 - the engine API is new; say what happened instead of crashing
-        report.check("minilm_engine_min_cosine", None, MINILM_MIN_COSINE, ">=",
-                     note=f"skipped: SentenceEncoder.engine exists but this bench could not use it: {first_line(err)}")
+        report.check(
+            "minilm_engine_min_cosine",
+            None,
+            MINILM_MIN_COSINE,
+            ">=",
+            note=f"skipped: SentenceEncoder.engine exists but this bench could not use it: {first_line(err)}",
+        )
 
 
 # ---------------------------------------------------------------------------------------------- main
@@ -510,8 +614,11 @@ def main(argv: list[str] | None = None) -> int:
     quant = {}
     for name, case in cases.items():
         quant[name] = quantization_steps(name, case)
-        print(f"[quant] {name}: {quant[name]['cosines']}, int4 {quant[name]['int4_cosine']:.4f}, "
-              f"int8 kernels {quant[name]['int8']}/{quant[name]['eligible']}", flush=True)
+        print(
+            f"[quant] {name}: {quant[name]['cosines']}, int4 {quant[name]['int4_cosine']:.4f}, "
+            f"int8 kernels {quant[name]['int8']}/{quant[name]['eligible']}",
+            flush=True,
+        )
     phase("quantize")
     exported = export_steps(cases, quant)
     phase("export")
@@ -541,26 +648,49 @@ def main(argv: list[str] | None = None) -> int:
             passing.append(name)
         for row in rows:
             del row["passed"]
-        rows.append({"step": f"(info) int8 static, calibrated on all {r['train_n']} training examples",
-                     "value": r["static_all"], "target": "", "result": ""})
+        rows.append(
+            {
+                "step": f"(info) int8 static, calibrated on all {r['train_n']} training examples",
+                "value": r["static_all"],
+                "target": "",
+                "result": "",
+            }
+        )
         if r["not_int8"]:
-            rows.append({"step": "kernels not int8 in dynamic mode", "value": str(r["not_int8"]), "target": "",
-                         "result": ""})
-        report.table(f"{name} ({case['model'].kind}, {r['eligible']} weights, test accuracy {case['accuracy']:.3f}, "
-                     f"trained in {case['train_s']:.0f} s)", rows)
-    report.table("sharded vs one device (relative to each output's largest magnitude; moved: share of outputs "
-                 f"off by more than {SHARDED_REL_TOL:g})", sharded_rows)
+            rows.append(
+                {"step": "kernels not int8 in dynamic mode", "value": str(r["not_int8"]), "target": "", "result": ""}
+            )
+        report.table(
+            f"{name} ({case['model'].kind}, {r['eligible']} weights, test accuracy {case['accuracy']:.3f}, "
+            f"trained in {case['train_s']:.0f} s)",
+            rows,
+        )
+    report.table(
+        "sharded vs one device (relative to each output's largest magnitude; moved: share of outputs "
+        f"off by more than {SHARDED_REL_TOL:g})",
+        sharded_rows,
+    )
 
     # -- checks
-    report.check("foreign_models_passing", len(passing), 6, ">=",
-                 note=f"passing: {passing}; a model passes when every row of its table passes (sharded integer "
-                      f"modes held to one activation step, 1/127, on at most 5% of outputs)")
-    report.check("foreign_kernel_quantized_fraction",
-                 sum(q["int8"] for q in quant.values()) / sum(q["eligible"] for q in quant.values()), 1.0, ">=",
-                 note=f"{sum(q['int8'] for q in quant.values())} of {sum(q['eligible'] for q in quant.values())} "
-                      f"weights computed int8 in dynamic mode")
-    report.check("foreign_int8_min_cosine", min(min(q["cosines"].values()) for q in quant.values()),
-                 INT8_MIN_COSINE, ">=")
+    report.check(
+        "foreign_models_passing",
+        len(passing),
+        6,
+        ">=",
+        note=f"passing: {passing}; a model passes when every row of its table passes (sharded integer "
+        f"modes held to one activation step, 1/127, on at most 5% of outputs)",
+    )
+    report.check(
+        "foreign_kernel_quantized_fraction",
+        sum(q["int8"] for q in quant.values()) / sum(q["eligible"] for q in quant.values()),
+        1.0,
+        ">=",
+        note=f"{sum(q['int8'] for q in quant.values())} of {sum(q['eligible'] for q in quant.values())} "
+        f"weights computed int8 in dynamic mode",
+    )
+    report.check(
+        "foreign_int8_min_cosine", min(min(q["cosines"].values()) for q in quant.values()), INT8_MIN_COSINE, ">="
+    )
     report.check("foreign_int4_min_cosine", min(q["int4_cosine"] for q in quant.values()), INT4_MIN_COSINE, ">=")
     report.check("foreign_export_max_abs_diff", max(exported.values()), SHARDED_REL_TOL, "<=")
     overall = max(s["max |diff| / scale"] for s in sharded_rows)
@@ -571,19 +701,35 @@ def main(argv: list[str] | None = None) -> int:
     worst = max(sharded_rows, key=lambda s: s["max |diff| / scale"])
     note = None
     if overall > SHARDED_REL_TOL:
-        note = (f"misses through the integer modes (worst: {worst['model']}, {worst['mesh']}, {worst['mode']}: "
-                f"{worst['max |diff| / scale']:.2g}, {worst['outputs moved']:.2%} of outputs moved): sharded runs "
-                f"reorder float sums (float modes differ by at most {float_max:.2g}), which moves a few activations "
-                f"across an int8 rounding boundary, so those outputs differ by up to one activation step (1/127 of "
-                f"a row's scale); see foreign_sharded_integer_modes_max_diff and _moved_fraction")
+        note = (
+            f"misses through the integer modes (worst: {worst['model']}, {worst['mesh']}, {worst['mode']}: "
+            f"{worst['max |diff| / scale']:.2g}, {worst['outputs moved']:.2%} of outputs moved): sharded runs "
+            f"reorder float sums (float modes differ by at most {float_max:.2g}), which moves a few activations "
+            f"across an int8 rounding boundary, so those outputs differ by up to one activation step (1/127 of "
+            f"a row's scale); see foreign_sharded_integer_modes_max_diff and _moved_fraction"
+        )
     report.check("foreign_sharded_max_abs_diff", overall, SHARDED_REL_TOL, "<=", note=note)
-    report.check("foreign_sharded_float_modes_max_diff", float_max, SHARDED_REL_TOL, "<=",
-                 note="weight_only and auto, every mesh")
-    report.check("foreign_sharded_integer_modes_max_diff", int_max, INTEGER_STEP_TOL, "<=",
-                 note="dynamic and static, every mesh; target: one int8 activation step (1/127)")
-    report.check("foreign_sharded_integer_moved_fraction", int_moved, INTEGER_MOVED_FRACTION, "<=",
-                 note=f"largest share of outputs off by more than {SHARDED_REL_TOL:g} in one (model, mesh, "
-                      f"integer mode) run")
+    report.check(
+        "foreign_sharded_float_modes_max_diff",
+        float_max,
+        SHARDED_REL_TOL,
+        "<=",
+        note="weight_only and auto, every mesh",
+    )
+    report.check(
+        "foreign_sharded_integer_modes_max_diff",
+        int_max,
+        INTEGER_STEP_TOL,
+        "<=",
+        note="dynamic and static, every mesh; target: one int8 activation step (1/127)",
+    )
+    report.check(
+        "foreign_sharded_integer_moved_fraction",
+        int_moved,
+        INTEGER_MOVED_FRACTION,
+        "<=",
+        note=f"largest share of outputs off by more than {SHARDED_REL_TOL:g} in one (model, mesh, integer mode) run",
+    )
 
     if not args.no_minilm:
         minilm_section(report)
@@ -593,9 +739,20 @@ def main(argv: list[str] | None = None) -> int:
     if not args.no_qwix:
         qwix_section(report, cases, quant, rounds=args.rounds)
     phase("qwix")
-    report.table("run", [{"train steps": args.steps, "held-out examples": HELD_OUT, "timing rounds": args.rounds,
-                          "meshes": ", ".join(m for m, *_ in meshes), "devices": len(jax.devices()),
-                          **{f"{k} s": v for k, v in phases.items()}, "wall s": time.perf_counter() - started}])
+    report.table(
+        "run",
+        [
+            {
+                "train steps": args.steps,
+                "held-out examples": HELD_OUT,
+                "timing rounds": args.rounds,
+                "meshes": ", ".join(m for m, *_ in meshes),
+                "devices": len(jax.devices()),
+                **{f"{k} s": v for k, v in phases.items()},
+                "wall s": time.perf_counter() - started,
+            }
+        ],
+    )
     report.print()
     report.write(args.json)
     return 0

@@ -89,8 +89,11 @@ def cpu_info() -> dict[str, Any]:
         return next((ln.split(":", 1)[1].strip() for ln in lines if ln.split(":", 1)[0].strip() == key), "")
 
     flags = set(field("flags").split())
-    return {"model_name": field("model name") or None, "usable_cores": usable_cores(),
-            "flags": {f: f in flags for f in CPU_FLAGS}}
+    return {
+        "model_name": field("model name") or None,
+        "usable_cores": usable_cores(),
+        "flags": {f: f in flags for f in CPU_FLAGS},
+    }
 
 
 def cpu_busy_seconds() -> tuple[float, float, float] | None:
@@ -188,13 +191,16 @@ def xla_w8a8_matmul(x: jax.Array, wq: jax.Array, sw: jax.Array) -> jax.Array:
 
 
 def native_matmuls(native: ModuleType) -> dict[str, Matmul]:
-    return {"ours_w8a8_sym8": lambda x, packed, sw: native.w8a8_matmul(x, packed, sw),
-            "ours_w8a8": lambda x, packed, sw: native.w8a8_matmul(x, packed, sw, symmetric=False, act_bits=7),
-            "ours_int4": lambda x, p4: native.int4_matmul(x, p4)}
+    return {
+        "ours_w8a8_sym8": lambda x, packed, sw: native.w8a8_matmul(x, packed, sw),
+        "ours_w8a8": lambda x, packed, sw: native.w8a8_matmul(x, packed, sw, symmetric=False, act_bits=7),
+        "ours_int4": lambda x, p4: native.int4_matmul(x, p4),
+    }
 
 
-def jax_variants(weights: list[np.ndarray], native: ModuleType | None,
-                 native_note: str) -> dict[str, tuple[Matmul, Layers] | str]:
+def jax_variants(
+    weights: list[np.ndarray], native: ModuleType | None, native_note: str
+) -> dict[str, tuple[Matmul, Layers] | str]:
     """``{variant: (matmul, per-layer args)}`` on the given weights, or ``{variant: why skipped}``."""
     int8 = [quantize_int8(w) for w in weights]
     out: dict[str, tuple[Matmul, Layers] | str] = {
@@ -203,9 +209,11 @@ def jax_variants(weights: list[np.ndarray], native: ModuleType | None,
     }
     if native is None:
         return out | {name: native_note for name in ("ours_w8a8_sym8", "ours_w8a8", "ours_int4")}
-    packers = {"ours_w8a8_sym8": lambda w, q8: (native.pack_int8(q8[0]), jnp.asarray(q8[1])),
-               "ours_w8a8": lambda w, q8: (native.pack_int8(q8[0]), jnp.asarray(q8[1])),
-               "ours_int4": lambda w, q8: (native.pack_int4(*quantize_int4(w, GROUP), GROUP),)}
+    packers = {
+        "ours_w8a8_sym8": lambda w, q8: (native.pack_int8(q8[0]), jnp.asarray(q8[1])),
+        "ours_w8a8": lambda w, q8: (native.pack_int8(q8[0]), jnp.asarray(q8[1])),
+        "ours_int4": lambda w, q8: (native.pack_int4(*quantize_int4(w, GROUP), GROUP),),
+    }
     for name, matmul in native_matmuls(native).items():
         try:
             out[name] = (matmul, [packers[name](w, q8) for w, q8 in zip(weights, int8)])
@@ -241,16 +249,18 @@ def compiled_call(matmul: Matmul, layers: Layers, x: jax.Array) -> Timed:
 # ---------------------------------------------------------------------------- torch variants
 
 
-def torch_variants(torch: ModuleType | None, weights: list[np.ndarray],
-                   torch_note: str) -> dict[str, dict[int, Any] | str]:
+def torch_variants(
+    torch: ModuleType | None, weights: list[np.ndarray], torch_note: str
+) -> dict[str, dict[int, Any] | str]:
     """``{variant: {depth: module}}`` for depth 1 (first weight) and ``DEPTH``, or ``{variant: why skipped}``."""
     if torch is None:
         return {name: torch_note for name in TORCH_VARIANTS}
     f32 = {d: torch_mlp(torch, weights[:d]) for d in (1, DEPTH)}
     with warnings.catch_warnings():  # torch.ao.quantization's deprecation notice
         warnings.simplefilter("ignore")
-        int8 = {d: torch.ao.quantization.quantize_dynamic(m, {torch.nn.Linear}, dtype=torch.qint8)
-                for d, m in f32.items()}
+        int8 = {
+            d: torch.ao.quantization.quantize_dynamic(m, {torch.nn.Linear}, dtype=torch.qint8) for d, m in f32.items()
+        }
     return {"torch_f32": f32, "torch_dynamic_int8": int8}
 
 
@@ -280,7 +290,7 @@ def interleaved_times(fns: dict[str, Timed], *, rounds: int, warmup: int = 2) ->
     names = list(fns)
     samples: dict[str, list[float]] = {name: [] for name in names}
     for r in range(rounds):
-        for name in names[r % len(names):] + names[: r % len(names)]:
+        for name in names[r % len(names) :] + names[: r % len(names)]:
             time.sleep(SETTLE_S)
             jax.block_until_ready(fns[name]())
             start = time.perf_counter()
@@ -299,8 +309,13 @@ def calls_per_round(fn: Timed, warmup: int) -> int:
     return max(1, min(MAX_CALLS, math.ceil(ROUND_MS / max(ms, 1e-3))))
 
 
-def case_calls(jax_vs: dict[str, tuple[Matmul, Layers] | str], torch_vs: dict[str, dict[int, Any] | str],
-               depth: int, x_np: np.ndarray, torch: ModuleType | None) -> dict[str, Timed]:
+def case_calls(
+    jax_vs: dict[str, tuple[Matmul, Layers] | str],
+    torch_vs: dict[str, dict[int, Any] | str],
+    depth: int,
+    x_np: np.ndarray,
+    torch: ModuleType | None,
+) -> dict[str, Timed]:
     """No-argument calls of every runnable variant on input ``x_np`` through ``depth`` layers."""
     x = jnp.asarray(x_np)
     calls: dict[str, Timed] = {}
@@ -328,8 +343,7 @@ def int32_mismatches(native: ModuleType, seed: int) -> tuple[int, list[dict[str,
     total, entries, rows = 0, 0, []
     for (m, k, n), fill in itertools.product(itertools.product(*MISMATCH_SHAPES.values()), ("uniform", "pm127")):
         xq, wq = int8_operand(rng, (m, k), fill), int8_operand(rng, (k, n), fill)
-        want = np.asarray(jax.lax.dot_general(jnp.asarray(xq), jnp.asarray(wq), DIMS,
-                                              preferred_element_type=jnp.int32))
+        want = np.asarray(jax.lax.dot_general(jnp.asarray(xq), jnp.asarray(wq), DIMS, preferred_element_type=jnp.int32))
         got = np.asarray(native.int8_matmul(jnp.asarray(xq), native.pack_int8(wq)))
         bad = int(np.sum(got != want)) if got.shape == want.shape else want.size
         entries += want.size
@@ -356,12 +370,29 @@ class KernelReport(Report):
         super().__init__(title)
         self.meta = meta
 
-    def ratio(self, name: str, base_ms: float | None, ours_ms: float | None, target: float, *,
-              note: str = "", informational: bool = False) -> None:
+    def ratio(
+        self,
+        name: str,
+        base_ms: float | None,
+        ours_ms: float | None,
+        target: float,
+        *,
+        note: str = "",
+        informational: bool = False,
+    ) -> None:
         """Check ``base_ms / ours_ms >= target``, or record it as skipped when either time is missing."""
         if base_ms is None or ours_ms is None:
-            self.checks.append({"name": name, "value": None, "target": target, "op": ">=", "passed": None,
-                                "skipped": True, "note": note or "a variant was not run"})
+            self.checks.append(
+                {
+                    "name": name,
+                    "value": None,
+                    "target": target,
+                    "op": ">=",
+                    "passed": None,
+                    "skipped": True,
+                    "note": note or "a variant was not run",
+                }
+            )
         else:
             self.check(name, base_ms / ours_ms, target, ">=")
         if informational:
@@ -374,62 +405,134 @@ class KernelReport(Report):
             print(f"\n-- {name} --")
             _print_rows(rows)
         print("\n-- acceptance checks --")
-        _print_rows([{"check": c["name"] + (" (info)" if c.get("informational") else ""),
-                      "value": "null" if c["value"] is None else round(c["value"], 4),
-                      "target": f"{c['op']} {c['target']}",
-                      "result": "SKIP" if c["passed"] is None else "PASS" if c["passed"] else "MISS",
-                      "note": c.get("note", "")} for c in self.checks])
+        _print_rows(
+            [
+                {
+                    "check": c["name"] + (" (info)" if c.get("informational") else ""),
+                    "value": "null" if c["value"] is None else round(c["value"], 4),
+                    "target": f"{c['op']} {c['target']}",
+                    "result": "SKIP" if c["passed"] is None else "PASS" if c["passed"] else "MISS",
+                    "note": c.get("note", ""),
+                }
+                for c in self.checks
+            ]
+        )
 
     def write(self, path: str | None) -> None:
         if path:
-            payload = {"device": device_description(), **self.meta, "settings": self.settings, "checks": self.checks,
-                       "tables": self.tables}
+            payload = {
+                "device": device_description(),
+                **self.meta,
+                "settings": self.settings,
+                "checks": self.checks,
+                "tables": self.tables,
+            }
             atomic_write(path, (json.dumps(payload, indent=2) + "\n").encode())
             print(f"wrote {path}")
 
 
-def pivot(times: dict[tuple[str, int], float | None], variants: Sequence[str], batches: Sequence[int],
-          notes: dict[str, str], unit: str) -> list[dict[str, Any]]:
+def pivot(
+    times: dict[tuple[str, int], float | None],
+    variants: Sequence[str],
+    batches: Sequence[int],
+    notes: dict[str, str],
+    unit: str,
+) -> list[dict[str, Any]]:
     """Rows of ``variant`` x ``b<batch> <unit>`` (null where the variant did not run), with its skip note."""
-    return [{"variant": v, **{f"b{b} {unit}": times.get((v, b)) for b in batches}, "note": notes.get(v, "")}
-            for v in variants]
+    return [
+        {"variant": v, **{f"b{b} {unit}": times.get((v, b)) for b in batches}, "note": notes.get(v, "")}
+        for v in variants
+    ]
 
 
-def add_checks(report: KernelReport, ms: dict[str, dict[tuple[str, int], float | None]], batches: Sequence[int],
-               notes: dict[str, str]) -> None:
+def add_checks(
+    report: KernelReport,
+    ms: dict[str, dict[tuple[str, int], float | None]],
+    batches: Sequence[int],
+    notes: dict[str, str],
+) -> None:
     layer, mlp = ms["layer"], ms["mlp"]
     for b in batches:
-        report.ratio(f"speedup_w8a8_vs_f32_b{b}", layer.get(("xla_f32", b)), layer.get(("ours_w8a8", b)),
-                     4.0 if b <= 16 else 3.0, note=notes.get("ours_w8a8", ""))
+        report.ratio(
+            f"speedup_w8a8_vs_f32_b{b}",
+            layer.get(("xla_f32", b)),
+            layer.get(("ours_w8a8", b)),
+            4.0 if b <= 16 else 3.0,
+            note=notes.get("ours_w8a8", ""),
+        )
     if 1 in batches:
-        report.ratio("speedup_int4_weight_only_vs_f32_b1", layer.get(("xla_f32", 1)), layer.get(("ours_int4", 1)),
-                     4.0, note=notes.get("ours_int4", ""))
+        report.ratio(
+            "speedup_int4_weight_only_vs_f32_b1",
+            layer.get(("xla_f32", 1)),
+            layer.get(("ours_int4", 1)),
+            4.0,
+            note=notes.get("ours_int4", ""),
+        )
     for b in batches:
-        report.ratio(f"speedup_vs_torch_dynamic_int8_b{b}", layer.get(("torch_dynamic_int8", b)),
-                     layer.get(("ours_w8a8", b)), 1.0,
-                     note=notes.get("ours_w8a8") or notes.get("torch_dynamic_int8", ""))
+        report.ratio(
+            f"speedup_vs_torch_dynamic_int8_b{b}",
+            layer.get(("torch_dynamic_int8", b)),
+            layer.get(("ours_w8a8", b)),
+            1.0,
+            note=notes.get("ours_w8a8") or notes.get("torch_dynamic_int8", ""),
+        )
     for b in batches:
-        report.ratio(f"speedup_w8a8_vs_f32_mlp_b{b}", mlp.get(("xla_f32", b)), mlp.get(("ours_w8a8", b)), 1.0,
-                     note=notes.get("ours_w8a8", ""), informational=True)
+        report.ratio(
+            f"speedup_w8a8_vs_f32_mlp_b{b}",
+            mlp.get(("xla_f32", b)),
+            mlp.get(("ours_w8a8", b)),
+            1.0,
+            note=notes.get("ours_w8a8", ""),
+            informational=True,
+        )
     if 1 in batches:
-        report.ratio("speedup_int4_weight_only_vs_f32_mlp_b1", mlp.get(("xla_f32", 1)), mlp.get(("ours_int4", 1)),
-                     1.0, note=notes.get("ours_int4", ""), informational=True)
+        report.ratio(
+            "speedup_int4_weight_only_vs_f32_mlp_b1",
+            mlp.get(("xla_f32", 1)),
+            mlp.get(("ours_int4", 1)),
+            1.0,
+            note=notes.get("ours_int4", ""),
+            informational=True,
+        )
     for b in batches:
-        report.ratio(f"speedup_vs_torch_dynamic_int8_mlp_b{b}", mlp.get(("torch_dynamic_int8", b)),
-                     mlp.get(("ours_w8a8", b)), 1.0,
-                     note=notes.get("ours_w8a8") or notes.get("torch_dynamic_int8", ""), informational=True)
+        report.ratio(
+            f"speedup_vs_torch_dynamic_int8_mlp_b{b}",
+            mlp.get(("torch_dynamic_int8", b)),
+            mlp.get(("ours_w8a8", b)),
+            1.0,
+            note=notes.get("ours_w8a8") or notes.get("torch_dynamic_int8", ""),
+            informational=True,
+        )
 
 
 def mismatch_check(report: KernelReport, native: ModuleType | None, native_note: str, seed: int) -> None:
     if native is None:
-        report.checks.append({"name": "kernel_int32_mismatches", "value": None, "target": 0, "op": "<=",
-                              "passed": None, "skipped": True, "note": native_note})
+        report.checks.append(
+            {
+                "name": "kernel_int32_mismatches",
+                "value": None,
+                "target": 0,
+                "op": "<=",
+                "passed": None,
+                "skipped": True,
+                "note": native_note,
+            }
+        )
         return
     try:
         total, rows = int32_mismatches(native, seed)
     except Exception as e:
-        report.checks.append({"name": "kernel_int32_mismatches", "value": None, "target": 0, "op": "<=",
-                              "passed": None, "skipped": True, "note": f"native.int8_matmul failed: {e!r}"})
+        report.checks.append(
+            {
+                "name": "kernel_int32_mismatches",
+                "value": None,
+                "target": 0,
+                "op": "<=",
+                "passed": None,
+                "skipped": True,
+                "note": f"native.int8_matmul failed: {e!r}",
+            }
+        )
         return
     report.table("native.int8_matmul vs lax.dot_general int32 (shapes with mismatches, then the total)", rows)
     report.check("kernel_int32_mismatches", total, 0, "<=")
@@ -438,9 +541,14 @@ def mismatch_check(report: KernelReport, native: ModuleType | None, native_note:
 # ---------------------------------------------------------------------------- main
 
 
-def run_cases(args: argparse.Namespace, report: KernelReport, native: ModuleType | None, native_note: str,
-              torch: ModuleType | None, torch_note: str) -> tuple[dict[str, dict[tuple[str, int], float | None]],
-                                                                  dict[str, str]]:
+def run_cases(
+    args: argparse.Namespace,
+    report: KernelReport,
+    native: ModuleType | None,
+    native_note: str,
+    torch: ModuleType | None,
+    torch_note: str,
+) -> tuple[dict[str, dict[tuple[str, int], float | None]], dict[str, str]]:
     """Time every variant on the layer and on the MLP at every batch; add the time and error tables."""
     weights = make_weights(args.size, args.seed)
     jax_vs = jax_variants(weights, native, native_note)
@@ -461,10 +569,13 @@ def run_cases(args: argparse.Namespace, report: KernelReport, native: ModuleType
                 errors |= {(v, b): rel_error(fn(), ref) for v, fn in calls.items()}
     size = f"{args.size}x{args.size}"
     report.table(f"single {size} layer, median ms per call", pivot(ms["layer"], variants, args.batches, notes, "ms"))
-    report.table(f"{DEPTH}-layer MLP of {size} layers with ReLU, median ms per call",
-                 pivot(ms["mlp"], variants, args.batches, notes, "ms"))
-    report.table(f"single {size} layer, relative L2 error vs xla_f32", pivot(errors, variants, args.batches, notes,
-                                                                                 "rel err"))
+    report.table(
+        f"{DEPTH}-layer MLP of {size} layers with ReLU, median ms per call",
+        pivot(ms["mlp"], variants, args.batches, notes, "ms"),
+    )
+    report.table(
+        f"single {size} layer, relative L2 error vs xla_f32", pivot(errors, variants, args.batches, notes, "rel err")
+    )
     return ms, notes
 
 
@@ -472,8 +583,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--json", metavar="PATH", help="write the checks, tables and CPU/kernel info as JSON")
     parser.add_argument("--size", type=int, default=4096, help="layer width (a multiple of 32)")
-    parser.add_argument("--batches", type=lambda s: [int(b) for b in s.split(",")], default=[1, 16, 256],
-                        help="comma-separated batch sizes (default 1,16,256)")
+    parser.add_argument(
+        "--batches",
+        type=lambda s: [int(b) for b in s.split(",")],
+        default=[1, 16, 256],
+        help="comma-separated batch sizes (default 1,16,256)",
+    )
     parser.add_argument("--rounds", type=int, default=7, help="alternating timing rounds per (model, batch)")
     parser.add_argument("--seed", type=int, default=0)
     add_allocator_flag(parser)
@@ -488,10 +603,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     native, native_meta = load_native()
     torch, torch_meta = load_torch()
     cpu = cpu_info()
-    report = KernelReport("native kernel benchmark",
-                          {"cpu": cpu, "native": native_meta, "torch": torch_meta,
-                           "config": {"size": args.size, "batches": args.batches, "rounds": args.rounds,
-                                      "seed": args.seed, "int4_group": GROUP}})
+    report = KernelReport(
+        "native kernel benchmark",
+        {
+            "cpu": cpu,
+            "native": native_meta,
+            "torch": torch_meta,
+            "config": {
+                "size": args.size,
+                "batches": args.batches,
+                "rounds": args.rounds,
+                "seed": args.seed,
+                "int4_group": GROUP,
+            },
+        },
+    )
     apply_allocator(args, report)
     start = cpu_busy_seconds()
     with torch.inference_mode() if torch is not None else contextlib.nullcontext():

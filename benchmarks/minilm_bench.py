@@ -61,24 +61,43 @@ def variants(f32: SentenceEncoder) -> dict[str, tuple[dict, str]]:
     int4_asym = QuantSpec(qtype="int4", granularity="group", group_size=32, calibration="mse", symmetric=False)
     every = [QuantRule(p, int8) for p in (ATTENTION, FFN_IN, FFN_OUT)]
     ids, mask = f32.tokenize(CALIBRATION)
-    searched = {bits: smooth_quantize(f32.config, f32.variables, ids, every, alpha=[a / 10 for a in range(11)],
-                                      asymmetric=r".*", asymmetric_bits=bits, method="encode", attention_mask=mask)
-                for bits in (7, 8)}
+    searched = {
+        bits: smooth_quantize(
+            f32.config,
+            f32.variables,
+            ids,
+            every,
+            alpha=[a / 10 for a in range(11)],
+            asymmetric=r".*",
+            asymmetric_bits=bits,
+            method="encode",
+            attention_mask=mask,
+        )
+        for bits in (7, 8)
+    }
     smoothed = smooth_quantize(f32.config, f32.variables, ids, every, alpha=0.5, method="encode", attention_mask=mask)
-    gptq = gptq_quantize(f32.config, f32.variables, ids,
-                         [QuantRule(p, int4_asym) for p in (ATTENTION, FFN_IN, FFN_OUT)],
-                         method="encode", attention_mask=mask)
+    gptq = gptq_quantize(
+        f32.config,
+        f32.variables,
+        ids,
+        [QuantRule(p, int4_asym) for p in (ATTENTION, FFN_IN, FFN_OUT)],
+        method="encode",
+        attention_mask=mask,
+    )
     return {
         BEST: (searched[8], "dynamic"),
         ASYM7: (searched[7], "dynamic"),
         "int8 W8A8 dynamic + SmoothQuant (alpha 0.5)": (smoothed, "dynamic"),
         "int8 W8A8 dynamic (all encoder kernels)": (quantize(f32.variables, every).variables, "dynamic"),
         "int8 W8A8 dynamic, FFN output float": (
-            quantize(f32.variables, [QuantRule(ATTENTION, int8), QuantRule(FFN_IN, int8)]).variables, "dynamic"),
+            quantize(f32.variables, [QuantRule(ATTENTION, int8), QuantRule(FFN_IN, int8)]).variables,
+            "dynamic",
+        ),
         "int8 weight-only": (quantize(f32.variables, every).variables, "weight_only"),
         "int4 weight-only (g16, symmetric, round-to-nearest)": (
             quantize(f32.variables, [QuantRule(p, int4) for p in (ATTENTION, FFN_IN, FFN_OUT)]).variables,
-            "weight_only"),
+            "weight_only",
+        ),
         "int4 weight-only (g32, asymmetric, GPTQ)": (gptq, "weight_only"),
     }
 
@@ -105,10 +124,15 @@ def main(argv=None) -> int:
         encoders[name] = SentenceEncoder(directory, variables=serving_layout(qvariables), quant_mode=mode)
         emb = encoders[name].embed(sentences)
         cos = (emb * base).sum(-1)
-        rows.append({"variant": name, "mean cosine": float(cos.mean()), "min cosine": float(cos.min()),
-                     "top-1 agreement": _top1(base, emb),
-                     f"top-1, {len(prose)} doc sentences":
-                         _top1(prose_base, encoders[name].embed(prose)) if prose else None})
+        rows.append(
+            {
+                "variant": name,
+                "mean cosine": float(cos.mean()),
+                "min cosine": float(cos.min()),
+                "top-1 agreement": _top1(base, emb),
+                f"top-1, {len(prose)} doc sentences": _top1(prose_base, encoders[name].embed(prose)) if prose else None,
+            }
+        )
     report.table("quality vs f32 on 240 sentences", rows)
     report.check("int8_mean_cosine", rows[0]["mean cosine"], 0.995, ">=")
     report.check("int4_mean_cosine", rows[7]["mean cosine"], 0.98, ">=")
@@ -152,8 +176,12 @@ def main(argv=None) -> int:
     median = {name: float(np.median(t)) for name, t in times.items()}
     report.table("batch 32 x 128 tokens, median ms", [{"path": k, "ms": v} for k, v in median.items()])
     report.check("speedup_int8_vs_torch_f32", median["torch f32"] / median["jaxopt_serve int8 W8A8"], 1.5, ">=")
-    report.check("speedup_int8_vs_torch_dynamic_int8",
-                 median["torch quantize_dynamic int8"] / median["jaxopt_serve int8 W8A8"], 1.0, ">=")
+    report.check(
+        "speedup_int8_vs_torch_dynamic_int8",
+        median["torch quantize_dynamic int8"] / median["jaxopt_serve int8 W8A8"],
+        1.0,
+        ">=",
+    )
     report.print()
     report.write(args.json)
     return 0

@@ -52,17 +52,28 @@ def main(argv=None) -> int:
     rows = []
     for name, (config, variables) in candidates.items():
         before = embedding_agreement(
-            base, SentenceEncoder(directory, config=config, variables=variables).embed(sentences))
+            base, SentenceEncoder(directory, config=config, variables=variables).embed(sentences)
+        )
         start = time.perf_counter()
-        result = distill_embeddings(teacher, config, variables, corpus, steps=args.steps,
-                                    learning_rate=args.learning_rate, log_every=50)
+        result = distill_embeddings(
+            teacher, config, variables, corpus, steps=args.steps, learning_rate=args.learning_rate, log_every=50
+        )
         seconds = time.perf_counter() - start
-        after = embedding_agreement(base, SentenceEncoder(directory, config=config, variables=result.variables)
-                                    .embed(sentences))
-        rows.append({"model": name, "encoder params": count_params({"params": {
-            k: v for k, v in result.variables["params"].items() if k.startswith("layer_")}}),
-            "cosine before": before["mean_cosine"], "cosine after": after["mean_cosine"],
-            "top-1 after": after["top1_agreement"], "train s": seconds})
+        after = embedding_agreement(
+            base, SentenceEncoder(directory, config=config, variables=result.variables).embed(sentences)
+        )
+        rows.append(
+            {
+                "model": name,
+                "encoder params": count_params(
+                    {"params": {k: v for k, v in result.variables["params"].items() if k.startswith("layer_")}}
+                ),
+                "cosine before": before["mean_cosine"],
+                "cosine after": after["mean_cosine"],
+                "top-1 after": after["top1_agreement"],
+                "train s": seconds,
+            }
+        )
     report = Report("all-MiniLM-L6-v2: smaller encoders by distillation")
     report.table(f"vs the f32 teacher on 240 held-out sentences, {args.steps} steps", rows)
     report.print()

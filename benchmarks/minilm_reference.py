@@ -27,8 +27,9 @@ def torch_embeddings(directory: str, sentences: list[str], batch_size: int = 32)
     model = AutoModel.from_pretrained(directory).eval()
     out = []
     for start in range(0, len(sentences), batch_size):
-        batch = tokenizer(sentences[start : start + batch_size], padding=True, truncation=True, max_length=256,
-                          return_tensors="pt")
+        batch = tokenizer(
+            sentences[start : start + batch_size], padding=True, truncation=True, max_length=256, return_tensors="pt"
+        )
         with torch.no_grad():
             hidden = model(**batch).last_hidden_state
         mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)

@@ -41,24 +41,40 @@ def accuracy_section(report: Report, *, steps: int, finetune_steps: int, gradual
         base = 100.0 * artifact.metadata["test_accuracy"]
         f32_bytes = save_artifact(os.path.join(out, f"{name}_f32.jxs"), artifact)
 
-        deep = deep_compress(config, artifact.variables, digits, sparsity=0.9, bits="int4",
-                             finetune_steps=gradual_steps, seed=seed)
+        deep = deep_compress(
+            config, artifact.variables, digits, sparsity=0.9, bits="int4", finetune_steps=gradual_steps, seed=seed
+        )
         path = os.path.join(out, f"{name}_sparse90_int4.jxs")
         sparse_bytes = save_artifact(path, deep.artifact)
         loaded = load_artifact(path)
         deep_acc = accuracy_pct(config, loaded.variables, digits)
-        sizes.append({"model": name, "f32 bytes": f32_bytes, "90% sparse + int4 bytes": sparse_bytes,
-                      "ratio": f32_bytes / sparse_bytes, "kernel sparsity": deep.sparsity})
+        sizes.append(
+            {
+                "model": name,
+                "f32 bytes": f32_bytes,
+                "90% sparse + int4 bytes": sparse_bytes,
+                "ratio": f32_bytes / sparse_bytes,
+                "kernel sparsity": deep.sparsity,
+            }
+        )
         report.check(f"size_ratio_sparse90_int4_{name}", f32_bytes / sparse_bytes, 20.0, ">=")
 
         pruned = structured(config, artifact.variables, digits, sparsity=0.5, finetune_steps=finetune_steps, seed=seed)
         struct_acc = accuracy_pct(pruned.config, pruned.variables, digits)
         accs += [
             {"model": name, "variant": "f32", "accuracy %": base, "drop (points)": 0.0},
-            {"model": name, "variant": "90% unstructured (gradual) + int4, from the sparse artifact",
-             "accuracy %": deep_acc, "drop (points)": base - deep_acc},
-            {"model": name, "variant": f"50% structured -> {_widths(pruned.config)}, fine-tuned",
-             "accuracy %": struct_acc, "drop (points)": base - struct_acc},
+            {
+                "model": name,
+                "variant": "90% unstructured (gradual) + int4, from the sparse artifact",
+                "accuracy %": deep_acc,
+                "drop (points)": base - deep_acc,
+            },
+            {
+                "model": name,
+                "variant": f"50% structured -> {_widths(pruned.config)}, fine-tuned",
+                "accuracy %": struct_acc,
+                "drop (points)": base - struct_acc,
+            },
         ]
         report.check(f"acc_drop_sparse90_int4_{name}", base - deep_acc, 1.0, "<=")
         report.check(f"acc_drop_structured50_{name}", base - struct_acc, 1.5, "<=")
@@ -69,11 +85,24 @@ def accuracy_section(report: Report, *, steps: int, finetune_steps: int, gradual
                 warnings.simplefilter("ignore")
                 # N:M groups input channels: the first conv has one, so it stays dense.
                 pattern = r"params/(?!conv_0/)(.*/)?kernel" if method == "nm" else r"params/(.*/)?kernel"
-                v, result = unstructured(config, artifact.variables, digits, sparsity=0.8, method=method,
-                                         scope="global", pattern=pattern, seed=seed)
-            criteria.append({"model": name, "criterion": method if method != "nm" else "2:4 magnitude",
-                             "sparsity": result.overall,
-                             "accuracy % (no fine-tuning)": accuracy_pct(config, v, digits)})
+                v, result = unstructured(
+                    config,
+                    artifact.variables,
+                    digits,
+                    sparsity=0.8,
+                    method=method,
+                    scope="global",
+                    pattern=pattern,
+                    seed=seed,
+                )
+            criteria.append(
+                {
+                    "model": name,
+                    "criterion": method if method != "nm" else "2:4 magnitude",
+                    "sparsity": result.overall,
+                    "accuracy % (no fine-tuning)": accuracy_pct(config, v, digits),
+                }
+            )
     report.table("artifact size on disk", sizes)
     report.table("digits test accuracy", accs)
     report.table("one-shot unstructured pruning, global scope, no fine-tuning", criteria)
@@ -96,19 +125,42 @@ def speed_section(report: Report, *, rounds: int) -> None:
         dense_fn, small_fn = jax.jit(predict_fn(config)), jax.jit(predict_fn(pruned.config))
         x = jnp.asarray(rng.normal(size=(batch, *shape)), jnp.float32)
         calls = 2 if name.startswith("cnn") else 5
-        t_dense, t_small = paired_times(lambda: dense_fn(variables, x),  # noqa: B023 - called in this iteration
-                                        lambda: small_fn(pruned.variables, x),  # noqa: B023 - called in this iteration
-                                        rounds=rounds, calls=calls)
-        rows.append({"model": name, "batch": batch, "variant": f"50% structured -> {_widths(pruned.config)}",
-                     "unpruned ms": t_dense, "pruned ms": t_small, "speed-up": t_dense / t_small})
+        t_dense, t_small = paired_times(
+            lambda: dense_fn(variables, x),  # noqa: B023 - called in this iteration
+            lambda: small_fn(pruned.variables, x),  # noqa: B023 - called in this iteration
+            rounds=rounds,
+            calls=calls,
+        )
+        rows.append(
+            {
+                "model": name,
+                "batch": batch,
+                "variant": f"50% structured -> {_widths(pruned.config)}",
+                "unpruned ms": t_dense,
+                "pruned ms": t_small,
+                "speed-up": t_dense / t_small,
+            }
+        )
         # 90% unstructured: same dense shapes, zeros inside; XLA's dense kernels do not skip them.
         masked = jax.device_put(
-            jax.tree.map(lambda a: np.where(rng.uniform(size=a.shape) < 0.9, 0, a).astype(a.dtype), variables))
-        t_dense, t_masked = paired_times(lambda: dense_fn(variables, x),  # noqa: B023 - called in this iteration
-                                         lambda: dense_fn(masked, x),  # noqa: B023 - called in this iteration
-                                         rounds=max(3, rounds // 2), calls=calls)
-        rows.append({"model": name, "batch": batch, "variant": "90% unstructured (zeros, dense shapes)",
-                     "unpruned ms": t_dense, "pruned ms": t_masked, "speed-up": t_dense / t_masked})
+            jax.tree.map(lambda a: np.where(rng.uniform(size=a.shape) < 0.9, 0, a).astype(a.dtype), variables)
+        )
+        t_dense, t_masked = paired_times(
+            lambda: dense_fn(variables, x),  # noqa: B023 - called in this iteration
+            lambda: dense_fn(masked, x),  # noqa: B023 - called in this iteration
+            rounds=max(3, rounds // 2),
+            calls=calls,
+        )
+        rows.append(
+            {
+                "model": name,
+                "batch": batch,
+                "variant": "90% unstructured (zeros, dense shapes)",
+                "unpruned ms": t_dense,
+                "pruned ms": t_masked,
+                "speed-up": t_dense / t_masked,
+            }
+        )
     report.table("speed: pruned vs unpruned, jit-compiled", rows)
     report.check("speedup_structured50_b16_cnn224", rows[0]["speed-up"], 1.7, ">=")
     report.check("speedup_structured50_b256_mlp", rows[2]["speed-up"], 1.7, ">=")
@@ -126,8 +178,13 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     report = Report("pruning benchmark")
     if "accuracy" not in args.skip:
-        accuracy_section(report, steps=args.steps, finetune_steps=args.finetune_steps,
-                         gradual_steps=args.gradual_steps, seed=args.seed)
+        accuracy_section(
+            report,
+            steps=args.steps,
+            finetune_steps=args.finetune_steps,
+            gradual_steps=args.gradual_steps,
+            seed=args.seed,
+        )
     if "speed" not in args.skip:
         speed_section(report, rounds=args.rounds)
     report.print()

@@ -44,14 +44,22 @@ INT4_G32 = QuantSpec(qtype="int4", granularity="group", group_size=32)
 def size_section(report: Report) -> None:
     variables = init_variables(MLPConfig(features=(4096, 4096), input_shape=(4096,)), 0)
     rows = []
-    for name, rules in [("int8 per-channel", INT8), ("int4 per-group g32", grouped_rules(variables, INT4_G32)),
-                        ("int4 per-group g128",
-                         [QuantRule(KERNELS, QuantSpec(qtype="int4", granularity="group", group_size=128))]),
-                        ("ternary per-channel", [QuantRule(KERNELS, QuantSpec(qtype="ternary"))]),
-                        ("binary per-channel", [QuantRule(KERNELS, QuantSpec(qtype="binary"))])]:
+    for name, rules in [
+        ("int8 per-channel", INT8),
+        ("int4 per-group g32", grouped_rules(variables, INT4_G32)),
+        ("int4 per-group g128", [QuantRule(KERNELS, QuantSpec(qtype="int4", granularity="group", group_size=128))]),
+        ("ternary per-channel", [QuantRule(KERNELS, QuantSpec(qtype="ternary"))]),
+        ("binary per-channel", [QuantRule(KERNELS, QuantSpec(qtype="binary"))]),
+    ]:
         result = quantize(variables, rules)
-        rows.append({"scheme": name, "f32 kernel bytes": result.float_bytes, "quantized bytes": result.quantized_bytes,
-                     "ratio": result.compression})
+        rows.append(
+            {
+                "scheme": name,
+                "f32 kernel bytes": result.float_bytes,
+                "quantized bytes": result.quantized_bytes,
+                "ratio": result.compression,
+            }
+        )
     report.table("size of the MLP 4096-4096 kernels (values + scales + zero points)", rows)
     report.check("size_ratio_int8", rows[0]["ratio"], 3.9, ">=")
     report.check("size_ratio_int4", rows[2]["ratio"], 7.5, ">=")  # g128; g32 is in the table
@@ -89,8 +97,9 @@ def accuracy_section(report: Report, *, steps: int, qat_steps: int, seed: int) -
     report.table("digits test accuracy (359 images)", rows)
 
     tokens = load_digit_tokens(seed=seed)
-    config = TransformerConfig(vocab_size=18, max_len=65, seq_len=65, hidden_size=64, num_layers=2, num_heads=4,
-                               mlp_dim=128, num_classes=10)
+    config = TransformerConfig(
+        vocab_size=18, max_len=65, seq_len=65, hidden_size=64, num_layers=2, num_heads=4, mlp_dim=128, num_classes=10
+    )
     artifact, _ = train_classifier(config, tokens, steps=steps, learning_rate=1e-3, seed=seed, progress=False)
     q = quantize(artifact.variables, INT8).variables
     ref = np.asarray(jax.jit(predict_fn(config))(artifact.variables, tokens.x_test))
@@ -100,8 +109,15 @@ def accuracy_section(report: Report, *, steps: int, qat_steps: int, seed: int) -
         cos = float(np.mean(np.sum(out * ref, -1) / np.linalg.norm(out, axis=-1) / np.linalg.norm(ref, axis=-1)))
         agree = float(np.mean(out.argmax(-1) == ref.argmax(-1)))
         rows.append({"mode": mode, "mean logits cosine": cos, "top-1 agreement": agree})
-    rows.insert(0, {"mode": "f32", "mean logits cosine": 1.0, "top-1 agreement": 1.0,
-                    "test accuracy": artifact.metadata["test_accuracy"]})
+    rows.insert(
+        0,
+        {
+            "mode": "f32",
+            "mean logits cosine": 1.0,
+            "top-1 agreement": 1.0,
+            "test accuracy": artifact.metadata["test_accuracy"],
+        },
+    )
     report.table("Transformer encoder on digit tokens, int8 vs f32", rows)
     report.check("encoder_int8_logit_cosine", rows[1]["mean logits cosine"], 0.99, ">=")
 
@@ -126,10 +142,21 @@ def speed_section(report: Report, *, rounds: int, torch_peer: bool) -> None:
         for mode, (fn, qv) in variants.items():
             if mode == "auto" and batch != 1:
                 continue
-            t_f32, t_q = paired_times(lambda: f32(v, x), lambda: fn(qv, x),  # noqa: B023 - called in this iteration
-                                      rounds=rounds)
-            rows.append({"model": "mlp 4096x2", "batch": batch, "mode": mode, "f32 ms": t_f32, "int8 ms": t_q,
-                         "speed-up": t_f32 / t_q})
+            t_f32, t_q = paired_times(
+                lambda: f32(v, x),  # noqa: B023 - called in this iteration
+                lambda: fn(qv, x),  # noqa: B023 - called in this iteration
+                rounds=rounds,
+            )
+            rows.append(
+                {
+                    "model": "mlp 4096x2",
+                    "batch": batch,
+                    "mode": mode,
+                    "f32 ms": t_f32,
+                    "int8 ms": t_q,
+                    "speed-up": t_f32 / t_q,
+                }
+            )
     cnn = CNNConfig(in_channels=3, example_size=224)
     cv = init_variables(cnn, 0, (224, 224, 3))
     cq = serving_layout(quantize(cv, INT8).variables)
@@ -137,16 +164,28 @@ def speed_section(report: Report, *, rounds: int, torch_peer: bool) -> None:
     cmodes = {m: jax.jit(quantized_predict_fn(cnn, mode=m)) for m in ("dynamic", "auto")}
     for batch, mode in ((1, "auto"), (16, "dynamic"), (16, "auto")):
         x = jnp.asarray(rng.uniform(size=(batch, 224, 224, 3)), jnp.float32)
-        t_f32, t_q = paired_times(lambda: f32c(cv, x),  # noqa: B023 - called in this iteration
-                                  lambda: cmodes[mode](cq, x),  # noqa: B023 - called in this iteration
-                                  rounds=max(3, rounds // 2), calls=2)
-        rows.append({"model": "cnn 224x224x3", "batch": batch, "mode": mode, "f32 ms": t_f32, "int8 ms": t_q,
-                     "speed-up": t_f32 / t_q})
+        t_f32, t_q = paired_times(
+            lambda: f32c(cv, x),  # noqa: B023 - called in this iteration
+            lambda: cmodes[mode](cq, x),  # noqa: B023 - called in this iteration
+            rounds=max(3, rounds // 2),
+            calls=2,
+        )
+        rows.append(
+            {
+                "model": "cnn 224x224x3",
+                "batch": batch,
+                "mode": mode,
+                "f32 ms": t_f32,
+                "int8 ms": t_q,
+                "speed-up": t_f32 / t_q,
+            }
+        )
     report.table("speed: W8A8 (int8 x int8 -> int32) vs f32, jit-compiled, same weights", rows)
 
     def speed(model, batch, mode):
-        return next(r["speed-up"] for r in rows
-                    if r["model"].startswith(model) and r["batch"] == batch and r["mode"] == mode)
+        return next(
+            r["speed-up"] for r in rows if r["model"].startswith(model) and r["batch"] == batch and r["mode"] == mode
+        )
 
     report.check("speedup_w8a8_b256_mlp", speed("mlp", 256, ASYM7), 3.0, ">=")
     report.check("speedup_w8a8_b16_mlp", speed("mlp", 16, ASYM7), 2.0, ">=")
@@ -182,13 +221,25 @@ def torch_section(report: Report, variables, qvariables, jax_int8, *, rounds: in
             xn = rng.normal(size=(batch, 4096)).astype(np.float32)
             xt, xj = torch.from_numpy(xn), jnp.asarray(xn)
             # The lambdas are timed right here, within this iteration: late binding is harmless.
-            t_torch_f32, t_torch_int8 = paired_times(lambda: model(xt), lambda: qmodel(xt),  # noqa: B023
-                                                     rounds=rounds)
-            _, t_jax_int8 = paired_times(lambda: qmodel(xt), lambda: jax_int8(qvariables, xj),  # noqa: B023
-                                         rounds=rounds)
-            rows.append({"batch": batch, "torch f32 ms": t_torch_f32, "torch int8 dynamic ms": t_torch_int8,
-                         "jaxopt_serve W8A8 ms": t_jax_int8,
-                         "jaxopt_serve / torch int8 time": t_jax_int8 / t_torch_int8})
+            t_torch_f32, t_torch_int8 = paired_times(
+                lambda: model(xt),  # noqa: B023
+                lambda: qmodel(xt),  # noqa: B023
+                rounds=rounds,
+            )
+            _, t_jax_int8 = paired_times(
+                lambda: qmodel(xt),  # noqa: B023
+                lambda: jax_int8(qvariables, xj),  # noqa: B023
+                rounds=rounds,
+            )
+            rows.append(
+                {
+                    "batch": batch,
+                    "torch f32 ms": t_torch_f32,
+                    "torch int8 dynamic ms": t_torch_int8,
+                    "jaxopt_serve W8A8 ms": t_jax_int8,
+                    "jaxopt_serve / torch int8 time": t_jax_int8 / t_torch_int8,
+                }
+            )
     report.table(f"PyTorch {torch.__version__} peer on the same MLP weights", rows)
 
 

@@ -25,8 +25,14 @@ from typing import Any
 import numpy as np
 
 
-def ray_data_check(tmpdir: str | os.PathLike[str], *, rows: int = 60_000, shards: int = 6, chunk_size: int = 512,
-                   cpus: int | None = None) -> dict[str, Any]:
+def ray_data_check(
+    tmpdir: str | os.PathLike[str],
+    *,
+    rows: int = 60_000,
+    shards: int = 6,
+    chunk_size: int = 512,
+    cpus: int | None = None,
+) -> dict[str, Any]:
     """Run both paths over the same rows; ``{"ray_data_output_identical": 1 or 0, ...timings}``."""
     import ray
 
@@ -49,8 +55,9 @@ def ray_data_check(tmpdir: str | os.PathLike[str], *, rows: int = 60_000, shards
 
     start = time.perf_counter()
     engine = load_servable(model, max_batch=min(chunk_size, 1024))
-    run_batch_inference(engine, root / "all.npy", root / "single.npy", artifact_path=model, chunk_size=chunk_size,
-                        progress=False)
+    run_batch_inference(
+        engine, root / "all.npy", root / "single.npy", artifact_path=model, chunk_size=chunk_size, progress=False
+    )
     single_s = time.perf_counter() - start
 
     started_here = not ray.is_initialized()
@@ -59,16 +66,25 @@ def ray_data_check(tmpdir: str | os.PathLike[str], *, rows: int = 60_000, shards
             warnings.simplefilter("ignore", RuntimeWarning)  # Ray forks its processes from a JAX process
             ray.init(num_cpus=cpus, include_dashboard=False, log_to_driver=False, configure_logging=False)
     try:
-        summary = ray_batch_inference(model, str(root / "part-*.npy"), root / "ray.npy", chunk_size=chunk_size,
-                                      actors=cpus)
+        summary = ray_batch_inference(
+            model, str(root / "part-*.npy"), root / "ray.npy", chunk_size=chunk_size, actors=cpus
+        )
     finally:
         if started_here:
             ray.shutdown()
     identical = (root / "single.npy").read_bytes() == (root / "ray.npy").read_bytes()
-    return {"ray_data_output_identical": int(identical), "rows": rows, "shards": shards, "chunk_size": chunk_size,
-            "ray_actors": cpus, "single_process_seconds": single_s, "single_process_rows_per_s": rows / single_s,
-            "ray_data_seconds": summary["seconds"], "ray_data_rows_per_s": summary["rows_per_second"],
-            "ray_data_throughput_ratio_vs_single_process": (rows / summary["seconds"]) / (rows / single_s)}
+    return {
+        "ray_data_output_identical": int(identical),
+        "rows": rows,
+        "shards": shards,
+        "chunk_size": chunk_size,
+        "ray_actors": cpus,
+        "single_process_seconds": single_s,
+        "single_process_rows_per_s": rows / single_s,
+        "ray_data_seconds": summary["seconds"],
+        "ray_data_rows_per_s": summary["rows_per_second"],
+        "ray_data_throughput_ratio_vs_single_process": (rows / summary["seconds"]) / (rows / single_s),
+    }
 
 
 def main() -> None:

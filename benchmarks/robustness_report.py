@@ -68,12 +68,19 @@ def resume_matrix(workdir: Path) -> dict[str, Any]:
 
     failures: list[str] = []
     count = resume_cases.infer_tamper_cases_undetected(failures=failures)
-    return {"infer_tamper_cases_undetected": count, "infer_tamper_cases_total": 2 * len(resume_cases.CASES),
-            "infer_failures": [{"case": f} for f in failures]}
+    return {
+        "infer_tamper_cases_undetected": count,
+        "infer_tamper_cases_total": 2 * len(resume_cases.CASES),
+        "infer_failures": [{"case": f} for f in failures],
+    }
 
 
-CHECKS: dict[str, Callable[[Path], dict[str, Any]]] = {"artifacts": artifact_matrix, "cli": cli_matrix,
-                                                       "nonfinite": nonfinite_matrix, "resume": resume_matrix}
+CHECKS: dict[str, Callable[[Path], dict[str, Any]]] = {
+    "artifacts": artifact_matrix,
+    "cli": cli_matrix,
+    "nonfinite": nonfinite_matrix,
+    "resume": resume_matrix,
+}
 
 # count -> (op, bound): the acceptance criteria
 TARGETS: dict[str, tuple[str, float]] = {
@@ -113,8 +120,12 @@ def main(argv: list[str] | None = None) -> int:
     results, seconds = run(args.only)
     report = Report("robustness")
     report.table("checks run", [{"check": name, "seconds": round(s, 1)} for name, s in seconds.items()])
-    failures = [{"matrix": key.split("_")[0], **failure} for key, value in results.items()
-                if key.endswith("_failures") for failure in value]
+    failures = [
+        {"matrix": key.split("_")[0], **failure}
+        for key, value in results.items()
+        if key.endswith("_failures")
+        for failure in value
+    ]
     if failures:
         report.table("failures", [{k: (str(v)[:140]) for k, v in f.items()} for f in failures])
     for name, (op, bound) in TARGETS.items():
@@ -123,8 +134,12 @@ def main(argv: list[str] | None = None) -> int:
     report.print()
 
     counts = {k: v for k, v in results.items() if isinstance(v, int)}
-    payload = {**counts, "details": {k: v for k, v in results.items() if not isinstance(v, int)},
-               "checks": report.checks, "seconds": seconds}
+    payload = {
+        **counts,
+        "details": {k: v for k, v in results.items() if not isinstance(v, int)},
+        "checks": report.checks,
+        "seconds": seconds,
+    }
     if args.json:
         atomic_write(args.json, (json.dumps(payload, indent=2, default=str) + "\n").encode())
         print(f"wrote {args.json}")

@@ -77,8 +77,12 @@ def closed_loop(call, clients: int, seconds: float) -> dict[str, float]:
         t.join()
     elapsed = time.perf_counter() - begin
     all_ms = np.concatenate([np.asarray(lat) for lat in latencies]) * 1e3
-    return {"requests/s": len(all_ms) / elapsed, "p50 ms": float(np.percentile(all_ms, 50)),
-            "p99 ms": float(np.percentile(all_ms, 99)), "requests": int(len(all_ms))}
+    return {
+        "requests/s": len(all_ms) / elapsed,
+        "p50 ms": float(np.percentile(all_ms, 50)),
+        "p99 ms": float(np.percentile(all_ms, 99)),
+        "requests": int(len(all_ms)),
+    }
 
 
 def median_ms(fn, calls: int = 200) -> float:
@@ -110,18 +114,38 @@ def batcher_section(report: Report, *, seconds: float, max_wait_ms: float) -> No
         t = closed_loop(lambda: batcher.predict(x), clients, seconds)
         a = closed_loop_async(batcher, x, clients, seconds)
         results[clients] = (s, a)
-        rows.append({"clients": clients, "serial req/s": s["requests/s"], "serial p99 ms": s["p99 ms"],
-                     "batched (threads) req/s": t["requests/s"], "threads p99 ms": t["p99 ms"],
-                     "batched (asyncio) req/s": a["requests/s"], "asyncio p50 ms": a["p50 ms"],
-                     "asyncio p99 ms": a["p99 ms"], "ratio (asyncio / serial)": a["requests/s"] / s["requests/s"]})
+        rows.append(
+            {
+                "clients": clients,
+                "serial req/s": s["requests/s"],
+                "serial p99 ms": s["p99 ms"],
+                "batched (threads) req/s": t["requests/s"],
+                "threads p99 ms": t["p99 ms"],
+                "batched (asyncio) req/s": a["requests/s"],
+                "asyncio p50 ms": a["p50 ms"],
+                "asyncio p99 ms": a["p99 ms"],
+                "ratio (asyncio / serial)": a["requests/s"] / s["requests/s"],
+            }
+        )
     batcher.close()
     snapshot = batcher.metrics.snapshot()
-    report.table(f"in process: reference CNN, single examples, closed loop, {seconds:g} s per point; serial = one "
-                 f"engine call per request behind a lock; the engine's median batch of 32: {batch32_ms:.3f} ms", rows)
-    report.table("batcher metrics over the in-process run", [{
-        "completed": snapshot["completed"], "rejected": snapshot["rejected"], "timed_out": snapshot["timed_out"],
-        "mean rows per engine call": snapshot["completed"] / max(1, sum(snapshot["batch_rows"].values())),
-        "compiles": snapshot["compile_count"]}])
+    report.table(
+        f"in process: reference CNN, single examples, closed loop, {seconds:g} s per point; serial = one "
+        f"engine call per request behind a lock; the engine's median batch of 32: {batch32_ms:.3f} ms",
+        rows,
+    )
+    report.table(
+        "batcher metrics over the in-process run",
+        [
+            {
+                "completed": snapshot["completed"],
+                "rejected": snapshot["rejected"],
+                "timed_out": snapshot["timed_out"],
+                "mean rows per engine call": snapshot["completed"] / max(1, sum(snapshot["batch_rows"].values())),
+                "compiles": snapshot["compile_count"],
+            }
+        ],
+    )
     s32, a32 = results[32]
     report.check("throughput_ratio_batched_vs_serial_32_clients", a32["requests/s"] / s32["requests/s"], 5.0, ">=")
     report.check("p99_ratio_32_clients_vs_engine_batch32", a32["p99 ms"] / batch32_ms, 3.0, "<=")
@@ -132,11 +156,17 @@ def batcher_section(report: Report, *, seconds: float, max_wait_ms: float) -> No
 
 def _noop_engine(max_batch: int) -> InferenceEngine:
     """A model that does nothing: the CNN's input and output shapes, no compute."""
+
     def predict(variables, x):
         return x.reshape(x.shape[0], -1)[:, :10] * 0.0 + variables["bias"]
 
-    return InferenceEngine(None, {"bias": np.zeros(10, np.float32)}, predict=predict,
-                           example=np.zeros((1, 8, 8, 1), np.float32), max_batch=max_batch).warmup()
+    return InferenceEngine(
+        None,
+        {"bias": np.zeros(10, np.float32)},
+        predict=predict,
+        example=np.zeros((1, 8, 8, 1), np.float32),
+        max_batch=max_batch,
+    ).warmup()
 
 
 def serve_child(path: str, port: int, minilm: bool) -> None:
@@ -148,10 +178,14 @@ def serve_child(path: str, port: int, minilm: bool) -> None:
     retain_host_memory()  # as `jaxopt-serve serve` does
 
     artifact = load_artifact(path)
-    engine = InferenceEngine(artifact.config, artifact.variables, input_shape=artifact.input_shape,
-                             max_batch=64).warmup()
-    models = [ServedModel("cnn", engine, max_queue=4096), ServedModel("noop", _noop_engine(64), max_queue=4096),
-              ServedModel("cnn_overload", engine, max_queue=OVERLOAD_QUEUE, timeout_s=0.05)]
+    engine = InferenceEngine(
+        artifact.config, artifact.variables, input_shape=artifact.input_shape, max_batch=64
+    ).warmup()
+    models = [
+        ServedModel("cnn", engine, max_queue=4096),
+        ServedModel("noop", _noop_engine(64), max_queue=4096),
+        ServedModel("cnn_overload", engine, max_queue=OVERLOAD_QUEUE, timeout_s=0.05),
+    ]
     if minilm:
         from jaxopt_serve.hf import SentenceEncoder, bundled_minilm_dir
 
@@ -177,8 +211,9 @@ def _port(url: str) -> int:
 
 
 def _v2_body(x: np.ndarray) -> bytes:
-    return json.dumps({"inputs": [{"name": "input", "shape": list(x.shape), "datatype": "FP32",
-                                   "data": x.reshape(-1).tolist()}]}).encode()
+    return json.dumps(
+        {"inputs": [{"name": "input", "shape": list(x.shape), "datatype": "FP32", "data": x.reshape(-1).tolist()}]}
+    ).encode()
 
 
 def http_section(report: Report, *, seconds: float, rounds: int, minilm: bool) -> None:
@@ -189,33 +224,67 @@ def http_section(report: Report, *, seconds: float, rounds: int, minilm: bool) -
     new, new_url = _start([sys.executable, __file__, "--child", path, *(["--minilm"] if minilm else [])])
     old, old_url = _start([sys.executable, os.path.join(HERE, "stdlib_server.py"), path, "--port", "0"])
     try:
-        points = {"cnn": (new_url, "/v2/models/cnn/infer", _v2_body(x)),
-                  "noop": (new_url, "/v2/models/noop/infer", _v2_body(x)),
-                  "stdlib cnn": (old_url, "/v1/predict", json.dumps({"inputs": x.tolist()}).encode())}
+        points = {
+            "cnn": (new_url, "/v2/models/cnn/infer", _v2_body(x)),
+            "noop": (new_url, "/v2/models/noop/infer", _v2_body(x)),
+            "stdlib cnn": (old_url, "/v1/predict", json.dumps({"inputs": x.tolist()}).encode()),
+        }
         if minilm:
-            points["minilm"] = (new_url, "/v2/models/minilm/infer", json.dumps({"inputs": [
-                {"name": "text", "shape": [1], "datatype": "BYTES", "data": [SENTENCE]}]}).encode())
+            points["minilm"] = (
+                new_url,
+                "/v2/models/minilm/infer",
+                json.dumps(
+                    {"inputs": [{"name": "text", "shape": [1], "datatype": "BYTES", "data": [SENTENCE]}]}
+                ).encode(),
+            )
         measured: dict[str, list[dict]] = {name: [] for name in points}
         for _name, (url, route, body) in points.items():  # warm: connections, first batches
             http_closed_loop("127.0.0.1", _port(url), route, body, clients=32, seconds=0.3)
         for _ in range(rounds):
             for name, (url, route, body) in points.items():
-                measured[name].append(http_closed_loop("127.0.0.1", _port(url), route, body, clients=32,
-                                                       seconds=seconds))
+                measured[name].append(
+                    http_closed_loop("127.0.0.1", _port(url), route, body, clients=32, seconds=seconds)
+                )
         median = {name: sorted(runs, key=lambda r: r["requests/s"])[len(runs) // 2] for name, runs in measured.items()}
-        rows = [{"server": name, "requests/s": r["requests/s"], "p50 ms": r["p50 ms"], "p99 ms": r["p99 ms"],
-                 "non-200": sum(n for s, n in r["status"].items() if s != 200) + r["lost"],
-                 "all rounds req/s": " ".join(f"{m['requests/s']:.0f}" for m in measured[name])}
-                for name, r in median.items()]
+        rows = [
+            {
+                "server": name,
+                "requests/s": r["requests/s"],
+                "p50 ms": r["p50 ms"],
+                "p99 ms": r["p99 ms"],
+                "non-200": sum(n for s, n in r["status"].items() if s != 200) + r["lost"],
+                "all rounds req/s": " ".join(f"{m['requests/s']:.0f}" for m in measured[name]),
+            }
+            for name, r in median.items()
+        ]
         single = http_closed_loop("127.0.0.1", _port(new_url), *points["cnn"][1:], clients=1, seconds=seconds)
-        rows.append({"server": "cnn, 1 client", "requests/s": single["requests/s"], "p50 ms": single["p50 ms"],
-                     "p99 ms": single["p99 ms"], "non-200": single["lost"], "all rounds req/s": ""})
-        report.table(f"over HTTP, 32 keep-alive clients, {seconds:g} s per point, median of {rounds} rounds "
-                     f"(loopback; the load generator shares the machine's cores with the server)", rows)
-        report.check("http_throughput_ratio_vs_noop_model_32_clients",
-                     median["cnn"]["requests/s"] / median["noop"]["requests/s"], 0.6, ">=")
-        report.check("http_throughput_ratio_vs_stdlib_server_32_clients",
-                     median["cnn"]["requests/s"] / median["stdlib cnn"]["requests/s"], 2.0, ">=")
+        rows.append(
+            {
+                "server": "cnn, 1 client",
+                "requests/s": single["requests/s"],
+                "p50 ms": single["p50 ms"],
+                "p99 ms": single["p99 ms"],
+                "non-200": single["lost"],
+                "all rounds req/s": "",
+            }
+        )
+        report.table(
+            f"over HTTP, 32 keep-alive clients, {seconds:g} s per point, median of {rounds} rounds "
+            f"(loopback; the load generator shares the machine's cores with the server)",
+            rows,
+        )
+        report.check(
+            "http_throughput_ratio_vs_noop_model_32_clients",
+            median["cnn"]["requests/s"] / median["noop"]["requests/s"],
+            0.6,
+            ">=",
+        )
+        report.check(
+            "http_throughput_ratio_vs_stdlib_server_32_clients",
+            median["cnn"]["requests/s"] / median["stdlib cnn"]["requests/s"],
+            2.0,
+            ">=",
+        )
         overload_section(report, new_url, _v2_body(x))
         if minilm:
             minilm_check(report, median["minilm"], seconds)
@@ -234,14 +303,23 @@ def overload_section(report: Report, url: str, body: bytes) -> None:
     server = {k: after[k] - before.get(k, 0) for k in after}
     answered, rejected, timed_out = r["status"].get(200, 0), r["status"].get(429, 0), r["status"].get(504, 0)
     unaccounted = r["sent"] - answered - rejected - timed_out
-    report.table(f"overload: {clients} closed-loop clients on a queue of {OVERLOAD_QUEUE} for 5 s "
-                 f"(per-request deadline 50 ms)", [{
-                     "sent": r["sent"], "answered (200)": answered, "rejected (429)": rejected,
-                     "timed out (504)": timed_out, "other": {s: n for s, n in r["status"].items()
-                                                           if s not in (200, 429, 504)},
-                     "connections lost": r["lost"], "server: submitted": server.get("submitted", 0),
-                     "server: completed + rejected + timed out": server.get("completed", 0)
-                     + server.get("rejected", 0) + server.get("timed_out", 0)}])
+    report.table(
+        f"overload: {clients} closed-loop clients on a queue of {OVERLOAD_QUEUE} for 5 s (per-request deadline 50 ms)",
+        [
+            {
+                "sent": r["sent"],
+                "answered (200)": answered,
+                "rejected (429)": rejected,
+                "timed out (504)": timed_out,
+                "other": {s: n for s, n in r["status"].items() if s not in (200, 429, 504)},
+                "connections lost": r["lost"],
+                "server: submitted": server.get("submitted", 0),
+                "server: completed + rejected + timed out": server.get("completed", 0)
+                + server.get("rejected", 0)
+                + server.get("timed_out", 0),
+            }
+        ],
+    )
     report.check("overload_requests_unaccounted", unaccounted, 0, "<=")
 
 
@@ -270,27 +348,46 @@ def minilm_check(report: Report, http: dict, seconds: float) -> None:
         encoder.embed([SENTENCE], engine=engine)  # tokenize + one engine call, one sentence at a time
         count += 1
     serial = count / (time.perf_counter() - start)
-    report.table("MiniLM from text: one sentence per request", [
-        {"path": "in process, one at a time (tokenize + embed)", "sentences/s": serial},
-        {"path": "over HTTP, 32 clients (tokenized on the server, batched)", "sentences/s": http["requests/s"],
-         "p99 ms": http["p99 ms"]}])
+    report.table(
+        "MiniLM from text: one sentence per request",
+        [
+            {"path": "in process, one at a time (tokenize + embed)", "sentences/s": serial},
+            {
+                "path": "over HTTP, 32 clients (tokenized on the server, batched)",
+                "sentences/s": http["requests/s"],
+                "p99 ms": http["p99 ms"],
+            },
+        ],
+    )
     report.check("minilm_http_throughput_ratio_vs_serial_embed", http["requests/s"] / serial, 3.0, ">=")
 
 
 # ---------------------------------------------------------------------------------------------- scale-out
 
+
 def ray_section(report: Report) -> None:
     """Ray Data over sharded inputs against single-process ``run_batch_inference``: identical bytes, and timings."""
     if importlib.util.find_spec("ray") is None:
-        report.checks.append({"name": "ray_data_output_identical", "value": None, "target": 1, "op": ">=",
-                              "passed": None, "skipped": True, "note": "ray is not installed (the ray extra)"})
+        report.checks.append(
+            {
+                "name": "ray_data_output_identical",
+                "value": None,
+                "target": 1,
+                "op": ">=",
+                "passed": None,
+                "skipped": True,
+                "note": "ray is not installed (the ray extra)",
+            }
+        )
         return
     from ray_check import ray_data_check
 
     with tempfile.TemporaryDirectory(prefix="serve_bench_ray_") as tmp:
         result = ray_data_check(tmp)
-    report.table("Ray Data (2 actors) vs one process, the same rows and chunks",
-                 [{k: v for k, v in result.items() if k != "ray_data_output_identical"}])
+    report.table(
+        "Ray Data (2 actors) vs one process, the same rows and chunks",
+        [{k: v for k, v in result.items() if k != "ray_data_output_identical"}],
+    )
     report.check("ray_data_output_identical", result["ray_data_output_identical"], 1, ">=")
 
 

@@ -35,8 +35,15 @@ class PredictServer:
 
     """
 
-    def __init__(self, batcher: DynamicBatcher, *, host: str = "127.0.0.1", port: int = 8000,
-                 max_body_bytes: int = 8 << 20, nan_policy: NanPolicy = "error") -> None:
+    def __init__(
+        self,
+        batcher: DynamicBatcher,
+        *,
+        host: str = "127.0.0.1",
+        port: int = 8000,
+        max_body_bytes: int = 8 << 20,
+        nan_policy: NanPolicy = "error",
+    ) -> None:
         self.batcher = batcher
         self.nan_policy = check_policy(nan_policy)
         self.max_body_bytes = max_body_bytes
@@ -113,8 +120,10 @@ class _Handler(BaseHTTPRequestHandler):
             return
         if int(length) > self.app.max_body_bytes:
             self.close_connection = True  # the body is not read
-            self._error(HTTPStatus.REQUEST_ENTITY_TOO_LARGE,
-                        f"body of {int(length)} bytes exceeds the limit of {self.app.max_body_bytes}")
+            self._error(
+                HTTPStatus.REQUEST_ENTITY_TOO_LARGE,
+                f"body of {int(length)} bytes exceeds the limit of {self.app.max_body_bytes}",
+            )
             return
         body = self.rfile.read(int(length))
         content_type = (self.headers.get("Content-Type") or "application/json").split(";")[0].strip()
@@ -176,8 +185,10 @@ def _parse(body: bytes, content_type: str) -> np.ndarray:
             raise _BadRequest(HTTPStatus.BAD_REQUEST, "body must be a single .npy array, not an .npz archive")
         return x
     if content_type != "application/json":
-        raise _BadRequest(HTTPStatus.UNSUPPORTED_MEDIA_TYPE,
-                          f"Content-Type {content_type!r} is not supported; send application/json or {NPY}")
+        raise _BadRequest(
+            HTTPStatus.UNSUPPORTED_MEDIA_TYPE,
+            f"Content-Type {content_type!r} is not supported; send application/json or {NPY}",
+        )
     try:
         payload = json.loads(body)
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
@@ -205,8 +216,9 @@ def main() -> None:
     parser.add_argument("--max-batch", type=int, default=64)
     args = parser.parse_args()
     artifact = load_artifact(args.artifact)
-    engine = InferenceEngine(artifact.config, artifact.variables, input_shape=artifact.input_shape,
-                             max_batch=args.max_batch).warmup()
+    engine = InferenceEngine(
+        artifact.config, artifact.variables, input_shape=artifact.input_shape, max_batch=args.max_batch
+    ).warmup()
     server = PredictServer(DynamicBatcher(engine, max_queue=4096), port=args.port)
     print(f"serving {args.artifact} on http://127.0.0.1:{server.port} (POST /v1/predict)", flush=True)
     server.serve_forever()

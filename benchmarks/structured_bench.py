@@ -67,15 +67,24 @@ def zoo_section(report: Report) -> None:
         result = prune_model(model, 0.5)
         full = jax.jit(model.apply_fn)(result.masked_variables(), *model.example)
         small = jax.jit(result.model.apply_fn)(result.variables, *model.example)
-        diff = max(float(np.abs(np.asarray(a) - np.asarray(b)).max())
-                   for a, b in zip(jax.tree.leaves(full), jax.tree.leaves(small)))
+        diff = max(
+            float(np.abs(np.asarray(a) - np.asarray(b)).max())
+            for a, b in zip(jax.tree.leaves(full), jax.tree.leaves(small))
+        )
         before, after = _count(model.variables["params"]), _count(result.variables["params"])
         ok = after < before and diff <= 1e-4
         shrunk += ok
-        rows.append({"model": name, "groups": len(result.groups), "left whole": len(
-            [r for r in result.analysis.refused if r.kind not in ("input", "output")]),
-            "params": f"{before} -> {after}", "smaller model": result.how,
-            "max |small - masked|": diff, "ok": ok})
+        rows.append(
+            {
+                "model": name,
+                "groups": len(result.groups),
+                "left whole": len([r for r in result.analysis.refused if r.kind not in ("input", "output")]),
+                "params": f"{before} -> {after}",
+                "smaller model": result.how,
+                "max |small - masked|": diff,
+                "ok": ok,
+            }
+        )
     report.table("zoo: 50% of every group, no hand-written coupling", rows)
     report.check("auto_models_shrunk", shrunk, 5, ">=")
 
@@ -85,8 +94,9 @@ def reference_section(report: Report) -> None:
         "mlp": MLPConfig(features=(24, 16), num_classes=5),
         "nnx_mlp": NNXMLPConfig(features=(24, 16), num_classes=5),
         "cnn": CNNConfig(channels=(8, 12), convs_per_stage=2, hidden=10),
-        "transformer": TransformerConfig(vocab_size=30, max_len=16, hidden_size=16, num_heads=4, mlp_dim=24,
-                                         num_layers=2),
+        "transformer": TransformerConfig(
+            vocab_size=30, max_len=16, hidden_size=16, num_heads=4, mlp_dim=24, num_layers=2
+        ),
     }
     rows, matched = [], 0
     for name, config in configs.items():
@@ -95,8 +105,15 @@ def reference_section(report: Report) -> None:
         manual = {frozenset(g.slices) for g in model_groups(config)}
         ok = manual <= found
         matched += ok
-        rows.append({"model": name, "hand-written groups": len(manual), "found": len(found),
-                     "all hand-written found": ok, "extra": len(found - manual)})
+        rows.append(
+            {
+                "model": name,
+                "hand-written groups": len(manual),
+                "found": len(found),
+                "all hand-written found": ok,
+                "extra": len(found - manual),
+            }
+        )
     report.table("reference models: automatic vs hand-written groups", rows)
     report.check("auto_groups_match_manual", matched / len(configs), 1.0, ">=")
 
@@ -104,17 +121,27 @@ def reference_section(report: Report) -> None:
 def _speed(model: Model, inputs, result, rounds: int, calls: int) -> tuple[float, float]:
     dense, small = jax.jit(model.apply_fn), jax.jit(result.model.apply_fn)
     variables, small_vars = jax.device_put(model.variables), jax.device_put(result.variables)
-    return paired_times(lambda: dense(variables, *inputs), lambda: small(small_vars, *inputs),
-                        rounds=rounds, calls=calls)
+    return paired_times(
+        lambda: dense(variables, *inputs), lambda: small(small_vars, *inputs), rounds=rounds, calls=calls
+    )
 
 
-def _speed_row(report: Report, rows: list, label: str, model: Model, inputs: tuple, rounds: int, check: str,
-               target: float) -> None:
+def _speed_row(
+    report: Report, rows: list, label: str, model: Model, inputs: tuple, rounds: int, check: str, target: float
+) -> None:
     """Prune ``model`` 50%, time it against the unpruned one at batch 16, add its row and its check."""
     result = prune_model(model, 0.5)
     t_full, t_small = _speed(model, inputs, result, rounds, 3)
-    rows.append({"model": label, "batch": 16, "smaller model": result.how, "unpruned ms": t_full,
-                 "pruned ms": t_small, "speed-up": t_full / t_small})
+    rows.append(
+        {
+            "model": label,
+            "batch": 16,
+            "smaller model": result.how,
+            "unpruned ms": t_full,
+            "pruned ms": t_small,
+            "speed-up": t_full / t_small,
+        }
+    )
     report.check(check, t_full / t_small, target, ">=")
 
 
@@ -133,14 +160,30 @@ def speed_section(report: Report, rounds: int) -> None:
     resnet = zoo.ResNet(widths=(64, 128))
     variables = jax.jit(lambda x: resnet.init(jax.random.key(0), x, train=False))(images[:2])
     model = Model.linen(resnet, variables, images, eval_kwargs={"train": False}, train_kwargs={"train": True})
-    _speed_row(report, rows, "ResNet widths (64, 128), 32x32x3", model, (images,), rounds,
-               "speedup_structured50_resnet_b16", 1.5)
+    _speed_row(
+        report,
+        rows,
+        "ResNet widths (64, 128), 32x32x3",
+        model,
+        (images,),
+        rounds,
+        "speedup_structured50_resnet_b16",
+        1.5,
+    )
 
     vit = zoo.ViT(dim=256, heads=8, mlp_dim=1024, depth=2)
     inputs = {"pixels": rng.normal(size=(16, 16, 16, 1)).astype(np.float32), "mask": np.ones((16, 64), bool)}
     variables = jax.jit(lambda x: vit.init(jax.random.key(0), x))(inputs)
-    _speed_row(report, rows, "ViT dim 256, 8 heads, MLP 1024, 2 blocks, 64 patches",
-               Model.linen(vit, variables, inputs), (inputs,), rounds, "speedup_structured50_vit_b16", 1.5)
+    _speed_row(
+        report,
+        rows,
+        "ViT dim 256, 8 heads, MLP 1024, 2 blocks, 64 patches",
+        Model.linen(vit, variables, inputs),
+        (inputs,),
+        rounds,
+        "speedup_structured50_vit_b16",
+        1.5,
+    )
 
     # The gated MLP's residual width stays whole (RMSNorm reduces over it): the hidden halves. The flattened net's
     # literal widths times its scale: no field holds a size, so its pruned model is the program re-run, as at scale 1.
@@ -152,14 +195,30 @@ def speed_section(report: Report, rounds: int) -> None:
     dw = zoo.DepthwiseSeparable(widths=DW_WIDTHS)
     variables = jax.jit(lambda x: dw.init(jax.random.key(0), x, train=False))(images[:2])
     model = Model.linen(dw, variables, images, eval_kwargs={"train": False}, train_kwargs={"train": True})
-    _speed_row(report, rows, f"depthwise-separable widths {DW_WIDTHS}, 32x32x3", model, (images,), rounds,
-               "speedup_structured50_dw_b16", DW_MIN)
+    _speed_row(
+        report,
+        rows,
+        f"depthwise-separable widths {DW_WIDTHS}, 32x32x3",
+        model,
+        (images,),
+        rounds,
+        "speedup_structured50_dw_b16",
+        DW_MIN,
+    )
 
     flat = zoo.FlattenNet(scale=FLAT_SCALE)
     variables = jax.jit(lambda x: flat.init(jax.random.key(0), x))(images[:2])
     widths = (8 * FLAT_SCALE, 16 * FLAT_SCALE, 24 * FLAT_SCALE)
-    _speed_row(report, rows, f"convs {widths[:2]} flattened into Dense {widths[2]}, 32x32x3",
-               Model.linen(flat, variables, images), (images,), rounds, "speedup_structured50_flat_b16", FLAT_MIN)
+    _speed_row(
+        report,
+        rows,
+        f"convs {widths[:2]} flattened into Dense {widths[2]}, 32x32x3",
+        Model.linen(flat, variables, images),
+        (images,),
+        rounds,
+        "speedup_structured50_flat_b16",
+        FLAT_MIN,
+    )
     report.table("speed: 50% of every group, f32, jit vs jit", rows)
 
 
@@ -174,15 +233,28 @@ def finetune_section(report: Report, *, steps: int, finetune_steps: int) -> None
     one_shot = 100 * foreign.evaluate(result.model, result.variables, x_test, digits.y_test, logits_of)
     # Adam with a cosine decay from 2e-3 to 0 over the fine-tuning steps (a constant rate leaves the last
     # steps' noise in the weights).
-    tuned, _ = foreign.train(result.model, x_train, digits.y_train, logits_of, steps=finetune_steps,
-                             learning_rate=optax.cosine_decay_schedule(2e-3, finetune_steps), seed=1)
+    tuned, _ = foreign.train(
+        result.model,
+        x_train,
+        digits.y_train,
+        logits_of,
+        steps=finetune_steps,
+        learning_rate=optax.cosine_decay_schedule(2e-3, finetune_steps),
+        seed=1,
+    )
     after = 100 * foreign.evaluate(result.model, tuned, x_test, digits.y_test, logits_of)
-    report.table("foreign ResNet on the digits, 50% of every group (L1)", [
-        {"variant": "trained", "widths": str(model_widths(model)), "accuracy %": base},
-        {"variant": "pruned, no fine-tuning", "widths": str(result.module.widths if result.module else "-"),
-         "accuracy %": one_shot},
-        {"variant": f"pruned, {finetune_steps} fine-tuning steps", "widths": "", "accuracy %": after},
-    ])
+    report.table(
+        "foreign ResNet on the digits, 50% of every group (L1)",
+        [
+            {"variant": "trained", "widths": str(model_widths(model)), "accuracy %": base},
+            {
+                "variant": "pruned, no fine-tuning",
+                "widths": str(result.module.widths if result.module else "-"),
+                "accuracy %": one_shot,
+            },
+            {"variant": f"pruned, {finetune_steps} fine-tuning steps", "widths": "", "accuracy %": after},
+        ],
+    )
     report.check("acc_drop_structured50_resnet_finetuned", base - after, 1.5, "<=")
 
 
@@ -214,31 +286,64 @@ def minilm_section(report: Report, *, rounds: int, distill_steps: int, learning_
     seconds = time.perf_counter() - start
     t_full, t_small = _speed(model, (inputs,), result, rounds, 1)
     pruned = {k: v for k, v in result.sizes.items() if v[0] != v[1]}
-    report.table("all-MiniLM-L6-v2, half the heads and FFN units (found automatically), batch 32 x 128", [
-        {"groups pruned": len(pruned), "heads per layer": str(pruned["layer_0/attention"]),
-         "ffn per layer": str(pruned["layer_0/intermediate"]), "smaller model": result.how,
-         "analysis + pruning s": seconds, "f32 ms": t_full, "pruned ms": t_small, "speed-up": t_full / t_small}])
+    report.table(
+        "all-MiniLM-L6-v2, half the heads and FFN units (found automatically), batch 32 x 128",
+        [
+            {
+                "groups pruned": len(pruned),
+                "heads per layer": str(pruned["layer_0/attention"]),
+                "ffn per layer": str(pruned["layer_0/intermediate"]),
+                "smaller model": result.how,
+                "analysis + pruning s": seconds,
+                "f32 ms": t_full,
+                "pruned ms": t_small,
+                "speed-up": t_full / t_small,
+            }
+        ],
+    )
     report.check("minilm_heads_ffn50_speedup_b32", t_full / t_small, 1.5, ">=")
     if distill_steps <= 0:
         return
     # the automatic groups are the reference encoder's own (tests/prune/test_coupling.py), so the
     # registered config rewrite names the smaller encoder that distill_embeddings trains
-    kept = {f"layer_{i}/{'heads' if part == 'attention' else 'ffn'}": len(result.kept[f"layer_{i}/{part}"])
-            for i in range(teacher.config.num_layers) for part in ("attention", "intermediate")}
+    kept = {
+        f"layer_{i}/{'heads' if part == 'attention' else 'ffn'}": len(result.kept[f"layer_{i}/{part}"])
+        for i in range(teacher.config.num_layers)
+        for part in ("attention", "intermediate")
+    }
     config = _COUPLINGS[type(teacher.config)].rewrite(teacher.config, kept)
     sentences = minilm_sentences()
     base = teacher.embed(sentences)
-    before = embedding_agreement(base, SentenceEncoder(teacher.directory, config=config,
-                                                       variables=result.variables).embed(sentences))
+    before = embedding_agreement(
+        base, SentenceEncoder(teacher.directory, config=config, variables=result.variables).embed(sentences)
+    )
     start = time.perf_counter()
-    fitted = distill_embeddings(teacher, config, result.variables, text_corpus(4000), steps=distill_steps,
-                                learning_rate=learning_rate, log_every=50)
+    fitted = distill_embeddings(
+        teacher,
+        config,
+        result.variables,
+        text_corpus(4000),
+        steps=distill_steps,
+        learning_rate=learning_rate,
+        log_every=50,
+    )
     seconds = time.perf_counter() - start
-    after = embedding_agreement(base, SentenceEncoder(teacher.directory, config=config,
-                                                      variables=fitted.variables).embed(sentences))
-    report.table("MiniLM half heads + FFN, distilled from the full model", [
-        {"steps": distill_steps, "learning rate": learning_rate, "cosine before": before["mean_cosine"],
-         "cosine after": after["mean_cosine"], "top-1 after": after["top1_agreement"], "train s": seconds}])
+    after = embedding_agreement(
+        base, SentenceEncoder(teacher.directory, config=config, variables=fitted.variables).embed(sentences)
+    )
+    report.table(
+        "MiniLM half heads + FFN, distilled from the full model",
+        [
+            {
+                "steps": distill_steps,
+                "learning rate": learning_rate,
+                "cosine before": before["mean_cosine"],
+                "cosine after": after["mean_cosine"],
+                "top-1 after": after["top1_agreement"],
+                "train s": seconds,
+            }
+        ],
+    )
     report.check("minilm_heads_ffn50_distilled_cosine", after["mean_cosine"], 0.778, ">=")
 
 
@@ -250,8 +355,9 @@ def main(argv=None) -> int:
     parser.add_argument("--finetune-steps", type=int, default=300, help="fine-tuning steps after pruning")
     parser.add_argument("--distill-steps", type=int, default=300, help="MiniLM distillation steps (0: skip)")
     parser.add_argument("--learning-rate", type=float, default=5e-4, help="MiniLM distillation learning rate")
-    parser.add_argument("--skip", choices=["zoo", "reference", "speed", "finetune", "minilm"], action="append",
-                        default=[])
+    parser.add_argument(
+        "--skip", choices=["zoo", "reference", "speed", "finetune", "minilm"], action="append", default=[]
+    )
     args = parser.parse_args(argv)
     report = Report("automatic structured pruning")
     if "zoo" not in args.skip:

@@ -126,8 +126,9 @@ class Artifact:
             raise ValueError("an Artifact needs a reference ModelConfig or a Model (see Artifact.for_model)")
 
     @classmethod
-    def for_model(cls, model: Model, variables: Variables | None = None,
-                  metadata: dict[str, Any] | None = None) -> Artifact:
+    def for_model(
+        cls, model: Model, variables: Variables | None = None, metadata: dict[str, Any] | None = None
+    ) -> Artifact:
         """An artifact of ``variables`` (default: the model's own) for any ``Model``, ready for ``save_artifact``.
 
         Float variables get the ``"dense"`` layout; variables holding ``QArray``
@@ -161,16 +162,22 @@ class Artifact:
         model = _require_model(model, "Artifact.for_model")
         variables = model.variables if variables is None else variables
         if not isinstance(variables, Mapping):
-            raise TypeError("Artifact.for_model: variables must be a dict of collections, "
-                            f"got {type(variables).__name__}")
+            raise TypeError(
+                f"Artifact.for_model: variables must be a dict of collections, got {type(variables).__name__}"
+            )
         variables = {str(k): plain(v) for k, v in variables.items()}
         if _has_qarrays(variables):
             from jaxopt_serve.quant.serialize import quantized_artifact
 
             return quantized_artifact(model, variables, metadata=metadata)
         check_model_variables(model, variables)
-        return cls(model.config, variables, _model_input_shape(model), dict(metadata or {}),
-                   model=model.with_variables(variables))
+        return cls(
+            model.config,
+            variables,
+            _model_input_shape(model),
+            dict(metadata or {}),
+            model=model.with_variables(variables),
+        )
 
 
 def register_layout(
@@ -244,8 +251,13 @@ def save_artifact(path: str | os.PathLike[str], artifact: Artifact) -> int:
     return len(data)
 
 
-def load_artifact(path: str | os.PathLike[str], *, check_shapes: bool = True, model: Model | None = None,
-                  allow_nonfinite: bool = False) -> Artifact:
+def load_artifact(
+    path: str | os.PathLike[str],
+    *,
+    check_shapes: bool = True,
+    model: Model | None = None,
+    allow_nonfinite: bool = False,
+) -> Artifact:
     """Read an artifact written by ``save_artifact``, verifying length and checksum.
 
     Args:
@@ -294,8 +306,9 @@ def load_artifact(path: str | os.PathLike[str], *, check_shapes: bool = True, mo
     header, payload = _read(path)
     saved_from = _saved_from(path, header) if header["format_version"] == MODEL_FORMAT_VERSION else None
     if saved_from is not None and model is None:
-        raise ArtifactError(f"{saved_from}, which has no config: pass that model to load it, "
-                            f"load_artifact(path, model=model)")
+        raise ArtifactError(
+            f"{saved_from}, which has no config: pass that model to load it, load_artifact(path, model=model)"
+        )
     compression = header.get("compression")
     if compression == "lzma":
         try:
@@ -303,10 +316,12 @@ def load_artifact(path: str | os.PathLike[str], *, check_shapes: bool = True, mo
             payload = decompressor.decompress(payload, max_length=_MAX_PAYLOAD)
         except lzma.LZMAError as err:
             raise ArtifactError(
-                f"artifact {path} is corrupted: its LZMA payload cannot be decompressed ({err})") from err
+                f"artifact {path} is corrupted: its LZMA payload cannot be decompressed ({err})"
+            ) from err
         if not decompressor.eof:
-            raise ArtifactError(f"artifact {path} is corrupted: its LZMA payload is incomplete or inflates past "
-                                f"{_MAX_PAYLOAD:,} bytes")
+            raise ArtifactError(
+                f"artifact {path} is corrupted: its LZMA payload is incomplete or inflates past {_MAX_PAYLOAD:,} bytes"
+            )
     elif compression is not None:
         raise ArtifactError(f"artifact {path}: unknown payload compression {compression!r}; known: ['lzma']")
     raw = _restore(path, payload)
@@ -343,11 +358,19 @@ def load_artifact(path: str | os.PathLike[str], *, check_shapes: bool = True, mo
     except (ValueError, TypeError, KeyError, IndexError, AttributeError) as err:
         # a layout decoder or an init meeting data it did not expect: still an error naming the file
         raise ArtifactError(
-            f"{where}: its {layout} variables do not fit the model ({type(err).__name__}: {err})") from err
+            f"{where}: its {layout} variables do not fit the model ({type(err).__name__}: {err})"
+        ) from err
     if model is not None:  # ready to run; immutable, so an NNX training step cannot write into the loaded arrays
         variables = jax.tree.map(jnp.asarray, variables)
-    return Artifact(config, variables, input_shape, header.get("metadata", {}), layout, compression,
-                    model.with_variables(variables) if model is not None else None)
+    return Artifact(
+        config,
+        variables,
+        input_shape,
+        header.get("metadata", {}),
+        layout,
+        compression,
+        model.with_variables(variables) if model is not None else None,
+    )
 
 
 def check_model_variables(model: Model, variables: Mapping[str, Any]) -> None:
@@ -405,8 +428,10 @@ def _resolve_target(
 
 def _input_spec(model: Model) -> list[dict[str, Any]]:
     """The header's ``input_spec``: ``path``, ``shape`` (no batch axis) and ``dtype`` of every leaf of one example."""
-    return [{"path": _path(p), "shape": [int(d) for d in s.shape], "dtype": str(s.dtype)}
-            for p, s in jax.tree_util.tree_leaves_with_path(model.input_spec())]
+    return [
+        {"path": _path(p), "shape": [int(d) for d in s.shape], "dtype": str(s.dtype)}
+        for p, s in jax.tree_util.tree_leaves_with_path(model.input_spec())
+    ]
 
 
 def _variables_spec(variables: Mapping[str, Any]) -> list[dict[str, Any]]:
@@ -462,8 +487,10 @@ def _compare_leaves(want: Mapping[str, tuple[tuple[int, ...], str]], have: Mappi
 
 def _require_model(model: Any, where: str) -> Model:
     if not isinstance(model, Model):
-        raise TypeError(f"{where}: model must be a jaxopt_serve Model (Model.linen / Model.nnx / Model.function), "
-                        f"got {type(model).__name__}")
+        raise TypeError(
+            f"{where}: model must be a jaxopt_serve Model (Model.linen / Model.nnx / Model.function), "
+            f"got {type(model).__name__}"
+        )
     return model
 
 
@@ -489,8 +516,9 @@ def _unwrap_keys(variables: Mapping[str, Any]) -> dict[str, Any]:
     """RNG key leaves replaced by their ``key_data`` (uint32 arrays msgpack can store)."""
     from jaxopt_serve.quant.qarray import is_qarray
 
-    return jax.tree.map(lambda x: np.asarray(jax.random.key_data(x)) if _is_key(x) else x, dict(variables),
-                        is_leaf=is_qarray)
+    return jax.tree.map(
+        lambda x: np.asarray(jax.random.key_data(x)) if _is_key(x) else x, dict(variables), is_leaf=is_qarray
+    )
 
 
 def _wrap_keys(where: str, raw: Any, spec: list[dict[str, Any]]) -> Any:
@@ -511,13 +539,16 @@ def _wrap_keys(where: str, raw: Any, spec: list[dict[str, Any]]) -> Any:
                 raise TypeError(f"key data must be uint32, got {data.dtype}")
             return jax.random.wrap_key_data(data, impl=impls[key])
         except (TypeError, ValueError, KeyError) as err:
-            raise ArtifactError(f"{where}: RNG key {key} ({impls[key]}, key data {data.dtype}{list(data.shape)}) "
-                                f"cannot be restored: {err}") from err
+            raise ArtifactError(
+                f"{where}: RNG key {key} ({impls[key]}, key data {data.dtype}{list(data.shape)}) "
+                f"cannot be restored: {err}"
+            ) from err
 
     out = jax.tree_util.tree_map_with_path(wrap, raw)
     if set(impls) - found:
         raise ArtifactError(
-            f"{where}: RNG keys {sorted(set(impls) - found)} listed in the header are not in the payload")
+            f"{where}: RNG keys {sorted(set(impls) - found)} listed in the header are not in the payload"
+        )
     return out
 
 
@@ -525,7 +556,8 @@ def _saved_from(path: Path, header: dict[str, Any]) -> str:
     info = header.get("model")
     if not isinstance(info, dict) or not isinstance(info.get("name"), str) or not isinstance(info.get("kind"), str):
         raise ArtifactError(
-            f"artifact {path} is corrupted: its header's model must be {{'name', 'kind'}}, got {info!r}")
+            f"artifact {path} is corrupted: its header's model must be {{'name', 'kind'}}, got {info!r}"
+        )
     return f"artifact {path} was saved from the {info['kind']} model {info['name']!r}"
 
 
@@ -565,12 +597,15 @@ def _read(path: Path) -> tuple[dict[str, Any], bytes]:
         except (ValueError, RecursionError) as err:
             raise ArtifactError(f"artifact {path} is corrupted: its header cannot be read ({err})") from err
         if not isinstance(header, dict):
-            raise ArtifactError(f"artifact {path} is corrupted: its header is a JSON {type(header).__name__}, "
-                                f"not an object")
+            raise ArtifactError(
+                f"artifact {path} is corrupted: its header is a JSON {type(header).__name__}, not an object"
+            )
         payload_bytes = header.get("payload_bytes")
         if not _is_int(payload_bytes) or payload_bytes < 0:
-            raise ArtifactError(f"artifact {path} is corrupted: header field 'payload_bytes' must be a "
-                                f"non-negative integer, got {_short(payload_bytes)}")
+            raise ArtifactError(
+                f"artifact {path} is corrupted: header field 'payload_bytes' must be a "
+                f"non-negative integer, got {_short(payload_bytes)}"
+            )
         expected = _PREFIX.size + header_len + payload_bytes + _DIGEST_BYTES
         if size < expected:
             raise ArtifactError(f"artifact {path} is truncated: expected {expected} bytes, found {size}")
@@ -589,8 +624,7 @@ def _read(path: Path) -> tuple[dict[str, Any], bytes]:
     version = header.get("format_version")
     if not _is_int(version) or version not in _VERSIONS:
         raise ArtifactError(
-            f"artifact {path} has format version {version!r}; this version reads "
-            f"{' and '.join(map(str, _VERSIONS))}"
+            f"artifact {path} has format version {version!r}; this version reads {' and '.join(map(str, _VERSIONS))}"
         )
     _check_header(path, header)
     return header, payload
@@ -626,7 +660,8 @@ def _is_numeric(dtype: np.dtype) -> bool:
 
 def _field_error(path: Path, field: str, expected: str, value: Any) -> ArtifactError:
     return ArtifactError(
-        f"artifact {path} is corrupted: header field {field!r} must be {expected}, got {_short(value)}")
+        f"artifact {path} is corrupted: header field {field!r} must be {expected}, got {_short(value)}"
+    )
 
 
 def _check_header(path: Path, header: dict[str, Any]) -> None:
@@ -638,16 +673,24 @@ def _check_header(path: Path, header: dict[str, Any]) -> None:
     ]
     if header["format_version"] == FORMAT_VERSION:
         checks += [
-            ("model", lambda v: isinstance(v, dict) and isinstance(v.get("name"), str)
-             and isinstance(v.get("fields", {}), dict), "a model config {'name': ..., 'fields': {...}}"),
+            (
+                "model",
+                lambda v: (
+                    isinstance(v, dict) and isinstance(v.get("name"), str) and isinstance(v.get("fields", {}), dict)
+                ),
+                "a model config {'name': ..., 'fields': {...}}",
+            ),
             ("input_shape", _is_shape, "a list of non-negative integers"),
             ("input_dtype", _is_dtype, "a numeric dtype name"),
         ]
         required = ("model", "input_shape")
     else:
         checks += [
-            ("model", lambda v: isinstance(v, dict) and isinstance(v.get("name"), str)
-             and isinstance(v.get("kind"), str), "{'name': str, 'kind': str}"),
+            (
+                "model",
+                lambda v: isinstance(v, dict) and isinstance(v.get("name"), str) and isinstance(v.get("kind"), str),
+                "{'name': str, 'kind': str}",
+            ),
             ("input_spec", lambda v: isinstance(v, list), "a list of {'path', 'shape', 'dtype'}"),
             ("variables_spec", lambda v: isinstance(v, list), "a list of {'path', 'shape', 'dtype'}"),
         ]
@@ -660,9 +703,13 @@ def _check_header(path: Path, header: dict[str, Any]) -> None:
             raise _field_error(path, name, expected, header[name])
     for name in ("input_spec", "variables_spec"):
         for i, entry in enumerate(header.get(name, [])):
-            ok = (isinstance(entry, dict) and isinstance(entry.get("path"), str) and _is_shape(entry.get("shape"))
-                  and _is_dtype(entry.get("dtype"))
-                  and all(isinstance(entry.get(k, ""), str) for k in ("qtype", "impl")))
+            ok = (
+                isinstance(entry, dict)
+                and isinstance(entry.get("path"), str)
+                and _is_shape(entry.get("shape"))
+                and _is_dtype(entry.get("dtype"))
+                and all(isinstance(entry.get(k, ""), str) for k in ("qtype", "impl"))
+            )
             if not ok:
                 raise _field_error(path, f"{name}[{i}]", "{'path': str, 'shape': [int, ...], 'dtype': str}", entry)
 
@@ -672,23 +719,28 @@ def _restore(path: Path, payload: bytes) -> dict[str, Any]:
     try:
         raw = serialization.msgpack_restore(payload)
     except Exception as err:  # noqa: BLE001 - msgpack raises many types on malformed bytes; all mean "corrupted"
-        raise ArtifactError(f"artifact {path} is corrupted: its variables cannot be decoded "
-                            f"({type(err).__name__}: {err})") from err
+        raise ArtifactError(
+            f"artifact {path} is corrupted: its variables cannot be decoded ({type(err).__name__}: {err})"
+        ) from err
     if not isinstance(raw, dict):
-        raise ArtifactError(f"artifact {path} is corrupted: its variables are a {type(raw).__name__}, "
-                            f"not a dict of collections")
+        raise ArtifactError(
+            f"artifact {path} is corrupted: its variables are a {type(raw).__name__}, not a dict of collections"
+        )
 
     def check(tree: Any, where: str) -> None:
         if isinstance(tree, dict):
             for key, value in tree.items():
                 if not isinstance(key, str):
-                    raise ArtifactError(f"artifact {path} is corrupted: variable {where or '/'} has the key "
-                                        f"{_short(key)}, not a string")
+                    raise ArtifactError(
+                        f"artifact {path} is corrupted: variable {where or '/'} has the key {_short(key)}, not a string"
+                    )
                 check(value, f"{where}/{key}" if where else key)
         elif not isinstance(tree, np.ndarray) or not _is_numeric(tree.dtype):
             kind = f"a {tree.dtype} array" if isinstance(tree, np.ndarray) else f"a {type(tree).__name__}"
-            raise ArtifactError(f"artifact {path} is corrupted: variable {where} is stored as {kind} "
-                                f"({_short(tree)}), not a numeric array")
+            raise ArtifactError(
+                f"artifact {path} is corrupted: variable {where} is stored as {kind} "
+                f"({_short(tree)}), not a numeric array"
+            )
 
     check(raw, "")
     return raw
@@ -703,8 +755,10 @@ def _check_finite(path: Path, raw: Mapping[str, Any]) -> None:
                 visit(value, f"{where}/{key}" if where else key)
         elif jnp.issubdtype(tree.dtype, jnp.floating) and not np.isfinite(tree).all():
             bad = int(tree.size - np.isfinite(tree).sum())
-            raise ArtifactError(f"artifact {path}: variable {where} holds {bad} non-finite value(s) (NaN or inf) "
-                                f"of {tree.size}; load_artifact(..., allow_nonfinite=True) loads it anyway")
+            raise ArtifactError(
+                f"artifact {path}: variable {where} holds {bad} non-finite value(s) (NaN or inf) "
+                f"of {tree.size}; load_artifact(..., allow_nonfinite=True) loads it anyway"
+            )
 
     visit(raw, "")
 
@@ -716,7 +770,8 @@ def _check_variables(path: Path, config: ModelConfig, variables: Variables, inpu
     missing, extra = sorted(set(want) - set(have)), sorted(set(have) - set(want))
     if missing or extra:
         raise ArtifactError(
-            f"artifact {path}: variables do not fit {config.name}: missing {missing}, unexpected {extra}")
+            f"artifact {path}: variables do not fit {config.name}: missing {missing}, unexpected {extra}"
+        )
     for key, spec in want.items():
         leaf = have[key]
         if tuple(leaf.shape) != tuple(spec.shape) or np.dtype(leaf.dtype) != np.dtype(spec.dtype):

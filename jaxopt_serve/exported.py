@@ -73,8 +73,9 @@ class ExportedModel:
             array input, else ``None``.
     """
 
-    def __init__(self, header: dict[str, Any], exported: Any, leaves: list[np.ndarray], *,
-                 nan_policy: str = "propagate") -> None:
+    def __init__(
+        self, header: dict[str, Any], exported: Any, leaves: list[np.ndarray], *, nan_policy: str = "propagate"
+    ) -> None:
         import jax
 
         if nan_policy not in ("propagate", "error"):
@@ -104,8 +105,9 @@ class ExportedModel:
         extra = sorted(set(variables) - {s["path"] for s in specs})
         if missing or extra:
             raise ValueError(f"variables do not match the artifact: missing {missing[:5]}, unknown {extra[:5]}")
-        return ExportedModel(self.header, self._exported, [np.asarray(variables[s["path"]]) for s in specs],
-                             nan_policy=self.nan_policy)
+        return ExportedModel(
+            self.header, self._exported, [np.asarray(variables[s["path"]]) for s in specs], nan_policy=self.nan_policy
+        )
 
     def __call__(self, *args: Any) -> Any:
         import jax
@@ -114,8 +116,10 @@ class ExportedModel:
             args = args[0]
         inputs = tuple(args)
         if len(inputs) != self.num_inputs:
-            raise ValueError(f"{self.header.get('model', 'the model')} takes {self.num_inputs} positional input(s), "
-                             f"got {len(inputs)}")
+            raise ValueError(
+                f"{self.header.get('model', 'the model')} takes {self.num_inputs} positional input(s), "
+                f"got {len(inputs)}"
+            )
         if "inputs" not in self.header:  # version 1: the function takes the one array itself
             inputs = inputs[0]
         leaves, treedef = jax.tree.flatten(inputs)
@@ -150,8 +154,10 @@ def _nonfinite_rows(leaves: list[np.ndarray], policy: str) -> np.ndarray | None:
 
 def _nan_rows(out: np.ndarray, bad: np.ndarray) -> np.ndarray:
     if not np.issubdtype(out.dtype, np.floating):
-        raise ValueError(f"non-finite inputs (NaN or inf) in rows {np.flatnonzero(bad)[:10].tolist()}: this model "
-                         f"has {out.dtype} outputs, which cannot be NaN; remove those rows")
+        raise ValueError(
+            f"non-finite inputs (NaN or inf) in rows {np.flatnonzero(bad)[:10].tolist()}: this model "
+            f"has {out.dtype} outputs, which cannot be NaN; remove those rows"
+        )
     return np.where(bad.reshape(-1, *[1] * (out.ndim - 1)), np.asarray(np.nan, out.dtype), out)
 
 
@@ -159,13 +165,21 @@ def _input_leaves(header: dict[str, Any]) -> list[dict[str, Any]]:
     if "inputs" in header:
         return header["inputs"]
     # version 1: one array input
-    return [{"name": "inputs[0]", "shape": [None, *header["input_shape"]], "dtype": header["input_dtype"],
-             "length_axis": None}]
+    return [
+        {
+            "name": "inputs[0]",
+            "shape": [None, *header["input_shape"]],
+            "dtype": header["input_dtype"],
+            "length_axis": None,
+        }
+    ]
 
 
 def _shape_text(spec: dict[str, Any]) -> str:
-    dims = [("length" if i == spec.get("length_axis") else "batch" if i == 0 else str(d))
-            for i, d in enumerate(spec["shape"])]
+    dims = [
+        ("length" if i == spec.get("length_axis") else "batch" if i == 0 else str(d))
+        for i, d in enumerate(spec["shape"])
+    ]
     return f"({', '.join(dims)})"
 
 
@@ -196,7 +210,8 @@ def _check_leaves(specs: list[dict[str, Any]], leaves: list[Any]) -> list[np.nda
                 length = x.shape[axis]
             elif x.shape[axis] != length:
                 raise ValueError(
-                    f"{name}: length {x.shape[axis]} (axis {axis}) differs from the other inputs' {length}")
+                    f"{name}: length {x.shape[axis]} (axis {axis}) differs from the other inputs' {length}"
+                )
         dtype = np.dtype(spec["dtype"])
         if x.dtype != dtype:
             if _kind(x.dtype) != _kind(dtype):
@@ -238,24 +253,32 @@ def _check_variables(header: dict[str, Any], exported: Any, leaves: list[np.ndar
     avals = list(exported.in_avals)[: len(specs)]
     expected = exported.in_tree.num_leaves - len(header.get("inputs", [None]))
     if len(leaves) != len(specs) or len(specs) != expected:
-        raise ValueError(f"the artifact holds {len(leaves)} variables, its header lists {len(specs)} and its "
-                         f"function takes {expected}")
+        raise ValueError(
+            f"the artifact holds {len(leaves)} variables, its header lists {len(specs)} and its "
+            f"function takes {expected}"
+        )
     arg = _variables_arg(exported)
     version = header.get("format_version", FORMAT_VERSION)
     if isinstance(arg, dict) != (version >= 3):
-        raise ValueError(f"the header says format version {version}, but the function takes its variables "
-                         f"{'by path' if isinstance(arg, dict) else 'by position'}")
+        raise ValueError(
+            f"the header says format version {version}, but the function takes its variables "
+            f"{'by path' if isinstance(arg, dict) else 'by position'}"
+        )
     for spec, leaf, aval in zip(specs, leaves, avals):
         shape, dtype = tuple(np.shape(leaf)), np.dtype(leaf.dtype)
         for what, want in (("header", spec), ("function", {"shape": aval.shape, "dtype": aval.dtype})):
             if want["shape"] is not None and (tuple(want["shape"]) != shape or np.dtype(want["dtype"]) != dtype):
-                raise ValueError(f"variable {spec['path']}: {shape} {dtype} does not match the {what}'s "
-                                 f"{tuple(want['shape'])} {np.dtype(want['dtype'])}")
+                raise ValueError(
+                    f"variable {spec['path']}: {shape} {dtype} does not match the {what}'s "
+                    f"{tuple(want['shape'])} {np.dtype(want['dtype'])}"
+                )
     if isinstance(arg, dict):  # sorted by path, as jax flattens a dict: the order the header must list them in
         for spec, aval, name in zip(specs, avals, list(arg)):
             if spec["path"] != name:
-                raise ValueError(f"variable {spec['path']}: the header lists it where the function takes {name} "
-                                 f"({tuple(aval.shape)} {np.dtype(aval.dtype)}); the header was altered")
+                raise ValueError(
+                    f"variable {spec['path']}: the header lists it where the function takes {name} "
+                    f"({tuple(aval.shape)} {np.dtype(aval.dtype)}); the header was altered"
+                )
 
 
 def _short(value: Any) -> str:
@@ -290,8 +313,9 @@ def _parse_header(data: bytes, where: str) -> tuple[dict[str, Any], int]:
     if magic != MAGIC:
         raise ValueError(f"{where} is not an exported jaxopt_serve model (bad magic bytes {magic!r})")
     if PREFIX.size + header_len + DIGEST_BYTES > len(data):
-        raise ValueError(f"{where} is truncated: its header needs {PREFIX.size + header_len} bytes, "
-                         f"the file has {len(data)}")
+        raise ValueError(
+            f"{where} is truncated: its header needs {PREFIX.size + header_len} bytes, the file has {len(data)}"
+        )
     try:
         header = json.loads(data[PREFIX.size : PREFIX.size + header_len].decode("utf-8"))
     except (ValueError, RecursionError) as err:
@@ -333,8 +357,12 @@ def _check_header(header: dict[str, Any], where: str) -> None:
         if not isinstance(variables, list):
             fail("variables", "a list of {'path', 'shape', 'dtype'}")
         for i, spec in enumerate(variables):
-            if not (isinstance(spec, dict) and isinstance(spec.get("path"), str) and _is_shape(spec.get("shape"))
-                    and _is_dtype(spec.get("dtype"))):
+            if not (
+                isinstance(spec, dict)
+                and isinstance(spec.get("path"), str)
+                and _is_shape(spec.get("shape"))
+                and _is_dtype(spec.get("dtype"))
+            ):
                 fail(f"variables[{i}]", "{'path': str, 'shape': [int, ...], 'dtype': str}")
         paths = [spec["path"] for spec in variables]
         if len(set(paths)) != len(paths):
@@ -345,13 +373,18 @@ def _check_header(header: dict[str, Any], where: str) -> None:
         if not isinstance(inputs, list) or not inputs:
             fail("inputs", "a non-empty list of {'name', 'shape', 'dtype', 'length_axis'}")
         for i, spec in enumerate(inputs):
-            ok = (isinstance(spec, dict) and isinstance(spec.get("name"), str)
-                  and _is_shape(spec.get("shape"), allow_none=True) and len(spec["shape"]) >= 1
-                  and _is_dtype(spec.get("dtype")))
+            ok = (
+                isinstance(spec, dict)
+                and isinstance(spec.get("name"), str)
+                and _is_shape(spec.get("shape"), allow_none=True)
+                and len(spec["shape"]) >= 1
+                and _is_dtype(spec.get("dtype"))
+            )
             axis = spec.get("length_axis") if isinstance(spec, dict) else None
             if not ok or not (axis is None or (_is_int(axis, 1) and axis < len(spec["shape"]))):
-                fail(f"inputs[{i}]",
-                     "{'name': str, 'shape': [int | null, ...], 'dtype': str, 'length_axis': int | null}")
+                fail(
+                    f"inputs[{i}]", "{'name': str, 'shape': [int | null, ...], 'dtype': str, 'length_axis': int | null}"
+                )
 
 
 def read_exported(data: bytes, where: str = "exported artifact") -> tuple[dict[str, Any], bytes, list[np.ndarray]]:
@@ -388,9 +421,11 @@ def read_exported(data: bytes, where: str = "exported artifact") -> tuple[dict[s
         with np.load(io.BytesIO(blob), allow_pickle=False) as npz:
             stored = set(npz.files)
             if stored != set(names) or len(names) != header["num_leaves"]:
-                raise ValueError(f"{where}: the stored variables {sorted(stored - set(names))[:5]} and the header's "
-                                 f"{sorted(set(names) - stored)[:5]} differ ({len(stored)} stored, "
-                                 f"{len(names)} listed)")
+                raise ValueError(
+                    f"{where}: the stored variables {sorted(stored - set(names))[:5]} and the header's "
+                    f"{sorted(set(names) - stored)[:5]} differ ({len(stored)} stored, "
+                    f"{len(names)} listed)"
+                )
             leaves = [npz[name] for name in names]
     except ValueError as err:
         if str(err).startswith(where):
@@ -399,10 +434,13 @@ def read_exported(data: bytes, where: str = "exported artifact") -> tuple[dict[s
     except Exception as err:  # noqa: BLE001 - zipfile and numpy raise many types on malformed bytes
         raise ValueError(f"{where} is corrupted: its variables cannot be read ({type(err).__name__}: {err})") from err
     for spec, leaf in zip(specs, leaves):
-        if not _numeric(leaf.dtype) or (spec["shape"] is not None and (
-                list(leaf.shape) != spec["shape"] or leaf.dtype != np.dtype(spec["dtype"]))):
-            raise ValueError(f"{where}: variable {spec['path']} is stored as {leaf.dtype}{list(leaf.shape)}, "
-                             f"the header lists {spec['dtype']}{spec['shape']}")
+        if not _numeric(leaf.dtype) or (
+            spec["shape"] is not None and (list(leaf.shape) != spec["shape"] or leaf.dtype != np.dtype(spec["dtype"]))
+        ):
+            raise ValueError(
+                f"{where}: variable {spec['path']} is stored as {leaf.dtype}{list(leaf.shape)}, "
+                f"the header lists {spec['dtype']}{spec['shape']}"
+            )
     return header, function, leaves
 
 
@@ -411,9 +449,11 @@ def _check_finite(leaves: list[np.ndarray], header: dict[str, Any], where: str) 
         if leaf.dtype.kind == "f" or leaf.dtype.name == "bfloat16":
             finite = np.isfinite(leaf)
             if not finite.all():
-                raise ValueError(f"{where}: variable {spec['path']} holds {int(leaf.size - finite.sum())} non-finite "
-                                 f"value(s) (NaN or inf) of {leaf.size}; load_exported(..., allow_nonfinite=True) "
-                                 f"loads it anyway")
+                raise ValueError(
+                    f"{where}: variable {spec['path']} holds {int(leaf.size - finite.sum())} non-finite "
+                    f"value(s) (NaN or inf) of {leaf.size}; load_exported(..., allow_nonfinite=True) "
+                    f"loads it anyway"
+                )
 
 
 def _read_file(path: Path) -> bytes:
@@ -426,8 +466,15 @@ def _read_file(path: Path) -> bytes:
     try:
         mode = os.fstat(fd).st_mode
         if not stat.S_ISREG(mode):
-            kind = ("a directory" if stat.S_ISDIR(mode) else "a FIFO (named pipe)" if stat.S_ISFIFO(mode)
-                    else "a device" if stat.S_ISCHR(mode) or stat.S_ISBLK(mode) else "not a regular file")
+            kind = (
+                "a directory"
+                if stat.S_ISDIR(mode)
+                else "a FIFO (named pipe)"
+                if stat.S_ISFIFO(mode)
+                else "a device"
+                if stat.S_ISCHR(mode) or stat.S_ISBLK(mode)
+                else "not a regular file"
+            )
             raise ValueError(f"{where} is {kind}, not a file")
         size = os.fstat(fd).st_size
 
@@ -466,8 +513,13 @@ def pack_exported(header: dict[str, Any], function: bytes, leaves: list[np.ndarr
     buffer = io.BytesIO()
     np.savez(buffer, **{name: np.asarray(leaf) for name, leaf in zip(names, leaves)})
     blob = buffer.getvalue()
-    header = {**header, "format_version": FORMAT_VERSION, "function_bytes": len(function),
-              "variables_bytes": len(blob), "num_leaves": len(leaves)}
+    header = {
+        **header,
+        "format_version": FORMAT_VERSION,
+        "function_bytes": len(function),
+        "variables_bytes": len(blob),
+        "num_leaves": len(leaves),
+    }
     header_bytes = json.dumps(header, sort_keys=True).encode("utf-8")
     body = PREFIX.pack(MAGIC, len(header_bytes)) + header_bytes + bytes(function) + blob
     return body + hashlib.sha256(body).digest()
@@ -496,8 +548,9 @@ def load_exported(path: str | Path, *, nan_policy: str = "propagate", allow_nonf
     try:
         exported = export.deserialize(bytearray(function))
     except Exception as err:  # noqa: BLE001 - flatbuffers and jax raise many types on malformed bytes
-        raise ValueError(f"{where} is corrupted: its function cannot be deserialized "
-                         f"({type(err).__name__}: {err})") from err
+        raise ValueError(
+            f"{where} is corrupted: its function cannot be deserialized ({type(err).__name__}: {err})"
+        ) from err
     try:
         return ExportedModel(header, exported, leaves, nan_policy=nan_policy)
     except ValueError as err:

@@ -114,9 +114,13 @@ class NotARegularFileError(ValueError):
 
 
 def _kind(mode: int) -> str:
-    for test, name in ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO (named pipe)"),
-                       (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
-                       (stat.S_ISSOCK, "a socket")):
+    for test, name in (
+        (stat.S_ISDIR, "a directory"),
+        (stat.S_ISFIFO, "a FIFO (named pipe)"),
+        (stat.S_ISCHR, "a character device"),
+        (stat.S_ISBLK, "a block device"),
+        (stat.S_ISSOCK, "a socket"),
+    ):
         if test(mode):
             return name
     return "not a regular file"
@@ -158,8 +162,10 @@ class RegularFile:
     def read_exact(self, offset: int, length: int, part: str) -> bytes:
         """``length`` bytes at ``offset``; ``ValueError`` naming the file and ``part`` if the file is shorter."""
         if offset < 0 or length < 0 or offset + length > self.size:
-            raise ValueError(f"{self.what} {self.path} is truncated: its {part} needs bytes "
-                             f"{offset}..{offset + length}, the file has {self.size}")
+            raise ValueError(
+                f"{self.what} {self.path} is truncated: its {part} needs bytes "
+                f"{offset}..{offset + length}, the file has {self.size}"
+            )
         chunks, done = [], 0
         while done < length:
             chunk = os.pread(self.fd, min(length - done, 1 << 26), offset + done)

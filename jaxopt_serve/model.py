@@ -149,8 +149,10 @@ class Model:
         def rebuild(variables: Variables) -> Any:
             fresh = jax.tree.map(lambda a: a, template)
             # numpy leaves become jax arrays: NNX must never write into (or fail on) the caller's buffers
-            owned = jax.tree.map(lambda a: jnp.asarray(a) if isinstance(a, np.ndarray) else a,
-                                 {"state": variables.get("state", {}), "params": variables["params"]})
+            owned = jax.tree.map(
+                lambda a: jnp.asarray(a) if isinstance(a, np.ndarray) else a,
+                {"state": variables.get("state", {}), "params": variables["params"]},
+            )
             pure = dict(plain(owned["state"]))
             _deep_update(pure, owned["params"])
             nnx.replace_by_pure_dict(fresh, pure)
@@ -209,12 +211,14 @@ class Model:
                 return fn(unwrap(variables), *inputs), {}
             return train_fn(unwrap(variables), *inputs, rng=rng)
 
-        return _validated(cls(apply, train, stored, _check_example(example), "function",
-                              name or getattr(fn, "__name__", "model")))
+        return _validated(
+            cls(apply, train, stored, _check_example(example), "function", name or getattr(fn, "__name__", "model"))
+        )
 
     @classmethod
-    def from_config(cls, config: Any, variables: Variables, *, input_shape: Sequence[int] | None = None,
-                    batch_size: int = 1) -> Model:
+    def from_config(
+        cls, config: Any, variables: Variables, *, input_shape: Sequence[int] | None = None, batch_size: int = 1
+    ) -> Model:
         """A reference model (``jaxopt_serve.models``) from its config, with zeros as the example batch."""
         from jaxopt_serve.models.functional import make_apply
 
@@ -244,8 +248,9 @@ class Model:
             return self.apply_fn(variables, *inputs), {}
         return self.train_fn(variables, *inputs, rng=rng)
 
-    def apply_with_mode(self, variables: Variables, x: Any, *, train: bool = False,
-                        rng: jax.Array | None = None) -> tuple[Any, Variables]:
+    def apply_with_mode(
+        self, variables: Variables, x: Any, *, train: bool = False, rng: jax.Array | None = None
+    ) -> tuple[Any, Variables]:
         """The training loop's interface, ``(outputs, state updates)``, for a model with one positional input.
 
         ``x`` may be any pytree (a dict of arrays, a tuple); a model with several
@@ -342,7 +347,8 @@ def check_inputs(
     except (ValueError, TypeError) as err:
         got = jax.tree.structure(inputs)
         raise ValueError(
-            f"inputs of {name} do not have the example's structure: expected {ex_tree}, got {got}") from err
+            f"inputs of {name} do not have the example's structure: expected {ex_tree}, got {got}"
+        ) from err
     out, batch = [], None
     for (path, ex), x in zip(ex_leaves, in_leaves):
         where = "inputs" + jax.tree_util.keystr(path)
@@ -386,7 +392,8 @@ def _check_example(example: tuple[Any, ...]) -> tuple[Any, ...]:
     for path, leaf in leaves:
         if not hasattr(leaf, "shape") or len(leaf.shape) == 0:
             raise ValueError(
-                f"example inputs{jax.tree_util.keystr(path)}: every input leaf needs a batch axis, got {leaf!r}")
+                f"example inputs{jax.tree_util.keystr(path)}: every input leaf needs a batch axis, got {leaf!r}"
+            )
         if batch is None:
             batch = leaf.shape[0]
         elif leaf.shape[0] != batch:

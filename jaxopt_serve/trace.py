@@ -32,12 +32,24 @@ import numpy as np
 
 # Operations that only re-view a weight: the tag follows them.
 VIEW_PRIMITIVES = frozenset(
-    {"reshape", "transpose", "squeeze", "expand_dims", "convert_element_type", "copy", "copy_p"})
+    {"reshape", "transpose", "squeeze", "expand_dims", "convert_element_type", "copy", "copy_p"}
+)
 # Nested calls that are inlined when a tagged value enters them (their semantics is one call of the body).
-INLINE_PRIMITIVES = frozenset({
-    "pjit", "jit", "closed_call", "core_call", "custom_jvp_call", "custom_vjp_call", "custom_vjp_call_jaxpr",
-    "remat", "checkpoint", "remat2", "custom_lin",
-})
+INLINE_PRIMITIVES = frozenset(
+    {
+        "pjit",
+        "jit",
+        "closed_call",
+        "core_call",
+        "custom_jvp_call",
+        "custom_vjp_call",
+        "custom_vjp_call_jaxpr",
+        "remat",
+        "checkpoint",
+        "remat2",
+        "custom_lin",
+    }
+)
 
 
 @dataclasses.dataclass(frozen=True)

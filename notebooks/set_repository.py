@@ -59,7 +59,7 @@ def rewrite(root: Path, repository: str, branch: str) -> list[Path]:
         raise ValueError(f"{pyproject} has no [tool.jaxopt_serve] table")
     body = re.sub(r'(?m)^repository = ".*"$', f'repository = "{repository}"', table.group(1))
     body = re.sub(r'(?m)^branch = ".*"$', f'branch = "{branch}"', body)
-    new_text = text[: table.start(1)] + body + text[table.end(1):]
+    new_text = text[: table.start(1)] + body + text[table.end(1) :]
     if new_text != text:
         pyproject.write_text(new_text, encoding="utf-8")
         changed.append(pyproject)

@@ -38,16 +38,24 @@ def run_standalone(tmp_path, jobs):
     specs = []
     for i, (artifact, inputs, call) in enumerate(jobs):
         np.savez(tmp_path / f"in{i}.npz", **(inputs if call == "dict" else {str(k): a for k, a in enumerate(inputs)}))
-        specs.append({"artifact": str(artifact), "inputs": str(tmp_path / f"in{i}.npz"),
-                      "outputs": str(tmp_path / f"out{i}.npz"), "call": call})
+        specs.append(
+            {
+                "artifact": str(artifact),
+                "inputs": str(tmp_path / f"in{i}.npz"),
+                "outputs": str(tmp_path / f"out{i}.npz"),
+                "call": call,
+            }
+        )
     (tmp_path / "jobs.json").write_text(json.dumps(specs))
-    run = subprocess.run([sys.executable, "-c", LOADER, str(folder), str(tmp_path / "jobs.json")],
-                         capture_output=True, text=True, timeout=180)
+    run = subprocess.run(
+        [sys.executable, "-c", LOADER, str(folder), str(tmp_path / "jobs.json")],
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
     assert run.returncode == 0, run.stderr
     outputs = []
     for spec in specs:
         with np.load(spec["outputs"]) as npz:
             outputs.append([npz[f"arr_{k}"] for k in range(len(npz.files))])
     return outputs
-
-

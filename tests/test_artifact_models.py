@@ -63,15 +63,20 @@ def make_model(kind, out=OUT):
         # Random values of init's shapes (nothing compiled), running statistics included: a lost collection shows.
         rng = np.random.default_rng(0)
         variables = jax.tree_util.tree_map_with_path(
-            lambda p, s: (np.abs(rng.normal(size=s.shape)) + 0.5 if p[-1].key == "var"
-                          else rng.normal(size=s.shape) / 4).astype(s.dtype),
-            jax.eval_shape(net.init, jax.random.key(0), x))
+            lambda p, s: (
+                np.abs(rng.normal(size=s.shape)) + 0.5 if p[-1].key == "var" else rng.normal(size=s.shape) / 4
+            ).astype(s.dtype),
+            jax.eval_shape(net.init, jax.random.key(0), x),
+        )
         return Model.linen(net, variables, x, eval_kwargs={"train": False}, train_kwargs={"train": True})
     if kind == "nnx":
         return Model.nnx(NNXNet(out, nnx.Rngs(0, dropout=1)), x)
     rng = np.random.default_rng(1)
-    params = {"w1": rng.normal(size=(IN, HIDDEN)).astype(np.float32) / 4, "b1": np.full(HIDDEN, 0.1, np.float32),
-              "w2": rng.normal(size=(HIDDEN, out)).astype(np.float32) / 4}
+    params = {
+        "w1": rng.normal(size=(IN, HIDDEN)).astype(np.float32) / 4,
+        "b1": np.full(HIDDEN, 0.1, np.float32),
+        "w2": rng.normal(size=(HIDDEN, out)).astype(np.float32) / 4,
+    }
     return Model.function(mlp, params, x)
 
 
@@ -102,8 +107,9 @@ def saved(models, tmp_path_factory):
                 variables = model.variables
                 artifact = Artifact.for_model(model, metadata={"layout": layout})
             elif layout == "int8":
-                variables = calibrate(model, quantize(model.variables, model_rules(model)).variables, X,
-                                      method="absmax")
+                variables = calibrate(
+                    model, quantize(model.variables, model_rules(model)).variables, X, method="absmax"
+                )
                 artifact = quantized_artifact(model, variables, metadata={"layout": layout})
             else:
                 pruned = prune(model.variables["params"], model_prune_rules(model, 0.8)).params
@@ -144,8 +150,11 @@ def test_round_trip_gives_the_same_outputs(models, saved, kind, layout):
     assert loaded.model.kind == kind and loaded.model.variables.keys() == loaded.variables.keys()
     _assert_same_variables(loaded.variables, variables)
     if layout == "int8":
-        weights = [leaf for leaf in jax.tree.leaves(loaded.variables, is_leaf=lambda x: isinstance(x, QArray))
-                   if isinstance(leaf, QArray)]
+        weights = [
+            leaf
+            for leaf in jax.tree.leaves(loaded.variables, is_leaf=lambda x: isinstance(x, QArray))
+            if isinstance(leaf, QArray)
+        ]
         assert len(weights) == 2 and len(loaded.variables["quant_act"]) == 2
         before = jax.jit(quantized_predict_fn(model, mode="dynamic"))(variables, X)
         after = jax.jit(quantized_predict_fn(loaded.model, mode="dynamic"))(loaded.variables, X)
@@ -178,10 +187,18 @@ def test_header_describes_the_model_instead_of_a_config(saved):
     assert header["model"] == {"name": "NNXNet", "kind": "nnx"}
     assert header["input_spec"] == [{"path": "0", "shape": [IN], "dtype": "float32"}]
     spec = {entry["path"]: entry for entry in header["variables_spec"]}
-    assert spec["params/l1/kernel"] == {"path": "params/l1/kernel", "shape": [IN, HIDDEN], "dtype": "float32",
-                                        "qtype": "int8"}
-    assert spec["state/drop/rngs/key"] == {"path": "state/drop/rngs/key", "shape": [], "dtype": "key<fry>",
-                                           "impl": "threefry2x32"}
+    assert spec["params/l1/kernel"] == {
+        "path": "params/l1/kernel",
+        "shape": [IN, HIDDEN],
+        "dtype": "float32",
+        "qtype": "int8",
+    }
+    assert spec["state/drop/rngs/key"] == {
+        "path": "state/drop/rngs/key",
+        "shape": [],
+        "dtype": "key<fry>",
+        "impl": "threefry2x32",
+    }
     assert spec["quant_act/l1"]["shape"] == [] and "input_shape" not in header
     assert b"\x80\x04\x95" not in data and b"\x80\x05\x95" not in data  # no pickle
 
@@ -194,24 +211,31 @@ def test_loading_with_a_model_of_other_shapes_names_the_path(saved, wrong_models
     shape, want = ("32, 4", "32, 5") if kind == "function" else ("4", "5")
     quantized = layout == "int8" and kind == "function"
     what = rf"quantized variable {WRONG[kind]} \(int8\)" if quantized else rf"variable {WRONG[kind]}"
-    with pytest.raises(ArtifactError, match=rf"{path.name} was saved from the {kind} model .*: {what} is "
-                                            rf"float32\[{shape}\], the model expects float32\[{want}\]"):
+    with pytest.raises(
+        ArtifactError,
+        match=rf"{path.name} was saved from the {kind} model .*: {what} is "
+        rf"float32\[{shape}\], the model expects float32\[{want}\]",
+    ):
         load_artifact(path, model=wrong)
 
 
 @pytest.mark.parametrize("kind", KINDS)
 def test_loading_without_the_model_says_to_pass_it(saved, kind):
     path, _ = saved[kind, "float"]
-    with pytest.raises(ArtifactError, match=rf"{path.name} was saved from the {kind} model .*which has no config: "
-                                            r"pass that model"):
+    with pytest.raises(
+        ArtifactError,
+        match=rf"{path.name} was saved from the {kind} model .*which has no config: "
+        r"pass that model",
+    ):
         load_artifact(path)
 
 
 def test_saving_checks_the_variables_against_the_model(models):
     model = models["function"]
     bad = {"params": {**model.variables["params"], "w1": np.zeros((IN, HIDDEN + 1), np.float32)}}
-    with pytest.raises(ArtifactError,
-                       match=r"variable params/w1 is float32\[16, 33\], the model expects float32\[16, 32"):
+    with pytest.raises(
+        ArtifactError, match=r"variable params/w1 is float32\[16, 33\], the model expects float32\[16, 32"
+    ):
         Artifact.for_model(model, bad)
     with pytest.raises(ArtifactError, match=r"missing \['params/b1'\]"):
         Artifact.for_model(model, {"params": {k: v for k, v in model.variables["params"].items() if k != "b1"}})

@@ -20,8 +20,9 @@ def test_help_on_every_subcommand(command, capsys):
 
 
 def test_console_script_is_installed():
-    result = subprocess.run([sys.executable, "-m", "jaxopt_serve", "--help"], capture_output=True, text=True,
-                            timeout=120)
+    result = subprocess.run(
+        [sys.executable, "-m", "jaxopt_serve", "--help"], capture_output=True, text=True, timeout=120
+    )
     assert result.returncode == 0 and "train" in result.stdout and "demo" in result.stdout
 
 

@@ -27,13 +27,17 @@ def test_quantize_help(capsys):
         # Measured on the small session CNN (2,194 params, 9.7 kB): 2.02x and 2.13x; its
         # header and float biases/batch norm weigh as much as its int8 kernels.
         ([], "int8", 1.9),
-        (["--bits", "4", "--granularity", "group", "--group-size", "8", "--keep-float", "params/conv_0/kernel"],
-         "int4", 2.0),
+        (
+            ["--bits", "4", "--granularity", "group", "--group-size", "8", "--keep-float", "params/conv_0/kernel"],
+            "int4",
+            2.0,
+        ),
     ],
     ids=["int8", "int4-group"],
 )
-def test_quantize_writes_a_smaller_artifact_that_keeps_its_accuracy(tmp_path, float_artifact, digits, capsys,
-                                                                   args, qtype, min_ratio):
+def test_quantize_writes_a_smaller_artifact_that_keeps_its_accuracy(
+    tmp_path, float_artifact, digits, capsys, args, qtype, min_ratio
+):
     out = tmp_path / "q.jxs"
     assert main(["quantize", str(float_artifact), *args, "-o", str(out)]) == 0
     printed = capsys.readouterr().out
@@ -50,10 +54,12 @@ def test_quantize_writes_a_smaller_artifact_that_keeps_its_accuracy(tmp_path, fl
             assert isinstance(kernel, np.ndarray) and kernel.dtype == np.float32
         else:
             assert isinstance(kernel, QArray) and kernel.qtype == qtype
-    float_acc = accuracy(predict_fn(loaded.config), load_artifact(float_artifact).variables, digits.x_test,
-                         digits.y_test)
-    quant_acc = accuracy(quantized_predict_fn(loaded.config, mode="auto"), loaded.variables, digits.x_test,
-                         digits.y_test)
+    float_acc = accuracy(
+        predict_fn(loaded.config), load_artifact(float_artifact).variables, digits.x_test, digits.y_test
+    )
+    quant_acc = accuracy(
+        quantized_predict_fn(loaded.config, mode="auto"), loaded.variables, digits.x_test, digits.y_test
+    )
     assert abs(quant_acc - float_acc) <= 0.02, (float_acc, quant_acc)
     # `eval` reads quantized artifacts too (on their dequantized weights).
     assert main(["eval", str(out), "--json"]) == 0
@@ -63,8 +69,20 @@ def test_quantize_writes_a_smaller_artifact_that_keeps_its_accuracy(tmp_path, fl
 
 def test_unused_keep_float_rules_are_listed(tmp_path, float_artifact, capsys):
     out = tmp_path / "q.jxs"
-    assert main(["quantize", str(float_artifact), "--keep-float", "params/nothing/.*", "params/dense/kernel",
-                 "-o", str(out)]) == 0
+    assert (
+        main(
+            [
+                "quantize",
+                str(float_artifact),
+                "--keep-float",
+                "params/nothing/.*",
+                "params/dense/kernel",
+                "-o",
+                str(out),
+            ]
+        )
+        == 0
+    )
     assert "unused rules (matched no parameter): ['params/nothing/.*']" in capsys.readouterr().out
     assert not isinstance(load_artifact(out).variables["params"]["dense"]["kernel"], QArray)
 
@@ -72,8 +90,10 @@ def test_unused_keep_float_rules_are_listed(tmp_path, float_artifact, capsys):
 @pytest.mark.parametrize(
     ("args", "message"),
     [
-        (["--bits", "4", "--granularity", "group", "--group-size", "5"],
-         "params/classifier/kernel: group_size 5 does not divide axis 0 of shape (32, 10)"),
+        (
+            ["--bits", "4", "--granularity", "group", "--group-size", "5"],
+            "params/classifier/kernel: group_size 5 does not divide axis 0 of shape (32, 10)",
+        ),
         (["--granularity", "group"], "granularity='group' needs a positive int group_size"),
         (["--group-size", "8"], "group_size is only used with granularity='group'"),
         (["--bits", "ternary", "--asymmetric"], "ternary quantization is symmetric only"),

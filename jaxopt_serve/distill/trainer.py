@@ -80,7 +80,8 @@ class DistillConfig:
             raise ValueError(f"DistillConfig.alpha must be in [0, 1], got {self.alpha!r}")
         if self.hidden_loss not in HIDDEN_LOSSES:
             raise ValueError(
-                f"DistillConfig.hidden_loss must be one of {sorted(HIDDEN_LOSSES)}, got {self.hidden_loss!r}")
+                f"DistillConfig.hidden_loss must be one of {sorted(HIDDEN_LOSSES)}, got {self.hidden_loss!r}"
+            )
         if self.hidden_weight < 0:
             raise ValueError(f"DistillConfig.hidden_weight must be >= 0, got {self.hidden_weight!r}")
         if self.teacher_mode not in ("online", "precomputed"):
@@ -89,7 +90,8 @@ class DistillConfig:
         for pair in pairs:
             if len(pair) != 2 or not all(isinstance(v, (int, str)) and not isinstance(v, bool) for v in pair):
                 raise ValueError(
-                    f"DistillConfig.hidden_pairs entries must be (student_layer, teacher_layer), got {pair!r}")
+                    f"DistillConfig.hidden_pairs entries must be (student_layer, teacher_layer), got {pair!r}"
+                )
         object.__setattr__(self, "hidden_pairs", pairs)
 
 
@@ -142,8 +144,14 @@ def _hidden_apply(config: ModelConfig, layers: Sequence[Layer]):
     def apply(variables, x, *, train=False, rng=None):
         mutable = [name for name in variables if name != "params"] if train else []
         rngs = {"dropout": rng} if (train and rng is not None) else {}
-        out, updates = module.apply(variables, x, train=train, rngs=rngs, mutable=[*mutable, "intermediates"],
-                                    capture_intermediates=capture if names else False)
+        out, updates = module.apply(
+            variables,
+            x,
+            train=train,
+            rngs=rngs,
+            mutable=[*mutable, "intermediates"],
+            capture_intermediates=capture if names else False,
+        )
         updates = dict(updates)
         inter = updates.pop("intermediates", {})
         hiddens = tuple(_lookup(inter, layer, config) for layer in layers)
@@ -166,7 +174,8 @@ def _lookup(intermediates: Any, layer: Layer, config: ModelConfig) -> jax.Array:
     for part in layer.split("/"):
         if not isinstance(node, dict) or part not in node:
             raise ValueError(
-                f"hidden layer {layer!r} does not exist in {config.name!r} (no submodule output captured there)")
+                f"hidden layer {layer!r} does not exist in {config.name!r} (no submodule output captured there)"
+            )
         node = node[part]
     return node["__call__"][0]
 
@@ -193,8 +202,12 @@ def teacher_fn(config: ModelConfig, variables: Variables, layers: Sequence[Layer
 def _state_dict(state: TrainState, tracker: dict[str, Any]) -> dict[str, Any]:
     """The tree of a single-file checkpoint (the format before orbax), as it was written."""
     return {
-        "step": state.step, "params": state.params, "model_state": state.model_state, "opt_state": state.opt_state,
-        "rng": jax.random.key_data(state.rng), "best_params": tracker["best_params"],
+        "step": state.step,
+        "params": state.params,
+        "model_state": state.model_state,
+        "opt_state": state.opt_state,
+        "rng": jax.random.key_data(state.rng),
+        "best_params": tracker["best_params"],
         "best_state": tracker["best_state"],
     }
 
@@ -202,8 +215,9 @@ def _state_dict(state: TrainState, tracker: dict[str, Any]) -> dict[str, Any]:
 _BEST = ("best_params", "best_state")
 
 
-def save_checkpoint(path: str | os.PathLike[str], state: TrainState, tracker: dict[str, Any],
-                    fingerprint: dict) -> None:
+def save_checkpoint(
+    path: str | os.PathLike[str], state: TrainState, tracker: dict[str, Any], fingerprint: dict
+) -> None:
     """Commit the run's state, its best student so far and its early-stopping record as an orbax checkpoint.
 
     ``path`` is a checkpoint directory (``jaxopt_serve.train.checkpoint``): each
@@ -221,8 +235,14 @@ def save_checkpoint(path: str | os.PathLike[str], state: TrainState, tracker: di
     ckpt.save_checkpoint(path, state, record=record, extra=extra, fingerprint=fingerprint)
 
 
-def load_checkpoint(path: str | os.PathLike[str], template: TrainState, fingerprint: dict, *,
-                    allow_nonfinite: bool = False, shardings: Any = None) -> tuple[TrainState, dict]:
+def load_checkpoint(
+    path: str | os.PathLike[str],
+    template: TrainState,
+    fingerprint: dict,
+    *,
+    allow_nonfinite: bool = False,
+    shardings: Any = None,
+) -> tuple[TrainState, dict]:
     """Read a checkpoint written by ``save_checkpoint`` for the same run (same student, seed and data).
 
     ``allow_nonfinite``: restore float arrays holding NaN or inf (refused by
@@ -242,13 +262,15 @@ def load_checkpoint(path: str | os.PathLike[str], template: TrainState, fingerpr
     if not path.is_dir():
         return _load_legacy_checkpoint(path, template, fingerprint, allow_nonfinite=allow_nonfinite)
     blank = {"best_params": template.params, "best_state": template.model_state}
-    restored = ckpt.restore_checkpoint(path, template, extra=blank, fingerprint=fingerprint, shardings=shardings,
-                                       allow_nonfinite=allow_nonfinite)
+    restored = ckpt.restore_checkpoint(
+        path, template, extra=blank, fingerprint=fingerprint, shardings=shardings, allow_nonfinite=allow_nonfinite
+    )
     tracker = dict(restored.record)
     for key in ("best_val_accuracy", "best_step", "bad_epochs", "history", "stopped_early"):
         if key not in tracker:
-            raise ValueError(f"checkpoint {path} (step {restored.step}) is not a distillation checkpoint: "
-                             f"its record has no {key!r}")
+            raise ValueError(
+                f"checkpoint {path} (step {restored.step}) is not a distillation checkpoint: its record has no {key!r}"
+            )
     tracker.update(restored.extra)
     return restored.state, tracker
 
@@ -272,8 +294,9 @@ def _resume_source(path: Path) -> Path | None:
     return backup if backup.is_file() else None
 
 
-def _load_legacy_checkpoint(path: Path, template: TrainState, fingerprint: dict, *,
-                            allow_nonfinite: bool) -> tuple[TrainState, dict]:
+def _load_legacy_checkpoint(
+    path: Path, template: TrainState, fingerprint: dict, *, allow_nonfinite: bool
+) -> tuple[TrainState, dict]:
     """Read a single-file checkpoint (format 1 or 2: length, JSON record, msgpack payload, SHA-256 trailer)."""
     record, payload = _read_checkpoint(path)
     if record.get("fingerprint") != fingerprint:
@@ -285,14 +308,18 @@ def _load_legacy_checkpoint(path: Path, template: TrainState, fingerprint: dict,
     try:
         restored = serialization.from_bytes(expected, payload)
     except Exception as err:  # noqa: BLE001 - msgpack and flax raise many types on malformed bytes
-        raise ValueError(f"checkpoint {path} is corrupted: its state cannot be decoded "
-                         f"({type(err).__name__}: {err})") from err
+        raise ValueError(
+            f"checkpoint {path} is corrupted: its state cannot be decoded ({type(err).__name__}: {err})"
+        ) from err
     _check_state(path, expected, restored)
     if not allow_nonfinite:
         _check_finite_state(path, restored)
     state = TrainState(
-        step=jnp.asarray(restored["step"]), params=restored["params"], model_state=restored["model_state"],
-        opt_state=restored["opt_state"], rng=jax.random.wrap_key_data(jnp.asarray(restored["rng"])),
+        step=jnp.asarray(restored["step"]),
+        params=restored["params"],
+        model_state=restored["model_state"],
+        opt_state=restored["opt_state"],
+        rng=jax.random.wrap_key_data(jnp.asarray(restored["rng"])),
     )
     tracker = {k: v for k, v in record.items() if k not in ("version", "fingerprint", "payload_bytes")}
     tracker["best_params"], tracker["best_state"] = restored["best_params"], restored["best_state"]
@@ -310,8 +337,10 @@ def _read_checkpoint(path: Path) -> tuple[dict[str, Any], bytes]:
             raise ValueError(f"checkpoint {path} is truncated: {file.size} bytes, not even a record length")
         size = int.from_bytes(file.read_exact(0, 8, "record length"), "little")
         if 8 + size > file.size:
-            raise ValueError(f"checkpoint {path} is truncated or corrupted: its record needs {8 + size} bytes, "
-                             f"the file has {file.size}")
+            raise ValueError(
+                f"checkpoint {path} is truncated or corrupted: its record needs {8 + size} bytes, "
+                f"the file has {file.size}"
+            )
         head = file.read_exact(8, size, "record")
         try:
             record = json.loads(head.decode("utf-8"))
@@ -319,7 +348,8 @@ def _read_checkpoint(path: Path) -> tuple[dict[str, Any], bytes]:
             raise ValueError(f"checkpoint {path} cannot be read: {err}") from err
         if not isinstance(record, dict):
             raise ValueError(
-                f"checkpoint {path} is corrupted: its record is a JSON {type(record).__name__}, not an object")
+                f"checkpoint {path} is corrupted: its record is a JSON {type(record).__name__}, not an object"
+            )
         version = record.get("version")
         if version == 1:  # no size, no checksum: the rest of the file is the payload
             return record, file.read_exact(8 + size, file.size - 8 - size, "payload")
@@ -327,8 +357,10 @@ def _read_checkpoint(path: Path) -> tuple[dict[str, Any], bytes]:
             raise ValueError(f"checkpoint {path} has version {version!r}, expected {CHECKPOINT_VERSION}")
         payload_bytes = record.get("payload_bytes")
         if not isinstance(payload_bytes, int) or isinstance(payload_bytes, bool) or payload_bytes < 0:
-            raise ValueError(f"checkpoint {path} is corrupted: its record field 'payload_bytes' must be a "
-                             f"non-negative integer, got {payload_bytes!r}")
+            raise ValueError(
+                f"checkpoint {path} is corrupted: its record field 'payload_bytes' must be a "
+                f"non-negative integer, got {payload_bytes!r}"
+            )
         expected = 8 + size + payload_bytes + 32
         if file.size != expected:
             what = "truncated" if file.size < expected else "corrupted"
@@ -347,7 +379,8 @@ def _check_state(path: str | os.PathLike[str], expected: Any, restored: Any) -> 
         have = jax.tree_util.tree_structure(expected).flatten_up_to(restored)
     except (ValueError, TypeError) as err:
         raise ValueError(
-            f"checkpoint {path} is corrupted: its state has another structure than the run's ({err})") from err
+            f"checkpoint {path} is corrupted: its state has another structure than the run's ({err})"
+        ) from err
     for (key, leaf), got in zip(want, have):
         name = jax.tree_util.keystr(key)
         shape, dtype = np.shape(leaf), np.dtype(getattr(leaf, "dtype", np.asarray(leaf).dtype))
@@ -361,8 +394,10 @@ def _check_finite_state(path: str | os.PathLike[str], restored: Any) -> None:
     for key, leaf in jax.tree_util.tree_leaves_with_path(restored):
         leaf = np.asarray(leaf)
         if np.issubdtype(leaf.dtype, np.floating) and not np.isfinite(leaf).all():
-            raise ValueError(f"checkpoint {path}: {jax.tree_util.keystr(key)} holds non-finite values (NaN or inf); "
-                             "load_checkpoint(..., allow_nonfinite=True) restores it anyway")
+            raise ValueError(
+                f"checkpoint {path}: {jax.tree_util.keystr(key)} holds non-finite values (NaN or inf); "
+                "load_checkpoint(..., allow_nonfinite=True) restores it anyway"
+            )
 
 
 # -- the trainer -----------------------------------------------------------------------------------------
@@ -452,8 +487,10 @@ def distill(
     projections = {}
     for i, ((s_layer, t_layer), s, t) in enumerate(zip(pairs, s_hidden, t_hidden)):
         if s.shape[:-1] != t.shape[:-1]:
-            raise ValueError(f"hidden pair {i} ({s_layer!r}, {t_layer!r}): student states {s.shape} and teacher "
-                             f"states {t.shape} differ before the feature axis")
+            raise ValueError(
+                f"hidden pair {i} ({s_layer!r}, {t_layer!r}): student states {s.shape} and teacher "
+                f"states {t.shape} differ before the feature axis"
+            )
         if s.shape[-1] != t.shape[-1]:
             key = jax.random.fold_in(jax.random.key(seed), 1000 + i)
             projections[f"pair_{i}"] = {
@@ -477,8 +514,10 @@ def distill(
         loss, parts = distillation_loss(logits, logits_t, labels, temperature=cfg.temperature, alpha=cfg.alpha)
         metrics = {"loss": loss, **parts, "accuracy": (logits.argmax(-1) == labels).mean()}
         if pairs:
-            h_loss = sum(hidden_loss(project(params, i, h), jax.lax.stop_gradient(t))
-                         for i, (h, t) in enumerate(zip(hidden, hidden_t)))
+            h_loss = sum(
+                hidden_loss(project(params, i, h), jax.lax.stop_gradient(t))
+                for i, (h, t) in enumerate(zip(hidden, hidden_t))
+            )
             loss = loss + cfg.hidden_weight * h_loss
             metrics["hidden"] = h_loss
             metrics["loss"] = loss
@@ -487,18 +526,32 @@ def distill(
     data = [x_train, y_train]
     if cfg.teacher_mode == "precomputed":
         data += _precompute(teacher, x_train)
-    variables = {"params": {"student": student_variables["params"], "proj": projections},
-                 **{k: v for k, v in student_variables.items() if k != "params"}}
+    variables = {
+        "params": {"student": student_variables["params"], "proj": projections},
+        **{k: v for k, v in student_variables.items() if k != "params"},
+    }
     optimizer = optimizer or default_optimizer(steps, learning_rate=learning_rate)
     steps_per_epoch = max(1, len(x_train) // batch_size)
-    fingerprint = {"student": student_config.to_dict(), "teacher": teacher_config.to_dict(), "seed": seed,
-                   "batch_size": batch_size, "val_fraction": val_fraction, "distill": dataclasses.asdict(cfg),
-                   "train_examples": int(len(x_train))}
+    fingerprint = {
+        "student": student_config.to_dict(),
+        "teacher": teacher_config.to_dict(),
+        "seed": seed,
+        "batch_size": batch_size,
+        "val_fraction": val_fraction,
+        "distill": dataclasses.asdict(cfg),
+        "train_examples": int(len(x_train)),
+    }
     fingerprint = json.loads(json.dumps(fingerprint))
     template = init_state(variables, optimizer, seed=seed)
-    tracker: dict[str, Any] = {"best_val_accuracy": None, "best_step": 0, "bad_epochs": 0, "history": [],
-                               "stopped_early": False, "best_params": template.params,
-                               "best_state": template.model_state}
+    tracker: dict[str, Any] = {
+        "best_val_accuracy": None,
+        "best_step": 0,
+        "bad_epochs": 0,
+        "history": [],
+        "stopped_early": False,
+        "best_params": template.params,
+        "best_state": template.model_state,
+    }
     state = None
     source = _resume_source(Path(checkpoint)) if checkpoint is not None else None
     if source is not None:
@@ -515,8 +568,13 @@ def distill(
             acc = accuracy(student_predict, current, x_val, y_val)
             entry["val_accuracy"] = acc
             if tracker["best_val_accuracy"] is None or acc > tracker["best_val_accuracy"]:
-                tracker.update(best_val_accuracy=acc, best_step=done, bad_epochs=0,
-                               best_params=train_state.params, best_state=train_state.model_state)
+                tracker.update(
+                    best_val_accuracy=acc,
+                    best_step=done,
+                    bad_epochs=0,
+                    best_params=train_state.params,
+                    best_state=train_state.model_state,
+                )
             else:
                 tracker["bad_epochs"] += 1
                 stop = patience is not None and tracker["bad_epochs"] >= patience
@@ -526,9 +584,19 @@ def distill(
             save_checkpoint(checkpoint, train_state, tracker, fingerprint)
         return stop
 
-    result = fit(loss_fn, variables, data, optimizer=optimizer, steps=steps, batch_size=batch_size, seed=seed,
-                 state=state if state is not None else template, log_every=steps_per_epoch, progress=progress,
-                 on_log=on_log)
+    result = fit(
+        loss_fn,
+        variables,
+        data,
+        optimizer=optimizer,
+        steps=steps,
+        batch_size=batch_size,
+        seed=seed,
+        state=state if state is not None else template,
+        log_every=steps_per_epoch,
+        progress=progress,
+        on_log=on_log,
+    )
     return _result(student_config, result.state, tracker)
 
 
@@ -538,8 +606,15 @@ def _result(student_config: ModelConfig, state: TrainState, tracker: dict[str, A
         best = {"params": tracker["best_params"]["student"], **tracker["best_state"]}
     else:
         best = final
-    return DistillResult(student_config, best, final, tracker["history"], tracker["best_val_accuracy"],
-                         bool(tracker["stopped_early"]), int(state.step))
+    return DistillResult(
+        student_config,
+        best,
+        final,
+        tracker["history"],
+        tracker["best_val_accuracy"],
+        bool(tracker["stopped_early"]),
+        int(state.step),
+    )
 
 
 def _precompute(teacher: Callable, x: np.ndarray, batch_size: int = 256) -> list[np.ndarray]:

@@ -212,8 +212,14 @@ class InferenceEngine:
             raise ValueError(f"dtype must be 'float32' or 'bfloat16', got {dtype!r}")
         check_policy(nan_policy)
         self.model, variables, self.example, base = self._resolve(
-            model, variables, example=example, input_shape=input_shape, input_dtype=input_dtype,
-            quant_mode=quant_mode, predict=predict)
+            model,
+            variables,
+            example=example,
+            input_shape=input_shape,
+            input_dtype=input_dtype,
+            quant_mode=quant_mode,
+            predict=predict,
+        )
         self.config = self.model.config if self.model is not None else None
         self.name = self.model.name if self.model is not None else getattr(predict, "__name__", "predict")
         self.num_inputs = len(self.example)
@@ -234,8 +240,13 @@ class InferenceEngine:
         self.nan_policy = nan_policy
         self.quantized = has_qarrays(variables)
         split_weights = mesh is not None and mesh.shape.get(MODEL, 1) > 1
-        if (self.quantized and quant_mode != "weight_only" and jax.default_backend() == "cpu" and predict is None
-                and not split_weights):
+        if (
+            self.quantized
+            and quant_mode != "weight_only"
+            and jax.default_backend() == "cpu"
+            and predict is None
+            and not split_weights
+        ):
             # int8 kernels packed once for the native CPU kernels (a model-parallel mesh keeps the split layout)
             variables = serving_layout(variables)
         compute = jnp.bfloat16 if dtype == "bfloat16" else None
@@ -273,8 +284,9 @@ class InferenceEngine:
         self.compile_count = 0
 
     @staticmethod
-    def _resolve(model: Any, variables: Any, *, example: Any, input_shape: Any, input_dtype: Any, quant_mode: str,
-                 predict: Any) -> tuple[Model | None, Any, tuple[Any, ...], Callable[..., Any]]:
+    def _resolve(
+        model: Any, variables: Any, *, example: Any, input_shape: Any, input_dtype: Any, quant_mode: str, predict: Any
+    ) -> tuple[Model | None, Any, tuple[Any, ...], Callable[..., Any]]:
         """``(Model or None, variables, example inputs, inference function)`` from the constructor's arguments."""
         if model is None:
             if predict is None:
@@ -283,12 +295,15 @@ class InferenceEngine:
                     "with its variables, or predict=f(variables, *inputs) with example= or input_shape="
                 )
             if variables is None:
-                raise ValueError("predict= without a model needs the variables it runs on: "
-                                 "InferenceEngine(None, variables, predict=...)")
+                raise ValueError(
+                    "predict= without a model needs the variables it runs on: "
+                    "InferenceEngine(None, variables, predict=...)"
+                )
             return None, variables, _example_of(example, input_shape, input_dtype), predict
         if example is not None or input_dtype is not None:
-            raise ValueError("example= and input_dtype= are for predict= without a model; "
-                             "a Model or ModelConfig knows its inputs")
+            raise ValueError(
+                "example= and input_dtype= are for predict= without a model; a Model or ModelConfig knows its inputs"
+            )
         if isinstance(model, Model):
             if input_shape is not None:
                 raise ValueError("input_shape= is for a ModelConfig; a Model carries its example inputs")
@@ -302,7 +317,8 @@ class InferenceEngine:
     def _init_lengths(self, length_buckets: Any, length_axes: Any, output_length_axes: Any) -> None:
         if (length_buckets is None) != (length_axes is None):
             raise ValueError(
-                "length_buckets= and length_axes= go together: the sizes, and which axis of which input leaf")
+                "length_buckets= and length_axes= go together: the sizes, and which axis of which input leaf"
+            )
         if output_length_axes is not None and length_buckets is None:
             raise ValueError("output_length_axes= needs length_buckets= and length_axes=")
         self.length_buckets: tuple[int, ...] | None = None
@@ -316,8 +332,9 @@ class InferenceEngine:
         self._length_axes = axes_per_leaf(self._as_inputs(length_axes, what="length_axes"), self.example)
         for name, leaf, axis in zip(leaf_names(self.example), jax.tree.leaves(self.example), self._length_axes):
             if axis is not None and axis >= leaf.ndim:
-                raise ValueError(f"length_axes: {name} has shape (batch, {', '.join(map(str, leaf.shape[1:]))}), "
-                                 f"no axis {axis}")
+                raise ValueError(
+                    f"length_axes: {name} has shape (batch, {', '.join(map(str, leaf.shape[1:]))}), no axis {axis}"
+                )
         if all(axis is None for axis in self._length_axes):
             raise ValueError(f"length_axes {length_axes!r} selects no input leaf")
 
@@ -405,11 +422,16 @@ class InferenceEngine:
     def _check_single_array(self, x: Any) -> np.ndarray:
         """``x`` as an array, checked with the one-array engine's messages: shape and dtype for the model by name."""
         x, ex, axis = np.asarray(x), self.example[0], self._length_axes[0]
-        same = x.dtype != object and x.ndim == ex.ndim and all(
-            d == e for i, (d, e) in enumerate(zip(x.shape[1:], ex.shape[1:]), 1) if i != axis)
+        same = (
+            x.dtype != object
+            and x.ndim == ex.ndim
+            and all(d == e for i, (d, e) in enumerate(zip(x.shape[1:], ex.shape[1:]), 1) if i != axis)
+        )
         if not same:
-            raise ValueError(f"expected a batch of shape {self._shape_text(ex, axis)} for {self.name!r}, "
-                             f"got {x.shape}{' of objects' if x.dtype == object else ''}")
+            raise ValueError(
+                f"expected a batch of shape {self._shape_text(ex, axis)} for {self.name!r}, "
+                f"got {x.shape}{' of objects' if x.dtype == object else ''}"
+            )
         if x.dtype == ex.dtype:  # the common case, without the kind comparison below
             return x
         kinds = [np.issubdtype(d, k) for d in (x.dtype, ex.dtype) for k in (np.floating, np.bool_, np.integer)]
@@ -425,8 +447,9 @@ class InferenceEngine:
             check_inputs(self.example, inputs, name=self.name)  # raises the structure error
             raise
         length, first = None, None
-        for name, leaf, ex, axis in zip(leaf_names(self.example), leaves, jax.tree.leaves(self.example),
-                                        self._length_axes):
+        for name, leaf, ex, axis in zip(
+            leaf_names(self.example), leaves, jax.tree.leaves(self.example), self._length_axes
+        ):
             if axis is None:
                 continue
             shape = np.shape(leaf)
@@ -513,7 +536,8 @@ class InferenceEngine:
             if self._input_sharding is not None:  # also right with several processes: each places its own shards
                 chunk = jax.tree.map(
                     lambda c: jax.make_array_from_callback(c.shape, self._input_sharding, lambda idx, c=c: c[idx]),
-                    chunk)
+                    chunk,
+                )
             out = jax.tree.map(_to_host, exe(self.variables, chunk))
             outputs.append(take_rows(out, 0, n))
         out = concat_rows(outputs)

@@ -87,8 +87,9 @@ def export_model(
         axes = axes_per_leaf(prefix, example)
         for name, leaf, axis in zip(leaf_names(example), jax.tree.leaves(example), axes):
             if axis is not None and axis >= leaf.ndim:
-                raise ValueError(f"length_axes: {name} has shape (batch, {', '.join(map(str, leaf.shape[1:]))}), "
-                                 f"no axis {axis}")
+                raise ValueError(
+                    f"length_axes: {name} has shape (batch, {', '.join(map(str, leaf.shape[1:]))}), no axis {axis}"
+                )
 
     all_leaves, treedef = jax.tree.flatten(dict(variables))
     all_paths = slash_names(dict(variables), empty="variables")
@@ -125,19 +126,26 @@ def export_model(
         "model": handle.name,
         "num_inputs": len(example),
         "inputs": inputs,
-        "outputs": [{"name": n, "shape": [d if isinstance(d, int) else None for d in a.shape], "dtype": str(a.dtype)}
-                    for n, a in zip(out_names, exported.out_avals)],
+        "outputs": [
+            {"name": n, "shape": [d if isinstance(d, int) else None for d in a.shape], "dtype": str(a.dtype)}
+            for n, a in zip(out_names, exported.out_avals)
+        ],
         # listed in the order the function takes them (a dict flattens in sorted key order)
-        "variables": [{"path": p, "shape": list(np.shape(leaf)), "dtype": str(leaf.dtype)}
-                      for p, leaf in sorted(zip(paths, leaves), key=lambda item: item[0])],
+        "variables": [
+            {"path": p, "shape": list(np.shape(leaf)), "dtype": str(leaf.dtype)}
+            for p, leaf in sorted(zip(paths, leaves), key=lambda item: item[0])
+        ],
         "platforms": list(exported.platforms),
         "quantized": has_qarrays(variables),
     }
     if len(example) == 1 and isinstance(example[0], np.ndarray) and length_axes is None:
         header["input_shape"], header["input_dtype"] = list(example[0].shape[1:]), str(example[0].dtype)
     by_path = dict(zip(paths, leaves))
-    data = pack_exported(header, exported.serialize(),
-                         [np.asarray(jax.device_get(by_path[spec["path"]])) for spec in header["variables"]])
+    data = pack_exported(
+        header,
+        exported.serialize(),
+        [np.asarray(jax.device_get(by_path[spec["path"]])) for spec in header["variables"]],
+    )
     atomic_write(path, data)
     return len(data)
 

@@ -87,8 +87,10 @@ def check_markable(out_dtypes: Any, mask: np.ndarray) -> None:
     """``ValueError`` when an output leaf (given by its dtypes) cannot hold the NaN that marks the rows in ``mask``."""
     kinds = [np.dtype(d) for d in jax.tree.leaves(out_dtypes)]
     if any(not np.issubdtype(d, np.floating) for d in kinds):
-        raise ValueError(f"non-finite inputs (NaN or inf) in {row_text(mask)}: this model has integer or bool "
-                         f"outputs ({', '.join(map(str, kinds))}), which cannot be NaN; remove those rows")
+        raise ValueError(
+            f"non-finite inputs (NaN or inf) in {row_text(mask)}: this model has integer or bool "
+            f"outputs ({', '.join(map(str, kinds))}), which cannot be NaN; remove those rows"
+        )
 
 
 def mark_rows(outputs: Any, mask: np.ndarray) -> Any:

@@ -55,8 +55,9 @@ def take_rows(tree: Any, start: int, stop: int, *, root: str = "outputs") -> Any
 
     def take(path: Any, leaf: Any) -> Any:
         if np.ndim(leaf) == 0:
-            raise ValueError(f"{root}{jax.tree_util.keystr(path)} has no batch axis (shape ()); "
-                             f"every leaf needs the batch on axis 0")
+            raise ValueError(
+                f"{root}{jax.tree_util.keystr(path)} has no batch axis (shape ()); every leaf needs the batch on axis 0"
+            )
         return leaf[start:stop]
 
     return jax.tree_util.tree_map_with_path(take, tree)

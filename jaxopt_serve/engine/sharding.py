@@ -94,8 +94,10 @@ def model_parallel_rules(config: Any, *, size: int | None = None) -> list[Shardi
         rules = []
         for i in range(len(config.features)):
             if i % 2 == 0:  # column-parallel: split output neurons (and the bias)
-                rules += [ShardingRule(rf"params/dense_{i}/kernel", (None, MODEL)),
-                          ShardingRule(rf"params/dense_{i}/bias", (MODEL,))]
+                rules += [
+                    ShardingRule(rf"params/dense_{i}/kernel", (None, MODEL)),
+                    ShardingRule(rf"params/dense_{i}/bias", (MODEL,)),
+                ]
             else:  # row-parallel: split input rows; XLA sums the partial products
                 rules.append(ShardingRule(rf"params/dense_{i}/kernel", (MODEL, None)))
         return rules
@@ -168,7 +170,8 @@ def _check_spec(name: str, shape: tuple[int, ...], spec: P, mesh: Mesh) -> None:
         for n in names:
             if n not in mesh.shape:
                 raise ValueError(
-                    f"{name}: sharding spec {spec} names mesh axis {n!r}; the mesh has {tuple(mesh.shape)}")
+                    f"{name}: sharding spec {spec} names mesh axis {n!r}; the mesh has {tuple(mesh.shape)}"
+                )
             size *= mesh.shape[n]
         if shape[dim] % size:
             raise ValueError(

@@ -34,18 +34,28 @@ def config_from_hf(hf: dict[str, Any]) -> TransformerConfig:
     """The encoder config of a BERT ``config.json``; anything else is an error."""
     architectures = hf.get("architectures") or []
     if hf.get("model_type") != "bert" or not any(a in SUPPORTED for a in architectures):
-        raise ValueError(f"unsupported architecture {architectures or hf.get('model_type')!r}: this importer reads "
-                         f"BERT encoders (model_type 'bert', architectures {list(SUPPORTED)})")
+        raise ValueError(
+            f"unsupported architecture {architectures or hf.get('model_type')!r}: this importer reads "
+            f"BERT encoders (model_type 'bert', architectures {list(SUPPORTED)})"
+        )
     if hf.get("hidden_act", "gelu") != "gelu":
         raise ValueError(f"unsupported hidden_act {hf['hidden_act']!r}: the encoder uses exact GELU")
     if hf.get("position_embedding_type", "absolute") != "absolute":
         raise ValueError(f"unsupported position_embedding_type {hf['position_embedding_type']!r}")
     hidden, heads = int(hf["hidden_size"]), int(hf["num_attention_heads"])
     return TransformerConfig(
-        vocab_size=int(hf["vocab_size"]), max_len=int(hf["max_position_embeddings"]),
-        type_vocab_size=int(hf.get("type_vocab_size", 2)), hidden_size=hidden, num_layers=int(hf["num_hidden_layers"]),
-        num_heads=heads, head_dim=hidden // heads, mlp_dim=int(hf["intermediate_size"]), num_classes=2,
-        layer_norm_eps=float(hf.get("layer_norm_eps", 1e-12)), pooling="cls", seq_len=128,
+        vocab_size=int(hf["vocab_size"]),
+        max_len=int(hf["max_position_embeddings"]),
+        type_vocab_size=int(hf.get("type_vocab_size", 2)),
+        hidden_size=hidden,
+        num_layers=int(hf["num_hidden_layers"]),
+        num_heads=heads,
+        head_dim=hidden // heads,
+        mlp_dim=int(hf["intermediate_size"]),
+        num_classes=2,
+        layer_norm_eps=float(hf.get("layer_norm_eps", 1e-12)),
+        pooling="cls",
+        seq_len=128,
     )
 
 
@@ -107,12 +117,13 @@ def import_bert(directory: str | os.PathLike[str]) -> tuple[TransformerConfig, V
     directory = Path(directory)
     config = config_from_hf(json.loads((directory / "config.json").read_text()))
     tensors = safetensors_numpy.load_file(str(directory / "model.safetensors"))
-    tensors = {(k[len("bert."):] if k.startswith("bert.") else k): v for k, v in tensors.items()}
+    tensors = {(k[len("bert.") :] if k.startswith("bert.") else k): v for k, v in tensors.items()}
     mapping = bert_mapping(config)
     extra = sorted(set(tensors) - set(mapping) - set(IGNORED))
     if extra:
         raise ValueError(
-            f"checkpoint tensors not used by the BERT mapping: {extra[:5]}{' ...' if len(extra) > 5 else ''}")
+            f"checkpoint tensors not used by the BERT mapping: {extra[:5]}{' ...' if len(extra) > 5 else ''}"
+        )
     missing = sorted(set(mapping) - set(tensors))
     if missing:
         raise ValueError(f"checkpoint is missing tensors: {missing[:5]}{' ...' if len(missing) > 5 else ''}")
@@ -125,8 +136,9 @@ def import_bert(directory: str | os.PathLike[str]) -> tuple[TransformerConfig, V
         try:
             array = np.asarray(transform(source), dtype=want_dtype)
         except ValueError as err:
-            raise ValueError(f"checkpoint tensor {name} has shape {source.shape}, which does not fit {path} "
-                             f"{want_shape}: {err}") from None
+            raise ValueError(
+                f"checkpoint tensor {name} has shape {source.shape}, which does not fit {path} {want_shape}: {err}"
+            ) from None
         if array.shape != want_shape:
             raise ValueError(f"checkpoint tensor {name} has shape {source.shape}; {path} needs {want_shape}")
         values[path] = array

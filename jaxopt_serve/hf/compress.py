@@ -52,8 +52,12 @@ def layer_student(
     def per_layer(value: int | tuple[int, ...]) -> int | tuple[int, ...]:
         return tuple(value[i] for i in layers) if isinstance(value, tuple) else value
 
-    student = config.replace(num_layers=len(layers), num_heads=per_layer(config.num_heads),
-                             mlp_dim=per_layer(config.mlp_dim), head_dim=config.resolved_head_dim)
+    student = config.replace(
+        num_layers=len(layers),
+        num_heads=per_layer(config.num_heads),
+        mlp_dim=per_layer(config.mlp_dim),
+        head_dim=config.resolved_head_dim,
+    )
     params = {k: v for k, v in variables["params"].items() if not k.startswith("layer_")}
     params.update({f"layer_{j}": variables["params"][f"layer_{i}"] for j, i in enumerate(layers)})
     return student, {**variables, "params": params}
@@ -91,8 +95,10 @@ def distill_embeddings(
         ``FitResult``; its history holds ``loss`` (``1 - cosine``) per log point.
     """
     if student_config.hidden_size != teacher.config.hidden_size:
-        raise ValueError(f"the student's hidden_size ({student_config.hidden_size}) must equal the teacher's "
-                         f"({teacher.config.hidden_size}): embeddings are compared directly")
+        raise ValueError(
+            f"the student's hidden_size ({student_config.hidden_size}) must equal the teacher's "
+            f"({teacher.config.hidden_size}): embeddings are compared directly"
+        )
     if max_tokens <= 2:
         raise ValueError(f"max_tokens must be > 2 (room for [CLS] and [SEP]), got {max_tokens}")
     ids, mask = teacher.tokenize(list(sentences))
@@ -110,11 +116,23 @@ def distill_embeddings(
     optimizer = optax.adam(schedule)
     if freeze_embeddings:
         frozen = ("word_embeddings", "position_embeddings", "token_type_embeddings")
-        labels = {k: jax.tree.map(lambda _, k=k: "frozen" if k in frozen else "train", v)
-                  for k, v in student_variables["params"].items()}
+        labels = {
+            k: jax.tree.map(lambda _, k=k: "frozen" if k in frozen else "train", v)
+            for k, v in student_variables["params"].items()
+        }
         optimizer = optax.multi_transform({"train": optimizer, "frozen": optax.set_to_zero()}, labels)
-    return fit(loss_fn, student_variables, (ids, mask, targets), optimizer=optimizer, steps=steps,
-               batch_size=batch_size, seed=seed, log_every=log_every, eval_fn=eval_fn, progress=progress)
+    return fit(
+        loss_fn,
+        student_variables,
+        (ids, mask, targets),
+        optimizer=optimizer,
+        steps=steps,
+        batch_size=batch_size,
+        seed=seed,
+        log_every=log_every,
+        eval_fn=eval_fn,
+        progress=progress,
+    )
 
 
 def embedding_agreement(reference: np.ndarray, embeddings: np.ndarray) -> dict[str, float]:

@@ -18,22 +18,120 @@ from __future__ import annotations
 import random
 import re
 
-_PEOPLE = ["my sister", "the pilot", "a nurse", "the farmer", "our teacher", "the mayor", "a tourist", "the baker",
-           "her grandfather", "the students", "a journalist", "the doctor", "his roommate", "the coach", "a child",
-           "the lawyer", "two musicians", "the gardener", "a scientist", "the waiter", "my colleagues", "the driver"]
-_ACTIONS = ["bought", "cleaned", "forgot", "borrowed", "painted", "sold", "carried", "described", "ordered", "fixed",
-            "photographed", "delivered", "measured", "cooked", "found", "returned", "designed", "opened", "lost",
-            "planted", "translated", "recorded", "checked", "wrapped"]
-_THINGS = ["a red umbrella", "the kitchen table", "fresh bread", "an old map", "the garden fence", "a wooden boat",
-           "the train tickets", "a letter from Spain", "the heavy boxes", "a cup of tea", "the soccer ball",
-           "a silver ring", "the broken window", "three apples", "the winter coat", "a new laptop", "the violin",
-           "a bunch of flowers", "the car keys", "a mountain bike", "the paperwork", "a jar of honey"]
-_PLACES = ["at the market", "in the park", "near the river", "at the airport", "in the library", "on the beach",
-           "at the hospital", "in the village", "at the station", "in the office", "on the farm", "downtown"]
-_TIMES = ["yesterday", "this morning", "last winter", "on Sunday", "after lunch", "every week", "at midnight",
-          "before the storm", "during the holidays", "two days ago"]
-_TOPICS = ["the weather", "climate change", "the football match", "a new restaurant", "the election", "space travel",
-           "healthy food", "the housing market", "electric cars", "the history of Rome", "modern art", "the economy"]
+_PEOPLE = [
+    "my sister",
+    "the pilot",
+    "a nurse",
+    "the farmer",
+    "our teacher",
+    "the mayor",
+    "a tourist",
+    "the baker",
+    "her grandfather",
+    "the students",
+    "a journalist",
+    "the doctor",
+    "his roommate",
+    "the coach",
+    "a child",
+    "the lawyer",
+    "two musicians",
+    "the gardener",
+    "a scientist",
+    "the waiter",
+    "my colleagues",
+    "the driver",
+]
+_ACTIONS = [
+    "bought",
+    "cleaned",
+    "forgot",
+    "borrowed",
+    "painted",
+    "sold",
+    "carried",
+    "described",
+    "ordered",
+    "fixed",
+    "photographed",
+    "delivered",
+    "measured",
+    "cooked",
+    "found",
+    "returned",
+    "designed",
+    "opened",
+    "lost",
+    "planted",
+    "translated",
+    "recorded",
+    "checked",
+    "wrapped",
+]
+_THINGS = [
+    "a red umbrella",
+    "the kitchen table",
+    "fresh bread",
+    "an old map",
+    "the garden fence",
+    "a wooden boat",
+    "the train tickets",
+    "a letter from Spain",
+    "the heavy boxes",
+    "a cup of tea",
+    "the soccer ball",
+    "a silver ring",
+    "the broken window",
+    "three apples",
+    "the winter coat",
+    "a new laptop",
+    "the violin",
+    "a bunch of flowers",
+    "the car keys",
+    "a mountain bike",
+    "the paperwork",
+    "a jar of honey",
+]
+_PLACES = [
+    "at the market",
+    "in the park",
+    "near the river",
+    "at the airport",
+    "in the library",
+    "on the beach",
+    "at the hospital",
+    "in the village",
+    "at the station",
+    "in the office",
+    "on the farm",
+    "downtown",
+]
+_TIMES = [
+    "yesterday",
+    "this morning",
+    "last winter",
+    "on Sunday",
+    "after lunch",
+    "every week",
+    "at midnight",
+    "before the storm",
+    "during the holidays",
+    "two days ago",
+]
+_TOPICS = [
+    "the weather",
+    "climate change",
+    "the football match",
+    "a new restaurant",
+    "the election",
+    "space travel",
+    "healthy food",
+    "the housing market",
+    "electric cars",
+    "the history of Rome",
+    "modern art",
+    "the economy",
+]
 _FEELINGS = ["happy", "tired", "worried", "excited", "surprised", "angry", "calm", "nervous", "proud", "bored"]
 
 
@@ -48,18 +146,22 @@ def generated_sentences(count: int, *, seed: int = 0) -> list[str]:
         raise ValueError(f"count must be >= 0, got {count}")
     rng = random.Random(seed)
     shapes = [
-        lambda: (f"{rng.choice(_PEOPLE).capitalize()} {rng.choice(_ACTIONS)} {rng.choice(_THINGS)} "
-                 f"{rng.choice(_PLACES)}."),
-        lambda: (f"{rng.choice(_TIMES).capitalize()}, {rng.choice(_PEOPLE)} {rng.choice(_ACTIONS)} "
-                 f"{rng.choice(_THINGS)}."),
+        lambda: (
+            f"{rng.choice(_PEOPLE).capitalize()} {rng.choice(_ACTIONS)} {rng.choice(_THINGS)} {rng.choice(_PLACES)}."
+        ),
+        lambda: (
+            f"{rng.choice(_TIMES).capitalize()}, {rng.choice(_PEOPLE)} {rng.choice(_ACTIONS)} {rng.choice(_THINGS)}."
+        ),
         lambda: f"Why did {rng.choice(_PEOPLE)} leave {rng.choice(_THINGS)} {rng.choice(_PLACES)}?",
         lambda: f"{rng.choice(_PEOPLE).capitalize()} talked about {rng.choice(_TOPICS)} {rng.choice(_TIMES)}.",
         lambda: f"Everyone {rng.choice(_PLACES)} felt {rng.choice(_FEELINGS)} about {rng.choice(_TOPICS)}.",
         lambda: f"{rng.choice(_PEOPLE).capitalize()} paid {rng.randint(2, 990)} euros for {rng.choice(_THINGS)}.",
-        lambda: (f"Is it true that {rng.choice(_PEOPLE)} {rng.choice(_ACTIONS)} {rng.choice(_THINGS)} "
-                 f"{rng.choice(_TIMES)}?"),
-        lambda: (f"I was {rng.choice(_FEELINGS)} when {rng.choice(_PEOPLE)} {rng.choice(_ACTIONS)} "
-                 f"{rng.choice(_THINGS)}."),
+        lambda: (
+            f"Is it true that {rng.choice(_PEOPLE)} {rng.choice(_ACTIONS)} {rng.choice(_THINGS)} {rng.choice(_TIMES)}?"
+        ),
+        lambda: (
+            f"I was {rng.choice(_FEELINGS)} when {rng.choice(_PEOPLE)} {rng.choice(_ACTIONS)} {rng.choice(_THINGS)}."
+        ),
     ]
     seen: dict[str, None] = {}
     while len(seen) < count:

@@ -138,16 +138,19 @@ def embedding_model(
     quantized = has_qarrays(variables)
     # Model.linen checks the model on its variables abstractly; quantized leaves stand in as float shapes.
     checked = _float_shapes(variables) if quantized else variables
-    model = Model.linen(module, checked, example, method=_embed_method(pooling, normalize),
-                        train_kwargs={"train": True}, name=name)
+    model = Model.linen(
+        module, checked, example, method=_embed_method(pooling, normalize), train_kwargs={"train": True}, name=name
+    )
     return model.with_variables(variables) if quantized else model
 
 
 def _float_shapes(variables: Any) -> Any:
     """``variables`` with every ``QArray`` replaced by a float ``ShapeDtypeStruct`` of its shape."""
-    return jax.tree.map(lambda leaf: jax.ShapeDtypeStruct(leaf.shape, jnp.dtype(leaf.dtype))
-                        if is_qarray(leaf) else leaf,
-                        variables, is_leaf=is_qarray)
+    return jax.tree.map(
+        lambda leaf: jax.ShapeDtypeStruct(leaf.shape, jnp.dtype(leaf.dtype)) if is_qarray(leaf) else leaf,
+        variables,
+        is_leaf=is_qarray,
+    )
 
 
 def encode_fn(config: TransformerConfig, pooling: str, normalize: bool, quant_mode: str, *, quantized: bool):
@@ -163,8 +166,9 @@ def encode_fn(config: TransformerConfig, pooling: str, normalize: bool, quant_mo
         from jaxopt_serve.models.functional import init_variables
         from jaxopt_serve.quant.runtime import quantized_predict_fn
 
-        model = embedding_model(config, jax.eval_shape(lambda: init_variables(config, 0)), pooling=pooling,
-                                normalize=normalize)
+        model = embedding_model(
+            config, jax.eval_shape(lambda: init_variables(config, 0)), pooling=pooling, normalize=normalize
+        )
         predict = quantized_predict_fn(model, mode=quant_mode)
 
         def encode(variables, ids, mask):
@@ -274,8 +278,10 @@ class SentenceEncoder:
         ``model(variables, {"input_ids", "attention_mask"})``."""
         if self._model is None or self._model[0] is not self.variables:
             name = f"sentence_encoder({self.directory.name})"
-            self._model = (self.variables, embedding_model(self.config, self.variables, pooling=self.pooling,
-                                                           normalize=self.normalize, name=name))
+            self._model = (
+                self.variables,
+                embedding_model(self.config, self.variables, pooling=self.pooling, normalize=self.normalize, name=name),
+            )
         return self._model[1]
 
     def engine(
@@ -310,9 +316,16 @@ class SentenceEncoder:
             _check_shapes(self.config, variables)
         if length_buckets is None:
             length_buckets = default_length_buckets(self._longest())
-        return InferenceEngine(self.model, variables, max_batch=max_batch, buckets=buckets,
-                               length_buckets=length_buckets, length_axes=LENGTH_AXES,
-                               quant_mode=self.quant_mode if quant_mode is None else quant_mode, **options)
+        return InferenceEngine(
+            self.model,
+            variables,
+            max_batch=max_batch,
+            buckets=buckets,
+            length_buckets=length_buckets,
+            length_axes=LENGTH_AXES,
+            quant_mode=self.quant_mode if quant_mode is None else quant_mode,
+            **options,
+        )
 
     @property
     def serving_engine(self) -> InferenceEngine:
@@ -352,8 +365,9 @@ class SentenceEncoder:
 
         if variables is not None:
             _check_shapes(self.config, variables)
-        return export_model(path, self.model, variables, quant_mode=quant_mode, platforms=platforms,
-                            length_axes=LENGTH_AXES)
+        return export_model(
+            path, self.model, variables, quant_mode=quant_mode, platforms=platforms, length_axes=LENGTH_AXES
+        )
 
     # -- text ----------------------------------------------------------------------------------------
 
@@ -391,8 +405,9 @@ class SentenceEncoder:
         ids, mask = self.tokenize(sentences, multiple=1)
         return {"input_ids": ids, "attention_mask": mask}
 
-    def embed(self, sentences: Sequence[str], *, batch_size: int = 32,
-              engine: InferenceEngine | None = None) -> np.ndarray:
+    def embed(
+        self, sentences: Sequence[str], *, batch_size: int = 32, engine: InferenceEngine | None = None
+    ) -> np.ndarray:
         """``(len(sentences), hidden)`` float32 embeddings, in input order.
 
         Sentences are tokenized ``batch_size`` at a time (each group padded to
@@ -415,17 +430,19 @@ class SentenceEncoder:
             out.append(engine({"input_ids": ids, "attention_mask": mask}))
         return np.concatenate(out)
 
-    def embed_tokens(self, ids: np.ndarray, mask: np.ndarray, *, batch_size: int = 32,
-                     engine: InferenceEngine | None = None) -> np.ndarray:
+    def embed_tokens(
+        self, ids: np.ndarray, mask: np.ndarray, *, batch_size: int = 32, engine: InferenceEngine | None = None
+    ) -> np.ndarray:
         """Embeddings of already tokenized ``(n, length)`` ids and mask, ``batch_size`` rows per engine call."""
         _check_batch_size(batch_size)
         ids, mask = np.asarray(ids), np.asarray(mask)
         if ids.shape != mask.shape:
             raise ValueError(f"ids of shape {ids.shape} and mask of shape {mask.shape} must have one shape")
         engine = self._engine_for(engine)
-        out = [engine({"input_ids": ids[start : start + batch_size],
-                       "attention_mask": mask[start : start + batch_size]})
-               for start in range(0, len(ids), batch_size)]
+        out = [
+            engine({"input_ids": ids[start : start + batch_size], "attention_mask": mask[start : start + batch_size]})
+            for start in range(0, len(ids), batch_size)
+        ]
         return np.concatenate(out) if out else np.zeros((0, self.config.hidden_size), np.float32)
 
     def _engine_for(self, engine: InferenceEngine | None) -> InferenceEngine:
@@ -446,10 +463,14 @@ def _check_shapes(config: TransformerConfig, variables: Any) -> None:
     from jaxopt_serve.models.functional import init_variables
     from jaxopt_serve.quant.rules import path_str
 
-    expected = {path_str(p): tuple(x.shape) for p, x in jax.tree_util.tree_leaves_with_path(
-        jax.eval_shape(lambda: init_variables(config, 0)))}
-    have = {path_str(p): tuple(x.shape) for p, x in jax.tree_util.tree_leaves_with_path(
-        variables, is_leaf=lambda x: hasattr(x, "dequantize"))}
+    expected = {
+        path_str(p): tuple(x.shape)
+        for p, x in jax.tree_util.tree_leaves_with_path(jax.eval_shape(lambda: init_variables(config, 0)))
+    }
+    have = {
+        path_str(p): tuple(x.shape)
+        for p, x in jax.tree_util.tree_leaves_with_path(variables, is_leaf=lambda x: hasattr(x, "dequantize"))
+    }
     for name, shape in expected.items():
         if name not in have:
             raise ValueError(f"variables lack {name} (shape {shape}) of the given config")

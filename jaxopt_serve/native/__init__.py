@@ -68,9 +68,14 @@ __all__ = [
 ISA_CODES = {"portable": 0, "avx2": 1, "avx512vnni": 2}
 KERNEL_ENV = "JAXOPT_SERVE_KERNEL"
 K_ALIGN = 32  # int8 weights: the input axis is padded to a multiple of this
-_TARGETS = {"jxs_int8_matmul": "JxsInt8Matmul", "jxs_int8_conv2d": "JxsInt8Conv2d",
-            "jxs_w8a8_conv2d": "JxsW8A8Conv2d", "jxs_w8a8_matmul": "JxsW8A8Matmul",
-            "jxs_int4_matmul": "JxsInt4Matmul", "jxs_attention": "JxsAttention"}
+_TARGETS = {
+    "jxs_int8_matmul": "JxsInt8Matmul",
+    "jxs_int8_conv2d": "JxsInt8Conv2d",
+    "jxs_w8a8_conv2d": "JxsW8A8Conv2d",
+    "jxs_w8a8_matmul": "JxsW8A8Matmul",
+    "jxs_int4_matmul": "JxsInt4Matmul",
+    "jxs_attention": "JxsAttention",
+}
 _forced = threading.local()
 
 
@@ -80,8 +85,10 @@ def _library() -> tuple[ctypes.CDLL | None, str | None]:
     here = Path(__file__).parent
     found = [p for suffix in importlib.machinery.EXTENSION_SUFFIXES for p in here.glob(f"_qgemm{suffix}")]
     if not found:
-        return None, ("the native kernels were not built (no C++ compiler when the package was installed?); "
-                      "reinstall with g++ or clang++ on PATH: pip install --force-reinstall --no-deps .")
+        return None, (
+            "the native kernels were not built (no C++ compiler when the package was installed?); "
+            "reinstall with g++ or clang++ on PATH: pip install --force-reinstall --no-deps ."
+        )
     try:
         lib = ctypes.CDLL(str(found[0]))
         for target, symbol in _TARGETS.items():
@@ -126,8 +133,10 @@ def _check_kernel_name(name: str, where: str) -> None:
     if name not in ("auto", "xla", *ISA_CODES):
         raise ValueError(f"{where}: unknown kernel {name!r}; use 'auto', 'xla' or one of {sorted(ISA_CODES)}")
     if name in ISA_CODES and name not in supported_kernels():
-        raise ValueError(f"{where}: kernel {name!r} cannot run here; supported: {supported_kernels() or 'none'}"
-                         + (f" ({load_error()})" if load_error() else ""))
+        raise ValueError(
+            f"{where}: kernel {name!r} cannot run here; supported: {supported_kernels() or 'none'}"
+            + (f" ({load_error()})" if load_error() else "")
+        )
 
 
 def kernel_isa() -> str | None:
@@ -203,8 +212,9 @@ def pack_int8(wq: Any, bounded: bool | None = None) -> Int8Weight:
         ValueError: ``wq`` is not a 2-D int8 array, or ``bounded=True`` for a concrete array holding -128.
     """
     if jnp.ndim(wq) != 2 or jnp.result_type(wq) != jnp.int8:
-        raise ValueError(f"pack_int8: expected a 2-D int8 (in, out) weight, got {jnp.result_type(wq)} "
-                         f"{tuple(jnp.shape(wq))}")
+        raise ValueError(
+            f"pack_int8: expected a 2-D int8 (in, out) weight, got {jnp.result_type(wq)} {tuple(jnp.shape(wq))}"
+        )
     if bounded is None or bounded:
         try:
             fits = bool(np.asarray(wq).min(initial=0) > -128)
@@ -260,8 +270,11 @@ def pack_int4(codes: Any, zero: Any, scale: Any, group: int) -> Int4Weight:
 def _isa_code() -> int:
     isa = kernel_isa()
     if isa is None:
-        raise RuntimeError("native kernels are off here (" + (load_error() or
-                           f"{KERNEL_ENV}=xla or a non-CPU backend") + "); check native.available() first")
+        raise RuntimeError(
+            "native kernels are off here ("
+            + (load_error() or f"{KERNEL_ENV}=xla or a non-CPU backend")
+            + "); check native.available() first"
+        )
     return ISA_CODES[isa]
 
 
@@ -284,14 +297,22 @@ def int8_matmul(xq: Any, w: Int8Weight, *, bounded: bool = False) -> jax.Array:
         raise ValueError(f"int8_matmul: xq must be int8, got {xq.dtype}")
     x2, lead = _rows(xq, w.in_features, "int8_matmul")
     n = w.out_features
-    out = jax.ffi.ffi_call("jxs_int8_matmul", jax.ShapeDtypeStruct((x2.shape[0], n), jnp.int32),
-                           vmap_method="sequential")(x2, w.panels, isa=np.int64(_isa_code()), n=np.int64(n),
-                                                     bounded=np.int64(bounded and w.bounded))
+    out = jax.ffi.ffi_call(
+        "jxs_int8_matmul", jax.ShapeDtypeStruct((x2.shape[0], n), jnp.int32), vmap_method="sequential"
+    )(x2, w.panels, isa=np.int64(_isa_code()), n=np.int64(n), bounded=np.int64(bounded and w.bounded))
     return out.reshape(*lead, n)
 
 
-def int8_conv2d(x: Any, w: Int8Weight, window: tuple[int, int], *, strides: tuple[int, int] = (1, 1),
-                dilation: tuple[int, int] = (1, 1), bounded: bool = False, rescale: Any = None) -> jax.Array:
+def int8_conv2d(
+    x: Any,
+    w: Int8Weight,
+    window: tuple[int, int],
+    *,
+    strides: tuple[int, int] = (1, 1),
+    dilation: tuple[int, int] = (1, 1),
+    bounded: bool = False,
+    rescale: Any = None,
+) -> jax.Array:
     """Exact int32 2-D convolution of an int8 NHWC input, padded already, with no im2col array in memory.
 
     ``w`` is the ``(kh, kw, C, N)`` kernel reshaped to ``(kh * kw * C, N)`` and
@@ -306,28 +327,51 @@ def int8_conv2d(x: Any, w: Int8Weight, window: tuple[int, int], *, strides: tupl
         raise ValueError(f"int8_conv2d: x must be an int8 NHWC array, got {x.dtype} {x.shape}")
     (kh, kw), (sh, sw), (dh, dw) = window, strides, dilation
     if w.in_features != kh * kw * x.shape[3]:
-        raise ValueError(f"int8_conv2d: the weight has {w.in_features} inputs, the window {kh}x{kw} over "
-                         f"{x.shape[3]} channels needs {kh * kw * x.shape[3]}")
+        raise ValueError(
+            f"int8_conv2d: the weight has {w.in_features} inputs, the window {kh}x{kw} over "
+            f"{x.shape[3]} channels needs {kh * kw * x.shape[3]}"
+        )
     oh, ow = (x.shape[1] - (kh - 1) * dh - 1) // sh + 1, (x.shape[2] - (kw - 1) * dw - 1) // sw + 1
     if oh < 1 or ow < 1:
         raise ValueError(f"int8_conv2d: the dilated window {kh}x{kw} does not fit the input {x.shape[1:3]}")
     n = w.out_features
-    attrs = dict(isa=np.int64(_isa_code()), n=np.int64(n), kh=np.int64(kh), kw=np.int64(kw), sh=np.int64(sh),
-                 sw=np.int64(sw), dh=np.int64(dh), dw=np.int64(dw), bounded=np.int64(bounded and w.bounded))
+    attrs = dict(
+        isa=np.int64(_isa_code()),
+        n=np.int64(n),
+        kh=np.int64(kh),
+        kw=np.int64(kw),
+        sh=np.int64(sh),
+        sw=np.int64(sw),
+        dh=np.int64(dh),
+        dw=np.int64(dw),
+        bounded=np.int64(bounded and w.bounded),
+    )
     shape = (x.shape[0], oh, ow, n)
     if rescale is None:
-        return jax.ffi.ffi_call("jxs_int8_conv2d", jax.ShapeDtypeStruct(shape, jnp.int32),
-                                vmap_method="sequential")(x, w.panels, **attrs)
+        return jax.ffi.ffi_call("jxs_int8_conv2d", jax.ShapeDtypeStruct(shape, jnp.int32), vmap_method="sequential")(
+            x, w.panels, **attrs
+        )
     sx, sc = (jnp.asarray(a, jnp.float32).reshape(-1) for a in rescale)
     if sx.shape[0] != x.shape[0] or sc.shape[0] != n:
-        raise ValueError(f"int8_conv2d: rescale needs {x.shape[0]} input scales and {n} weight scales, got "
-                         f"{sx.shape[0]} and {sc.shape[0]}")
-    return jax.ffi.ffi_call("jxs_w8a8_conv2d", jax.ShapeDtypeStruct(shape, jnp.float32),
-                            vmap_method="sequential")(x, w.panels, sx, sc, **attrs)
+        raise ValueError(
+            f"int8_conv2d: rescale needs {x.shape[0]} input scales and {n} weight scales, got "
+            f"{sx.shape[0]} and {sc.shape[0]}"
+        )
+    return jax.ffi.ffi_call("jxs_w8a8_conv2d", jax.ShapeDtypeStruct(shape, jnp.float32), vmap_method="sequential")(
+        x, w.panels, sx, sc, **attrs
+    )
 
 
-def w8a8_matmul(x: Any, w: Int8Weight, w_scale: Any, bias: Any = None, *, act_scale: Any = None,
-                symmetric: bool = True, act_bits: int = 8) -> jax.Array:
+def w8a8_matmul(
+    x: Any,
+    w: Int8Weight,
+    w_scale: Any,
+    bias: Any = None,
+    *,
+    act_scale: Any = None,
+    symmetric: bool = True,
+    act_bits: int = 8,
+) -> jax.Array:
     """``x @ dequant(w)`` with int8 activations: ``round(x / s_row) @ w * s_row * w_scale (+ bias)`` in one call.
 
     ``s_row`` is each row's absmax / 127 (dynamic), or ``act_scale`` (a
@@ -341,8 +385,10 @@ def w8a8_matmul(x: Any, w: Int8Weight, w_scale: Any, bias: Any = None, *, act_sc
     if not symmetric and act_scale is not None:
         raise ValueError("w8a8_matmul: asymmetric activations are dynamic; pass act_scale=None")
     if act_bits not in (7, 8) or (act_bits == 7 and symmetric):
-        raise ValueError(f"w8a8_matmul: act_bits must be 8, or 7 with symmetric=False; got act_bits={act_bits!r}, "
-                         f"symmetric={symmetric}")
+        raise ValueError(
+            f"w8a8_matmul: act_bits must be 8, or 7 with symmetric=False; got act_bits={act_bits!r}, "
+            f"symmetric={symmetric}"
+        )
     x = jnp.asarray(x, jnp.float32)
     x2, lead = _rows(x, w.in_features, "w8a8_matmul")
     n = w.out_features
@@ -352,10 +398,19 @@ def w8a8_matmul(x: Any, w: Int8Weight, w_scale: Any, bias: Any = None, *, act_sc
     b = jnp.zeros((1,), jnp.float32) if bias is None else jnp.asarray(bias, jnp.float32).reshape(-1)
     s = jnp.ones((1,), jnp.float32) if act_scale is None else jnp.asarray(act_scale, jnp.float32).reshape(1)
     mode = 1 if act_scale is not None else 0 if symmetric else 2 if act_bits == 8 else 3
-    out = jax.ffi.ffi_call("jxs_w8a8_matmul", jax.ShapeDtypeStruct((x2.shape[0], n), jnp.float32),
-                           vmap_method="sequential")(
-        x2, w.panels, w_scale, b, s, isa=np.int64(_isa_code()), mode=np.int64(mode),
-        has_bias=np.int64(bias is not None), bounded=np.int64(w.bounded))
+    out = jax.ffi.ffi_call(
+        "jxs_w8a8_matmul", jax.ShapeDtypeStruct((x2.shape[0], n), jnp.float32), vmap_method="sequential"
+    )(
+        x2,
+        w.panels,
+        w_scale,
+        b,
+        s,
+        isa=np.int64(_isa_code()),
+        mode=np.int64(mode),
+        has_bias=np.int64(bias is not None),
+        bounded=np.int64(w.bounded),
+    )
     return out.reshape(*lead, n)
 
 
@@ -364,9 +419,9 @@ def int4_matmul(x: Any, w: Int4Weight) -> jax.Array:
     x = jnp.asarray(x, jnp.float32)
     x2, lead = _rows(x, w.in_features, "int4_matmul")
     n = w.out_features
-    out = jax.ffi.ffi_call("jxs_int4_matmul", jax.ShapeDtypeStruct((x2.shape[0], n), jnp.float32),
-                           vmap_method="sequential")(
-        x2, w.codes, w.scale, w.zero, isa=np.int64(_isa_code()), group=np.int64(w.group), n=np.int64(n))
+    out = jax.ffi.ffi_call(
+        "jxs_int4_matmul", jax.ShapeDtypeStruct((x2.shape[0], n), jnp.float32), vmap_method="sequential"
+    )(x2, w.codes, w.scale, w.zero, isa=np.int64(_isa_code()), group=np.int64(w.group), n=np.int64(n))
     return out.reshape(*lead, n)
 
 
@@ -412,8 +467,10 @@ def attention(q: Any, k: Any, v: Any, mask: Any = None, *, scale: float | None =
     """
     q, k, v = (jnp.asarray(a) for a in (q, k, v))
     if q.ndim != 4 or k.shape != q.shape or v.shape != q.shape:
-        raise ValueError(f"attention: q, k and v must share one (batch, length, heads, dim) shape, got {q.shape}, "
-                         f"{k.shape} and {v.shape}")
+        raise ValueError(
+            f"attention: q, k and v must share one (batch, length, heads, dim) shape, got {q.shape}, "
+            f"{k.shape} and {v.shape}"
+        )
     if mask is not None and tuple(jnp.shape(mask)) != q.shape[:2]:
         raise ValueError(f"attention: mask must be (batch, length) = {q.shape[:2]}, got {tuple(jnp.shape(mask))}")
     scale = float(q.shape[-1] ** -0.5 if scale is None else scale)
@@ -426,7 +483,8 @@ def attention(q: Any, k: Any, v: Any, mask: Any = None, *, scale: float | None =
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
 def _native_attention(q: jax.Array, k: jax.Array, v: jax.Array, kept: jax.Array, isa: int, scale: float) -> jax.Array:
     return jax.ffi.ffi_call("jxs_attention", jax.ShapeDtypeStruct(q.shape, jnp.float32), vmap_method="sequential")(
-        q, k, v, kept, isa=np.int64(isa), scale=np.float32(scale))
+        q, k, v, kept, isa=np.int64(isa), scale=np.float32(scale)
+    )
 
 
 def _native_attention_fwd(q, k, v, kept, isa, scale):

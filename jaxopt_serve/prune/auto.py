@@ -116,8 +116,11 @@ def _matches(pattern: str, group: Group) -> bool:
 def _no_group_message(analysis: Analysis, pattern: str, protect: Sequence[str]) -> str:
     refused = [r for r in analysis.refused if any(re.fullmatch(pattern, a.split("[")[0]) for a in r.axes)]
     if refused:
-        lines = "; ".join(f"{', '.join(a for a in r.axes if re.fullmatch(pattern, a.split('[')[0]))}: {r.reason} "
-                          f"(operation: {r.primitive})" for r in refused[:4])
+        lines = "; ".join(
+            f"{', '.join(a for a in r.axes if re.fullmatch(pattern, a.split('[')[0]))}: {r.reason} "
+            f"(operation: {r.primitive})"
+            for r in refused[:4]
+        )
         return f"cannot prune {pattern!r}: {lines}"
     if any(_matches(pattern, g) for g in analysis.groups):
         return f"cannot prune {pattern!r}: it is protected by {list(protect)}"
@@ -178,8 +181,11 @@ def prune_model(
     analysis = analysis or analyze(model, head_dims=head_dims)
     groups, targets = select_groups(analysis, sparsity, protect=protect)
     variables = model.variables
-    kept = plan(variables, groups, targets, criterion=criterion, grads=grads, multiple=multiple, scope=scope) \
-        if groups else {}
+    kept = (
+        plan(variables, groups, targets, criterion=criterion, grads=grads, multiple=multiple, scope=scope)
+        if groups
+        else {}
+    )
     before = check_groups(variables, groups)
     sizes = {g.name: (before[g.name], len(kept[g.name])) for g in groups}
     small_vars = apply_plan(variables, groups, kept) if groups else variables
@@ -197,8 +203,9 @@ def prune_model(
     if result_model is None:
         fn = program_fn(analysis, kept)
         result_model = Model.function(fn, small_vars, *model.example, name=f"{model.name}_pruned")
-    return AutoPruneResult(result_model, small_vars, how, module, groups, kept, sizes, list(analysis.refused),
-                           "; ".join(notes), analysis)
+    return AutoPruneResult(
+        result_model, small_vars, how, module, groups, kept, sizes, list(analysis.refused), "; ".join(notes), analysis
+    )
 
 
 class _NoRebuild(Exception):
@@ -218,8 +225,10 @@ def _check_outputs(model: Model, variables: Variables, reference: Any) -> None:
         a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
         scale = max(1.0, float(np.abs(b).max(initial=0.0)))
         if a.shape != b.shape or not np.allclose(a, b, rtol=1e-4, atol=1e-5 * scale):
-            raise _NoRebuild("the rebuilt module does not compute what the masked original computes "
-                             "(a size it derives from a field, such as an attention scale)")
+            raise _NoRebuild(
+                "the rebuilt module does not compute what the masked original computes "
+                "(a size it derives from a field, such as an attention scale)"
+            )
 
 
 # -- Linen: rebuild with smaller size fields ----------------------------------------------------------
@@ -270,8 +279,7 @@ def replace_sizes(value: Any, mapping: Mapping[int, int]) -> Any:
                 changes[f.name] = new
         return value.clone(**changes) if changes else value
     if dataclasses.is_dataclass(value) and not isinstance(value, type):
-        changes = {f.name: replace_sizes(getattr(value, f.name), mapping)
-                   for f in dataclasses.fields(value) if f.init}
+        changes = {f.name: replace_sizes(getattr(value, f.name), mapping) for f in dataclasses.fields(value) if f.init}
         changes = {k: v for k, v in changes.items() if v is not getattr(value, k) and v != getattr(value, k)}
         try:
             return dataclasses.replace(value, **changes) if changes else value
@@ -294,9 +302,16 @@ def _rebuilt_linen(model: Model, small: Variables, analysis: Analysis, sizes: Ma
     except Exception as err:  # noqa: BLE001
         raise _NoRebuild(f"{type(module).__name__} with smaller fields does not initialize: {err}") from err
     _same_shapes(shapes, small, type(module).__name__)
-    rebuilt = Model.linen(new, small, *model.example, method=method, eval_kwargs=eval_kwargs,
-                          train_kwargs=parts.get("train_kwargs"), rng_names=parts.get("rng_names", ("dropout",)),
-                          name=f"{model.name}_pruned")
+    rebuilt = Model.linen(
+        new,
+        small,
+        *model.example,
+        method=method,
+        eval_kwargs=eval_kwargs,
+        train_kwargs=parts.get("train_kwargs"),
+        rng_names=parts.get("rng_names", ("dropout",)),
+        name=f"{model.name}_pruned",
+    )
     return rebuilt, new
 
 
@@ -305,8 +320,9 @@ def _same_shapes(expected: Any, small: Variables, what: str) -> None:
     have = {_p(p): tuple(np.shape(x)) for p, x in jax.tree_util.tree_leaves_with_path(small)}
     for path, shape in have.items():
         if want.get(path) != shape:
-            raise _NoRebuild(f"{what} with smaller fields makes {path} {want.get(path)}, "
-                             f"the pruned variable is {shape}")
+            raise _NoRebuild(
+                f"{what} with smaller fields makes {path} {want.get(path)}, the pruned variable is {shape}"
+            )
 
 
 def _p(path: Any) -> str:
@@ -346,7 +362,7 @@ def _fix_sizes(m: Any) -> None:
     elif isinstance(m, nnx.LinearGeneral) and (k := _shape(m, "kernel")):
         n_in = len(m.in_features) if isinstance(m.in_features, tuple) else 1
         batch = len(getattr(m, "batch_axis", {}) or {})
-        ins, outs = k[batch:batch + n_in], k[batch + n_in:]
+        ins, outs = k[batch : batch + n_in], k[batch + n_in :]
         m.in_features = ins if isinstance(m.in_features, tuple) else ins[0]
         m.out_features = outs if isinstance(m.out_features, tuple) else outs[0]
     elif isinstance(m, nnx.Conv) and (k := _shape(m, "kernel")):
@@ -387,8 +403,13 @@ def _shrunk_nnx(model: Model, small: Variables, analysis: Analysis, sizes: Mappi
     shrink_nnx(module)
     parts = _nnx_parts(model)
     try:
-        smaller = Model.nnx(module, *model.example, eval_kwargs=parts.get("eval_kwargs"),
-                            train_kwargs=parts.get("train_kwargs"), name=f"{model.name}_pruned")
+        smaller = Model.nnx(
+            module,
+            *model.example,
+            eval_kwargs=parts.get("eval_kwargs"),
+            train_kwargs=parts.get("train_kwargs"),
+            name=f"{model.name}_pruned",
+        )
     except Exception as err:  # noqa: BLE001
         raise _NoRebuild(f"the shrunk NNX module fails on the example inputs: {type(err).__name__}: {err}") from err
     have = {_p(p): tuple(np.shape(x)) for p, x in jax.tree_util.tree_leaves_with_path(smaller.variables)}

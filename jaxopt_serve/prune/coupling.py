@@ -63,26 +63,133 @@ from jaxopt_serve.prune.structured import Group, Slice
 from jaxopt_serve.trace import path_of, trace
 
 # Operations applied entry by entry: every operand axis is the output axis at the same position.
-ELEMENTWISE = frozenset({
-    "add", "add_any", "sub", "mul", "div", "rem", "pow", "max", "min", "neg", "sign", "floor", "ceil", "round",
-    "is_finite", "exp", "exp2", "log", "log1p", "expm1", "tanh", "logistic", "sin", "cos", "tan", "asin", "acos",
-    "atan", "atan2", "sinh", "cosh", "asinh", "acosh", "atanh", "sqrt", "rsqrt", "cbrt", "abs", "integer_pow",
-    "square", "erf", "erfc", "erf_inv", "lgamma", "digamma", "select_n", "clamp", "and", "or", "not", "xor", "eq",
-    "ne", "lt", "le", "gt", "ge", "convert_element_type", "copy", "copy_p", "reduce_precision", "stop_gradient",
-    "nextafter", "real", "imag", "conj", "shift_left", "shift_right_logical", "shift_right_arithmetic",
-    "population_count", "optimization_barrier",
-})
+ELEMENTWISE = frozenset(
+    {
+        "add",
+        "add_any",
+        "sub",
+        "mul",
+        "div",
+        "rem",
+        "pow",
+        "max",
+        "min",
+        "neg",
+        "sign",
+        "floor",
+        "ceil",
+        "round",
+        "is_finite",
+        "exp",
+        "exp2",
+        "log",
+        "log1p",
+        "expm1",
+        "tanh",
+        "logistic",
+        "sin",
+        "cos",
+        "tan",
+        "asin",
+        "acos",
+        "atan",
+        "atan2",
+        "sinh",
+        "cosh",
+        "asinh",
+        "acosh",
+        "atanh",
+        "sqrt",
+        "rsqrt",
+        "cbrt",
+        "abs",
+        "integer_pow",
+        "square",
+        "erf",
+        "erfc",
+        "erf_inv",
+        "lgamma",
+        "digamma",
+        "select_n",
+        "clamp",
+        "and",
+        "or",
+        "not",
+        "xor",
+        "eq",
+        "ne",
+        "lt",
+        "le",
+        "gt",
+        "ge",
+        "convert_element_type",
+        "copy",
+        "copy_p",
+        "reduce_precision",
+        "stop_gradient",
+        "nextafter",
+        "real",
+        "imag",
+        "conj",
+        "shift_left",
+        "shift_right_logical",
+        "shift_right_arithmetic",
+        "population_count",
+        "optimization_barrier",
+    }
+)
 # Reductions over ``axes``: the reduced axes are mixed (e.g. a norm's mean), the others pass through.
-REDUCTIONS = frozenset({"reduce_sum", "reduce_max", "reduce_min", "reduce_prod", "reduce_and", "reduce_or",
-                        "reduce_xor", "argmax", "argmin"})
+REDUCTIONS = frozenset(
+    {
+        "reduce_sum",
+        "reduce_max",
+        "reduce_min",
+        "reduce_prod",
+        "reduce_and",
+        "reduce_or",
+        "reduce_xor",
+        "argmax",
+        "argmin",
+    }
+)
 # Operations along one ``axis`` that mix its entries.
-ALONG_AXIS = {"cumsum": "axis", "cumprod": "axis", "cummax": "axis", "cummin": "axis", "cumlogsumexp": "axis",
-              "sort": "dimension"}
-CALLS = frozenset({"pjit", "jit", "closed_call", "core_call", "custom_jvp_call", "custom_vjp_call",
-                   "custom_vjp_call_jaxpr", "remat", "checkpoint", "remat2", "custom_lin"})
+ALONG_AXIS = {
+    "cumsum": "axis",
+    "cumprod": "axis",
+    "cummax": "axis",
+    "cummin": "axis",
+    "cumlogsumexp": "axis",
+    "sort": "dimension",
+}
+CALLS = frozenset(
+    {
+        "pjit",
+        "jit",
+        "closed_call",
+        "core_call",
+        "custom_jvp_call",
+        "custom_vjp_call",
+        "custom_vjp_call_jaxpr",
+        "remat",
+        "checkpoint",
+        "remat2",
+        "custom_lin",
+    }
+)
 # Operations that start from nothing the analysis follows (fresh axes, no coupling).
-SOURCES = frozenset({"iota", "random_bits", "random_seed", "random_wrap", "random_unwrap", "rng_bit_generator",
-                     "threefry2x32", "random_fold_in", "random_split"})
+SOURCES = frozenset(
+    {
+        "iota",
+        "random_bits",
+        "random_seed",
+        "random_wrap",
+        "random_unwrap",
+        "rng_bit_generator",
+        "threefry2x32",
+        "random_fold_in",
+        "random_split",
+    }
+)
 
 # Reasons an axis is left alone, by severity.
 INPUT, OUTPUT, UNSAFE, HEAD_DIM = "input", "output", "unsafe", "head_dim"
@@ -265,7 +372,7 @@ class _Graph:
                 reason = Reason(UNSAFE, primitive, f"a reshape regroups an axis of size {big.size} by {small}")
                 self.flag((tuple(left[i:]), tuple(right[j:])), reason)
                 return
-            side[k:k + 1] = parts
+            side[k : k + 1] = parts
         if left[i:] or right[j:]:
             self.flag((tuple(left[i:]), tuple(right[j:])), Reason(UNSAFE, primitive, "axes of different sizes meet"))
 
@@ -300,7 +407,7 @@ class _Graph:
             merged = self.new(part.size, part.reasons)
             merged.split = ("sum", halves)
             self.union(part, merged, primitive)
-            parts[k:k + 1] = halves
+            parts[k : k + 1] = halves
             edges = np.cumsum([0] + [p.size for p in parts]).tolist()
         first, last = edges.index(start), edges.index(stop)
         return parts, first, last
@@ -391,8 +498,7 @@ class _Walker:
         """Axes at the same position are one dimension; a size-1 operand axis is broadcast (no coupling)."""
         out = []
         for k, size in enumerate(shape):
-            full = [e[k] for v, e in zip(eqn.invars, ins)
-                    if len(e) == len(shape) and np.shape(_aval(v))[k] == size]
+            full = [e[k] for v, e in zip(eqn.invars, ins) if len(e) == len(shape) and np.shape(_aval(v))[k] == size]
             if not full:
                 out.append((self.g.new(size),))
                 continue
@@ -443,8 +549,12 @@ class _Walker:
         out = tuple(lhs[a] for a in lb) + tuple(lhs[a] for a in lfree) + tuple(rhs[a] for a in rfree)
         lp, rp = self.is_param(eqn.invars[0]), self.is_param(eqn.invars[1])
         if not lp and not rp:
-            reason = Reason(HEAD_DIM, "dot_general", "contracted or kept between two computed values, as inside "
-                                                     "attention heads (pass head_dims=True to prune it)")
+            reason = Reason(
+                HEAD_DIM,
+                "dot_general",
+                "contracted or kept between two computed values, as inside "
+                "attention heads (pass head_dims=True to prune it)",
+            )
             self.g.flag([lhs[a] for a in (*lc, *lfree)] + [rhs[a] for a in rfree], reason)
         return Step(eqn, ins, [out])
 
@@ -486,8 +596,11 @@ class _Walker:
         out = []
         reason = Reason(INPUT, eqn.primitive.name, "a pooled axis")
         for k, w in enumerate(window):
-            if w == 1 and all(s == 1 for s in (eqn.params["window_strides"][k],)) and \
-                    tuple(eqn.params["padding"][k]) == (0, 0):
+            if (
+                w == 1
+                and all(s == 1 for s in (eqn.params["window_strides"][k],))
+                and tuple(eqn.params["padding"][k]) == (0, 0)
+            ):
                 out.append(ins[0][k])
             else:
                 self.g.flag(ins[0][k], reason)
@@ -610,8 +723,9 @@ class _Walker:
 
     def _cond(self, eqn, ins, shapes):
         branches = eqn.params["branches"]
-        bodies = [self.body(b.jaxpr, b.consts, list(ins[1:]), [self.is_param(v) for v in eqn.invars[1:]])
-                  for b in branches]
+        bodies = [
+            self.body(b.jaxpr, b.consts, list(ins[1:]), [self.is_param(v) for v in eqn.invars[1:]]) for b in branches
+        ]
         for other in bodies[1:]:
             for a, b in zip(bodies[0].out_exprs, other.out_exprs):
                 for x, y in zip(a, b):
@@ -678,7 +792,7 @@ def _placements(expr: Expr) -> list[tuple[Dim, int, int, list[tuple[int, int]]]]
 
     def prod(parts: list[Dim]) -> list[tuple[Dim, int, int, list[tuple[int, int]]]]:
         sizes = [p.size for p in parts]
-        strides = [int(np.prod(sizes[k + 1:])) for k in range(len(sizes))]
+        strides = [int(np.prod(sizes[k + 1 :])) for k in range(len(sizes))]
         found = []
         for k, p in enumerate(parts):
             others = [(sizes[j], strides[j]) for j in range(len(parts)) if j != k and sizes[j] > 1]
@@ -689,8 +803,7 @@ def _placements(expr: Expr) -> list[tuple[Dim, int, int, list[tuple[int, int]]]]
     return prod(list(expr))
 
 
-def _as_slice(path: str, axis: int, n: int, offset: int, unit_stride: int,
-              reps: list[tuple[int, int]]) -> Slice | None:
+def _as_slice(path: str, axis: int, n: int, offset: int, unit_stride: int, reps: list[tuple[int, int]]) -> Slice | None:
     """A placement as ``Slice(offset, block, repeat, period)``, or ``None`` when it has another shape."""
     reps = sorted(((c, s) for c, s in reps if c > 1), key=lambda cs: -cs[1])
     merged: list[tuple[int, int]] = []
@@ -749,9 +862,9 @@ def analyze(model: Any, *, head_dims: bool = False) -> Analysis:
     program = walker.body(closed.jaxpr, closed.consts, exprs, is_param)
     graph.flag(program.out_exprs, Reason(OUTPUT, "output", "an axis of the model's outputs"))
     _settle(graph)
-    var_exprs = dict(zip(names, exprs[:len(var_leaves)]))
+    var_exprs = dict(zip(names, exprs[: len(var_leaves)]))
     groups, refused, roots = _collect(var_exprs, head_dims)
-    return Analysis(groups, refused, model, program, var_exprs, roots, out_tree, exprs[len(var_leaves):])
+    return Analysis(groups, refused, model, program, var_exprs, roots, out_tree, exprs[len(var_leaves) :])
 
 
 def _check_variables(variables: Any) -> None:

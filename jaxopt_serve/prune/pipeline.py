@@ -67,8 +67,14 @@ def finetune(
     if masks is not None:
         optimizer = optax.chain(optimizer, keep_masks(masks))
     result = fit(
-        classification_loss(make_apply(config)), variables, (dataset.x_train, dataset.y_train),
-        optimizer=optimizer, steps=steps, batch_size=batch_size, seed=seed, progress=progress,
+        classification_loss(make_apply(config)),
+        variables,
+        (dataset.x_train, dataset.y_train),
+        optimizer=optimizer,
+        steps=steps,
+        batch_size=batch_size,
+        seed=seed,
+        progress=progress,
     )
     return result.variables
 
@@ -105,8 +111,9 @@ def unstructured(
     if finetune_steps:
         if dataset is None:
             raise ValueError("fine-tuning needs a dataset")
-        pruned = finetune(config, pruned, dataset, steps=finetune_steps, masks=result.masks, seed=seed,
-                          progress=progress)
+        pruned = finetune(
+            config, pruned, dataset, steps=finetune_steps, masks=result.masks, seed=seed, progress=progress
+        )
     return pruned, result
 
 
@@ -131,12 +138,22 @@ def gradual(
         raise ValueError(f"gradual pruning needs steps > 1, got {steps}")
     end = max(1, int(steps * end_fraction))
     optimizer = gradual_pruning(
-        default_optimizer(steps, learning_rate=learning_rate), [PruneRule(pattern, sparsity)],
-        begin_step=0, end_step=end, frequency=min(frequency, end), scope=scope,
+        default_optimizer(steps, learning_rate=learning_rate),
+        [PruneRule(pattern, sparsity)],
+        begin_step=0,
+        end_step=end,
+        frequency=min(frequency, end),
+        scope=scope,
     )
     result = fit(
-        classification_loss(make_apply(config)), variables, (dataset.x_train, dataset.y_train),
-        optimizer=optimizer, steps=steps, batch_size=64, seed=seed, progress=progress,
+        classification_loss(make_apply(config)),
+        variables,
+        (dataset.x_train, dataset.y_train),
+        optimizer=optimizer,
+        steps=steps,
+        batch_size=64,
+        seed=seed,
+        progress=progress,
     )
     return result.variables
 
@@ -170,16 +187,19 @@ def deep_compress(
     """
     from jaxopt_serve.quant import QuantRule, QuantSpec, quantize
 
-    pruned = gradual(config, variables, dataset, sparsity=sparsity, steps=finetune_steps, scope=scope, seed=seed,
-                     progress=progress)
+    pruned = gradual(
+        config, variables, dataset, sparsity=sparsity, steps=finetune_steps, scope=scope, seed=seed, progress=progress
+    )
     quantized = pruned
     if bits is not None:
         spec = QuantSpec(qtype=bits, granularity="channel")
         quantized = quantize(pruned, [QuantRule(r"params/(.*/)?kernel", spec)]).variables
     kernels = [x for p, x in jax.tree_util.tree_leaves_with_path(pruned["params"]) if p[-1].key == "kernel"]
     achieved = float(sum(int((np.asarray(k) == 0).sum()) for k in kernels) / sum(k.size for k in kernels))
-    meta = {**dict(metadata or {}),
-            "deep_compression": {"sparsity": sparsity, "bits": bits, "finetune_steps": finetune_steps}}
+    meta = {
+        **dict(metadata or {}),
+        "deep_compression": {"sparsity": sparsity, "bits": bits, "finetune_steps": finetune_steps},
+    }
     artifact = sparse_artifact(config, quantized, dataset.input_shape, meta, float_dtype="float16")
     return DeepCompressResult(pruned, quantized, artifact, achieved)
 
@@ -203,6 +223,7 @@ def structured(
     if finetune_steps:
         if dataset is None:
             raise ValueError("fine-tuning needs a dataset")
-        result.variables = finetune(result.config, result.variables, dataset, steps=finetune_steps, seed=seed,
-                                    progress=progress)
+        result.variables = finetune(
+            result.config, result.variables, dataset, steps=finetune_steps, seed=seed, progress=progress
+        )
     return result

@@ -116,8 +116,9 @@ def program_fn(analysis: Analysis, kept: Mapping[str, np.ndarray]) -> Callable[.
         for name, (_, leaf) in zip(names, leaves):
             want = sizes.shape(analysis.var_exprs[name])
             if tuple(np.shape(leaf)) != want:
-                raise ValueError(f"variable {name} has shape {tuple(np.shape(leaf))}, "
-                                 f"the pruned program expects {want}")
+                raise ValueError(
+                    f"variable {name} has shape {tuple(np.shape(leaf))}, the pruned program expects {want}"
+                )
         outs = _run_body(program, program.consts, [x for _, x in leaves] + list(flat_in), sizes)
         return jax.tree.unflatten(analysis.out_tree, outs)
 

@@ -141,7 +141,10 @@ def gradual_pruning(
         masks = jax.lax.cond(prune_now, recompute, lambda: state.masks)
         out = jax.tree.map(
             lambda m, c, p: c - p if m is None else jnp.where(m, c, jnp.zeros_like(c)) - p,
-            masks, candidate, params, is_leaf=lambda x: x is None,
+            masks,
+            candidate,
+            params,
+            is_leaf=lambda x: x is None,
         )
         return out, GradualPruningState(count + 1, masks, inner_state)
 
@@ -168,7 +171,9 @@ def keep_masks(masks: Any) -> optax.GradientTransformation:
         del params
         out = jax.tree.map(
             lambda m, u: u if m is None else jnp.where(m, u, jnp.zeros_like(u)),
-            state.masks, updates, is_leaf=lambda x: x is None,
+            state.masks,
+            updates,
+            is_leaf=lambda x: x is None,
         )
         return out, state
 

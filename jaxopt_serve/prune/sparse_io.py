@@ -116,12 +116,18 @@ def sparse_artifact(
     for path, leaf in jax.tree_util.tree_leaves_with_path(variables, is_leaf=is_qarray):
         if isinstance(leaf, QArray) and _sparse_zeros(leaf) >= min_sparsity and not _storable(leaf):
             raise ValueError(
-                f"{path_str(path)}: a sparse quantized leaf must be symmetric int8 or int4 (code 0 = 0.0), got "
-                f"{leaf!r}"
+                f"{path_str(path)}: a sparse quantized leaf must be symmetric int8 or int4 (code 0 = 0.0), got {leaf!r}"
             )
     meta = {**dict(metadata or {}), "sparse": {"min_sparsity": min_sparsity, "float_dtype": float_dtype}}
-    return Artifact(config, variables, input_shape, meta, LAYOUT, compression="lzma",
-                    model=model.with_variables(variables) if model is not None else None)
+    return Artifact(
+        config,
+        variables,
+        input_shape,
+        meta,
+        LAYOUT,
+        compression="lzma",
+        model=model.with_variables(variables) if model is not None else None,
+    )
 
 
 def _is_key(leaf: Any) -> bool:
@@ -150,13 +156,19 @@ def encode_sparse(
                 keep = codes != 0
                 kept = codes[keep]
                 values = np.asarray(pack(kept, "int4")) if leaf.qtype == "int4" else kept.astype(np.int8)
-                meta = {"kind": "qarray", "qtype": leaf.qtype, "shape": list(leaf.shape), "dtype": leaf.dtype,
-                        "granularity": leaf.granularity, "axis": leaf.axis, "group_size": leaf.group_size,
-                        "count": int(keep.sum())}
+                meta = {
+                    "kind": "qarray",
+                    "qtype": leaf.qtype,
+                    "shape": list(leaf.shape),
+                    "dtype": leaf.dtype,
+                    "granularity": leaf.granularity,
+                    "axis": leaf.axis,
+                    "group_size": leaf.group_size,
+                    "count": int(keep.sum()),
+                }
                 scale = np.asarray(leaf.scale)
                 scale = scale.astype(float_dtype) if float_dtype is not None else scale
-                return {SPARSE_KEY: {**_index(keep), "values": values, "scale": scale,
-                                     "meta": _meta_bytes(meta)}}
+                return {SPARSE_KEY: {**_index(keep), "values": values, "scale": scale, "meta": _meta_bytes(meta)}}
             return leaf
         array = np.asarray(jax.device_get(leaf))
         if np.issubdtype(array.dtype, np.floating) and array.size and float((array == 0).mean()) >= min_sparsity:
@@ -237,8 +249,17 @@ def _decode_entry(entry: Any, name: str) -> Any:
         dense[keep] = codes
         dense = dense.reshape(shape)
         values = dense if meta["qtype"] == "int8" else np.asarray(pack(dense.reshape(-1), "int4"))
-        return QArray(values, np.asarray(entry["scale"], np.float32), None, meta["qtype"], shape, meta["dtype"],
-                      meta["granularity"], meta["axis"], meta["group_size"])
+        return QArray(
+            values,
+            np.asarray(entry["scale"], np.float32),
+            None,
+            meta["qtype"],
+            shape,
+            meta["dtype"],
+            meta["granularity"],
+            meta["axis"],
+            meta["group_size"],
+        )
     except (KeyError, TypeError, ValueError) as err:
         raise ArtifactError(f"sparse variable {name} is malformed: {err}") from err
 
@@ -285,8 +306,9 @@ def _meta_bytes(meta: dict[str, Any]) -> np.ndarray:
 
 def _encode_layout(variables: Variables, metadata: dict[str, Any]) -> Variables:
     options = metadata.get("sparse", {})
-    return encode_sparse(variables, min_sparsity=options.get("min_sparsity", 0.25),
-                         float_dtype=options.get("float_dtype"))
+    return encode_sparse(
+        variables, min_sparsity=options.get("min_sparsity", 0.25), float_dtype=options.get("float_dtype")
+    )
 
 
 def _decode_layout(target: ModelConfig | Model, raw: Variables, header: dict[str, Any]) -> Variables:

@@ -202,14 +202,17 @@ def check_groups(variables: Variables, groups: Sequence[Group]) -> dict[str, int
         for sl in group.slices:
             if sl.path not in leaves:
                 raise ValueError(
-                    f"group {group.name!r}: no variable at {sl.path}; variables have {sorted(leaves)[:8]}...")
+                    f"group {group.name!r}: no variable at {sl.path}; variables have {sorted(leaves)[:8]}..."
+                )
             shape = np.shape(leaves[sl.path])
             if not -len(shape) <= sl.axis < len(shape):
                 raise ValueError(f"group {group.name!r}: {sl.path} has shape {shape}, no axis {sl.axis}")
             length = shape[sl.axis]
             if n is None and sl.offset == 0 and sl.period == 0 and length % (sl.repeat * sl.block):
-                raise ValueError(f"group {group.name!r}: {sl.path} axis {sl.axis} (length {length}) is not {sl.repeat} "
-                                 f"blocks of units of {sl.block}")
+                raise ValueError(
+                    f"group {group.name!r}: {sl.path} axis {sl.axis} (length {length}) is not {sl.repeat} "
+                    f"blocks of units of {sl.block}"
+                )
             units = sl.units_in(length) if n is None else n
             if n is None:
                 n = units
@@ -220,8 +223,10 @@ def check_groups(variables: Variables, groups: Sequence[Group]) -> dict[str, int
                     f"slice {group.slices[0].path} holds {n}; coupled slices must agree"
                 )
             if n and sl.indices(n).max() >= length:
-                raise ValueError(f"group {group.name!r}: {sl.path} axis {sl.axis} (length {length}) is too short for "
-                                 f"{n} units of {sl}")
+                raise ValueError(
+                    f"group {group.name!r}: {sl.path} axis {sl.axis} (length {length}) is too short for "
+                    f"{n} units of {sl}"
+                )
         sizes[group.name] = n
     return sizes
 
@@ -431,9 +436,14 @@ def _named(tree: Any) -> dict[str, Any]:
 
 
 def _dense_group(name: str, consumer: str) -> Group:
-    return Group(name, (
-        Slice(f"params/{name}/kernel", 1), Slice(f"params/{name}/bias", 0), Slice(f"params/{consumer}/kernel", 0),
-    ))
+    return Group(
+        name,
+        (
+            Slice(f"params/{name}/kernel", 1),
+            Slice(f"params/{name}/bias", 0),
+            Slice(f"params/{consumer}/kernel", 0),
+        ),
+    )
 
 
 def _mlp_groups(config: MLPConfig | NNXMLPConfig) -> list[Group]:
@@ -450,15 +460,23 @@ def _cnn_groups(config: CNNConfig) -> list[Group]:
     groups = []
     for i in range(layers):
         consumer = (
-            Slice(f"params/conv_{i + 1}/kernel", 2) if i + 1 < layers
+            Slice(f"params/conv_{i + 1}/kernel", 2)
+            if i + 1 < layers
             else Slice(f"params/{'dense' if config.hidden else 'classifier'}/kernel", 0)
         )
-        groups.append(Group(f"conv_{i}", (
-            Slice(f"params/conv_{i}/kernel", 3),
-            Slice(f"params/bn_{i}/scale", 0), Slice(f"params/bn_{i}/bias", 0),
-            Slice(f"batch_stats/bn_{i}/mean", 0), Slice(f"batch_stats/bn_{i}/var", 0),
-            consumer,
-        )))
+        groups.append(
+            Group(
+                f"conv_{i}",
+                (
+                    Slice(f"params/conv_{i}/kernel", 3),
+                    Slice(f"params/bn_{i}/scale", 0),
+                    Slice(f"params/bn_{i}/bias", 0),
+                    Slice(f"batch_stats/bn_{i}/mean", 0),
+                    Slice(f"batch_stats/bn_{i}/var", 0),
+                    consumer,
+                ),
+            )
+        )
     if config.hidden:
         groups.append(_dense_group("dense", "classifier"))
     return groups
@@ -482,13 +500,22 @@ def _transformer_groups(config: TransformerConfig) -> list[Group]:
     groups = []
     for i in range(config.num_layers):
         att = f"params/layer_{i}/attention"
-        head_slices = [Slice(f"{att}/{p}/{leaf}", 1 if leaf == "kernel" else 0)
-                       for p in ("query", "key", "value") for leaf in ("kernel", "bias")]
+        head_slices = [
+            Slice(f"{att}/{p}/{leaf}", 1 if leaf == "kernel" else 0)
+            for p in ("query", "key", "value")
+            for leaf in ("kernel", "bias")
+        ]
         groups.append(Group(f"layer_{i}/heads", (*head_slices, Slice(f"{att}/out/kernel", 0))))
-        groups.append(Group(f"layer_{i}/ffn", (
-            Slice(f"params/layer_{i}/intermediate/kernel", 1), Slice(f"params/layer_{i}/intermediate/bias", 0),
-            Slice(f"params/layer_{i}/output/kernel", 0),
-        )))
+        groups.append(
+            Group(
+                f"layer_{i}/ffn",
+                (
+                    Slice(f"params/layer_{i}/intermediate/kernel", 1),
+                    Slice(f"params/layer_{i}/intermediate/bias", 0),
+                    Slice(f"params/layer_{i}/output/kernel", 0),
+                ),
+            )
+        )
     return groups
 
 

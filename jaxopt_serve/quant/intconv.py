@@ -136,13 +136,20 @@ def int8_conv(
     window_strides = tuple(window_strides) if window_strides is not None else (1,) * nd
     lhs_dilation = tuple(lhs_dilation) if lhs_dilation is not None else (1,) * nd
     rhs_dilation = tuple(rhs_dilation) if rhs_dilation is not None else (1,) * nd
-    conv_args = dict(window_strides=window_strides, padding=padding, lhs_dilation=lhs_dilation,
-                     rhs_dilation=rhs_dilation, dimension_numbers=dimension_numbers,
-                     feature_group_count=feature_group_count, batch_group_count=batch_group_count)
+    conv_args = dict(
+        window_strides=window_strides,
+        padding=padding,
+        lhs_dilation=lhs_dilation,
+        rhs_dilation=rhs_dilation,
+        dimension_numbers=dimension_numbers,
+        feature_group_count=feature_group_count,
+        batch_group_count=batch_group_count,
+    )
     # Shape inference by lax itself: same validation, same error messages, same output shape.
     out = jax.eval_shape(
         functools.partial(jax.lax.conv_general_dilated, preferred_element_type=jnp.int32, **conv_args),
-        jax.ShapeDtypeStruct(lhs.shape, jnp.int8), jax.ShapeDtypeStruct(rhs.shape, jnp.int8),
+        jax.ShapeDtypeStruct(lhs.shape, jnp.int8),
+        jax.ShapeDtypeStruct(rhs.shape, jnp.int8),
     )
     dn = jax.lax.conv_dimension_numbers(lhs.shape, rhs.shape, dimension_numbers)
     if isinstance(padding, str):  # as lax.conv_general_dilated resolves it
@@ -157,8 +164,9 @@ def int8_conv(
     k = jnp.transpose(rhs, (*dn.rhs_spec[2:], dn.rhs_spec[1], dn.rhs_spec[0]))
     window_shape, cin, cout = k.shape[:nd], k.shape[nd], k.shape[nd + 1]
     if any(lo or hi or d > 1 for (lo, hi), d in zip(padding, lhs_dilation)):
-        x = jax.lax.pad(x, np.int8(0), [(0, 0, 0), *((lo, hi, d - 1) for (lo, hi), d in zip(padding, lhs_dilation)),
-                                        (0, 0, 0)])
+        x = jax.lax.pad(
+            x, np.int8(0), [(0, 0, 0), *((lo, hi, d - 1) for (lo, hi), d in zip(padding, lhs_dilation)), (0, 0, 0)]
+        )
 
     # Groups become a leading batch axis of the dot: g (groups), x (g, batch, *spatial, in), k (g, *window, in, out/g).
     groups = max(feature_group_count, batch_group_count)
@@ -173,18 +181,26 @@ def int8_conv(
     if native_conv2d_applies(nd, groups, lhs_dilation):
         # The native kernel builds the im2col rows per chunk of output pixels in cache (no patches array).
         packed = native.pack_int8(k[0].reshape(math.prod(window_shape) * cin, cout), bounded)
-        y = native.int8_conv2d(x[0], packed, tuple(window_shape), strides=tuple(window_strides),
-                               dilation=tuple(rhs_dilation), bounded=bounded,
-                               rescale=None if rescale is None
-                               else _rescale_vectors(rescale, lhs.shape[dn.lhs_spec[0]], cout))
+        y = native.int8_conv2d(
+            x[0],
+            packed,
+            tuple(window_shape),
+            strides=tuple(window_strides),
+            dilation=tuple(rhs_dilation),
+            bounded=bounded,
+            rescale=None if rescale is None else _rescale_vectors(rescale, lhs.shape[dn.lhs_spec[0]], cout),
+        )
         return _to_layout(y, dn, nd, out, out_sharding)
     # im2col: one strided slice per window offset, concatenated on the feature axis ((window, in) order, like k).
     columns = []
     for offset in itertools.product(*(range(n) for n in window_shape)):
         start = [0, 0, *(o * r for o, r in zip(offset, rhs_dilation)), 0]
-        limit = [x.shape[0], x.shape[1],
-                 *(s + (n - 1) * st + 1 for s, n, st in zip(start[2:-1], out_spatial, window_strides)),
-                 x.shape[-1]]
+        limit = [
+            x.shape[0],
+            x.shape[1],
+            *(s + (n - 1) * st + 1 for s, n, st in zip(start[2:-1], out_spatial, window_strides)),
+            x.shape[-1],
+        ]
         columns.append(jax.lax.slice(x, start, limit, (1, 1, *window_strides, 1)))
     patches = columns[0] if len(columns) == 1 else jnp.concatenate(columns, axis=-1)
     kernel = k.reshape(groups, math.prod(window_shape) * cin, cout // groups)
@@ -192,11 +208,13 @@ def int8_conv(
     if groups == 1 and native.available():  # the native int8 GEMM (exact, like the dot below)
         y = native.int8_matmul(patches[0], native.pack_int8(kernel[0], bounded), bounded=bounded)
     elif groups == 1:
-        y = jax.lax.dot_general(patches[0], kernel[0], (((nd + 1,), (0,)), ((), ())),
-                                precision=precision, preferred_element_type=jnp.int32)
+        y = jax.lax.dot_general(
+            patches[0], kernel[0], (((nd + 1,), (0,)), ((), ())), precision=precision, preferred_element_type=jnp.int32
+        )
     else:
-        y = jax.lax.dot_general(patches, kernel, (((nd + 2,), (1,)), ((0,), (0,))),
-                                precision=precision, preferred_element_type=jnp.int32)
+        y = jax.lax.dot_general(
+            patches, kernel, (((nd + 2,), (1,)), ((0,), (0,))), precision=precision, preferred_element_type=jnp.int32
+        )
         y = jnp.moveaxis(y, 0, -2).reshape(*y.shape[1:-1], cout)  # (batch, *spatial, g * out/g)
     if rescale is not None:
         sx, sw = _rescale_vectors(rescale, y.shape[0], cout)

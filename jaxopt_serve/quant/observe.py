@@ -59,8 +59,9 @@ def calibration_batches(model: Model, samples: Any, batch_size: int) -> Iterator
         yield jax.tree.map(lambda a, s=start: np.asarray(a)[s : s + batch_size], inputs)
 
 
-def calibration_model(model: Model | ModelConfig, method: str | None, kwargs: Mapping[str, Any],
-                      samples: Any = None) -> tuple[Model, Any]:
+def calibration_model(
+    model: Model | ModelConfig, method: str | None, kwargs: Mapping[str, Any], samples: Any = None
+) -> tuple[Model, Any]:
     """``(handle, samples)``: ``model`` as a handle, and the samples as the handle takes them.
 
     ``method`` / ``kwargs`` (reference Linen configs only) choose what the
@@ -70,8 +71,10 @@ def calibration_model(model: Model | ModelConfig, method: str | None, kwargs: Ma
     """
     if isinstance(model, Model):
         if method is not None or kwargs:
-            raise ValueError("method= and keyword arguments are for reference configs; "
-                             "build the Model with them instead (Model.linen(..., method=..., eval_kwargs=...))")
+            raise ValueError(
+                "method= and keyword arguments are for reference configs; "
+                "build the Model with them instead (Model.linen(..., method=..., eval_kwargs=...))"
+            )
         return model, samples
     if not isinstance(model, ModelConfig):
         raise TypeError(f"expected a jaxopt_serve Model or a ModelConfig, got {type(model).__name__}")
@@ -98,8 +101,9 @@ def _rows(samples: Any) -> int | None:
     return int(np.shape(leaves[0])[0]) if leaves and np.ndim(leaves[0]) >= 1 else None
 
 
-def observe_batches(model: Model, qvariables: Any, batches: Iterator[tuple[Any, ...]]
-                    ) -> Iterator[tuple[Observed, dict[str, tuple[int, ...] | None]]]:
+def observe_batches(
+    model: Model, qvariables: Any, batches: Iterator[tuple[Any, ...]]
+) -> Iterator[tuple[Observed, dict[str, tuple[int, ...] | None]]]:
     """Per batch: ``({layer key: input as numpy}, {layer key: kernel axes the dot contracts})``.
 
     Dot inputs have their contracted axes last, ordered like the kernel's axes;

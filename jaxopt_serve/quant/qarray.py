@@ -317,7 +317,7 @@ def _integer(x: jax.Array, reduce: tuple[int, ...], spec: QuantSpec):
         if spec.calibration == "percentile":
             clip = _percentile(jnp.abs(x), spec.percentile, reduce)
         elif spec.calibration == "mse":
-            clip = _best_clip(absmax, lambda c: (quant_sym(c)[0] * quant_sym(c)[1] - x), reduce)
+            clip = _best_clip(absmax, lambda c: quant_sym(c)[0] * quant_sym(c)[1] - x, reduce)
         else:
             clip = absmax
         q, scale = quant_sym(clip)
@@ -348,8 +348,9 @@ def _ternary(x: jax.Array, reduce: tuple[int, ...], spec: QuantSpec):
         return q, jnp.where(hits > 0, scale, 1.0)
 
     if spec.calibration == "mse":
-        threshold = _best_clip(mean_abs, lambda t: quant(t)[0] * quant(t)[1] - x, reduce,
-                               ratios=np.linspace(0.1, 1.5, 29))
+        threshold = _best_clip(
+            mean_abs, lambda t: quant(t)[0] * quant(t)[1] - x, reduce, ratios=np.linspace(0.1, 1.5, 29)
+        )
     else:
         threshold = 0.7 * mean_abs  # Ternary Weight Networks' rule (Li et al., 2016)
     q, scale = quant(threshold)

@@ -252,8 +252,9 @@ def qat_finetune(
         # Measured on the weights that will be served (eager ``quantize`` may put a
         # few weights sitting on a ternary threshold on the other side than the
         # jit-compiled ``fake_quantize`` of the last step did).
-        served = reestimate_batch_stats(_apply_of(config), dequantize_tree(quantized.variables), data[0],
-                                        batch_size=max(batch_size, 256))
+        served = reestimate_batch_stats(
+            _apply_of(config), dequantize_tree(quantized.variables), data[0], batch_size=max(batch_size, 256)
+        )
         state = {name: tree for name, tree in served.items() if name != "params"}
         quantized = dataclasses.replace(quantized, variables={**quantized.variables, **state})
     return quantized, result
@@ -316,8 +317,9 @@ def reestimate_batch_stats(
         jax.tree.map(lambda a: a[:1], x),
         train_fn=lambda v, inputs, rng=None: apply_fn(v, inputs, train=True, rng=rng),
     )
-    batches = (jax.tree.map(lambda a, i=i: a[i * batch_size : (i + 1) * batch_size], x)
-               for i in range(rows // batch_size))
+    batches = (
+        jax.tree.map(lambda a, i=i: a[i * batch_size : (i + 1) * batch_size], x) for i in range(rows // batch_size)
+    )
     return reestimate_model_batch_stats(model, variables, batches, rng=None)
 
 

@@ -41,7 +41,8 @@ class QuantRule:
             raise ValueError(f"QuantRule pattern {self.pattern!r} is not a valid regex: {err}") from err
         if self.spec is not None and not isinstance(self.spec, QuantSpec):
             raise TypeError(
-                f"QuantRule {self.pattern!r}: spec must be a QuantSpec or None, got {type(self.spec).__name__}")
+                f"QuantRule {self.pattern!r}: spec must be a QuantSpec or None, got {type(self.spec).__name__}"
+            )
 
     def matches(self, path: str) -> bool:
         return re.fullmatch(self.pattern, path) is not None
@@ -186,8 +187,7 @@ def quantize(variables: Mapping[str, Any], rules: Sequence[QuantRule] | None = N
 
 def dequantize_tree(variables: Any) -> Any:
     """Every ``QArray`` in ``variables`` replaced by its float array."""
-    return jax.tree.map(lambda x: x.dequantize() if is_qarray(x) else x, variables,
-                        is_leaf=is_qarray)
+    return jax.tree.map(lambda x: x.dequantize() if is_qarray(x) else x, variables, is_leaf=is_qarray)
 
 
 def tree_nbytes(variables: Any) -> int:

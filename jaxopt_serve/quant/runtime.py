@@ -87,7 +87,6 @@ COLLECTIONS = (ACT_COLLECTION, SMOOTH_COLLECTION, ASYM_COLLECTION)
 _QMAX = 127.0
 
 
-
 # ---------------------------------------------------------------------------- the math
 
 
@@ -151,7 +150,8 @@ def _mark_bits(key: str, mark: Any) -> int:
     if shape == () and dtype == jnp.int8:
         return 7
     raise ValueError(
-        f"{ASYM_COLLECTION}/{key}: a mark must be True (8 bits) or int8 7 (7 bits), got {dtype}{list(shape)}")
+        f"{ASYM_COLLECTION}/{key}: a mark must be True (8 bits) or int8 7 (7 bits), got {dtype}{list(shape)}"
+    )
 
 
 def _quantize_activations(x2: jax.Array, act_scale: jax.Array | None) -> tuple[jax.Array, jax.Array, None]:
@@ -200,7 +200,8 @@ def quantized_dot(
     in_dims = kernel.shape[:n_contract]
     if tuple(x.shape[x.ndim - n_contract :]) != tuple(in_dims):
         raise ValueError(
-            f"input shape {x.shape} does not end with the kernel's input dims {in_dims} (kernel {kernel.shape})")
+            f"input shape {x.shape} does not end with the kernel's input dims {in_dims} (kernel {kernel.shape})"
+        )
     cx, cw = tuple(range(x.ndim - n_contract, x.ndim)), tuple(range(n_contract))
     dims = ((cx, cw), ((), ()))
     mode = _resolve(mode, kernel.size)
@@ -213,8 +214,21 @@ def quantized_dot(
     if kernel.transposed and n_contract == 1:  # (out, in) as stored: XLA:CPU's fast int8 layout
         wq, sw, zw, cw, _ = _stored_transposed(kernel, sw, zw, cw, ())
         dims = ((cx, cw), ((), ()))
-    y = _integer_dot(x, wq, sw, zw, 1, dims, cx, (), cw, (), act_scale=act_scale if static else None,
-                     symmetric=act_symmetric or static, act_bits=_check_act_bits(act_bits))
+    y = _integer_dot(
+        x,
+        wq,
+        sw,
+        zw,
+        1,
+        dims,
+        cx,
+        (),
+        cw,
+        (),
+        act_scale=act_scale if static else None,
+        symmetric=act_symmetric or static,
+        act_bits=_check_act_bits(act_bits),
+    )
     return y.astype(x.dtype)
 
 
@@ -256,9 +270,16 @@ def quantized_conv(
     flat = x.reshape(x.shape[0], -1).astype(jnp.float32)
     xq, sx, _ = _quantize_activations(flat, act_scale if mode == "static" else None)
     xq = xq.reshape(x.shape)
-    acc = int8_conv(xq, kernel.int_values(), window_strides=window_strides, padding=padding, lhs_dilation=lhs_dilation,
-                    rhs_dilation=rhs_dilation, dimension_numbers=dimension_numbers,
-                    feature_group_count=feature_group_count)
+    acc = int8_conv(
+        xq,
+        kernel.int_values(),
+        window_strides=window_strides,
+        padding=padding,
+        lhs_dilation=lhs_dilation,
+        rhs_dilation=rhs_dilation,
+        dimension_numbers=dimension_numbers,
+        feature_group_count=feature_group_count,
+    )
     sx = jnp.reshape(sx, (-1,) + (1,) * (x.ndim - 1)) if sx.ndim else sx
     return (acc.astype(jnp.float32) * sx * kernel.scale.reshape(-1)).astype(x.dtype)
 
@@ -277,15 +298,22 @@ def layer_key(path: str) -> str:
         ('block/attn/query', 'w1')
     """
     if path.startswith("params/"):
-        path = path[len("params/"):]
+        path = path[len("params/") :]
     return path[: -len("/kernel")] if path.endswith("/kernel") else path
 
 
 class _Session:
     """State of one quantized forward pass: mode, per-leaf metadata, and a record of what ran how."""
 
-    def __init__(self, mode: str, act_scales: Mapping[str, Any] | None = None, *, observe: bool = False,
-                 smooth: Mapping[str, Any] | None = None, asymmetric: Mapping[str, Any] | None = None) -> None:
+    def __init__(
+        self,
+        mode: str,
+        act_scales: Mapping[str, Any] | None = None,
+        *,
+        observe: bool = False,
+        smooth: Mapping[str, Any] | None = None,
+        asymmetric: Mapping[str, Any] | None = None,
+    ) -> None:
         self.mode = mode
         self.act_scales = dict(act_scales or {})
         self.smooth = dict(smooth or {})
@@ -364,8 +392,7 @@ class _Session:
         if use_native and q.packed and only_converts and tuple(cw) == (0,) and not bw:
             # serving_layout packed this kernel for the native kernel: no repacking per call
             packed = native.Int8Weight(q.values, *q.shape, bounded=True)  # serving_layout packs only [-127, 127]
-            return _native_dot(x, packed, scale, wi, cx, q.shape[1:], act_scale, symmetric,
-                               act_bits).astype(out_dtype)
+            return _native_dot(x, packed, scale, wi, cx, q.shape[1:], act_scale, symmetric, act_bits).astype(out_dtype)
         if q.transposed and only_converts:
             # serving_layout stores 2-D int8 values as (out, in): contract them as stored (XLA:CPU's fast layout)
             wq, scale, zero, cw, bw = _stored_transposed(q, scale, zero, cw, bw)
@@ -379,10 +406,12 @@ class _Session:
             matrix = jnp.transpose(wq, [*cw, *free]).reshape(math.prod(wq.shape[a] for a in cw), -1)
             packed = native.pack_int8(matrix)  # packed in the traced program, per call
             scale = jnp.transpose(scale, [*cw, *free])
-            return _native_dot(x, packed, scale, wi, cx, tuple(wq.shape[a] for a in free), act_scale, symmetric,
-                               act_bits).astype(out_dtype)
-        y = _integer_dot(x, wq, scale, zero, wi, dims, cx, bx, cw, bw, act_scale=act_scale, symmetric=symmetric,
-                         act_bits=act_bits)
+            return _native_dot(
+                x, packed, scale, wi, cx, tuple(wq.shape[a] for a in free), act_scale, symmetric, act_bits
+            ).astype(out_dtype)
+        y = _integer_dot(
+            x, wq, scale, zero, wi, dims, cx, bx, cw, bw, act_scale=act_scale, symmetric=symmetric, act_bits=act_bits
+        )
         return y.astype(out_dtype)
 
     def _conv(self, eqn: Any, invals: list[Any]) -> jax.Array:
@@ -399,8 +428,13 @@ class _Session:
             self.observed[key] = x
         mode = "weight_only" if self.observe else _resolve_conv(self.mode, q.size, params)
         scale = None
-        if (mode != "weight_only" and q.granularity != "group" and q.bits <= 8 and q.zero_point is None
-                and params.get("batch_group_count", 1) == 1):
+        if (
+            mode != "weight_only"
+            and q.granularity != "group"
+            and q.bits <= 8
+            and q.zero_point is None
+            and params.get("batch_group_count", 1) == 1
+        ):
             scale = view_keepdims(q.scale, q.shape, t.views)
         out_feature = dn.rhs_spec[0]
         if scale is None or not keepdims_constant_along(scale, [a for a in range(scale.ndim) if a != out_feature]):
@@ -421,13 +455,27 @@ class _Session:
         # Both operands in [-127, 127] (symmetric weights never hold -128; the clip keeps that promise for a
         # hand-made array), so the native kernel may take its faster path.
         # The rescale (per-example activation scale, per-channel weight scale) is fused into the native kernel.
-        y = int8_conv(xq, jnp.maximum(wq, -127), **conv_params, bounded=True,
-                      rescale=(jnp.reshape(sx, -1), jnp.reshape(scale, -1)))
+        y = int8_conv(
+            xq,
+            jnp.maximum(wq, -127),
+            **conv_params,
+            bounded=True,
+            rescale=(jnp.reshape(sx, -1), jnp.reshape(scale, -1)),
+        )
         return y.astype(eqn.outvars[0].aval.dtype)
 
 
-def _native_dot(x: jax.Array, packed: native.Int8Weight, scale: jax.Array, wi: int, cx: Sequence[int],
-                free_dims: Sequence[int], act_scale: Any, symmetric: bool, act_bits: int = 8) -> jax.Array:
+def _native_dot(
+    x: jax.Array,
+    packed: native.Int8Weight,
+    scale: jax.Array,
+    wi: int,
+    cx: Sequence[int],
+    free_dims: Sequence[int],
+    act_scale: Any,
+    symmetric: bool,
+    act_bits: int = 8,
+) -> jax.Array:
     """The W8A8 dot on the native CPU kernel; equals ``_integer_dot``'s result.
 
     ``packed`` is the weight as a ``(K, N)`` matrix: its contracted axes
@@ -440,9 +488,14 @@ def _native_dot(x: jax.Array, packed: native.Int8Weight, scale: jax.Array, wi: i
     keep = [a for a in range(x.ndim) if a not in cx]
     rows = jnp.transpose(x, [*keep, *cx]).reshape(*(x.shape[a] for a in keep), packed.in_features)
     sw = jnp.broadcast_to(scale, scale.shape[: scale.ndim - len(free_dims)] + tuple(free_dims)).reshape(-1)
-    y = native.w8a8_matmul(rows, packed, sw,
-                           act_scale=None if act_scale is None else jnp.reshape(act_scale, ()), symmetric=symmetric,
-                           act_bits=act_bits)
+    y = native.w8a8_matmul(
+        rows,
+        packed,
+        sw,
+        act_scale=None if act_scale is None else jnp.reshape(act_scale, ()),
+        symmetric=symmetric,
+        act_bits=act_bits,
+    )
     y = y.reshape(*y.shape[:-1], *free_dims)
     if wi == 1:
         return y
@@ -456,13 +509,16 @@ def _stored_transposed(q: QArray, scale: Any, zero: Any, cw: Sequence[int], bw: 
     return q.values, jnp.transpose(scale), None if zero is None else jnp.transpose(zero), *swap
 
 
-def _factors_for(s: Any, original: tuple[int, ...] | None, cx: Sequence[int], cw: Sequence[int], x_ndim: int,
-                 path: str) -> jax.Array:
+def _factors_for(
+    s: Any, original: tuple[int, ...] | None, cx: Sequence[int], cw: Sequence[int], x_ndim: int, path: str
+) -> jax.Array:
     """SmoothQuant factors (shaped like the kernel's leading input axes) laid along the input's contracted axes."""
     s = jnp.asarray(s, jnp.float32)
     if original is None or sorted(original) != list(range(s.ndim)):
-        raise ValueError(f"{path}: smoothing factors of shape {tuple(s.shape)} need the kernel's leading axes "
-                         f"contracted directly; this operation contracts {original}")
+        raise ValueError(
+            f"{path}: smoothing factors of shape {tuple(s.shape)} need the kernel's leading axes "
+            f"contracted directly; this operation contracts {original}"
+        )
     order = sorted(range(len(cx)), key=lambda i: cx[i])  # contracted axes in the input's order
     s = jnp.transpose(s, [original[i] for i in order])
     shape = [1] * x_ndim
@@ -548,8 +604,11 @@ def int8_dot_general(lhs: jax.Array, rhs: jax.Array, dims: Any) -> jax.Array:
 
 def quantized_leaves(variables: Any) -> dict[str, QArray]:
     """``{leaf path: QArray}`` of a variables tree (paths like ``"params/dense_0/kernel"``)."""
-    return {path_of(p): leaf for p, leaf in jax.tree_util.tree_leaves_with_path(variables, is_leaf=is_qarray)
-            if is_qarray(leaf)}
+    return {
+        path_of(p): leaf
+        for p, leaf in jax.tree_util.tree_leaves_with_path(variables, is_leaf=is_qarray)
+        if is_qarray(leaf)
+    }
 
 
 def _run(model: Model, variables: Variables, inputs: tuple[Any, ...], session: _Session) -> Any:
@@ -581,8 +640,12 @@ def _run(model: Model, variables: Variables, inputs: tuple[Any, ...], session: _
 
 
 def _session(mode: str, variables: Variables) -> _Session:
-    return _Session(mode, variables.get(ACT_COLLECTION), smooth=variables.get(SMOOTH_COLLECTION),
-                    asymmetric=variables.get(ASYM_COLLECTION))
+    return _Session(
+        mode,
+        variables.get(ACT_COLLECTION),
+        smooth=variables.get(SMOOTH_COLLECTION),
+        asymmetric=variables.get(ASYM_COLLECTION),
+    )
 
 
 def _check_mode(mode: str) -> None:
@@ -633,7 +696,12 @@ def quantized_predict_fn(model: Model | ModelConfig, *, mode: Mode = "auto") -> 
 
 
 def quantized_apply(
-    config: ModelConfig, variables: Variables, x: jax.Array, *, mode: Mode = "auto", method: str | None = None,
+    config: ModelConfig,
+    variables: Variables,
+    x: jax.Array,
+    *,
+    mode: Mode = "auto",
+    method: str | None = None,
     **kwargs: Any,
 ) -> jax.Array:
     """Like ``quantized_predict_fn`` for any method of a reference Linen model, with extra keyword arguments.
@@ -660,8 +728,9 @@ def _method_model(config: ModelConfig, method: str | None, kwargs: Mapping[str, 
     return Model(apply, None, {}, (np.zeros((1,), np.float32),), "config", config.name, config)
 
 
-def execution_report(model: Model | ModelConfig, variables: Variables, *inputs: Any,
-                     mode: Mode = "auto") -> dict[str, list[tuple[str, str]]]:
+def execution_report(
+    model: Model | ModelConfig, variables: Variables, *inputs: Any, mode: Mode = "auto"
+) -> dict[str, list[tuple[str, str]]]:
     """How each quantized leaf was computed: ``{leaf path: [(operation, "int8" | "dequantized"), ...]}``.
 
     Traced, not run. ``"int8"`` is an integer dot or convolution on the stored
@@ -739,12 +808,21 @@ def serving_layout(variables: Any) -> Any:
             if packed.bounded:  # symmetric quantization never makes -128; a hand-made array might
                 return dataclasses.replace(leaf, values=packed.panels, packed=True)
         if leaf.bits == 8 and leaf.ndim == 2:
-            return QArray(jnp.asarray(leaf.values).T.copy(), leaf.scale, leaf.zero_point, leaf.qtype, leaf.shape,
-                          leaf.dtype, leaf.granularity, leaf.axis, leaf.group_size, transposed=True)
+            return QArray(
+                jnp.asarray(leaf.values).T.copy(),
+                leaf.scale,
+                leaf.zero_point,
+                leaf.qtype,
+                leaf.shape,
+                leaf.dtype,
+                leaf.granularity,
+                leaf.axis,
+                leaf.group_size,
+                transposed=True,
+            )
         return leaf
 
     return jax.tree.map(convert, variables, is_leaf=is_qarray)
-
 
 
 def mark_asymmetric(variables: Variables, pattern: str, *, bits: int = 8) -> Variables:

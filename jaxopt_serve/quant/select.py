@@ -96,8 +96,14 @@ def _ends(model: Model, paths: list[str], uses: dict[str, list[Use]]) -> tuple[s
 Ends = QuantSpec | None | Literal["same"]
 
 
-def model_rules(model: Model, spec: QuantSpec | None = None, *, first: Ends = "same", last: Ends = "same",
-                variables: Any | None = None) -> list[QuantRule]:
+def model_rules(
+    model: Model,
+    spec: QuantSpec | None = None,
+    *,
+    first: Ends = "same",
+    last: Ends = "same",
+    variables: Any | None = None,
+) -> list[QuantRule]:
     """Quantization rules for every weight of ``model``, one rule per leaf.
 
     Args:
@@ -191,8 +197,12 @@ def weight_axes(model: Model, variables: Any | None = None) -> dict[str, WeightA
             (lc, rc), (lb, rb) = use.params["dimension_numbers"]
             contract, batch = (rc, rb) if use.operand == 1 else (lc, lb)
             free = [a for a in range(len(axes)) if a not in contract and a not in batch]
-            out[path] = WeightAxes(tuple(axes[c] for c in contract), axes[free[-1]] if free else None,
-                                   use.primitive, tuple(axes[f] for f in free))
+            out[path] = WeightAxes(
+                tuple(axes[c] for c in contract),
+                axes[free[-1]] if free else None,
+                use.primitive,
+                tuple(axes[f] for f in free),
+            )
         else:
             spec = use.params["dimension_numbers"].rhs_spec
             out[path] = WeightAxes(tuple(axes[a] for a in spec[1:]), axes[spec[0]], use.primitive, (axes[spec[0]],))

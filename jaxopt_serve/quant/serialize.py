@@ -145,12 +145,19 @@ def quantized_artifact(
     qvariables = jax.tree.map(lambda x: x.canonical() if is_qarray(x) else x, dict(qvariables), is_leaf=is_qarray)
     check_qvariables(config if config is not None else model, qvariables, input_shape)
     qvariables = dict(qvariables)
-    return Artifact(config, qvariables, input_shape, dict(metadata or {}), LAYOUT,
-                    model=model.with_variables(qvariables) if model is not None else None)
+    return Artifact(
+        config,
+        qvariables,
+        input_shape,
+        dict(metadata or {}),
+        LAYOUT,
+        model=model.with_variables(qvariables) if model is not None else None,
+    )
 
 
-def check_qvariables(config: ModelConfig | Model, qvariables: Mapping[str, Any],
-                     input_shape: tuple[int, ...] | None = None) -> None:
+def check_qvariables(
+    config: ModelConfig | Model, qvariables: Mapping[str, Any], input_shape: tuple[int, ...] | None = None
+) -> None:
     """Check that (quantized) variables fit ``config``'s model built for ``input_shape``, or a ``Model``.
 
     With a ``Model`` in place of the config, the variables are compared with the
@@ -184,8 +191,9 @@ def check_qvariables(config: ModelConfig | Model, qvariables: Mapping[str, Any],
         if value.dtype != np.float32 or not np.all(np.isfinite(value) & (value > 0)):
             raise ArtifactError(f"smoothing factors {SMOOTH_COLLECTION}/{layer} must be positive finite float32")
         if kernel is None or tuple(np.shape(kernel))[: value.ndim] != value.shape:
-            raise ArtifactError(f"smoothing factors {SMOOTH_COLLECTION}/{layer} of shape {value.shape} fit no "
-                                f"kernel's input dimensions")
+            raise ArtifactError(
+                f"smoothing factors {SMOOTH_COLLECTION}/{layer} of shape {value.shape} fit no kernel's input dimensions"
+            )
     for layer, mark in _collection(qvariables, ASYM_COLLECTION, "True"):
         value = np.asarray(mark)
         try:  # the runtime's reading of a mark (its dtype), then the one value that dtype may hold
@@ -193,8 +201,10 @@ def check_qvariables(config: ModelConfig | Model, qvariables: Mapping[str, Any],
         except ValueError:
             valid = False
         if not valid:
-            raise ArtifactError(f"asymmetric-activation mark {ASYM_COLLECTION}/{layer} must be a boolean True "
-                                f"(8 bits) or int8 7 (7 bits), got {value.dtype}{list(value.shape)}")
+            raise ArtifactError(
+                f"asymmetric-activation mark {ASYM_COLLECTION}/{layer} must be a boolean True "
+                f"(8 bits) or int8 7 (7 bits), got {value.dtype}{list(value.shape)}"
+            )
         if not isinstance(_kernel_of(have, layer), QArray):
             raise ArtifactError(f"asymmetric-activation mark {ASYM_COLLECTION}/{layer} names no quantized kernel")
 
@@ -253,7 +263,8 @@ def _decode(tree: Any, path: tuple[str, ...]) -> Any:
         if QARRAY_KEY in tree:
             if len(tree) != 1:
                 raise ArtifactError(
-                    f"quantized variable {_name(path)}: unexpected keys {sorted(set(tree) - {QARRAY_KEY})}")
+                    f"quantized variable {_name(path)}: unexpected keys {sorted(set(tree) - {QARRAY_KEY})}"
+                )
             return _decode_qarray(tree[QARRAY_KEY], _name(path))
         return {str(k): _decode(v, (*path, str(k))) for k, v in tree.items()}
     return tree
@@ -268,7 +279,8 @@ def _decode_qarray(entry: Any, name: str) -> QArray:
         raise ArtifactError(f"{where}: expected keys values, scale, meta (and zero_point), got {sorted(keys)}")
     meta = _parse_meta(entry["meta"], where)
     qtype, shape, granularity, axis, group_size = (
-        meta[k] for k in ("qtype", "shape", "granularity", "axis", "group_size"))
+        meta[k] for k in ("qtype", "shape", "granularity", "axis", "group_size")
+    )
     values, scale = np.asarray(entry["values"]), np.asarray(entry["scale"])
     zero_point = np.asarray(entry["zero_point"]) if "zero_point" in entry else None
     size = math.prod(shape)
@@ -298,7 +310,8 @@ def _parse_meta(raw: Any, where: str) -> dict[str, Any]:
     array = np.asarray(raw)
     if array.dtype != np.uint8 or array.ndim != 1:
         raise ArtifactError(
-            f"{where}: metadata must be a uint8 array of JSON bytes, got {array.dtype}{list(array.shape)}")
+            f"{where}: metadata must be a uint8 array of JSON bytes, got {array.dtype}{list(array.shape)}"
+        )
     try:
         meta = json.loads(array.tobytes().decode("utf-8"))
     except (UnicodeDecodeError, ValueError) as err:
@@ -322,8 +335,13 @@ def _parse_meta(raw: Any, where: str) -> dict[str, Any]:
     elif granularity == "channel":
         ok = _is_int(axis) and 0 <= axis < ndim and group_size is None
     elif granularity == "group":
-        ok = (_is_int(axis) and 0 <= axis < ndim and _is_int(group_size) and group_size > 0
-              and shape[axis] % group_size == 0)
+        ok = (
+            _is_int(axis)
+            and 0 <= axis < ndim
+            and _is_int(group_size)
+            and group_size > 0
+            and shape[axis] % group_size == 0
+        )
     else:
         ok = False
     if not ok:
@@ -349,10 +367,8 @@ def _is_int(x: Any) -> bool:
     return isinstance(x, int) and not isinstance(x, bool)
 
 
-
 def _name(path: tuple[str, ...]) -> str:
     return "/".join(path)
-
 
 
 register_layout(LAYOUT, _decode_layout, lambda variables, metadata: encode_qtree(variables))

@@ -133,8 +133,14 @@ def smooth_quantize(
         else:
             rule = first_match("params/" + "/".join(parts), rules)
             spec = rules[rule].spec if rule is not None and rules[rule].spec is not None else QuantSpec()
-            best, _ = search_alpha(np.concatenate(rows[key]), kernel, spec, grid, act_symmetric=key not in marks,
-                                   act_bits=_mark_bits(key, marks[key]) if key in marks else 8)
+            best, _ = search_alpha(
+                np.concatenate(rows[key]),
+                kernel,
+                spec,
+                grid,
+                act_symmetric=key not in marks,
+                act_bits=_mark_bits(key, marks[key]) if key in marks else 8,
+            )
         w_absmax = np.abs(kernel.reshape(*kernel.shape[:n], -1)).max(axis=-1)
         s = smooth_factors(peak, w_absmax, best)
         set_leaf(params, parts, jnp.asarray(kernel * _broadcast(s, kernel.ndim)))
@@ -144,8 +150,9 @@ def smooth_quantize(
     return {**result, ASYM_COLLECTION: marks} if marks else result
 
 
-def dense_inputs(observed: dict[str, np.ndarray], contracted: dict[str, Any], params: Any
-                 ) -> Iterator[tuple[str, np.ndarray, np.ndarray, int]]:
+def dense_inputs(
+    observed: dict[str, np.ndarray], contracted: dict[str, Any], params: Any
+) -> Iterator[tuple[str, np.ndarray, np.ndarray, int]]:
     """``(layer key, input, float kernel, n)`` for each observed dot that contracts the kernel's ``n`` leading axes.
 
     Convolutions and kernels contracted on other axes (e.g. ``x @ w.T``) are left out.
@@ -156,7 +163,7 @@ def dense_inputs(observed: dict[str, np.ndarray], contracted: dict[str, Any], pa
             continue
         kernel = np.asarray(get_leaf(params, leaf_parts(params, key)), np.float32)
         n = len(axes)
-        if kernel.ndim <= n or tuple(x.shape[x.ndim - n:]) != tuple(kernel.shape[:n]):
+        if kernel.ndim <= n or tuple(x.shape[x.ndim - n :]) != tuple(kernel.shape[:n]):
             continue
         yield key, x, kernel, n
 
@@ -184,7 +191,12 @@ def set_leaf(tree: dict, parts: Sequence[str], value: Any) -> None:
 
 
 def search_alpha(
-    x: np.ndarray, kernel: np.ndarray, spec: QuantSpec, grid: Sequence[float], *, act_symmetric: bool = True,
+    x: np.ndarray,
+    kernel: np.ndarray,
+    spec: QuantSpec,
+    grid: Sequence[float],
+    *,
+    act_symmetric: bool = True,
     act_bits: int = 8,
 ) -> tuple[float, list[float]]:
     """The ``alpha`` in ``grid`` whose smoothed W8A8 output of ``x @ kernel`` has the least mean squared error.
@@ -211,8 +223,9 @@ def search_alpha(
     for a in grid:
         s = smooth_factors(*absmax, a)
         q = quantize_array(jnp.asarray(kernel * _broadcast(s, kernel.ndim)), spec)
-        y = quantized_dot(jnp.asarray(x / s), q, n_contract=n, mode="dynamic", act_symmetric=act_symmetric,
-                          act_bits=act_bits)
+        y = quantized_dot(
+            jnp.asarray(x / s), q, n_contract=n, mode="dynamic", act_symmetric=act_symmetric, act_bits=act_bits
+        )
         errors.append(float(np.mean((np.asarray(y).reshape(exact.shape) - exact) ** 2)))
     return float(grid[int(np.argmin(errors))]), errors
 
@@ -240,5 +253,11 @@ def contracted_dims(x_shape: tuple[int, ...], kernel_shape: tuple[int, ...]) -> 
         >>> contracted_dims((8, 5, 12, 32), (12, 32, 384)), contracted_dims((8, 7), (3, 3, 7, 16))
         (2, 0)
     """
-    return next((k for k in range(min(len(x_shape), len(kernel_shape) - 1), 0, -1)
-                 if tuple(x_shape[-k:]) == tuple(kernel_shape[:k])), 0)
+    return next(
+        (
+            k
+            for k in range(min(len(x_shape), len(kernel_shape) - 1), 0, -1)
+            if tuple(x_shape[-k:]) == tuple(kernel_shape[:k])
+        ),
+        0,
+    )

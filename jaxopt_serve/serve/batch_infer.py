@@ -103,8 +103,10 @@ def open_input(path: str | os.PathLike[str], key: str | None = None) -> np.ndarr
             raise ValueError(f"{path.name} has no array {key!r}; it holds {names}")
         info = archive.getinfo(f"{key}.npy")
         if info.compress_type != zipfile.ZIP_STORED:
-            raise ValueError(f"{path.name}: array {key!r} is compressed and cannot be memory-mapped; "
-                             f"save it with np.savez (not savez_compressed) or as .npy")
+            raise ValueError(
+                f"{path.name}: array {key!r} is compressed and cannot be memory-mapped; "
+                f"save it with np.savez (not savez_compressed) or as .npy"
+            )
     where = f"{path.name}: array {key!r}"
     with open(path, "rb") as f:
         f.seek(info.header_offset)
@@ -149,12 +151,15 @@ def _npy_header(f: Any, where: str) -> tuple[tuple[int, ...], bool, np.dtype, in
     return shape, fortran, dtype, f.tell()
 
 
-def _map(path: Path, shape: tuple[int, ...], fortran: bool, dtype: np.dtype, offset: int, end: int,
-         where: str) -> np.ndarray:
+def _map(
+    path: Path, shape: tuple[int, ...], fortran: bool, dtype: np.dtype, offset: int, end: int, where: str
+) -> np.ndarray:
     need = offset + math.prod(shape) * dtype.itemsize
     if need > end:
-        raise ValueError(f"{where} is truncated: shape {tuple(shape)} of {dtype} needs {need - offset:,} bytes of "
-                         f"data, the file holds {max(end - offset, 0):,}")
+        raise ValueError(
+            f"{where} is truncated: shape {tuple(shape)} of {dtype} needs {need - offset:,} bytes of "
+            f"data, the file holds {max(end - offset, 0):,}"
+        )
     if math.prod(shape) == 0:
         return np.zeros(shape, dtype)
     return np.memmap(path, dtype=dtype, mode="r", offset=offset, shape=shape, order="F" if fortran else "C")
@@ -191,8 +196,9 @@ def dict_input_keys(predict: Any) -> list[str] | None:
     return sorted(example[0])
 
 
-def open_inputs(path: str | os.PathLike[str], key: str | Sequence[str] | None = None, *,
-                predict: Any = None) -> np.ndarray | dict[str, np.ndarray]:
+def open_inputs(
+    path: str | os.PathLike[str], key: str | Sequence[str] | None = None, *, predict: Any = None
+) -> np.ndarray | dict[str, np.ndarray]:
     """The input of a batch-inference job, memory-mapped: one array, or a dict of ``.npz`` members.
 
     ``key`` selects one member (an array input) or several (a dict input with
@@ -229,8 +235,9 @@ def _slice(x: Any, lo: int, hi: int) -> Any:
     return {k: np.asarray(a[lo:hi]) for k, a in x.items()}
 
 
-def check_paths(input_path: str | os.PathLike[str], output_path: str | os.PathLike[str], *,
-                key: str | Sequence[str] | None = None) -> None:
+def check_paths(
+    input_path: str | os.PathLike[str], output_path: str | os.PathLike[str], *, key: str | Sequence[str] | None = None
+) -> None:
     """Check the input and output paths of a batch-inference job before any work (``ValueError`` naming the path).
 
     The input must be a regular ``.npy`` with a valid header and all its data
@@ -319,13 +326,17 @@ def run_batch_inference(
     state_path = output_path.with_name(output_path.name + ".state.json")
     records_path = output_path.with_name(output_path.name + ".state.chunks")
     total = -(-rows // chunk_size)
-    job: dict[str, Any] = {"artifact_sha256": _digest(Path(artifact_path)), "input": str(Path(input_path).resolve()),
-                           "key": key if key is None or isinstance(key, str) else list(key)}
+    job: dict[str, Any] = {
+        "artifact_sha256": _digest(Path(artifact_path)),
+        "input": str(Path(input_path).resolve()),
+        "key": key if key is None or isinstance(key, str) else list(key),
+    }
     if isinstance(x, np.ndarray):
         job.update(input_shape=list(x.shape), input_dtype=str(x.dtype))
     else:
-        job.update(input_shape={k: list(a.shape) for k, a in x.items()},
-                   input_dtype={k: str(a.dtype) for k, a in x.items()})
+        job.update(
+            input_shape={k: list(a.shape) for k, a in x.items()}, input_dtype={k: str(a.dtype) for k, a in x.items()}
+        )
     job["chunk_size"] = chunk_size
     where = f" of {Path(input_path).name}"
 
@@ -338,13 +349,14 @@ def run_batch_inference(
         bad = nonfinite_rows(batch)
         if bad is not None:
             if nan_policy == "error":
-                raise ValueError(f"{nonfinite_error(bad, offset=lo, where=where)}; pass --nonfinite propagate "
-                                 f"(nan_policy='propagate') to write NaN outputs for them"
-                                 f"{f' ({index} chunks done are kept for a resume)' if index else ''}")
+                raise ValueError(
+                    f"{nonfinite_error(bad, offset=lo, where=where)}; pass --nonfinite propagate "
+                    f"(nan_policy='propagate') to write NaN outputs for them"
+                    f"{f' ({index} chunks done are kept for a resume)' if index else ''}"
+                )
             batch = replace_rows(batch, bad)
         out = predict(batch)
-        return (out if bad is None else mark_rows(out, bad)), _chunk_digest(batch if bad is None else
-                                                                            _slice(x, lo, hi))
+        return (out if bad is None else mark_rows(out, bad)), _chunk_digest(batch if bad is None else _slice(x, lo, hi))
 
     notes: list[str] = []
     sink, done, records = None, 0, _Records(records_path)
@@ -375,8 +387,10 @@ def run_batch_inference(
                 out, in_digest = compute(index)
                 sink.write(lo, out)
                 records.put(index, in_digest + sink.digest(lo, hi))
-                atomic_write(state_path, json.dumps(sink.state({"version": STATE_VERSION, "job": job,
-                                                                "done": index + 1})).encode())
+                atomic_write(
+                    state_path,
+                    json.dumps(sink.state({"version": STATE_VERSION, "job": job, "done": index + 1})).encode(),
+                )
                 rows_this_run += hi - lo
                 advance(index + 1)
                 if on_chunk is not None:
@@ -387,8 +401,14 @@ def run_batch_inference(
     state_path.unlink()
     records_path.unlink(missing_ok=True)
     seconds = time.perf_counter() - start
-    return {"rows": int(rows), "chunks": total, "resumed_at_chunk": resumed_at, "seconds": seconds,
-            "rows_per_second": rows_this_run / seconds if seconds > 0 else float("nan"), "notes": notes}
+    return {
+        "rows": int(rows),
+        "chunks": total,
+        "resumed_at_chunk": resumed_at,
+        "seconds": seconds,
+        "rows_per_second": rows_this_run / seconds if seconds > 0 else float("nan"),
+        "notes": notes,
+    }
 
 
 # -- resume state ----------------------------------------------------------------------------------
@@ -399,7 +419,7 @@ DIGEST_BYTES = 16  # BLAKE2b-128 of a chunk's input rows, then of its output row
 
 def _chunk_digest(arrays: Any) -> bytes:
     h = hashlib.blake2b(digest_size=DIGEST_BYTES)
-    for leaf in (arrays if isinstance(arrays, list) else jax.tree.leaves(arrays)):
+    for leaf in arrays if isinstance(arrays, list) else jax.tree.leaves(arrays):
         h.update(memoryview(np.ascontiguousarray(leaf)).cast("B"))
     return h.digest()
 
@@ -473,9 +493,17 @@ def _read_state(state_path: Path, partial: Path, total: int) -> dict[str, Any]:
     if not isinstance(done, int) or isinstance(done, bool) or not 1 <= done <= total:
         raise bad(f"'done' is {done!r}, expected a chunk count from 1 to {total}")
     leaves = state.get("leaves")
-    if (not isinstance(leaves, list) or not leaves or not all(
-            isinstance(s, dict) and isinstance(s.get("shape"), list) and isinstance(s.get("dtype"), str)
-            and all(isinstance(d, int) and d >= 0 for d in s["shape"]) for s in leaves)):
+    if (
+        not isinstance(leaves, list)
+        or not leaves
+        or not all(
+            isinstance(s, dict)
+            and isinstance(s.get("shape"), list)
+            and isinstance(s.get("dtype"), str)
+            and all(isinstance(d, int) and d >= 0 for d in s["shape"])
+            for s in leaves
+        )
+    ):
         raise bad("no valid record of the output arrays")
     names = state.get("outputs")
     if names is not None and (not isinstance(names, list) or len(names) != len(leaves)):
@@ -491,14 +519,32 @@ def _check_job(state: dict[str, Any], job: dict[str, Any], state_path: Path, par
     old = state["job"]
     differ = [k for k in job if old.get(k) != job[k]] + [k for k in old if k not in job]
     if differ:
-        names = {"artifact_sha256": "model", "input": "input path", "key": "key", "input_shape": "input shape",
-                 "input_dtype": "input dtype", "chunk_size": "chunk size"}
-        raise ValueError(f"{state_path} belongs to another job (different {', '.join(names.get(k, k) for k in differ)}"
-                         f"); delete it and {partial.name} to start over")
+        names = {
+            "artifact_sha256": "model",
+            "input": "input path",
+            "key": "key",
+            "input_shape": "input shape",
+            "input_dtype": "input dtype",
+            "chunk_size": "chunk size",
+        }
+        raise ValueError(
+            f"{state_path} belongs to another job (different {', '.join(names.get(k, k) for k in differ)}"
+            f"); delete it and {partial.name} to start over"
+        )
 
 
-def _resume(state: dict[str, Any], x: Any, rows: int, bounds: Callable[[int], tuple[int, int]], records: _Records,
-            partial: Path, notes: list[str], nan_policy: str, where: str, state_path: Path) -> tuple[Any, int]:
+def _resume(
+    state: dict[str, Any],
+    x: Any,
+    rows: int,
+    bounds: Callable[[int], tuple[int, int]],
+    records: _Records,
+    partial: Path,
+    notes: list[str],
+    nan_policy: str,
+    where: str,
+    state_path: Path,
+) -> tuple[Any, int]:
     """``(sink, first chunk to compute)`` after verifying the committed chunks; ``(None, 0)``: start over.
 
     Every committed chunk's input rows are hashed again and compared with
@@ -514,13 +560,17 @@ def _resume(state: dict[str, Any], x: Any, rows: int, bounds: Callable[[int], tu
         lo, hi = bounds(index)
         batch = _slice(x, lo, hi)
         if _chunk_digest(batch) != record[:DIGEST_BYTES]:
-            raise ValueError(f"the input changed since the interrupted run: rows {lo}-{hi - 1}{where} differ from "
-                             f"those the partial output was computed from (or its chunk records were modified); "
-                             f"delete {state_path} and {partial.name} to start over")
+            raise ValueError(
+                f"the input changed since the interrupted run: rows {lo}-{hi - 1}{where} differ from "
+                f"those the partial output was computed from (or its chunk records were modified); "
+                f"delete {state_path} and {partial.name} to start over"
+            )
         bad = nonfinite_rows(batch) if nan_policy == "error" else None
         if bad is not None:
-            raise ValueError(f"{nonfinite_error(bad, offset=lo, where=where)} (computed by an earlier run with "
-                             f"--nonfinite propagate); pass --nonfinite propagate to resume it")
+            raise ValueError(
+                f"{nonfinite_error(bad, offset=lo, where=where)} (computed by an earlier run with "
+                f"--nonfinite propagate); pass --nonfinite propagate to resume it"
+            )
     if verified < done:
         notes.append(f"the record of chunk {verified} is missing: recomputing from chunk {verified}")
     sink = _Sink.reopen(partial, state.get("outputs"), state["leaves"], rows)
@@ -529,8 +579,10 @@ def _resume(state: dict[str, Any], x: Any, rows: int, bounds: Callable[[int], tu
         return None, 0
     for index, record in enumerate(saved):
         if sink.digest(*bounds(index)) != record[DIGEST_BYTES:]:
-            notes.append(f"{partial.name}: chunk {index} does not match its checksum (truncated or modified): "
-                         f"recomputing from chunk {index}")
+            notes.append(
+                f"{partial.name}: chunk {index} does not match its checksum (truncated or modified): "
+                f"recomputing from chunk {index}"
+            )
             verified = index
             break
     if verified == 0:
@@ -555,17 +607,22 @@ class _Sink:
                 raise ValueError(f"output {name} has no batch axis (shape ()); every output leaf needs one")
         if single and output_path.suffix != ".npz":
             _remove(partial)
-            out = np.lib.format.open_memmap(partial, mode="w+", dtype=leaves[0].dtype,
-                                            shape=(rows, *leaves[0].shape[1:]))
+            out = np.lib.format.open_memmap(
+                partial, mode="w+", dtype=leaves[0].dtype, shape=(rows, *leaves[0].shape[1:])
+            )
             return cls(partial, None, [out])
         if output_path.suffix != ".npz":
             names = slash_names(first)
-            raise ValueError(f"the model returns {len(leaves)} output arrays {names}; write them to an .npz output "
-                             f"(one array per output), not {output_path.name}")
+            raise ValueError(
+                f"the model returns {len(leaves)} output arrays {names}; write them to an .npz output "
+                f"(one array per output), not {output_path.name}"
+            )
         _remove(partial)
         partial.mkdir(parents=True)
-        arrays = [np.lib.format.open_memmap(partial / f"{i}.npy", mode="w+", dtype=leaf.dtype,
-                                            shape=(rows, *leaf.shape[1:])) for i, leaf in enumerate(leaves)]
+        arrays = [
+            np.lib.format.open_memmap(partial / f"{i}.npy", mode="w+", dtype=leaf.dtype, shape=(rows, *leaf.shape[1:]))
+            for i, leaf in enumerate(leaves)
+        ]
         return cls(partial, slash_names(first), arrays)
 
     @classmethod
@@ -663,8 +720,9 @@ class _bar:
         if self.enabled:
             from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-            self.progress = Progress(TextColumn("[bold]infer chunks"), BarColumn(), MofNCompleteColumn(),
-                                     TimeRemainingColumn())
+            self.progress = Progress(
+                TextColumn("[bold]infer chunks"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn()
+            )
             self.progress.start()
             self.task = self.progress.add_task("infer", total=self.total, completed=self.completed)
         return self.advance

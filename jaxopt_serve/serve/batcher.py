@@ -57,8 +57,14 @@ class Closed(RuntimeError):
 class _Request:
     __slots__ = ("x", "rows", "length", "future", "arrived", "deadline", "loop")
 
-    def __init__(self, x: Any, rows: int, length: int | None, deadline: float | None,
-                 loop: asyncio.AbstractEventLoop | None = None) -> None:
+    def __init__(
+        self,
+        x: Any,
+        rows: int,
+        length: int | None,
+        deadline: float | None,
+        loop: asyncio.AbstractEventLoop | None = None,
+    ) -> None:
         self.x = x  # a checked request: an array or a pytree of arrays, rows on axis 0 of every leaf
         self.rows = rows
         self.length = length  # its sequence length, for an engine with length buckets
@@ -245,8 +251,9 @@ class DynamicBatcher:
                     for request in live:
                         settled.append((request, self._own(out, offset, request), None))
                         offset += request.rows
-                        self.metrics.record_request(latency_ms=(done - request.arrived) * 1e3,
-                                                    queue_ms=(start - request.arrived) * 1e3)
+                        self.metrics.record_request(
+                            latency_ms=(done - request.arrived) * 1e3, queue_ms=(start - request.arrived) * 1e3
+                        )
             _settle(settled)
 
     def _combine(self, live: list[_Request]) -> Any:

@@ -38,8 +38,12 @@ def closed_loop_async(batcher: Any, x: np.ndarray, clients: int, seconds: float)
         await asyncio.gather(*(client() for _ in range(clients)))
         elapsed = time.perf_counter() - begin
         ms = np.asarray(latencies) * 1e3
-        return {"requests/s": len(ms) / elapsed, "p50 ms": float(np.percentile(ms, 50)),
-                "p99 ms": float(np.percentile(ms, 99)), "requests": int(len(ms))}
+        return {
+            "requests/s": len(ms) / elapsed,
+            "p50 ms": float(np.percentile(ms, 50)),
+            "p99 ms": float(np.percentile(ms, 99)),
+            "requests": int(len(ms)),
+        }
 
     try:
         asyncio.get_running_loop()
@@ -110,9 +114,15 @@ def http_closed_loop(
         await asyncio.gather(*(client() for _ in range(clients)))
         elapsed = time.perf_counter() - begin
         ms = np.asarray(latencies) * 1e3 if latencies else np.zeros(1)
-        return {"requests/s": len(latencies) / elapsed, "p50 ms": float(np.percentile(ms, 50)),
-                "p99 ms": float(np.percentile(ms, 99)), "sent": counts["sent"], "answered": sum(statuses.values()),
-                "lost": counts["lost"], "status": dict(sorted(statuses.items()))}
+        return {
+            "requests/s": len(latencies) / elapsed,
+            "p50 ms": float(np.percentile(ms, 50)),
+            "p99 ms": float(np.percentile(ms, 99)),
+            "sent": counts["sent"],
+            "answered": sum(statuses.values()),
+            "lost": counts["lost"],
+            "status": dict(sorted(statuses.items())),
+        }
 
     try:
         import uvloop

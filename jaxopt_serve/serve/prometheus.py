@@ -25,8 +25,24 @@ from typing import Any
 from jaxopt_serve.extras import require
 
 # seconds: 100 us .. 10 s, fixed so that rates and quantiles can be computed across scrapes and restarts
-LATENCY_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
-                   2.5, 5.0, 10.0)
+LATENCY_BUCKETS = (
+    0.0001,
+    0.00025,
+    0.0005,
+    0.001,
+    0.0025,
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+    2.5,
+    5.0,
+    10.0,
+)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
 ERROR_REASONS = ("invalid", "too_large", "read_timeout", "deadline", "overloaded", "draining", "model_error")
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
@@ -43,22 +59,35 @@ class ServerMetrics:
         prom = _client()
         self.registry = prom.CollectorRegistry()
         r = self.registry
-        self.requests = prom.Counter("jaxopt_serve_requests", "HTTP requests by route and status code.",
-                                     ["model", "route", "status"], registry=r)
-        self.errors = prom.Counter("jaxopt_serve_request_errors", "Failed inference requests by reason.",
-                                   ["model", "reason"], registry=r)
-        self.latency = prom.Histogram("jaxopt_serve_request_duration_seconds",
-                                      "Inference request latency, from reading the body to the response.",
-                                      ["model"], buckets=LATENCY_BUCKETS, registry=r)
-        self.queue_wait = prom.Histogram("jaxopt_serve_queue_wait_seconds",
-                                         "Time a request waited in the batcher's queue.", ["model"],
-                                         buckets=LATENCY_BUCKETS, registry=r)
-        self.batch_duration = prom.Histogram("jaxopt_serve_batch_duration_seconds", "One engine call.", ["model"],
-                                             buckets=LATENCY_BUCKETS, registry=r)
-        self.batch_size = prom.Histogram("jaxopt_serve_batch_size", "Rows per engine call.", ["model"],
-                                         buckets=BATCH_BUCKETS, registry=r)
-        self.in_flight = prom.Gauge("jaxopt_serve_in_flight_requests", "Inference requests being served.",
-                                    ["model"], registry=r)
+        self.requests = prom.Counter(
+            "jaxopt_serve_requests", "HTTP requests by route and status code.", ["model", "route", "status"], registry=r
+        )
+        self.errors = prom.Counter(
+            "jaxopt_serve_request_errors", "Failed inference requests by reason.", ["model", "reason"], registry=r
+        )
+        self.latency = prom.Histogram(
+            "jaxopt_serve_request_duration_seconds",
+            "Inference request latency, from reading the body to the response.",
+            ["model"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.queue_wait = prom.Histogram(
+            "jaxopt_serve_queue_wait_seconds",
+            "Time a request waited in the batcher's queue.",
+            ["model"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.batch_duration = prom.Histogram(
+            "jaxopt_serve_batch_duration_seconds", "One engine call.", ["model"], buckets=LATENCY_BUCKETS, registry=r
+        )
+        self.batch_size = prom.Histogram(
+            "jaxopt_serve_batch_size", "Rows per engine call.", ["model"], buckets=BATCH_BUCKETS, registry=r
+        )
+        self.in_flight = prom.Gauge(
+            "jaxopt_serve_in_flight_requests", "Inference requests being served.", ["model"], registry=r
+        )
         r.register(_BatcherCollector(batchers))
         for name, batcher in batchers.items():
             for reason in ERROR_REASONS:  # every series exists from the start: rate() needs a first sample
@@ -97,12 +126,15 @@ class _BatcherCollector:
     def collect(self) -> Any:
         from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
-        outcomes = CounterMetricFamily("jaxopt_serve_batcher_requests", "The batcher's requests by outcome.",
-                                       labels=["model", "outcome"])
-        depth = GaugeMetricFamily("jaxopt_serve_queue_depth", "Requests waiting in the batcher's queue.",
-                                  labels=["model"])
-        compiles = CounterMetricFamily("jaxopt_serve_compiles", "Executables compiled by the model's engine.",
-                                       labels=["model"])
+        outcomes = CounterMetricFamily(
+            "jaxopt_serve_batcher_requests", "The batcher's requests by outcome.", labels=["model", "outcome"]
+        )
+        depth = GaugeMetricFamily(
+            "jaxopt_serve_queue_depth", "Requests waiting in the batcher's queue.", labels=["model"]
+        )
+        compiles = CounterMetricFamily(
+            "jaxopt_serve_compiles", "Executables compiled by the model's engine.", labels=["model"]
+        )
         for name, batcher in self.batchers.items():
             snap = batcher.metrics.snapshot_counts()
             for outcome in ("submitted", "completed", "rejected", "timed_out", "failed"):

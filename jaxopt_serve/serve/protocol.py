@@ -57,9 +57,17 @@ import numpy as np
 # v2 datatype -> numpy dtype (little-endian); BYTES tensors are numpy object arrays of ``bytes``
 DATATYPES: dict[str, np.dtype] = {
     "BOOL": np.dtype(np.bool_),
-    "UINT8": np.dtype("<u1"), "UINT16": np.dtype("<u2"), "UINT32": np.dtype("<u4"), "UINT64": np.dtype("<u8"),
-    "INT8": np.dtype("<i1"), "INT16": np.dtype("<i2"), "INT32": np.dtype("<i4"), "INT64": np.dtype("<i8"),
-    "FP16": np.dtype("<f2"), "FP32": np.dtype("<f4"), "FP64": np.dtype("<f8"),
+    "UINT8": np.dtype("<u1"),
+    "UINT16": np.dtype("<u2"),
+    "UINT32": np.dtype("<u4"),
+    "UINT64": np.dtype("<u8"),
+    "INT8": np.dtype("<i1"),
+    "INT16": np.dtype("<i2"),
+    "INT32": np.dtype("<i4"),
+    "INT64": np.dtype("<i8"),
+    "FP16": np.dtype("<f2"),
+    "FP32": np.dtype("<f4"),
+    "FP64": np.dtype("<f8"),
 }
 BYTES = "BYTES"
 _FLOAT_MAX = {name: float(np.finfo(d).max) for name, d in DATATYPES.items() if d.kind == "f"}
@@ -135,8 +143,9 @@ def decode_request(body: bytes, header_length: int | None = None) -> InferReques
     """Parse an inference request body (JSON, or JSON header + binary tensors when ``header_length`` is given)."""
     if header_length is not None:
         if not 0 < header_length <= len(body):
-            raise ProtocolError(f"Inference-Header-Content-Length {header_length} is not within the body's "
-                                f"{len(body)} bytes")
+            raise ProtocolError(
+                f"Inference-Header-Content-Length {header_length} is not within the body's {len(body)} bytes"
+            )
         header, binary = _loads(body[:header_length]), memoryview(body)[header_length:]
     else:
         header, binary = _loads(body), memoryview(b"")
@@ -161,8 +170,10 @@ def decode_request(body: bytes, header_length: int | None = None) -> InferReques
             arrays[name] = _from_json(tensor["data"], datatype, shape, name)
         else:
             if offset + size > len(binary):
-                raise ProtocolError(f"input {name!r}: binary_data_size {size} runs past the end of the body "
-                                    f"({len(binary) - offset} bytes left)")
+                raise ProtocolError(
+                    f"input {name!r}: binary_data_size {size} runs past the end of the body "
+                    f"({len(binary) - offset} bytes left)"
+                )
             arrays[name] = _from_binary(binary[offset : offset + size], datatype, shape, name)
             offset += size
     if offset != len(binary):
@@ -179,7 +190,7 @@ def _tensor_header(tensor: Any, where: str) -> tuple[str, str, tuple[int, ...]]:
         raise ProtocolError(f'{where}: "name" must be a non-empty string')
     if datatype != BYTES and datatype not in DATATYPES:
         raise ProtocolError(f"input {name!r}: unknown datatype {datatype!r}; one of {', '.join([*DATATYPES, BYTES])}")
-    if (not isinstance(shape, list) or any(type(d) is not int or d < 0 for d in shape)):
+    if not isinstance(shape, list) or any(type(d) is not int or d < 0 for d in shape):
         raise ProtocolError(f'input {name!r}: "shape" must be a list of non-negative integers, got {shape!r}')
     return name, datatype, tuple(shape)
 
@@ -246,8 +257,9 @@ def _from_json(data: Any, datatype: str, shape: tuple[int, ...], name: str) -> n
     limit = _FLOAT_MAX[datatype]
     if values.size and not (-limit <= values.min() and values.max() <= limit):  # also 1e400, which json reads as inf
         bad = int(np.flatnonzero(~(np.abs(values) <= limit))[0])
-        raise ProtocolError(f"input {name!r}: element {bad} ({flat[bad]!r}) overflows {datatype} "
-                            f"(largest magnitude {limit:.6g})")
+        raise ProtocolError(
+            f"input {name!r}: element {bad} ({flat[bad]!r}) overflows {datatype} (largest magnitude {limit:.6g})"
+        )
     return values.astype(dtype).reshape(shape)
 
 
@@ -264,13 +276,16 @@ def _from_binary(raw: memoryview, datatype: str, shape: tuple[int, ...], name: s
             items.append(bytes(raw[offset + 4 : offset + 4 + n]))
             offset += 4 + n
         if len(items) != count:
-            raise ProtocolError(f"input {name!r}: shape {list(shape)} holds {count} elements, "
-                                f"binary data has {len(items)}")
+            raise ProtocolError(
+                f"input {name!r}: shape {list(shape)} holds {count} elements, binary data has {len(items)}"
+            )
         return np.array(items, dtype=object).reshape(shape)
     dtype = DATATYPES[datatype]
     if len(raw) != count * dtype.itemsize:
-        raise ProtocolError(f"input {name!r}: shape {list(shape)} of {datatype} is {count * dtype.itemsize} bytes, "
-                            f"binary_data_size is {len(raw)}")
+        raise ProtocolError(
+            f"input {name!r}: shape {list(shape)} of {datatype} is {count * dtype.itemsize} bytes, "
+            f"binary_data_size is {len(raw)}"
+        )
     return np.frombuffer(raw, dtype=dtype).reshape(shape).copy()
 
 
@@ -398,8 +413,11 @@ def encode_request(
     """
     tensors, blobs = [], []
     for name, value in inputs:
-        array = np.asarray(value) if not isinstance(value, (list, tuple)) or not value or not isinstance(
-            value[0], (str, bytes)) else np.array([v.encode() if isinstance(v, str) else v for v in value], object)
+        array = (
+            np.asarray(value)
+            if not isinstance(value, (list, tuple)) or not value or not isinstance(value[0], (str, bytes))
+            else np.array([v.encode() if isinstance(v, str) else v for v in value], object)
+        )
         tensors.append(_tensor(name, array, binary, blobs))
     head: dict[str, Any] = {"inputs": tensors}
     if request_id is not None:

@@ -87,8 +87,15 @@ class EnginePredictor:
         ds.write_parquet("s3://bucket/logits/")
     """
 
-    def __init__(self, model_path: str | os.PathLike[str], *, input_columns: str | Sequence[str] | None = None,
-                 output_column: str = "output", max_batch: int = 256, nan_policy: NanPolicy = "propagate") -> None:
+    def __init__(
+        self,
+        model_path: str | os.PathLike[str],
+        *,
+        input_columns: str | Sequence[str] | None = None,
+        output_column: str = "output",
+        max_batch: int = 256,
+        nan_policy: NanPolicy = "propagate",
+    ) -> None:
         from jaxopt_serve.serve.batch_infer import dict_input_keys
         from jaxopt_serve.serve.servable import load_servable
 
@@ -96,8 +103,9 @@ class EnginePredictor:
         keys = dict_input_keys(self.engine)
         if keys is None:
             if input_columns is not None and not isinstance(input_columns, str):
-                raise ValueError(f"input_columns: {model_path} takes one array; give one column name, "
-                                 f"got {list(input_columns)}")
+                raise ValueError(
+                    f"input_columns: {model_path} takes one array; give one column name, got {list(input_columns)}"
+                )
             self.columns: str | list[str] = input_columns or "data"
         else:
             self.columns = [input_columns] if isinstance(input_columns, str) else list(input_columns or keys)
@@ -108,8 +116,7 @@ class EnginePredictor:
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         missing = [c for c in ([self.columns] if isinstance(self.columns, str) else self.columns) if c not in batch]
         if missing:
-            raise ValueError(f"the batch has no column {missing[0]!r}; it has {sorted(batch)} "
-                             f"(set input_columns=)")
+            raise ValueError(f"the batch has no column {missing[0]!r}; it has {sorted(batch)} (set input_columns=)")
         x = batch[self.columns] if isinstance(self.columns, str) else {c: batch[c] for c in self.columns}
         outputs = self.engine(x)
         result = dict(batch)
@@ -228,8 +235,9 @@ class _Shards:
 class _ChunkRunner:
     """The actor of ``ray_batch_inference``: loads the model once, then computes chunks by index."""
 
-    def __init__(self, model_path: str, paths: list[str], key: Any, chunk_size: int, max_batch: int,
-                 nan_policy: str) -> None:
+    def __init__(
+        self, model_path: str, paths: list[str], key: Any, chunk_size: int, max_batch: int, nan_policy: str
+    ) -> None:
         from jaxopt_serve.serve.servable import load_servable
 
         self.engine = load_servable(model_path, max_batch=max_batch)
@@ -242,8 +250,11 @@ class _ChunkRunner:
             lo, hi = index * self.chunk_size, min((index + 1) * self.chunk_size, self.shards.total)
             out = self._compute(lo, hi)
             named = list(zip(slash_names(out, empty=""), jax.tree.leaves(out)))
-            leaves = [[np.asarray(a)] for _, a in named] if leaves is None else [
-                acc + [np.asarray(a)] for acc, (_, a) in zip(leaves, named)]
+            leaves = (
+                [[np.asarray(a)] for _, a in named]
+                if leaves is None
+                else [acc + [np.asarray(a)] for acc, (_, a) in zip(leaves, named)]
+            )
             rows.append(np.arange(lo, hi, dtype=np.int64))
             names = [name for name, _ in named]
         result = {"row": np.concatenate(rows)}
@@ -257,8 +268,10 @@ class _ChunkRunner:
         bad = nonfinite_rows(batch)
         if bad is not None:
             if self.nan_policy == "error":
-                raise ValueError(f"{nonfinite_error(bad, offset=lo, where=' of the inputs')}; pass "
-                                 f"nan_policy='propagate' to write NaN outputs for them")
+                raise ValueError(
+                    f"{nonfinite_error(bad, offset=lo, where=' of the inputs')}; pass "
+                    f"nan_policy='propagate' to write NaN outputs for them"
+                )
             batch = replace_rows(batch, bad)
         out = self.engine(batch)
         return out if bad is None else mark_rows(out, bad)
@@ -350,18 +363,34 @@ def ray_batch_inference(
     start = time.perf_counter()
     ds = ray_data.from_items([{"chunk": k} for k in range(total)], override_num_blocks=min(total, 1000))
     ds = ds.map_batches(
-        _ChunkRunner, batch_size=1, compute=ray_data.ActorPoolStrategy(size=actors), num_cpus=num_cpus,
-        fn_constructor_kwargs={"model_path": str(model_path.resolve()), "paths": [str(p.resolve()) for p in paths],
-                               "key": key, "chunk_size": chunk_size, "max_batch": max_batch,
-                               "nan_policy": nan_policy})
+        _ChunkRunner,
+        batch_size=1,
+        compute=ray_data.ActorPoolStrategy(size=actors),
+        num_cpus=num_cpus,
+        fn_constructor_kwargs={
+            "model_path": str(model_path.resolve()),
+            "paths": [str(p.resolve()) for p in paths],
+            "key": key,
+            "chunk_size": chunk_size,
+            "max_batch": max_batch,
+            "nan_policy": nan_policy,
+        },
+    )
     partial = output_path.with_name(output_path.name + ".partial")
     sink, finished = None, set()
     try:
         for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
             columns = sorted((c for c in batch if c != "row"), key=lambda c: int(c.split(":", 1)[0]))
             if sink is None:
-                sink = _create_sink(partial, output_path, [c.split(":", 1)[1] for c in columns],
-                                    [batch[c] for c in columns], rows, _remove, _Sink)
+                sink = _create_sink(
+                    partial,
+                    output_path,
+                    [c.split(":", 1)[1] for c in columns],
+                    [batch[c] for c in columns],
+                    rows,
+                    _remove,
+                    _Sink,
+                )
             index = batch["row"]
             for out, column in zip(sink.arrays, columns):
                 out[index] = batch[column]
@@ -381,31 +410,48 @@ def ray_batch_inference(
         sink.arrays.clear()
         _remove(partial)
         missing = sorted(set(range(total)) - finished)
-        raise RuntimeError(f"Ray Data returned {len(finished)} of {total} chunks (missing {missing[:10]}); "
-                           f"nothing was written")
+        raise RuntimeError(
+            f"Ray Data returned {len(finished)} of {total} chunks (missing {missing[:10]}); nothing was written"
+        )
     for out in sink.arrays:
         out.flush()
     sink.finish(output_path)
     seconds = time.perf_counter() - start
-    return {"rows": rows, "chunks": total, "actors": actors, "seconds": seconds,
-            "rows_per_second": rows / seconds if seconds > 0 else float("nan")}
+    return {
+        "rows": rows,
+        "chunks": total,
+        "actors": actors,
+        "seconds": seconds,
+        "rows_per_second": rows / seconds if seconds > 0 else float("nan"),
+    }
 
 
-def _create_sink(partial: Path, output_path: Path, names: list[str], firsts: list[np.ndarray], rows: int,
-                 remove: Callable[[Path], None], sink_class: Any) -> Any:
+def _create_sink(
+    partial: Path,
+    output_path: Path,
+    names: list[str],
+    firsts: list[np.ndarray],
+    rows: int,
+    remove: Callable[[Path], None],
+    sink_class: Any,
+) -> Any:
     """The output files, laid out as ``run_batch_inference`` lays them out (same names, dtypes, order)."""
     single = names == [""]
     if not single and output_path.suffix != ".npz":
-        raise ValueError(f"the model returns {len(names)} output arrays {names}; write them to an .npz output_path "
-                         f"(one array per output), not {output_path.name}")
+        raise ValueError(
+            f"the model returns {len(names)} output arrays {names}; write them to an .npz output_path "
+            f"(one array per output), not {output_path.name}"
+        )
     remove(partial)
     if single and output_path.suffix != ".npz":
         out = np.lib.format.open_memmap(partial, mode="w+", dtype=firsts[0].dtype, shape=(rows, *firsts[0].shape[1:]))
         return sink_class(partial, None, [out])
     names = ["outputs" if n == "" else n for n in names]
     partial.mkdir(parents=True)
-    arrays = [np.lib.format.open_memmap(partial / f"{i}.npy", mode="w+", dtype=a.dtype, shape=(rows, *a.shape[1:]))
-              for i, a in enumerate(firsts)]
+    arrays = [
+        np.lib.format.open_memmap(partial / f"{i}.npy", mode="w+", dtype=a.dtype, shape=(rows, *a.shape[1:]))
+        for i, a in enumerate(firsts)
+    ]
     return sink_class(partial, names, arrays)
 
 

@@ -37,9 +37,20 @@ import numpy as np
 from jaxopt_serve.engine.pytrees import batch_rows, concat_rows, slash_names, take_rows
 from jaxopt_serve.extras import require
 
-DATATYPES = {"BOOL": np.bool_, "UINT8": np.uint8, "UINT16": np.uint16, "UINT32": np.uint32, "UINT64": np.uint64,
-             "INT8": np.int8, "INT16": np.int16, "INT32": np.int32, "INT64": np.int64, "FP16": np.float16,
-             "FP32": np.float32, "FP64": np.float64}
+DATATYPES = {
+    "BOOL": np.bool_,
+    "UINT8": np.uint8,
+    "UINT16": np.uint16,
+    "UINT32": np.uint32,
+    "UINT64": np.uint64,
+    "INT8": np.int8,
+    "INT16": np.int16,
+    "INT32": np.int32,
+    "INT64": np.int64,
+    "FP16": np.float16,
+    "FP32": np.float32,
+    "FP64": np.float64,
+}
 _NAMES = {np.dtype(v): k for k, v in DATATYPES.items()}
 
 
@@ -89,8 +100,11 @@ def decode_tensor(tensor: Any, index: int) -> tuple[str, np.ndarray]:
         raise V2Error(f'inputs[{index}]: "name" must be a non-empty string')
     if kind not in DATATYPES:
         raise V2Error(f"{where}: datatype {kind!r} is not one of {sorted(DATATYPES)}")
-    if (not isinstance(shape, list) or not shape
-            or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape)):
+    if (
+        not isinstance(shape, list)
+        or not shape
+        or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape)
+    ):
         raise V2Error(f"{where}: shape must be a non-empty list of sizes >= 0, got {shape!r}")
     values = _flat(data, name)
     if len(values) != math.prod(shape):
@@ -146,8 +160,14 @@ def encode_response(model_name: str, outputs: Any, *, request_id: str | None = N
     tensors = []
     for name, leaf in zip(names, jax.tree.leaves(outputs)):
         leaf = np.asarray(leaf)
-        tensors.append({"name": name, "shape": list(leaf.shape), "datatype": datatype(leaf.dtype),
-                        "data": leaf.reshape(-1).tolist()})
+        tensors.append(
+            {
+                "name": name,
+                "shape": list(leaf.shape),
+                "datatype": datatype(leaf.dtype),
+                "data": leaf.reshape(-1).tolist(),
+            }
+        )
     response: dict[str, Any] = {"model_name": model_name, "outputs": tensors}
     if request_id is not None:
         response["id"] = request_id
@@ -163,8 +183,9 @@ class V2Model:
         self.engine, self.name = engine, name
         self.keys = dict_input_keys(engine)
         if self.keys is None and getattr(engine, "input_shape", None) is None:
-            raise ValueError(f"model {name!r}: the v2 deployment serves models with one array input or one dict "
-                             f"of arrays")
+            raise ValueError(
+                f"model {name!r}: the v2 deployment serves models with one array input or one dict of arrays"
+            )
 
     def inputs(self, tensors: dict[str, np.ndarray]) -> Any:
         """The engine's input from the request's tensors, checked (``V2Error`` naming the tensor)."""
@@ -187,9 +208,14 @@ class V2Model:
         leaves = [("input", example)] if self.keys is None else [(k, example[k]) for k in self.keys]
         out = self.engine(example)  # one row: the output leaves' shapes and dtypes
         inputs = [{"name": n, "datatype": datatype(a.dtype), "shape": [-1, *a.shape[1:]]} for n, a in leaves]
-        outputs = [{"name": n, "datatype": datatype(np.float32 if np.issubdtype(a.dtype, np.floating) else a.dtype),
-                    "shape": [-1, *a.shape[1:]]}
-                   for n, a in zip(slash_names(out, empty="output"), jax.tree.leaves(out))]
+        outputs = [
+            {
+                "name": n,
+                "datatype": datatype(np.float32 if np.issubdtype(a.dtype, np.floating) else a.dtype),
+                "shape": [-1, *a.shape[1:]],
+            }
+            for n, a in zip(slash_names(out, empty="output"), jax.tree.leaves(out))
+        ]
         return {"name": self.name, "platform": "jax", "inputs": inputs, "outputs": outputs}
 
     def run_many(self, requests: list[Any]) -> list[Any]:
@@ -203,9 +229,16 @@ class V2Model:
         return results
 
 
-def v2_deployment(model_path: str | os.PathLike[str], *, name: str | None = None, max_batch_size: int = 32,
-                  batch_wait_timeout_s: float = 0.002, num_replicas: int = 1, num_cpus: float = 1,
-                  max_batch: int | None = None) -> Any:
+def v2_deployment(
+    model_path: str | os.PathLike[str],
+    *,
+    name: str | None = None,
+    max_batch_size: int = 32,
+    batch_wait_timeout_s: float = 0.002,
+    num_replicas: int = 1,
+    num_cpus: float = 1,
+    max_batch: int | None = None,
+) -> Any:
     """A Ray Serve application serving ``model_path`` over the v2 REST API; run it with ``serve.run(app)``.
 
     Args:
@@ -231,8 +264,11 @@ def v2_deployment(model_path: str | os.PathLike[str], *, name: str | None = None
     for field, value in (("max_batch_size", max_batch_size), ("num_replicas", num_replicas)):
         if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
             raise ValueError(f"{field} must be a positive integer, got {value!r}")
-    if not (isinstance(batch_wait_timeout_s, (int, float)) and math.isfinite(batch_wait_timeout_s)
-            and batch_wait_timeout_s >= 0):
+    if not (
+        isinstance(batch_wait_timeout_s, (int, float))
+        and math.isfinite(batch_wait_timeout_s)
+        and batch_wait_timeout_s >= 0
+    ):
         raise ValueError(f"batch_wait_timeout_s must be >= 0 and finite, got {batch_wait_timeout_s!r}")
     name = name or model_path.stem
     if not name or "/" in name:

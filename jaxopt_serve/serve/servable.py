@@ -25,8 +25,9 @@ from jaxopt_serve.engine.engine import InferenceEngine
 from jaxopt_serve.engine.nonfinite import NanPolicy
 
 
-def load_servable(path: str | os.PathLike[str], *, max_batch: int = 256, nan_policy: NanPolicy = "propagate",
-                  warmup: bool = False) -> InferenceEngine:
+def load_servable(
+    path: str | os.PathLike[str], *, max_batch: int = 256, nan_policy: NanPolicy = "propagate", warmup: bool = False
+) -> InferenceEngine:
     """The compiled engine of the artifact or exported model at ``path``.
 
     Args:
@@ -58,13 +59,19 @@ def load_servable(path: str | os.PathLike[str], *, max_batch: int = 256, nan_pol
     if suffix == ".jxe":
         return _exported_engine(path, max_batch=max_batch, nan_policy=nan_policy, warmup=warmup)
     if suffix != ".jxs":
-        raise ValueError(f"model path {path} must be an artifact (.jxs) or an exported model (.jxe), "
-                         f"got the suffix {path.suffix!r}")
+        raise ValueError(
+            f"model path {path} must be an artifact (.jxs) or an exported model (.jxe), got the suffix {path.suffix!r}"
+        )
     from jaxopt_serve.artifact import load_artifact
 
     artifact = load_artifact(path)
-    engine = InferenceEngine(artifact.config, artifact.variables, input_shape=artifact.input_shape,
-                             max_batch=max_batch, nan_policy=nan_policy)
+    engine = InferenceEngine(
+        artifact.config,
+        artifact.variables,
+        input_shape=artifact.input_shape,
+        max_batch=max_batch,
+        nan_policy=nan_policy,
+    )
     return engine.warmup() if warmup else engine
 
 
@@ -76,8 +83,10 @@ def _exported_engine(path: Path, *, max_batch: int, nan_policy: NanPolicy, warmu
     model = load_exported(path)
     if any(spec.get("length_axis") is not None for spec in model.inputs):
         names = [spec["name"] for spec in model.inputs if spec.get("length_axis") is not None]
-        raise ValueError(f"exported model {path} has a symbolic sequence length (inputs {names}); "
-                         f"load_servable runs exports with fixed trailing shapes only: serve the artifact instead")
+        raise ValueError(
+            f"exported model {path} has a symbolic sequence length (inputs {names}); "
+            f"load_servable runs exports with fixed trailing shapes only: serve the artifact instead"
+        )
     exported, variables = model._exported, model._leaves  # noqa: SLF001 - the same package's loader
     examples = [np.zeros((1, *spec["shape"][1:]), np.dtype(spec["dtype"])) for spec in model.inputs]
     (_, inputs), _ = jax.tree.unflatten(exported.in_tree, [None] * len(jax.tree.leaves(variables)) + examples)
@@ -93,6 +102,7 @@ def _exported_engine(path: Path, *, max_batch: int, nan_policy: NanPolicy, warmu
         return exported.call(bound, xs if positional else xs[0])
 
     predict.__name__ = str(model.header.get("model", path.stem))
-    engine = InferenceEngine(None, variables, predict=predict, example=example, max_batch=max_batch,
-                             nan_policy=nan_policy)
+    engine = InferenceEngine(
+        None, variables, predict=predict, example=example, max_batch=max_batch, nan_policy=nan_policy
+    )
     return engine.warmup() if warmup else engine

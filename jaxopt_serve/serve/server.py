@@ -84,8 +84,9 @@ def _require_serve() -> tuple[Any, Any]:
 def check_model_name(name: Any, *, what: str = "model name") -> str:
     """``name`` itself, or ``ValueError`` when it cannot be a model's name in the URL."""
     if not isinstance(name, str) or not _NAME.match(name):
-        raise ValueError(f"{what} {name!r} must be 1-128 letters, digits, '_', '.' or '-', starting with a "
-                         f"letter or digit")
+        raise ValueError(
+            f"{what} {name!r} must be 1-128 letters, digits, '_', '.' or '-', starting with a letter or digit"
+        )
     return name
 
 
@@ -138,10 +139,15 @@ class ServedModel:
         self._treedef = jax.tree.structure(example)
         if inputs is None:
             leaves = jax.tree.leaves(example)
-            axes = (axes_per_leaf(engine.length_axes, example) if getattr(engine, "length_buckets", None)
-                    else [None] * len(leaves))
-            self.inputs = [TensorSpec(n, datatype_of(leaf.dtype), _shape(leaf.shape, axis))
-                           for n, leaf, axis in zip(slash_names(example, empty="input"), leaves, axes)]
+            axes = (
+                axes_per_leaf(engine.length_axes, example)
+                if getattr(engine, "length_buckets", None)
+                else [None] * len(leaves)
+            )
+            self.inputs = [
+                TensorSpec(n, datatype_of(leaf.dtype), _shape(leaf.shape, axis))
+                for n, leaf, axis in zip(slash_names(example, empty="input"), leaves, axes)
+            ]
             self._prepare = self._unflatten
         else:
             self.inputs, self._prepare = list(inputs), prepare
@@ -151,15 +157,21 @@ class ServedModel:
         self._complete_check = inputs is None and getattr(engine, "length_buckets", None) is None
         probe = engine(example)  # one run on the example: the output structure, shapes and dtypes
         out_leaves = jax.tree.leaves(probe)
-        out_axes = ([None] * len(out_leaves) if getattr(engine, "output_length_axes", None) is None
-                    else axes_per_leaf(engine.output_length_axes, probe))
+        out_axes = (
+            [None] * len(out_leaves)
+            if getattr(engine, "output_length_axes", None) is None
+            else axes_per_leaf(engine.output_length_axes, probe)
+        )
         names = list(outputs) if outputs is not None else slash_names(probe, empty="output")
         if len(names) != len(out_leaves):
             raise ValueError(f"outputs= names {len(names)} tensors, the model returns {len(out_leaves)}")
-        self.outputs = [TensorSpec(n, datatype_of(np.asarray(leaf).dtype), _shape(np.shape(leaf), axis))
-                        for n, leaf, axis in zip(names, out_leaves, out_axes)]
-        self.batcher = DynamicBatcher(engine, max_wait_ms=max_wait_ms, max_queue=max_queue, timeout_s=timeout_s,
-                                      max_request_rows=max_request_rows)
+        self.outputs = [
+            TensorSpec(n, datatype_of(np.asarray(leaf).dtype), _shape(np.shape(leaf), axis))
+            for n, leaf, axis in zip(names, out_leaves, out_axes)
+        ]
+        self.batcher = DynamicBatcher(
+            engine, max_wait_ms=max_wait_ms, max_queue=max_queue, timeout_s=timeout_s, max_request_rows=max_request_rows
+        )
 
     @classmethod
     def text_embedding(
@@ -200,15 +212,21 @@ class ServedModel:
             ids, mask = encoder.tokenize(sentences, multiple=1)
             return {"input_ids": ids[:, :longest], "attention_mask": mask[:, :longest]}
 
-        return cls(name, engine, inputs=[TensorSpec("text", BYTES, (-1,))], prepare=prepare,
-                   outputs=["embedding"], **options)
+        return cls(
+            name, engine, inputs=[TensorSpec("text", BYTES, (-1,))], prepare=prepare, outputs=["embedding"], **options
+        )
 
     def _unflatten(self, tensors: dict[str, np.ndarray]) -> Any:
         return jax.tree.unflatten(self._treedef, [tensors[spec.name] for spec in self.inputs])
 
     def metadata(self) -> dict[str, Any]:
-        return {"name": self.name, "versions": ["1"], "platform": self.platform,
-                "inputs": [s.metadata() for s in self.inputs], "outputs": [s.metadata() for s in self.outputs]}
+        return {
+            "name": self.name,
+            "versions": ["1"],
+            "platform": self.platform,
+            "inputs": [s.metadata() for s in self.inputs],
+            "outputs": [s.metadata() for s in self.outputs],
+        }
 
     def request(self, tensors: dict[str, np.ndarray], *, finite: bool = False) -> Any:
         """Check the named tensors against the model's inputs and build the engine request (``ValueError`` if bad).
@@ -219,9 +237,14 @@ class ServedModel:
         unexpected = [n for n in tensors if n not in self._input_specs]
         if missing or unexpected:
             want = ", ".join(repr(n) for n in self._input_specs)
-            raise ValueError(f"model {self.name!r} takes inputs {want}; "
-                             + "; ".join(p for p in (f"missing {missing}" if missing else "",
-                                                     f"unexpected {unexpected}" if unexpected else "") if p))
+            raise ValueError(
+                f"model {self.name!r} takes inputs {want}; "
+                + "; ".join(
+                    p
+                    for p in (f"missing {missing}" if missing else "", f"unexpected {unexpected}" if unexpected else "")
+                    if p
+                )
+            )
         rows = None
         for name, array in tensors.items():
             spec = self._input_specs[name]
@@ -230,7 +253,8 @@ class ServedModel:
                 raise ValueError(f"input {name!r}: expected datatype {spec.datatype}, got {got}")
             if array.ndim != len(spec.shape) or any(w not in (-1, g) for w, g in zip(spec.shape, array.shape)):
                 raise ValueError(
-                    f"input {name!r}: expected shape {list(spec.shape)} (-1: any), got {list(array.shape)}")
+                    f"input {name!r}: expected shape {list(spec.shape)} (-1: any), got {list(array.shape)}"
+                )
             if array.ndim and rows is not None and array.shape[0] != rows:
                 raise ValueError(f"input {name!r}: {array.shape[0]} rows, the other inputs have {rows}")
             rows = array.shape[0] if array.ndim else rows
@@ -338,16 +362,20 @@ class InferenceServer:
         for value, what in ((max_body_bytes, "max_body_bytes"), (max_header_bytes, "max_header_bytes")):
             if not isinstance(value, int) or value <= 0:
                 raise ValueError(f"{what} must be a positive int, got {value!r}")
-        for value, what in ((read_timeout_s, "read_timeout_s"), (keep_alive_s, "keep_alive_s"),
-                            (drain_timeout_s, "drain_timeout_s")):
+        for value, what in (
+            (read_timeout_s, "read_timeout_s"),
+            (keep_alive_s, "keep_alive_s"),
+            (drain_timeout_s, "drain_timeout_s"),
+        ):
             if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
                 raise ValueError(f"{what} must be > 0 and finite, got {value!r}")
         if not (math.isfinite(drain_grace_s) and drain_grace_s >= 0):
             raise ValueError(f"drain_grace_s must be >= 0 and finite, got {drain_grace_s!r}")
         self.models = {m.name: m for m in models}
         self.max_body_bytes = max_body_bytes
-        self.discard_limit_bytes = (discard_limit_bytes if discard_limit_bytes is not None
-                                    else max(8 * max_body_bytes, 64 << 20))
+        self.discard_limit_bytes = (
+            discard_limit_bytes if discard_limit_bytes is not None else max(8 * max_body_bytes, 64 << 20)
+        )
         self.read_timeout_s = float(read_timeout_s)
         self.max_header_bytes = max_header_bytes
         self.keep_alive_s = keep_alive_s
@@ -359,9 +387,11 @@ class InferenceServer:
         self._drain_started: float | None = None
         self._in_flight = 0
         self._children: dict[tuple[str, str, str], Any] = {}
-        self._errors = {(n, r): self.metrics.errors.labels(n, r) for n in self.models
-                        for r in ("invalid", "too_large", "read_timeout", "deadline", "overloaded", "draining",
-                                  "model_error")}
+        self._errors = {
+            (n, r): self.metrics.errors.labels(n, r)
+            for n in self.models
+            for r in ("invalid", "too_large", "read_timeout", "deadline", "overloaded", "draining", "model_error")
+        }
         self._latency = {n: self.metrics.latency.labels(n) for n in self.models}
         self._gauges = {n: self.metrics.in_flight.labels(n) for n in self.models}
         self.app = self._build_app()
@@ -395,8 +425,14 @@ class InferenceServer:
         async def server_metadata(request: Any) -> Any:
             from jaxopt_serve import __version__
 
-            return JSONResponse({"name": "jaxopt-serve", "version": __version__,
-                                 "extensions": ["binary_tensor_data"], "models": list(self.models)})
+            return JSONResponse(
+                {
+                    "name": "jaxopt-serve",
+                    "version": __version__,
+                    "extensions": ["binary_tensor_data"],
+                    "models": list(self.models),
+                }
+            )
 
         def model_of(request: Any) -> ServedModel:
             name = request.path_params["name"]
@@ -409,8 +445,9 @@ class InferenceServer:
 
         async def model_ready(request: Any) -> Any:
             model = model_of(request)
-            return JSONResponse({"name": model.name, "ready": not self.draining},
-                                status_code=503 if self.draining else 200)
+            return JSONResponse(
+                {"name": model.name, "ready": not self.draining}, status_code=503 if self.draining else 200
+            )
 
         async def metrics(request: Any) -> Any:
             from jaxopt_serve.serve.prometheus import CONTENT_TYPE
@@ -420,8 +457,10 @@ class InferenceServer:
         async def http_error(request: Any, exc: Any) -> Any:
             reason = exc.detail
             if exc.status_code == 404 and reason == "Not Found":
-                reason = (f"no route {request.url.path}; the routes are /v2/health/live, /v2/health/ready, /v2, "
-                          f"/v2/models/{{name}}, /v2/models/{{name}}/ready, /v2/models/{{name}}/infer, /metrics")
+                reason = (
+                    f"no route {request.url.path}; the routes are /v2/health/live, /v2/health/ready, /v2, "
+                    f"/v2/models/{{name}}, /v2/models/{{name}}/ready, /v2/models/{{name}}/infer, /metrics"
+                )
             elif exc.status_code == 405:
                 allowed = ", ".join(sorted((exc.headers or {}).get("Allow", "").split(", ")))
                 reason = f"method {request.method} is not allowed on {request.url.path}; allowed: {allowed}"
@@ -476,8 +515,10 @@ class InferenceServer:
                 await _send_json_error(send, 500, f"{type(err).__name__}: {err}", close=True, extra=[])
                 return
             body, binary_length = reply
-            response_headers = [(b"content-type", _OCTETS if binary_length is not None else _JSON),
-                                (b"content-length", str(len(body)).encode())]
+            response_headers = [
+                (b"content-type", _OCTETS if binary_length is not None else _JSON),
+                (b"content-length", str(len(body)).encode()),
+            ]
             if binary_length is not None:
                 response_headers.append((HEADER_LENGTH.encode(), str(binary_length).encode()))
             await send({"type": "http.response.start", "status": 200, "headers": response_headers})
@@ -487,8 +528,16 @@ class InferenceServer:
             if gauge is not None:
                 gauge.dec()
 
-    async def _infer(self, model: ServedModel | None, name: str, receive: Any, length: int | None,
-                     header_length: bytes | None, expect_continue: bool, start: float) -> tuple[bytes, int | None]:
+    async def _infer(
+        self,
+        model: ServedModel | None,
+        name: str,
+        receive: Any,
+        length: int | None,
+        header_length: bytes | None,
+        expect_continue: bool,
+        start: float,
+    ) -> tuple[bytes, int | None]:
         if length == -1:
             raise _Reply(400, "Content-Length is not a number", "invalid", close=True)
         if length is not None and length > self.max_body_bytes:
@@ -498,8 +547,9 @@ class InferenceServer:
             raise _Reply(413, reason, "too_large", close=True)
         body = await _read_body(receive, self.max_body_bytes, start + self.read_timeout_s)
         if self.draining:
-            raise _Reply(503, "the server is shutting down; retry on another replica", "draining", close=True,
-                         retry=True)
+            raise _Reply(
+                503, "the server is shutting down; retry on another replica", "draining", close=True, retry=True
+            )
         if model is None:
             raise _Reply(404, f"unknown model {name!r}; this server has {sorted(self.models)}", "invalid")
         try:
@@ -539,10 +589,18 @@ class InferenceServer:
     def _uvicorn_server(self) -> Any:
         _, uvicorn = _require_serve()
         config = uvicorn.Config(
-            self.app, http=_protocol_class(self.read_timeout_s, self.max_header_bytes), lifespan="off",
-            log_level="warning", access_log=False, timeout_keep_alive=self.keep_alive_s,
-            timeout_graceful_shutdown=self.drain_timeout_s, backlog=2048, server_header=False, proxy_headers=False,
-            h11_max_incomplete_event_size=self.max_header_bytes)
+            self.app,
+            http=_protocol_class(self.read_timeout_s, self.max_header_bytes),
+            lifespan="off",
+            log_level="warning",
+            access_log=False,
+            timeout_keep_alive=self.keep_alive_s,
+            timeout_graceful_shutdown=self.drain_timeout_s,
+            backlog=2048,
+            server_header=False,
+            proxy_headers=False,
+            h11_max_incomplete_event_size=self.max_header_bytes,
+        )
         return _DrainingServer(config, self)
 
     def start(self) -> InferenceServer:
@@ -550,8 +608,9 @@ class InferenceServer:
         if self._thread is not None:
             raise RuntimeError("the server is already running")
         self._server = self._uvicorn_server()
-        self._thread = threading.Thread(target=self._server.run, kwargs={"sockets": [self._socket]},
-                                        name="jaxopt-serve-http", daemon=True)
+        self._thread = threading.Thread(
+            target=self._server.run, kwargs={"sockets": [self._socket]}, name="jaxopt-serve-http", daemon=True
+        )
         self._thread.start()
         while not self._server.started:
             if not self._thread.is_alive():
@@ -669,8 +728,7 @@ async def _read_body(receive: Any, limit: int, deadline: float, *, discard: bool
             while more:
                 message = await receive()
                 if message["type"] == "http.disconnect":
-                    raise _Reply(400, "the client closed the connection before sending the body", "invalid",
-                                 close=True)
+                    raise _Reply(400, "the client closed the connection before sending the body", "invalid", close=True)
                 chunk = message.get("body", b"")
                 size += len(chunk)
                 more = message.get("more_body", False)
@@ -680,8 +738,12 @@ async def _read_body(receive: Any, limit: int, deadline: float, *, discard: bool
                     raise _Reply(413, f"body exceeds the limit of {limit} bytes", "too_large", close=True)
                 chunks.append(chunk)
     except TimeoutError:
-        raise _Reply(408, f"the request body did not arrive within the read timeout ({size} bytes received)",
-                     "read_timeout", close=True) from None
+        raise _Reply(
+            408,
+            f"the request body did not arrive within the read timeout ({size} bytes received)",
+            "read_timeout",
+            close=True,
+        ) from None
     return chunks[0] if len(chunks) == 1 else b"".join(chunks)
 
 
@@ -703,8 +765,10 @@ def _error_bytes(status: int, phrase: str, reason: str) -> bytes:
     import json
 
     body = json.dumps({"error": reason}).encode()
-    return (f"HTTP/1.1 {status} {phrase}\r\ncontent-type: application/json\r\ncontent-length: {len(body)}\r\n"
-            f"connection: close\r\n\r\n").encode() + body
+    return (
+        f"HTTP/1.1 {status} {phrase}\r\ncontent-type: application/json\r\ncontent-length: {len(body)}\r\n"
+        f"connection: close\r\n\r\n"
+    ).encode() + body
 
 
 def _protocol_class(read_timeout_s: float, max_header_bytes: int) -> type:
@@ -744,8 +808,13 @@ def _protocol_class(read_timeout_s: float, max_header_bytes: int) -> type:
                 if self._head_bytes + (end + 4 if end >= 0 else len(data)) > max_header_bytes:
                     self._disarm()
                     if not self.transport.is_closing():
-                        self.transport.write(_error_bytes(431, "Request Header Fields Too Large",
-                                                          f"request line and headers exceed {max_header_bytes} bytes"))
+                        self.transport.write(
+                            _error_bytes(
+                                431,
+                                "Request Header Fields Too Large",
+                                f"request line and headers exceed {max_header_bytes} bytes",
+                            )
+                        )
                         self.transport.close()
                     return
                 self._head_bytes += len(data)
@@ -762,8 +831,13 @@ def _protocol_class(read_timeout_s: float, max_header_bytes: int) -> type:
             if self.transport.is_closing() or not self._idle():
                 return
             if self._head_bytes:
-                self.transport.write(_error_bytes(408, "Request Timeout", "the request line and headers did not "
-                                                  f"arrive within the read timeout ({read_timeout_s:g} s)"))
+                self.transport.write(
+                    _error_bytes(
+                        408,
+                        "Request Timeout",
+                        f"the request line and headers did not arrive within the read timeout ({read_timeout_s:g} s)",
+                    )
+                )
             self.transport.close()
 
         def connection_lost(self, exc: Any) -> None:
@@ -773,8 +847,13 @@ def _protocol_class(read_timeout_s: float, max_header_bytes: int) -> type:
         def send_400_response(self, msg: str) -> None:
             self._disarm()
             if not self.transport.is_closing():
-                self.transport.write(_error_bytes(400, "Bad Request", f"{msg} (malformed request line or headers, "
-                                                  "e.g. conflicting Content-Length headers)"))
+                self.transport.write(
+                    _error_bytes(
+                        400,
+                        "Bad Request",
+                        f"{msg} (malformed request line or headers, e.g. conflicting Content-Length headers)",
+                    )
+                )
                 self.transport.close()
 
     return Protocol

@@ -32,8 +32,12 @@ from jaxopt_serve.fileio import atomic_write
 INPUT_SUFFIXES = (".npy", ".npz", ".parquet")
 
 
-def expand_inputs(inputs: str | os.PathLike[str] | Sequence[str | os.PathLike[str]], *, what: str = "inputs",
-                  suffixes: Sequence[str] = INPUT_SUFFIXES) -> list[Path]:
+def expand_inputs(
+    inputs: str | os.PathLike[str] | Sequence[str | os.PathLike[str]],
+    *,
+    what: str = "inputs",
+    suffixes: Sequence[str] = INPUT_SUFFIXES,
+) -> list[Path]:
     """The input shard paths: each entry a file or a glob pattern (matches sorted); ``ValueError`` naming a bad one.
 
     Example:
@@ -81,8 +85,9 @@ def shard_outputs(paths: Sequence[Path], output_dir: str | os.PathLike[str], suf
     for path in paths:
         out = Path(output_dir) / f"{path.stem}{suffix}"
         if out.name in by_name:
-            raise ValueError(f"inputs {by_name[out.name]} and {path} would both write {out}; give the shards "
-                             f"distinct file names")
+            raise ValueError(
+                f"inputs {by_name[out.name]} and {path} would both write {out}; give the shards distinct file names"
+            )
         by_name[out.name] = path
         outputs.append(out)
     return outputs
@@ -141,20 +146,39 @@ def run_sharded_inference(
     if not Path(output_dir).is_dir():
         raise ValueError(f"output_dir {output_dir} is not a directory")
     model_digest = _digest(Path(artifact_path))
-    summary: dict[str, Any] = {"shards": [str(outputs[i]) for i in mine], "rows": 0, "skipped": [], "resumed": {},
-                               "notes": []}
+    summary: dict[str, Any] = {
+        "shards": [str(outputs[i]) for i in mine],
+        "rows": 0,
+        "skipped": [],
+        "resumed": {},
+        "notes": [],
+    }
     for i in mine:
         src, out = paths[i], outputs[i]
         done_path = out.with_name(out.name + ".done.json")
-        record = {"artifact_sha256": model_digest, "input": str(src.resolve()), "input_bytes": src.stat().st_size,
-                  "key": key if key is None or isinstance(key, str) else list(key), "chunk_size": chunk_size}
+        record = {
+            "artifact_sha256": model_digest,
+            "input": str(src.resolve()),
+            "input_bytes": src.stat().st_size,
+            "key": key if key is None or isinstance(key, str) else list(key),
+            "chunk_size": chunk_size,
+        }
         if out.is_file() and _read_json(done_path) == record:
             summary["skipped"].append(str(out))
             continue
         done_path.unlink(missing_ok=True)
         callback = None if on_chunk is None else (lambda done, total, out=out: on_chunk(out, done, total))
-        result = run_batch_inference(predict, src, out, artifact_path=artifact_path, key=key, chunk_size=chunk_size,
-                                     progress=progress, on_chunk=callback, nan_policy=nan_policy)
+        result = run_batch_inference(
+            predict,
+            src,
+            out,
+            artifact_path=artifact_path,
+            key=key,
+            chunk_size=chunk_size,
+            progress=progress,
+            on_chunk=callback,
+            nan_policy=nan_policy,
+        )
         atomic_write(done_path, json.dumps(record).encode())
         summary["rows"] += result["rows"] if not result["resumed_at_chunk"] else 0
         if result["resumed_at_chunk"]:

@@ -73,8 +73,10 @@ def check_checkpoint_path(path: str | os.PathLike[str], *, what: str = "checkpoi
     """
     path = Path(path)
     if path.is_dir() and not is_checkpoint(path):
-        raise ValueError(f"{what} {path} is a directory that holds no checkpoint (no {MARKER}); "
-                         "give a new path or the directory of a checkpoint")
+        raise ValueError(
+            f"{what} {path} is a directory that holds no checkpoint (no {MARKER}); "
+            "give a new path or the directory of a checkpoint"
+        )
     if path.exists() and not path.is_dir() and not path.is_file():
         raise ValueError(f"{what} {path} exists and is neither a checkpoint directory nor a regular file")
 
@@ -126,16 +128,23 @@ def save_checkpoint(
 
     path = Path(path)
     _create(path)
-    full_record = {"format": FORMAT, "version": FORMAT_VERSION,
-                   "fingerprint": json.loads(json.dumps(dict(fingerprint or {}))), **(record or {})}
+    full_record = {
+        "format": FORMAT,
+        "version": FORMAT_VERSION,
+        "fingerprint": json.loads(json.dumps(dict(fingerprint or {}))),
+        **(record or {}),
+    }
     json.dumps(full_record)  # a value JSON cannot hold fails here, before anything is written
     arrays = _nested(_storable(state, extra))
     step = int(state.step)
     with _manager(path) as manager:
         if step in manager.all_steps():  # the same step again (a rerun of a finished save): replace it
             manager.delete(step)
-        manager.save(step, args=ocp.args.Composite(arrays=ocp.args.StandardSave(arrays),
-                                                   record=ocp.args.JsonSave(full_record)), force=True)
+        manager.save(
+            step,
+            args=ocp.args.Composite(arrays=ocp.args.StandardSave(arrays), record=ocp.args.JsonSave(full_record)),
+            force=True,
+        )
         manager.wait_until_finished()
     return path / str(step)
 
@@ -174,15 +183,19 @@ def restore_checkpoint(
 
     path = Path(path)
     if path.is_file():
-        raise ValueError(f"checkpoint {path} is a single file (the format before orbax checkpoints); "
-                         "jaxopt_serve.distill.load_checkpoint reads it")
+        raise ValueError(
+            f"checkpoint {path} is a single file (the format before orbax checkpoints); "
+            "jaxopt_serve.distill.load_checkpoint reads it"
+        )
     check_checkpoint_path(path)
     if not path.exists():
         raise ValueError(f"checkpoint {path} does not exist")
     steps = _committed_steps(path)
     if not steps:
-        raise ValueError(f"checkpoint {path} holds no committed step (its first save did not finish); "
-                         "delete the directory to start over")
+        raise ValueError(
+            f"checkpoint {path} holds no committed step (its first save did not finish); "
+            "delete the directory to start over"
+        )
     step = steps[-1]
     where = f"checkpoint {path} (step {step})"
     want = _storable(template, extra)
@@ -205,21 +218,25 @@ def restore_checkpoint(
         target = _nested(targets)
         if unread:  # read onto the host and dropped: orbax restores whole trees
             host = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-            target["1"] = jax.tree.map(lambda m: jax.ShapeDtypeStruct(tuple(m.shape), m.dtype, sharding=host),
-                                       metadata["1"])
+            target["1"] = jax.tree.map(
+                lambda m: jax.ShapeDtypeStruct(tuple(m.shape), m.dtype, sharding=host), metadata["1"]
+            )
         try:
-            restored = manager.restore(step, args=ocp.args.Composite(
-                arrays=ocp.args.StandardRestore(target)))["arrays"]
+            restored = manager.restore(step, args=ocp.args.Composite(arrays=ocp.args.StandardRestore(target)))["arrays"]
         except Exception as err:  # noqa: BLE001
             raise ValueError(f"{where}: its arrays cannot be read ({type(err).__name__}: {_first_line(err)})") from err
     leaves = _lookup_leaves(where, restored, want)
     for (key, _), leaf, spec in zip(flat_want, leaves, jax.tree.leaves(targets)):
         if tuple(leaf.shape) != tuple(spec.shape) or leaf.dtype != spec.dtype:
-            raise ValueError(f"{where}: {_display(key)} came back as {leaf.dtype}{list(leaf.shape)}, "
-                             f"expected {spec.dtype}{list(spec.shape)}")
+            raise ValueError(
+                f"{where}: {_display(key)} came back as {leaf.dtype}{list(leaf.shape)}, "
+                f"expected {spec.dtype}{list(spec.shape)}"
+            )
         if not allow_nonfinite and jnp.issubdtype(leaf.dtype, jnp.floating) and not bool(jnp.isfinite(leaf).all()):
-            raise ValueError(f"{where}: {_display(key)} holds non-finite values (NaN or inf); "
-                             "restore with allow_nonfinite=True to read it anyway")
+            raise ValueError(
+                f"{where}: {_display(key)} holds non-finite values (NaN or inf); "
+                "restore with allow_nonfinite=True to read it anyway"
+            )
     state_part, extra_part = jax.tree.unflatten(jax.tree.structure(want), leaves)
     state = state_part._replace(rng=jax.random.wrap_key_data(state_part.rng, impl=jax.random.key_impl(template.rng)))
     return Restored(state=state, record=record, extra=extra_part, step=step)
@@ -232,15 +249,19 @@ def _create(path: Path) -> None:
     """Make ``path`` a checkpoint directory: the marker is in place before the directory appears under its name."""
     check_checkpoint_path(path)
     if path.is_file():
-        raise ValueError(f"checkpoint {path} is a file in the format before orbax checkpoints; "
-                         "save to another path (the old file can still be read)")
+        raise ValueError(
+            f"checkpoint {path} is a file in the format before orbax checkpoints; "
+            "save to another path (the old file can still be read)"
+        )
     if path.is_dir():
         return
     path.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
     try:
-        (staging / MARKER).write_text(json.dumps({"format": FORMAT, "version": FORMAT_VERSION,
-                                                  "written_by": "jaxopt_serve (orbax checkpoint)"}) + "\n")
+        (staging / MARKER).write_text(
+            json.dumps({"format": FORMAT, "version": FORMAT_VERSION, "written_by": "jaxopt_serve (orbax checkpoint)"})
+            + "\n"
+        )
         os.chmod(staging, 0o777 & ~_umask())
         os.rename(staging, path)
     except OSError:
@@ -258,8 +279,9 @@ def _umask() -> int:
 def _manager(path: Path):
     import orbax.checkpoint as ocp
 
-    options = ocp.CheckpointManagerOptions(max_to_keep=1, create=False, enable_async_checkpointing=False,
-                                           cleanup_tmp_directories=True)
+    options = ocp.CheckpointManagerOptions(
+        max_to_keep=1, create=False, enable_async_checkpointing=False, cleanup_tmp_directories=True
+    )
     handlers = {"arrays": ocp.StandardCheckpointHandler(), "record": ocp.JsonCheckpointHandler()}
     return ocp.CheckpointManager(path.absolute(), options=options, item_handlers=handlers)
 
@@ -314,8 +336,10 @@ def _nested(tree: Any) -> dict[str, Any]:
 
 
 def _flat_specs(tree: Any) -> list[tuple[str, tuple[tuple[int, ...], np.dtype]]]:
-    return [("/".join(names), (tuple(np.shape(leaf)), np.dtype(leaf.dtype)))
-            for names, leaf in zip(_names(tree), jax.tree.leaves(tree))]
+    return [
+        ("/".join(names), (tuple(np.shape(leaf)), np.dtype(leaf.dtype)))
+        for names, leaf in zip(_names(tree), jax.tree.leaves(tree))
+    ]
 
 
 def _flat_metadata(metadata: Any) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
@@ -336,8 +360,10 @@ def _check_record(where: str, record: Any, fingerprint: Mapping[str, Any] | None
     if not isinstance(record, dict):
         raise ValueError(f"{where} is corrupted: its record is a JSON {type(record).__name__}, not an object")
     if record.get("format") != FORMAT or record.get("version") != FORMAT_VERSION:
-        raise ValueError(f"{where} has format {record.get('format')!r} version {record.get('version')!r}; "
-                         f"this version of jaxopt_serve reads {FORMAT!r} version {FORMAT_VERSION}")
+        raise ValueError(
+            f"{where} has format {record.get('format')!r} version {record.get('version')!r}; "
+            f"this version of jaxopt_serve reads {FORMAT!r} version {FORMAT_VERSION}"
+        )
     stored = record.get("fingerprint")
     if fingerprint is not None:
         wanted = json.loads(json.dumps(dict(fingerprint)))
@@ -355,12 +381,15 @@ def _check_specs(where: str, want: list[tuple[str, Any]], stored: dict[str, Any]
             raise ValueError(f"{where} does not fit the run: it has no array {_display(name)}")
         got_shape, got_dtype = stored[name]
         if got_shape != shape or got_dtype != dtype:
-            raise ValueError(f"{where} does not fit the run: {_display(name)} is {got_dtype}{list(got_shape)}, "
-                             f"the run expects {dtype}{list(shape)}")
+            raise ValueError(
+                f"{where} does not fit the run: {_display(name)} is {got_dtype}{list(got_shape)}, "
+                f"the run expects {dtype}{list(shape)}"
+            )
     extra = sorted(set(stored) - names)
     if extra:
-        raise ValueError(f"{where} does not fit the run: it has arrays the run does not "
-                         f"({[_display(name) for name in extra[:3]]})")
+        raise ValueError(
+            f"{where} does not fit the run: it has arrays the run does not ({[_display(name) for name in extra[:3]]})"
+        )
 
 
 def _default_sharding(leaf: Any) -> jax.sharding.Sharding:
@@ -385,9 +414,12 @@ def _targets(want: Any, template: TrainState, extra: Any, shardings: Any) -> Any
         given = shardings if extra is not None else (shardings, None)
         per_leaf = jax.tree.leaves(given, is_leaf=lambda x: isinstance(x, jax.sharding.Sharding))
         if len(per_leaf) != len(jax.tree.leaves(want)) or not all(
-                isinstance(s, jax.sharding.Sharding) for s in per_leaf):
-            raise ValueError(f"shardings must be one Sharding or a pytree of them shaped like the template "
-                             f"({len(jax.tree.leaves(want))} leaves), got {len(per_leaf)} leaves")
+            isinstance(s, jax.sharding.Sharding) for s in per_leaf
+        ):
+            raise ValueError(
+                f"shardings must be one Sharding or a pytree of them shaped like the template "
+                f"({len(jax.tree.leaves(want))} leaves), got {len(per_leaf)} leaves"
+            )
     leaves = jax.tree.leaves(want)
     specs = [jax.ShapeDtypeStruct(np.shape(leaf), leaf.dtype, sharding=s) for leaf, s in zip(leaves, per_leaf)]
     return jax.tree.unflatten(jax.tree.structure(want), specs)

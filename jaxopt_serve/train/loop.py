@@ -321,8 +321,9 @@ def fit(
     def save(stopped: bool) -> None:
         nonlocal saved_state
         if checkpoint is not None:
-            ckpt.save_checkpoint(checkpoint, state, record={"history": history, "stopped": stopped},
-                                 fingerprint=fingerprint)
+            ckpt.save_checkpoint(
+                checkpoint, state, record={"history": history, "stopped": stopped}, fingerprint=fingerprint
+            )
             saved_state = state
 
     pending: list[Metrics] = []

@@ -23,7 +23,8 @@ def test_soft_kl_is_t_squared_times_the_kl_of_softened_distributions(seed, tempe
     rng = np.random.default_rng(seed)
     s, t = rng.normal(size=(2, 6, 10)).astype(np.float32) * 3
     assert float(soft_kl(jnp.asarray(s), jnp.asarray(t), temperature)) == pytest.approx(
-        _reference_kl(s, t, temperature), rel=1e-4, abs=1e-5)
+        _reference_kl(s, t, temperature), rel=1e-4, abs=1e-5
+    )
     assert float(soft_kl(jnp.asarray(t), jnp.asarray(t), temperature)) == pytest.approx(0.0, abs=1e-6)
 
 

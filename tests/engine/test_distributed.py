@@ -39,8 +39,16 @@ def _free_port():
 def test_two_processes_form_one_mesh_and_match_one_process(tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
     port = _free_port()
-    procs = [subprocess.Popen([sys.executable, "-c", WORKER, str(i), str(port), str(tmp_path / f"out{i}.npy")],
-                              env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(2)]
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", WORKER, str(i), str(port), str(tmp_path / f"out{i}.npy")],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for i in range(2)
+    ]
     try:
         results = [p.communicate(timeout=240) for p in procs]  # a hung peer fails the test, never hangs CI
     finally:

@@ -59,13 +59,18 @@ def test_quantized_variables_run_quantized(cnn_variables):
     np.testing.assert_allclose(engine(x), quantized_predict_fn(CNN, mode="dynamic")(q, x), rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("x, message", [
-    (np.zeros((2, 8, 8, 3), np.float32),
-     re.escape("expected a batch of shape (batch, 8, 8, 1) for 'cnn', got (2, 8, 8, 3)")),
-    (np.zeros((8, 8, 1), np.float32), re.escape("got (8, 8, 1)")),
-    (np.zeros((2, 8, 8, 1), np.int32), "expected float32 inputs for 'cnn', got int32"),
-    (np.zeros((0, 8, 8, 1), np.float32), "empty batch"),
-])
+@pytest.mark.parametrize(
+    "x, message",
+    [
+        (
+            np.zeros((2, 8, 8, 3), np.float32),
+            re.escape("expected a batch of shape (batch, 8, 8, 1) for 'cnn', got (2, 8, 8, 3)"),
+        ),
+        (np.zeros((8, 8, 1), np.float32), re.escape("got (8, 8, 1)")),
+        (np.zeros((2, 8, 8, 1), np.int32), "expected float32 inputs for 'cnn', got int32"),
+        (np.zeros((0, 8, 8, 1), np.float32), "empty batch"),
+    ],
+)
 def test_bad_inputs_fail_before_dispatch(cnn_variables, x, message):
     engine = InferenceEngine(CNN, cnn_variables, max_batch=4)
     with pytest.raises(ValueError, match=message):
@@ -94,8 +99,9 @@ def test_persistent_cache_serves_a_fresh_process(tmp_path):
         engine = InferenceEngine(cfg, init_variables(cfg, 0), max_batch=4).warmup()
         print(len(hits))
     """)
-    runs = [subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
-            for _ in range(2)]
+    runs = [
+        subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120) for _ in range(2)
+    ]
     for run in runs:
         assert run.returncode == 0, run.stderr
     first, second = (int(r.stdout.split()[-1]) for r in runs)
@@ -118,5 +124,6 @@ def test_buckets_must_fit_the_mesh(cnn_variables):
 
     with pytest.raises(ValueError, match=r"must be positive multiples of the mesh's data axis \(4\)"):
         InferenceEngine(CNN, cnn_variables, buckets=(2, 8), mesh=make_mesh(data=4))
-    assert InferenceEngine(MLPConfig(features=(8,)), random_variables(MLPConfig(features=(8,))),
-                           max_batch=16, mesh=make_mesh(data=4)).buckets == (4, 8, 16)
+    assert InferenceEngine(
+        MLPConfig(features=(8,)), random_variables(MLPConfig(features=(8,))), max_batch=16, mesh=make_mesh(data=4)
+    ).buckets == (4, 8, 16)

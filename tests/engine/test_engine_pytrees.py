@@ -45,15 +45,24 @@ def test_dict_inputs_tuple_outputs_equal_the_jitted_model_for_every_size(model, 
         assert out[1].dtype == np.int32 and out[0].dtype == np.float32 and len(out[1]) == n
 
 
-@pytest.mark.parametrize("inputs, message", [
-    ({"x": np.zeros((3, 6), np.float32), "mask": np.zeros((3, 5), bool)},
-     re.escape("inputs[0]['mask']: expected shape (batch, 4), got (3, 5)")),
-    ({"x": np.zeros((3, 6), np.float32), "mask": np.zeros((3, 4), np.float32)},
-     re.escape("inputs[0]['mask']: expected bool values, got float32")),
-    ({"x": np.zeros((3, 6), np.float32), "mask": np.zeros((2, 4), bool)},
-     re.escape("inputs[0]['x']: batch size 3 differs")),
-    ({"x": np.zeros((3, 6), np.float32)}, "do not have the example's structure"),
-])
+@pytest.mark.parametrize(
+    "inputs, message",
+    [
+        (
+            {"x": np.zeros((3, 6), np.float32), "mask": np.zeros((3, 5), bool)},
+            re.escape("inputs[0]['mask']: expected shape (batch, 4), got (3, 5)"),
+        ),
+        (
+            {"x": np.zeros((3, 6), np.float32), "mask": np.zeros((3, 4), np.float32)},
+            re.escape("inputs[0]['mask']: expected bool values, got float32"),
+        ),
+        (
+            {"x": np.zeros((3, 6), np.float32), "mask": np.zeros((2, 4), bool)},
+            re.escape("inputs[0]['x']: batch size 3 differs"),
+        ),
+        ({"x": np.zeros((3, 6), np.float32)}, "do not have the example's structure"),
+    ],
+)
 def test_bad_inputs_name_the_leaf_before_dispatch(model, inputs, message):
     engine = InferenceEngine(model, max_batch=4)
     with pytest.raises(ValueError, match=message):
@@ -94,8 +103,13 @@ def test_several_positional_inputs_and_bfloat16_keep_integer_outputs():
 
 @pytest.fixture(scope="module")
 def length_engine():
-    engine = InferenceEngine(pooled_model(), max_batch=4, length_buckets=(4, 8, 16),
-                             length_axes={"input_ids": 1, "attention_mask": 1}, output_length_axes=(None, 1))
+    engine = InferenceEngine(
+        pooled_model(),
+        max_batch=4,
+        length_buckets=(4, 8, 16),
+        length_axes={"input_ids": 1, "attention_mask": 1},
+        output_length_axes=(None, 1),
+    )
     return engine.warmup()
 
 
@@ -119,8 +133,12 @@ def test_length_errors_name_the_leaf(length_engine):
         length_engine(x)
     x = token_inputs(2, 6)
     x["attention_mask"] = x["attention_mask"][:, :5]
-    with pytest.raises(ValueError, match=re.escape("inputs[0]['input_ids']: length 6 (axis 1) differs from "
-                                                   "inputs[0]['attention_mask']'s length 5")):
+    with pytest.raises(
+        ValueError,
+        match=re.escape(
+            "inputs[0]['input_ids']: length 6 (axis 1) differs from inputs[0]['attention_mask']'s length 5"
+        ),
+    ):
         length_engine(x)
     with pytest.raises(ValueError, match="not a pytree prefix"):
         InferenceEngine(pooled_model(), length_buckets=(8,), length_axes={"ids": 1})
@@ -139,6 +157,11 @@ def test_predict_without_a_model_needs_example_inputs():
         InferenceEngine(None, variables, predict=predict)
     with pytest.raises(ValueError, match="InferenceEngine needs a model"):
         InferenceEngine(None, variables)
-    engine = InferenceEngine(None, variables, predict=lambda v, x: {"y": x["a"] * 2},
-                             example={"a": np.zeros((1, 2), np.float32)}, buckets=(2,))
+    engine = InferenceEngine(
+        None,
+        variables,
+        predict=lambda v, x: {"y": x["a"] * 2},
+        example={"a": np.zeros((1, 2), np.float32)},
+        buckets=(2,),
+    )
     assert engine({"a": np.ones((1, 2), np.float32)})["y"].tolist() == [[2.0, 2.0]]

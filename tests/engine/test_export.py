@@ -37,9 +37,18 @@ LOADER = textwrap.dedent("""
 def _run_in_fresh_process(tmp_path, artifact, inputs):
     np.savez(tmp_path / "in.npz", **{str(len(x)): x for x in inputs})
     run = subprocess.run(
-        [sys.executable, "-c", LOADER, jaxopt_serve.exported.__file__, str(artifact), str(tmp_path / "in.npz"),
-         str(tmp_path / "out.npz")],
-        capture_output=True, text=True, timeout=180,
+        [
+            sys.executable,
+            "-c",
+            LOADER,
+            jaxopt_serve.exported.__file__,
+            str(artifact),
+            str(tmp_path / "in.npz"),
+            str(tmp_path / "out.npz"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=180,
     )
     assert run.returncode == 0, run.stderr
     with np.load(tmp_path / "out.npz") as out:
@@ -52,8 +61,10 @@ def test_exported_artifact_runs_without_the_model_code(tmp_path, kind):
         config, variables, mode = CNN, jax.tree.map(np.asarray, random_variables(CNN, seed=7)), "auto"
     else:
         config = MLPConfig(features=(32,))
-        variables = quantize(jax.tree.map(np.asarray, random_variables(config, seed=8)),
-                             [QuantRule(r"params/.*/kernel", QuantSpec(qtype="int8"))]).variables
+        variables = quantize(
+            jax.tree.map(np.asarray, random_variables(config, seed=8)),
+            [QuantRule(r"params/.*/kernel", QuantSpec(qtype="int8"))],
+        ).variables
         mode = "weight_only"
     path = tmp_path / "model.jxe"
     export_model(path, config, variables, quant_mode=mode)

@@ -22,10 +22,13 @@ def test_pytree_artifacts_run_standalone_and_match_the_model(tmp_path):
     export_model(tmp_path / "pooled.jxe", pooled, length_axes={"input_ids": 1, "attention_mask": 1})
     rng = np.random.default_rng(0)
     a, b = rng.normal(size=(5, 3)).astype(np.float32), np.arange(5, dtype=np.int32)
-    jobs = [(tmp_path / "dict.jxe", dict_inputs(1), "dict"), (tmp_path / "dict.jxe", dict_inputs(13, seed=1), "dict"),
-            (tmp_path / "two.jxe", (a, b), "positional"),
-            (tmp_path / "pooled.jxe", token_inputs(3, 5), "dict"),
-            (tmp_path / "pooled.jxe", token_inputs(2, 11), "dict")]
+    jobs = [
+        (tmp_path / "dict.jxe", dict_inputs(1), "dict"),
+        (tmp_path / "dict.jxe", dict_inputs(13, seed=1), "dict"),
+        (tmp_path / "two.jxe", (a, b), "positional"),
+        (tmp_path / "pooled.jxe", token_inputs(3, 5), "dict"),
+        (tmp_path / "pooled.jxe", token_inputs(2, 11), "dict"),
+    ]
     models = {"dict.jxe": dict_net, "two.jxe": two, "pooled.jxe": pooled}
     for (artifact, inputs, call), got in zip(jobs, _run_standalone(tmp_path, jobs)):
         model = models[artifact.name]
@@ -44,8 +47,9 @@ def test_loader_checks_structure_shapes_and_lengths(tmp_path):
     assert logits.dtype == np.float32 and ids.dtype == np.int32 and isinstance(ids, np.ndarray)
     assert model.input_shape is None and [s["name"] for s in model.inputs] == ["inputs[0]['mask']", "inputs[0]['x']"]
     bad = {**dict_inputs(2), "mask": np.zeros((2, 3), bool)}
-    with pytest.raises(ValueError,
-                       match=re.escape("inputs[0]['mask']: expected a batch of shape (batch, 4), got (2, 3)")):
+    with pytest.raises(
+        ValueError, match=re.escape("inputs[0]['mask']: expected a batch of shape (batch, 4), got (2, 3)")
+    ):
         model(bad)
     with pytest.raises(ValueError, match=re.escape("expected leaves [\"inputs[0]['mask']\", \"inputs[0]['x']\"]")):
         model({"x": dict_inputs(2)["x"]})
@@ -81,8 +85,10 @@ def test_variables_are_bound_by_path_and_checked(tmp_path):
     header["variables"][1], header["variables"][3] = header["variables"][3], header["variables"][1]
     relisted = tmp_path / "relisted.jxe"
     relisted.write_bytes(pack_exported(header, function, [leaves[0], leaves[3], leaves[2], leaves[1]]))
-    with pytest.raises(ValueError, match=re.escape("variable params/Dense_1/kernel: (8, 5) float32 does not match the "
-                                                   "function's (6, 8) float32")):
+    with pytest.raises(
+        ValueError,
+        match=re.escape("variable params/Dense_1/kernel: (8, 5) float32 does not match the function's (6, 8) float32"),
+    ):
         load_exported(relisted)
 
 
@@ -92,13 +98,23 @@ def test_version_1_artifacts_still_load(tmp_path):
 
     w = np.arange(6, dtype=np.float32).reshape(3, 2)
     exported = export.export(jax.jit(lambda flat, x: x @ flat[0]))(
-        [jax.ShapeDtypeStruct(w.shape, w.dtype)], jax.ShapeDtypeStruct((export.symbolic_shape("b")[0], 3), np.float32))
+        [jax.ShapeDtypeStruct(w.shape, w.dtype)], jax.ShapeDtypeStruct((export.symbolic_shape("b")[0], 3), np.float32)
+    )
     function = exported.serialize()
     buffer = io.BytesIO()
     np.savez(buffer, **{"0": w})
     blob = buffer.getvalue()
-    header = {"model": "old", "input_shape": [3], "input_dtype": "float32", "platforms": ["cpu"], "quantized": False,
-              "format_version": 1, "function_bytes": len(function), "variables_bytes": len(blob), "num_leaves": 1}
+    header = {
+        "model": "old",
+        "input_shape": [3],
+        "input_dtype": "float32",
+        "platforms": ["cpu"],
+        "quantized": False,
+        "format_version": 1,
+        "function_bytes": len(function),
+        "variables_bytes": len(blob),
+        "num_leaves": 1,
+    }
     header_bytes = json.dumps(header, sort_keys=True).encode()
     body = PREFIX.pack(MAGIC, len(header_bytes)) + header_bytes + bytes(function) + blob
     (tmp_path / "old.jxe").write_bytes(body + hashlib.sha256(body).digest())

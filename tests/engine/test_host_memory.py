@@ -26,17 +26,18 @@ _PROBE = textwrap.dedent("""
 
 
 def _faults(retain: bool) -> int:
-    out = subprocess.run([sys.executable, "-c", _PROBE, "1" if retain else "0"], capture_output=True, text=True,
-                         check=True, timeout=120)
+    out = subprocess.run(
+        [sys.executable, "-c", _PROBE, "1" if retain else "0"], capture_output=True, text=True, check=True, timeout=120
+    )
     return int(out.stdout.split()[-1])
 
 
 @pytest.mark.skipif(host_memory._glibc() is None, reason="glibc only")
 def test_retained_memory_is_not_paged_in_again():
-    huge_pages = (64 << 20) // (2 << 20)   # numpy asks for transparent huge pages: fewest faults per round
+    huge_pages = (64 << 20) // (2 << 20)  # numpy asks for transparent huge pages: fewest faults per round
     default, retained = _faults(False), _faults(True)
-    assert default >= 3 * huge_pages        # every round maps fresh pages (what is being fixed)
-    assert retained * 10 < default          # the heap's pages are reused
+    assert default >= 3 * huge_pages  # every round maps fresh pages (what is being fixed)
+    assert retained * 10 < default  # the heap's pages are reused
 
 
 def test_bad_pad_and_env_are_refused(monkeypatch):

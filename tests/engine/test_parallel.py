@@ -9,15 +9,19 @@ from jaxopt_serve.models import CNNConfig, MLPConfig, TransformerConfig
 from jaxopt_serve.quant import QuantRule, QuantSpec, quantize
 
 CNN = CNNConfig(channels=(8, 16), hidden=16)
-ENCODER = TransformerConfig(vocab_size=30, max_len=16, seq_len=12, hidden_size=16, num_heads=4, mlp_dim=16,
-                            num_classes=4)
+ENCODER = TransformerConfig(
+    vocab_size=30, max_len=16, seq_len=12, hidden_size=16, num_heads=4, mlp_dim=16, num_classes=4
+)
 MLP = MLPConfig(features=(32, 16))
 
 
 def _case(name):
     if name == "cnn":
-        return CNN, jax.tree.map(np.asarray, random_variables(CNN, seed=4)), np.random.default_rng(0).normal(
-            size=(12, 8, 8, 1)).astype(np.float32)
+        return (
+            CNN,
+            jax.tree.map(np.asarray, random_variables(CNN, seed=4)),
+            np.random.default_rng(0).normal(size=(12, 8, 8, 1)).astype(np.float32),
+        )
     if name == "encoder":
         v = random_variables(ENCODER, seed=5)
         v = jax.tree.map(lambda a: np.asarray(a) * 0.3, v)  # keep softmax and LayerNorm well conditioned
@@ -60,8 +64,9 @@ def test_pmap_outputs_equal_single_device_outputs(case):
 
 def test_quantized_kernels_shard_their_values_and_scales():
     config, q, x = _case("int8 mlp")
-    engine = InferenceEngine(config, q, max_batch=16, mesh=make_mesh(data=2, model=4),
-                             rules=model_parallel_rules(config))
+    engine = InferenceEngine(
+        config, q, max_batch=16, mesh=make_mesh(data=2, model=4), rules=model_parallel_rules(config)
+    )
     kernel = engine.variables["params"]["dense_0"]["kernel"]
     assert kernel.values.sharding.spec == P(None, "model")
     assert kernel.scale.sharding.spec == P(None, "model")
@@ -75,8 +80,11 @@ def test_mesh_that_does_not_divide_the_devices_is_an_error():
 
 def test_rule_that_does_not_divide_a_dimension_names_the_path():
     rules = [ShardingRule(r"params/classifier/kernel", (None, "model"))]
-    with pytest.raises(ValueError, match=r"params/classifier/kernel: dimension 1 \(size 10\) of shape \(16, 10\) "
-                                         r"is not divisible by mesh axis 'model' of size 4"):
+    with pytest.raises(
+        ValueError,
+        match=r"params/classifier/kernel: dimension 1 \(size 10\) of shape \(16, 10\) "
+        r"is not divisible by mesh axis 'model' of size 4",
+    ):
         InferenceEngine(CNN, random_variables(CNN), mesh=make_mesh(data=2, model=4), rules=rules)
 
 

@@ -112,16 +112,21 @@ def test_masks_have_exact_sparsity_on_every_weight(foreign_models, name):
 
 # The grid is every mode on every mesh; the benchmark runs all of it. Here: every mode on the 2-D mesh
 # (data and model axes at once), the integer modes alone on the model-parallel mesh, and data parallel once.
-SHARDED = [("2d", 2, 4, mode) for mode in MODES] + [("model", 1, 8, "dynamic"), ("model", 1, 8, "static"),
-                                                    ("data", 8, 1, "dynamic")]
+SHARDED = [("2d", 2, 4, mode) for mode in MODES] + [
+    ("model", 1, 8, "dynamic"),
+    ("model", 1, 8, "static"),
+    ("data", 8, 1, "dynamic"),
+]
 
 
 @pytest.mark.parametrize("name", FOREIGN)
 def test_sharded_equals_one_device_in_every_mode(foreign_models, int8_models, name):
     case = foreign_models[name]
     model, q = case.model, int8_models[name]
-    single = {mode: np.asarray(jax.tree.leaves(jax.jit(quantized_predict_fn(model, mode=mode))(q, case.inputs))[0])
-              for mode in {m for *_, m in SHARDED}}
+    single = {
+        mode: np.asarray(jax.tree.leaves(jax.jit(quantized_predict_fn(model, mode=mode))(q, case.inputs))[0])
+        for mode in {m for *_, m in SHARDED}
+    }
     for mesh_name, data, size, mode in SHARDED:
         mesh = make_mesh(data=data, model=size)
         rules = model_parallel_rules(model, size=size) if size > 1 else []

@@ -53,8 +53,16 @@ def test_fit_trains_a_dict_input_model_from_in_memory_data(foreign_models, digit
     """The ViT takes {"pixels", "mask"}: fit draws batches from a dict of arrays."""
     case = foreign_models["vit"]
     model = case.model.with_variables(case.initial_variables)
-    result = fit(model, None, (case.test_inputs, case.test_labels), optimizer=optax.adam(3e-3), steps=30,
-                 batch_size=64, log_every=10, progress=False)
+    result = fit(
+        model,
+        None,
+        (case.test_inputs, case.test_labels),
+        optimizer=optax.adam(3e-3),
+        steps=30,
+        batch_size=64,
+        log_every=10,
+        progress=False,
+    )
     losses = [entry["loss"] for entry in result.history]
     assert losses[-1] < 0.7 * losses[0], losses
     assert set(result.variables) == {"params"}  # no state, nothing to re-estimate
@@ -66,8 +74,16 @@ def test_fit_takes_an_iterator_of_batches_and_a_dict_output(foreign_models):
     model = case.model.with_variables(case.initial_variables)
     x, y = case.train_inputs, case.train_labels
     stream = ((x[i * 32 : (i + 1) * 32], y[i * 32 : (i + 1) * 32]) for i in range(8))  # 8 batches, then it runs out
-    result = fit(model, None, batches=stream, optimizer=optax.adam(3e-3), steps=100, log_every=4, progress=False,
-                 logits_of=case.logits_of)
+    result = fit(
+        model,
+        None,
+        batches=stream,
+        optimizer=optax.adam(3e-3),
+        steps=100,
+        log_every=4,
+        progress=False,
+        logits_of=case.logits_of,
+    )
     assert int(result.state.step) == 8
     assert [entry["step"] for entry in result.history] == [4.0, 8.0]
     assert result.history[-1]["loss"] < result.history[0]["loss"]
@@ -95,10 +111,16 @@ class DenseBN(nn.Module):
 def test_fit_on_a_model_reestimates_batch_norm_over_the_first_batches(digits):
     x, y = digits.x_train[:512], digits.y_train[:512]
     net = DenseBN()
-    model = Model.linen(net, jax.jit(lambda k: net.init(k, x[:2], False))(jax.random.key(0)), x[:2],
-                        eval_kwargs={"train": False}, train_kwargs={"train": True})
-    result = fit(model, None, (x, y), optimizer=optax.adam(3e-3), steps=24, batch_size=64, seed=3, log_every=8,
-                 progress=False)
+    model = Model.linen(
+        net,
+        jax.jit(lambda k: net.init(k, x[:2], False))(jax.random.key(0)),
+        x[:2],
+        eval_kwargs={"train": False},
+        train_kwargs={"train": True},
+    )
+    result = fit(
+        model, None, (x, y), optimizer=optax.adam(3e-3), steps=24, batch_size=64, seed=3, log_every=8, progress=False
+    )
     params = result.variables["params"]
     w, b = np.asarray(params["dense"]["kernel"], np.float64), np.asarray(params["dense"]["bias"], np.float64)
     firsts = [x[batch_indices(512, 64, step, seed=3)].reshape(64, -1) @ w + b for step in range(8)]
@@ -207,6 +229,7 @@ def test_reestimate_batch_stats_on_an_nnx_model_averages_the_batch_means(foreign
     batches = calibration_batches(case.train_inputs)
     variables = case.model.variables
     result = reestimate_batch_stats(case.model, None, batches)
+
     @jax.jit
     def batch_statistics(variables, x):  # each BatchNorm's own: with momentum 0 a step keeps only this batch's
         module = case.model.nnx_module(variables)
@@ -252,8 +275,13 @@ def test_distill_a_linen_resnet_into_a_small_cnn(foreign_models, digits):
     teacher = foreign_models["resnet"].model
     net = SmallCNN()
     x = digits.x_train
-    student = Model.linen(net, jax.jit(lambda k: net.init(k, x[:2], False))(jax.random.key(1)), x[:2],
-                          eval_kwargs={"train": False}, train_kwargs={"train": True})
+    student = Model.linen(
+        net,
+        jax.jit(lambda k: net.init(k, x[:2], False))(jax.random.key(1)),
+        x[:2],
+        eval_kwargs={"train": False},
+        train_kwargs={"train": True},
+    )
     batches = [(x[i : i + 64], digits.y_train[i : i + 64]) for i in range(0, len(x) - 63, 64)]
     result = distill_models(teacher, student, batches, steps=100, optimizer=optax.adam(3e-3), temperature=2.0)
     losses = result.losses
@@ -265,8 +293,10 @@ def test_distill_a_linen_resnet_into_a_small_cnn(foreign_models, digits):
     final = result.variables["batch_stats"]["BatchNorm_0"]
     assert not np.allclose(trained["mean"], final["mean"], atol=1e-4)
     predict = jax.jit(student)
-    before, after = ((np.asarray(predict(v, digits.x_test)).argmax(-1) == digits.y_test).mean()
-                     for v in (result.trained_variables, result.variables))
+    before, after = (
+        (np.asarray(predict(v, digits.x_test)).argmax(-1) == digits.y_test).mean()
+        for v in (result.trained_variables, result.variables)
+    )
     assert after > 0.85
     assert after >= before - 0.02, (before, after)
 
@@ -277,8 +307,9 @@ def test_distill_an_nnx_teacher_into_a_plain_function_without_labels(foreign_mod
     student = Model.function(models.plain_mlp, models.init_plain_mlp(jax.random.key(2), (64, 64, 10)), x[:2])
     order = np.random.default_rng(0).permutation(np.resize(np.arange(len(x)), 100 * 64)).reshape(100, 64)
     stream = (x[idx] for idx in order)  # inputs only, a one-shot generator
-    result = distill_models(teacher_case.model, student, stream, steps=100, labeled=False, alpha=1.0,
-                            optimizer=optax.adam(3e-3))
+    result = distill_models(
+        teacher_case.model, student, stream, steps=100, labeled=False, alpha=1.0, optimizer=optax.adam(3e-3)
+    )
     losses = result.losses
     assert len(losses) == 100
     assert np.mean(losses[-10:]) < 0.5 * np.mean(losses[:10]), (np.mean(losses[:10]), np.mean(losses[-10:]))
@@ -302,8 +333,9 @@ def test_distill_with_a_custom_loss_on_a_dict_output_teacher(foreign_models, dig
         return mse, {"mse": mse}
 
     batches = [(x[i : i + 64], None) for i in range(0, 640, 64)]
-    result = distill_models(teacher, student, batches, steps=30, loss=embedding_mse, optimizer=optax.adam(3e-3),
-                            log_every=10)
+    result = distill_models(
+        teacher, student, batches, steps=30, loss=embedding_mse, optimizer=optax.adam(3e-3), log_every=10
+    )
     assert [entry["step"] for entry in result.history] == [10.0, 20.0, 30.0]
     assert result.history[-1]["mse"] < 0.7 * result.history[0]["mse"]  # measured 3.80 vs 7.49
 
@@ -320,10 +352,19 @@ def test_distill_every_other_foreign_teacher_for_100_steps(foreign_models, name)
     example = jax.tree.map(lambda a: a[:2], case.train_inputs)
     student = Model.function(student_fn, models.init_plain_mlp(jax.random.key(4), (64, 32, 10)), example)
     n = len(case.train_labels)
-    batches = [(jax.tree.map(lambda a, i=i: a[i : i + 32], case.train_inputs), case.train_labels[i : i + 32])
-               for i in range(0, n - 31, 32)]
-    result = distill_models(case.model, student, batches, steps=100, optimizer=optax.adam(3e-3),
-                            logits_of=case.logits_of, teacher_logits_of=case.logits_of)
+    batches = [
+        (jax.tree.map(lambda a, i=i: a[i : i + 32], case.train_inputs), case.train_labels[i : i + 32])
+        for i in range(0, n - 31, 32)
+    ]
+    result = distill_models(
+        case.model,
+        student,
+        batches,
+        steps=100,
+        optimizer=optax.adam(3e-3),
+        logits_of=case.logits_of,
+        teacher_logits_of=case.logits_of,
+    )
     losses = result.losses
     assert len(losses) == 100
     assert np.mean(losses[-10:]) < 0.5 * np.mean(losses[:10]), (name, np.mean(losses[:10]), np.mean(losses[-10:]))

@@ -2,12 +2,36 @@
 
 import itertools
 
-SUBJECTS = ["A man", "The children", "My neighbour's cat", "The committee", "A young programmer", "Two old friends",
-            "The orchestra", "An engineer from Oslo"]
-VERBS = ["is eating", "reviewed", "will repair", "has been painting", "quietly watched", "argued about",
-         "cannot find", "laughed at"]
-OBJECTS = ["a bowl of noodles.", "the quarterly budget!", "the broken bicycle?", "a portrait of the sea",
-           "the new compiler release", "an old photograph", "the evening news", "the rules of chess"]
+SUBJECTS = [
+    "A man",
+    "The children",
+    "My neighbour's cat",
+    "The committee",
+    "A young programmer",
+    "Two old friends",
+    "The orchestra",
+    "An engineer from Oslo",
+]
+VERBS = [
+    "is eating",
+    "reviewed",
+    "will repair",
+    "has been painting",
+    "quietly watched",
+    "argued about",
+    "cannot find",
+    "laughed at",
+]
+OBJECTS = [
+    "a bowl of noodles.",
+    "the quarterly budget!",
+    "the broken bicycle?",
+    "a portrait of the sea",
+    "the new compiler release",
+    "an old photograph",
+    "the evening news",
+    "the rules of chess",
+]
 EXTRAS = [
     "What time does the train to Paris leave?",
     "Prices rose 3.7% in March, the fastest pace since 2019.",

@@ -9,8 +9,20 @@ def test_embed_cli_matches_the_python_api(tmp_path, capsys):
 
     lines = minilm_sentences()[:40]
     (tmp_path / "in.txt").write_text("\n".join(lines) + "\n", encoding="utf-8")
-    assert main(["embed", "minilm", "--input", str(tmp_path / "in.txt"), "--output", str(tmp_path / "e.npy"),
-                 "--no-progress"]) == 0
+    assert (
+        main(
+            [
+                "embed",
+                "minilm",
+                "--input",
+                str(tmp_path / "in.txt"),
+                "--output",
+                str(tmp_path / "e.npy"),
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
     assert "40 x 384 embeddings" in capsys.readouterr().out
     expected = SentenceEncoder(bundled_minilm_dir()).embed(lines)
     np.testing.assert_allclose(np.load(tmp_path / "e.npy"), expected, rtol=1e-4, atol=1e-5)

@@ -14,8 +14,12 @@ from jaxopt_serve.hf import (  # noqa: E402
 from jaxopt_serve.hf.corpus import documentation_sentences, generated_sentences  # noqa: E402
 from jaxopt_serve.prune import structured_prune  # noqa: E402
 
-SENTENCES = ["A man is eating food.", "Someone is having lunch.", "The stock market fell sharply today.",
-             "Prices dropped on Wall Street."]
+SENTENCES = [
+    "A man is eating food.",
+    "Someone is having lunch.",
+    "The stock market fell sharply today.",
+    "Prices dropped on Wall Street.",
+]
 
 
 @pytest.fixture(scope="module")
@@ -46,23 +50,27 @@ def test_pruned_encoder_runs_with_its_own_config(teacher):
     base, emb = teacher.embed(SENTENCES), small.embed(SENTENCES)
     assert emb.shape == base.shape
     assert embedding_agreement(base, emb)["mean_cosine"] > 0.5
-    with pytest.raises(ValueError,
-                       match=r"params/layer_0/attention/.* has shape \(9, 32\), the given config needs \(12, 32\)"):
+    with pytest.raises(
+        ValueError, match=r"params/layer_0/attention/.* has shape \(9, 32\), the given config needs \(12, 32\)"
+    ):
         SentenceEncoder(bundled_minilm_dir(), config=teacher.config, variables=pruned.variables)
 
 
 def test_layer_student_distillation_moves_toward_the_teacher(teacher):
     config, variables = layer_student(teacher.config, teacher.variables, [5])
     assert config.num_layers == 1
-    np.testing.assert_array_equal(variables["params"]["layer_0"]["output"]["kernel"],
-                                  teacher.variables["params"]["layer_5"]["output"]["kernel"])
+    np.testing.assert_array_equal(
+        variables["params"]["layer_0"]["output"]["kernel"], teacher.variables["params"]["layer_5"]["output"]["kernel"]
+    )
     corpus = text_corpus(64)
-    result = distill_embeddings(teacher, config, variables, corpus, steps=12, batch_size=8, max_tokens=32,
-                                learning_rate=1e-3, log_every=4)
+    result = distill_embeddings(
+        teacher, config, variables, corpus, steps=12, batch_size=8, max_tokens=32, learning_rate=1e-3, log_every=4
+    )
     losses = [h["loss"] for h in result.history]
     assert losses[-1] < losses[0]
-    np.testing.assert_array_equal(result.variables["params"]["word_embeddings"]["embedding"],
-                                  variables["params"]["word_embeddings"]["embedding"])  # frozen
+    np.testing.assert_array_equal(
+        result.variables["params"]["word_embeddings"]["embedding"], variables["params"]["word_embeddings"]["embedding"]
+    )  # frozen
     with pytest.raises(ValueError, match="distinct"):
         layer_student(teacher.config, teacher.variables, [0, 0])
     with pytest.raises(ValueError, match="hidden_size"):

@@ -57,14 +57,23 @@ def test_bad_checkpoints_name_the_tensor(tmp_path):
     with pytest.raises(ValueError, match=re.escape("missing tensors: ['encoder.layer.3.output.dense.bias']")):
         import_bert(_checkpoint_copy(_dir(tmp_path, "a"), lambda t: t.pop("encoder.layer.3.output.dense.bias")))
     with pytest.raises(ValueError, match=re.escape("not used by the BERT mapping: ['cls.predictions.bias']")):
-        import_bert(_checkpoint_copy(_dir(tmp_path, "b"),
-                                     lambda t: t.update({"cls.predictions.bias": np.zeros(3, np.float32)})))
+        import_bert(
+            _checkpoint_copy(_dir(tmp_path, "b"), lambda t: t.update({"cls.predictions.bias": np.zeros(3, np.float32)}))
+        )
     with pytest.raises(ValueError, match=r"encoder.layer.0.intermediate.dense.weight has shape \(1536, 383\)"):
-        import_bert(_checkpoint_copy(_dir(tmp_path, "c"), lambda t: t.update(
-            {"encoder.layer.0.intermediate.dense.weight": np.zeros((1536, 383), np.float32)})))
+        import_bert(
+            _checkpoint_copy(
+                _dir(tmp_path, "c"),
+                lambda t: t.update({"encoder.layer.0.intermediate.dense.weight": np.zeros((1536, 383), np.float32)}),
+            )
+        )
     with pytest.raises(ValueError, match="unsupported architecture \\['GPT2Model'\\]"):
-        import_bert(_checkpoint_copy(_dir(tmp_path, "d"), edit_config=lambda c: c.update(
-            {"architectures": ["GPT2Model"], "model_type": "gpt2"})))
+        import_bert(
+            _checkpoint_copy(
+                _dir(tmp_path, "d"),
+                edit_config=lambda c: c.update({"architectures": ["GPT2Model"], "model_type": "gpt2"}),
+            )
+        )
 
 
 def _dir(tmp_path, name):

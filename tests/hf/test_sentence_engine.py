@@ -135,11 +135,13 @@ def test_compile_count_is_fixed_after_warmup(engine):
         mask[0, length // 2 :] = 0
         assert engine({"input_ids": ids, "attention_mask": mask}).shape == (rows, 384)
     assert engine.compile_count == len(BUCKETS) * len(LENGTHS)
-    with pytest.raises(ValueError,
-                       match=r"inputs\[0\]\['attention_mask'\]: length 33 exceeds the largest length bucket 32"):
+    with pytest.raises(
+        ValueError, match=r"inputs\[0\]\['attention_mask'\]: length 33 exceeds the largest length bucket 32"
+    ):
         engine({"input_ids": np.zeros((1, 33), np.int32), "attention_mask": np.ones((1, 33), np.int32)})
-    with pytest.raises(ValueError,
-                       match=r"inputs\[0\]\['input_ids'\]: length 12 .* differs from .*attention_mask.* 10"):
+    with pytest.raises(
+        ValueError, match=r"inputs\[0\]\['input_ids'\]: length 12 .* differs from .*attention_mask.* 10"
+    ):
         engine({"input_ids": np.zeros((2, 12), np.int32), "attention_mask": np.ones((2, 10), np.int32)})
     assert engine.compile_count == len(BUCKETS) * len(LENGTHS)
 

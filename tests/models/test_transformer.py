@@ -23,8 +23,14 @@ def test_parameter_layout_has_separate_qkv_and_output_projections(variables):
     layer = variables["params"]["layer_1"]
     assert layer["intermediate"]["kernel"].shape == (CONFIG.hidden_size, CONFIG.mlp_dim)
     assert {"attention_norm", "output_norm"} <= set(layer)
-    assert {"word_embeddings", "position_embeddings", "token_type_embeddings", "embedding_norm", "pooler",
-            "classifier"} <= set(variables["params"])
+    assert {
+        "word_embeddings",
+        "position_embeddings",
+        "token_type_embeddings",
+        "embedding_norm",
+        "pooler",
+        "classifier",
+    } <= set(variables["params"])
 
 
 def test_padding_tokens_do_not_change_the_prediction(variables):

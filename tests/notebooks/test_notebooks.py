@@ -81,7 +81,8 @@ def with_overrides(notebook, name):
     if overrides:
         [index] = parameters_cells(notebook.cells)
         source = "# Injected parameters (tests/notebooks/test_notebooks.py QUICK): a shorter run\n" + "\n".join(
-            f"{knob} = {value!r}" for knob, value in overrides.items())
+            f"{knob} = {value!r}" for knob, value in overrides.items()
+        )
         cell = nbformat.v4.new_code_cell(source, metadata={"tags": ["injected-parameters"]})
         notebook.cells.insert(index + 1, cell)
     return notebook
@@ -115,8 +116,13 @@ def test_stored_without_outputs(name):
 @pytest.mark.parametrize("name", sorted(FIGURES))
 def test_first_cell_installs_in_colab_and_shows_the_devices(name):
     source = "".join(load(name)["cells"][1]["source"])
-    for needed in ('"google.colab" in sys.modules', "jax[tpu]", "jax.default_backend()", "jax.devices()",
-                   "JAXOPT_SERVE_FIGURES"):
+    for needed in (
+        '"google.colab" in sys.modules',
+        "jax[tpu]",
+        "jax.default_backend()",
+        "jax.devices()",
+        "JAXOPT_SERVE_FIGURES",
+    ):
         assert needed in source, f"{name}.ipynb setup cell lacks {needed!r}"
 
 
@@ -141,8 +147,9 @@ def _check_urls(root, repository, branch):
     problems = []
     for path, urls in _colab_urls(root).items():
         for url in urls:
-            match = re.fullmatch(r"https://colab\.research\.google\.com/github/(.+)/blob/(.+)/notebooks/([\w.-]+)\.ipynb",
-                                 url)
+            match = re.fullmatch(
+                r"https://colab\.research\.google\.com/github/(.+)/blob/(.+)/notebooks/([\w.-]+)\.ipynb", url
+            )
             if match is None or match.group(1, 2) != (repository, branch):
                 problems.append(f"{path.name}: {url} does not open {repository} at {branch}")
             elif not (root / "notebooks" / f"{match.group(3)}.ipynb").is_file():
@@ -153,7 +160,7 @@ def _check_urls(root, repository, branch):
         if own not in "".join(notebook["cells"][0]["source"]):
             problems.append(f"{name}.ipynb: its first cell has no Open in Colab badge for itself")
         setup = "".join(notebook["cells"][1]["source"])
-        if f'REPO = "{repository}"' not in setup or 'git+https://github.com/{REPO}' not in setup:
+        if f'REPO = "{repository}"' not in setup or "git+https://github.com/{REPO}" not in setup:
             problems.append(f"{name}.ipynb: its install cell does not install {repository} through REPO")
         code = "".join("".join(c["source"]) for c in notebook["cells"] if c["cell_type"] == "code")
         if re.search(r"github\.com/(?!\{REPO\})", code):
@@ -219,8 +226,9 @@ def test_notebook_runs_top_to_bottom_and_saves_its_figures(name, tmp_path, monke
     monkeypatch.setenv("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.2")
 
     notebook = with_overrides(nbformat.read(NOTEBOOKS / f"{name}.ipynb", as_version=4), name)
-    client = NotebookClient(notebook, kernel_name="python3", timeout=600,
-                            resources={"metadata": {"path": str(tmp_path)}})
+    client = NotebookClient(
+        notebook, kernel_name="python3", timeout=600, resources={"metadata": {"path": str(tmp_path)}}
+    )
     client.execute()  # raises CellExecutionError, with the cell and its traceback, if any cell fails
 
     stderr = [o["text"] for c in notebook.cells for o in c.get("outputs", []) if o.get("name") == "stderr"]

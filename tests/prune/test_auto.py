@@ -63,9 +63,14 @@ def test_the_program_model_runs_any_batch_saves_and_loads(tmp_path):
 
 
 def test_asking_for_a_refused_axis_names_the_path_and_the_operation():
-    with pytest.raises(ValueError, match=re.escape("cannot prune 'params/LayerNorm_0/scale': params/LayerNorm_0/"
-                                                   "scale[0]: reduce_sum mixes the entries of this axis (operation: "
-                                                   "reduce_sum)")):
+    with pytest.raises(
+        ValueError,
+        match=re.escape(
+            "cannot prune 'params/LayerNorm_0/scale': params/LayerNorm_0/"
+            "scale[0]: reduce_sum mixes the entries of this axis (operation: "
+            "reduce_sum)"
+        ),
+    ):
         prune_model(zoo_model("vit"), {"params/LayerNorm_0/scale": 0.5})
 
 
@@ -94,6 +99,7 @@ def test_group_lasso_reads_split_halves_and_the_cut_follows():
     (group,) = prune_model(model, 0.5, rebuild=False).analysis.groups
     params = model.variables["params"]
     up, bias, down = (np.asarray(params[a][b]) for a, b in (("up", "kernel"), ("up", "bias"), ("down", "kernel")))
-    expected = np.sqrt((up[:, :32] ** 2).sum(0) + (up[:, 32:] ** 2).sum(0) + bias[:32] ** 2 + bias[32:] ** 2
-                       + (down ** 2).sum(1))
+    expected = np.sqrt(
+        (up[:, :32] ** 2).sum(0) + (up[:, 32:] ** 2).sum(0) + bias[:32] ** 2 + bias[32:] ** 2 + (down**2).sum(1)
+    )
     np.testing.assert_allclose(group_norms(params, [group])[group.name], expected, rtol=1e-5)

@@ -35,16 +35,18 @@ def test_automatic_groups_equal_the_hand_written_ones(name):
     manual = _slices(model_groups(config))
     if name == "transformer":
         # one more group the hand-written description leaves out (TransformerConfig cannot size it): the pooler
-        pooler = frozenset({Slice("params/pooler/kernel", 1), Slice("params/pooler/bias", 0),
-                            Slice("params/classifier/kernel", 0)})
+        pooler = frozenset(
+            {Slice("params/pooler/kernel", 1), Slice("params/pooler/bias", 0), Slice("params/classifier/kernel", 0)}
+        )
         assert found == manual | {pooler}
     else:
         assert found == manual
 
 
 def _by_first_path(groups, path, axis):
-    return next(g for g in groups if Slice(path, axis) in g.slices or any(
-        s.path == path and s.axis == axis for s in g.slices))
+    return next(
+        g for g in groups if Slice(path, axis) in g.slices or any(s.path == path and s.axis == axis for s in g.slices)
+    )
 
 
 def test_resnet_identity_and_projection_shortcuts():
@@ -54,27 +56,43 @@ def test_resnet_identity_and_projection_shortcuts():
     # identity shortcut: the stem's channels are block1's output channels, and block2 reads them (conv1, proj)
     stream = _by_first_path(analysis.groups, "params/stem/kernel", 3)
     paths = {(s.path, s.axis) for s in stream.slices}
-    assert {("params/block1/conv2/kernel", 3), ("params/block2/conv1/kernel", 2), ("params/block2/proj/kernel", 2),
-            ("batch_stats/stem_bn/mean", 0), ("batch_stats/block1/bn2/var", 0)} <= paths
+    assert {
+        ("params/block1/conv2/kernel", 3),
+        ("params/block2/conv1/kernel", 2),
+        ("params/block2/proj/kernel", 2),
+        ("batch_stats/stem_bn/mean", 0),
+        ("batch_stats/block1/bn2/var", 0),
+    } <= paths
     # projection shortcut: conv2 and proj write the same channels, which the head reads
     out = _by_first_path(analysis.groups, "params/block2/proj/kernel", 3)
     assert {("params/block2/conv2/kernel", 3), ("params/head/kernel", 0), ("params/block2/proj_bn/scale", 0)} <= {
-        (s.path, s.axis) for s in out.slices}
+        (s.path, s.axis) for s in out.slices
+    }
 
 
 def test_vit_heads_and_mlp_are_groups_and_the_residual_width_is_refused():
     analysis = analyze(zoo_model("vit"))
     heads = next(g for g in analysis.groups if g.name.endswith("MultiHeadDotProductAttention_0"))
     assert heads.size == 4 and {(s.path.rsplit("/", 2)[-2], s.axis) for s in heads.slices} == {
-        ("query", 1), ("key", 1), ("value", 1), ("query", 0), ("key", 0), ("value", 0), ("out", 0)}
+        ("query", 1),
+        ("key", 1),
+        ("value", 1),
+        ("query", 0),
+        ("key", 0),
+        ("value", 0),
+        ("out", 0),
+    }
     mlp = next(g for g in analysis.groups if g.name.endswith("Dense_1"))
     assert mlp.size == 32
     refusal = next(r for r in analysis.refused if "params/patch_embed/kernel[3]" in r.axes)
     assert refusal.primitive == "reduce_sum" and "params/LayerNorm_0/scale[0]" in refusal.axes
     head_dim = next(r for r in analysis.refused if any("query/kernel[2]" in a for a in r.axes))
     assert head_dim.primitive == "dot_general" and "head_dims=True" in head_dim.reason
-    assert any(g.size == 4 and "query" in g.slices[0].path or "key" in g.slices[0].path
-               for g in analyze(zoo_model("vit"), head_dims=True).groups if g.size == 4)
+    assert any(
+        g.size == 4 and "query" in g.slices[0].path or "key" in g.slices[0].path
+        for g in analyze(zoo_model("vit"), head_dims=True).groups
+        if g.size == 4
+    )
 
 
 def test_gated_mlp_split_halves_are_one_unit():
@@ -82,7 +100,9 @@ def test_gated_mlp_split_halves_are_one_unit():
     (group,) = analysis.groups
     assert group.size == 32
     assert {s for s in group.slices if s.path == "params/up/kernel"} == {
-        Slice("params/up/kernel", 1, offset=0), Slice("params/up/kernel", 1, offset=32)}
+        Slice("params/up/kernel", 1, offset=0),
+        Slice("params/up/kernel", 1, offset=32),
+    }
     assert Slice("params/down/kernel", 0) in group.slices
     # the residual width is the model's input width (x + down(...)): left whole, and said so
     assert any("params/norm/scale[0]" in r.axes and r.kind == "input" for r in analysis.refused)
@@ -92,7 +112,8 @@ def test_depthwise_conv_shares_the_channels_it_filters():
     analysis = analyze(zoo_model("dw"))
     stem = _by_first_path(analysis.groups, "params/stem/kernel", 3)
     assert {("params/dw0/kernel", 3), ("params/dw0_bn/scale", 0), ("params/pw0/kernel", 2)} <= {
-        (s.path, s.axis) for s in stem.slices}
+        (s.path, s.axis) for s in stem.slices
+    }
 
 
 def test_flatten_repeats_the_channel_block():

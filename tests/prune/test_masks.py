@@ -103,8 +103,11 @@ def test_random_scores_are_seeded(params):
 
 
 def test_first_rule_wins_and_unused_rules_are_reported(params):
-    rules = [PruneRule(r"params/classifier/kernel", None), PruneRule(r"params/.*/kernel", 0.5),
-             PruneRule(r"params/nothing/.*", 0.5)]
+    rules = [
+        PruneRule(r"params/classifier/kernel", None),
+        PruneRule(r"params/.*/kernel", 0.5),
+        PruneRule(r"params/nothing/.*", 0.5),
+    ]
     with pytest.warns(UnusedPruneRuleWarning, match="params/nothing"):
         result = prune(params, rules)
     assert result.masks["classifier"]["kernel"] is None

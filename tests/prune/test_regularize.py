@@ -51,15 +51,23 @@ def test_group_lasso_drives_half_the_hidden_neurons_to_zero(digits):
     groups = model_groups(config)
     loss = classification_loss(make_apply(config))
     optimizer = optax.chain(add_group_lasso(3e-3, groups), optax.adam(3e-3))
-    result = fit(loss, variables, (digits.x_train, digits.y_train), optimizer=optimizer, steps=400, batch_size=64,
-                 progress=False)
+    result = fit(
+        loss, variables, (digits.x_train, digits.y_train), optimizer=optimizer, steps=400, batch_size=64, progress=False
+    )
     before = group_norms(variables["params"], groups)
     after = group_norms(result.variables["params"], groups)
     for name in before:
         near_zero = np.asarray(after[name]) < 0.05 * float(np.median(before[name]))
         assert near_zero.mean() >= 0.5, f"{name}: only {near_zero.sum()} of {near_zero.size} groups near zero"
-    plain = fit(loss, variables, (digits.x_train, digits.y_train), optimizer=optax.adam(3e-3), steps=400,
-                batch_size=64, progress=False)
+    plain = fit(
+        loss,
+        variables,
+        (digits.x_train, digits.y_train),
+        optimizer=optax.adam(3e-3),
+        steps=400,
+        batch_size=64,
+        progress=False,
+    )
     plain_norms = group_norms(plain.variables["params"], groups)
     assert (np.asarray(plain_norms["dense_0"]) < 0.05 * float(np.median(before["dense_0"]))).mean() < 0.1
 

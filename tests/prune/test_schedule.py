@@ -33,12 +33,15 @@ def test_schedule_with_end_off_the_grid_still_reaches_the_target_at_the_end_step
     assert float(schedule(7)) == pytest.approx(0.6)
 
 
-@pytest.mark.parametrize("kwargs, message", [
-    (dict(final=1.0, end_step=5), r"sparsity must be a number in \[0, 1\)"),
-    (dict(final=0.5, begin_step=5, end_step=5), "begin_step < end_step"),
-    (dict(final=0.5, end_step=5, frequency=0), "frequency must be > 0"),
-    (dict(final=0.3, initial=0.5, end_step=5), "initial sparsity 0.5 exceeds final 0.3"),
-])
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(final=1.0, end_step=5), r"sparsity must be a number in \[0, 1\)"),
+        (dict(final=0.5, begin_step=5, end_step=5), "begin_step < end_step"),
+        (dict(final=0.5, end_step=5, frequency=0), "frequency must be > 0"),
+        (dict(final=0.3, initial=0.5, end_step=5), "initial sparsity 0.5 exceeds final 0.3"),
+    ],
+)
 def test_schedule_rejects_bad_arguments(kwargs, message):
     with pytest.raises(ValueError, match=message):
         polynomial_sparsity(**kwargs)
@@ -56,8 +59,10 @@ def test_gradual_pruning_hits_the_schedule_exactly_and_masked_weights_stay_zero(
     state = init_state(init_variables(CONFIG, 0), optimizer)
     step = make_train_step(classification_loss(make_apply(CONFIG)), optimizer)
     x, y = _data()
-    schedule = {r.pattern.split("/")[1]: polynomial_sparsity(r.sparsity, begin_step=begin, end_step=end, frequency=freq)
-                for r in RULES}
+    schedule = {
+        r.pattern.split("/")[1]: polynomial_sparsity(r.sparsity, begin_step=begin, end_step=end, frequency=freq)
+        for r in RULES
+    }
     for t in range(20):
         state, _ = step(state, (x, y))
         masks = state.opt_state.masks

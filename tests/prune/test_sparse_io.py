@@ -69,8 +69,9 @@ def test_long_zero_runs_use_escape_coded_gaps():
     config = MLPConfig(features=(50,), num_classes=100, input_shape=(1,))
     variables = jax.tree.map(np.asarray, init_variables(config, 0))
     variables["params"]["classifier"]["kernel"] = kernel
-    decoded = decode_sparse(MLPConfig(features=(50,), num_classes=100, input_shape=(1,)),
-                            encode_sparse(variables), (1,))
+    decoded = decode_sparse(
+        MLPConfig(features=(50,), num_classes=100, input_shape=(1,)), encode_sparse(variables), (1,)
+    )
     np.testing.assert_array_equal(decoded["params"]["classifier"]["kernel"], kernel)
 
 

@@ -15,8 +15,11 @@ CASES = {
     "nnx_mlp": (NNXMLPConfig(features=(24, 16), num_classes=5), (3, 8, 8, 1), "float32"),
     "cnn": (CNNConfig(channels=(8, 12), convs_per_stage=2, hidden=10), (2, 12, 12, 1), "float32"),
     "cnn_no_hidden": (CNNConfig(channels=(6,), hidden=0), (2, 8, 8, 1), "float32"),
-    "transformer": (TransformerConfig(vocab_size=30, max_len=16, hidden_size=16, num_heads=4, mlp_dim=24,
-                                      num_layers=2), (3, 10), "int32"),
+    "transformer": (
+        TransformerConfig(vocab_size=30, max_len=16, hidden_size=16, num_heads=4, mlp_dim=24, num_layers=2),
+        (3, 10),
+        "int32",
+    ),
 }
 
 
@@ -122,10 +125,16 @@ def test_an_incomplete_coupling_is_caught_against_the_rewritten_config():
     config = MLPConfig(features=(8, 6), num_classes=3)
     # dense_0's consumer (dense_1 rows) is left out: the result would not fit the smaller model
     groups = [Group("dense_0", (Slice("params/dense_0/kernel", 1), Slice("params/dense_0/bias", 0)))]
-    with pytest.raises(ValueError,
-                       match="params/dense_1/kernel with shape .* a layer coupled to a pruned one is missing"):
-        structured_prune(config, random_variables(config), {"dense_0": 0.5},
-                         groups=groups, rewrite=lambda c, kept: c.replace(features=(kept["dense_0"], 6)))
+    with pytest.raises(
+        ValueError, match="params/dense_1/kernel with shape .* a layer coupled to a pruned one is missing"
+    ):
+        structured_prune(
+            config,
+            random_variables(config),
+            {"dense_0": 0.5},
+            groups=groups,
+            rewrite=lambda c, kept: c.replace(features=(kept["dense_0"], 6)),
+        )
 
 
 def test_cnn_stage_with_unequal_conv_widths_is_an_error():
@@ -148,10 +157,15 @@ def test_conv_channels_feeding_a_flatten_remove_their_dense_rows():
 
     x = jnp.asarray(np.random.default_rng(0).normal(size=(2, 3, 3, 2)), jnp.float32)
     variables = {"params": jax.tree.map(np.asarray, FlatNet().init(jax.random.key(0), x)["params"])}
-    groups = [Group("conv", (Slice("params/conv/kernel", 3), Slice("params/conv/bias", 0),
-                             Slice("params/head/kernel", 0, repeat=9)))]
+    groups = [
+        Group(
+            "conv",
+            (Slice("params/conv/kernel", 3), Slice("params/conv/bias", 0), Slice("params/head/kernel", 0, repeat=9)),
+        )
+    ]
     result = structured_prune(None, variables, 0.5, groups=groups)
     assert result.variables["params"]["head"]["kernel"].shape == (27, 4)
     masked = mask_plan(variables, groups, result.kept)
-    np.testing.assert_allclose(FlatNet(channels=3).apply(result.variables, x), FlatNet().apply(masked, x),
-                               rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(
+        FlatNet(channels=3).apply(result.variables, x), FlatNet().apply(masked, x), rtol=1e-5, atol=1e-5
+    )

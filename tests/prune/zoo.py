@@ -40,8 +40,11 @@ class DepthwiseSeparable(nn.Module):
 
     @nn.compact
     def __call__(self, x, train: bool = False):
-        x = nn.relu(nn.BatchNorm(use_running_average=not train, name="stem_bn")(
-            nn.Conv(self.widths[0], (3, 3), use_bias=False, name="stem")(x)))
+        x = nn.relu(
+            nn.BatchNorm(use_running_average=not train, name="stem_bn")(
+                nn.Conv(self.widths[0], (3, 3), use_bias=False, name="stem")(x)
+            )
+        )
         for i, width in enumerate(self.widths):
             channels = x.shape[-1]
             x = nn.Conv(channels, (3, 3), feature_group_count=channels, use_bias=False, name=f"dw{i}")(x)

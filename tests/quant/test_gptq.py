@@ -28,9 +28,11 @@ def _layer_error(variables, qvariables, x, layer="dense_0"):
     return float(np.mean((x @ w - x @ q) ** 2))
 
 
-@pytest.mark.parametrize("spec", [INT4, QuantSpec(qtype="int4", granularity="group", group_size=8),
-                                  QuantSpec(qtype="int8", granularity="channel")],
-                         ids=["int4-g16-asym", "int4-g8-sym", "int8"])
+@pytest.mark.parametrize(
+    "spec",
+    [INT4, QuantSpec(qtype="int4", granularity="group", group_size=8), QuantSpec(qtype="int8", granularity="channel")],
+    ids=["int4-g16-asym", "int4-g8-sym", "int8"],
+)
 def test_gptq_lowers_the_layer_output_error_of_round_to_nearest(correlated_case, spec):
     variables, x = correlated_case
     rules = [QuantRule(r"params/dense_0/kernel", spec)]
@@ -48,7 +50,13 @@ def test_gptq_result_is_the_rules_qarray(correlated_case):
     for layer in ("dense_0", "classifier"):
         a, b = rtn["params"][layer]["kernel"], gptq["params"][layer]["kernel"]
         assert (a.qtype, a.shape, a.granularity, a.axis, a.group_size, a.nbytes) == (
-            b.qtype, b.shape, b.granularity, b.axis, b.group_size, b.nbytes)
+            b.qtype,
+            b.shape,
+            b.granularity,
+            b.axis,
+            b.group_size,
+            b.nbytes,
+        )
         assert b.scale.shape == a.scale.shape and b.zero_point.shape == a.zero_point.shape
         q = np.asarray(b.int_values())
         assert q.min() >= -8 and q.max() <= 7

@@ -103,12 +103,23 @@ def test_raw_lax_conv_is_wrong_when_sharded():
         # input dilation (transposed convolution)
         ((2, 8, 5, 5), (4, 8, 3, 3), dict(window_strides=(1, 1), padding=[(2, 2), (1, 1)], lhs_dilation=(2, 3))),
         # grouped and depthwise convolutions, a layout that puts channels first in the output
-        ((2, 7, 7, 8), (3, 3, 2, 8), dict(window_strides=(1, 1), padding="SAME", feature_group_count=4,
-                                          dimension_numbers=("NHWC", "HWIO", "NCHW"))),
-        ((2, 7, 7, 8), (3, 3, 1, 16), dict(window_strides=(2, 2), padding="SAME_LOWER", feature_group_count=8,
-                                           dimension_numbers=NHWC)),
-        ((6, 7, 7, 8), (3, 3, 8, 9), dict(window_strides=(1, 1), padding="VALID", batch_group_count=3,
-                                          dimension_numbers=NHWC)),
+        (
+            (2, 7, 7, 8),
+            (3, 3, 2, 8),
+            dict(
+                window_strides=(1, 1), padding="SAME", feature_group_count=4, dimension_numbers=("NHWC", "HWIO", "NCHW")
+            ),
+        ),
+        (
+            (2, 7, 7, 8),
+            (3, 3, 1, 16),
+            dict(window_strides=(2, 2), padding="SAME_LOWER", feature_group_count=8, dimension_numbers=NHWC),
+        ),
+        (
+            (6, 7, 7, 8),
+            (3, 3, 8, 9),
+            dict(window_strides=(1, 1), padding="VALID", batch_group_count=3, dimension_numbers=NHWC),
+        ),
         # 1-D
         ((2, 9, 8), (3, 8, 5), dict(window_strides=(2,), padding="SAME", dimension_numbers=("NWC", "WIO", "NWC"))),
     ],
@@ -121,8 +132,9 @@ def test_matches_lax_on_every_argument(x_shape, w_shape, kwargs):
 
 def test_accepts_traced_equation_params():
     """A traced ``conv_general_dilated`` equation's params pass straight through (resolved padding, out_sharding)."""
-    kwargs = dict(window_strides=(2, 1), padding="SAME", rhs_dilation=(1, 2),
-                  dimension_numbers=("NHWC", "HWIO", "NCHW"))
+    kwargs = dict(
+        window_strides=(2, 1), padding="SAME", rhs_dilation=(1, 2), dimension_numbers=("NHWC", "HWIO", "NCHW")
+    )
     x, w = _int8((2, 7, 7, 8), 4), _int8((3, 3, 8, 4), 5)
     traced = jax.make_jaxpr(lambda a, b: jax.lax.conv_general_dilated(a, b, **kwargs))
     eqn = traced(x.astype(np.float32), w.astype(np.float32)).eqns[0]
@@ -136,7 +148,8 @@ def test_rejects_what_lax_rejects():
     with pytest.raises(TypeError, match="lhs must be int8"):
         int8_conv(x.astype(np.float32), w, window_strides=(1, 1), padding="SAME", dimension_numbers=NHWC)
     with pytest.raises(TypeError, match="int32"):
-        int8_conv(x, w, window_strides=(1, 1), padding="SAME", dimension_numbers=NHWC,
-                  preferred_element_type=jnp.float32)
+        int8_conv(
+            x, w, window_strides=(1, 1), padding="SAME", dimension_numbers=NHWC, preferred_element_type=jnp.float32
+        )
     with pytest.raises((ValueError, TypeError)):  # 8 input channels, kernel expects 4
         int8_conv(x, _int8((3, 3, 4, 4), 1), window_strides=(1, 1), padding="SAME", dimension_numbers=NHWC)

@@ -19,8 +19,11 @@ def mlp(params, inputs):
 @pytest.fixture(scope="module")
 def case():
     rng = np.random.default_rng(0)
-    params = {"w1": rng.normal(size=(32, 64)).astype(np.float32) / 6, "b1": np.zeros(64, np.float32),
-              "w2": rng.normal(size=(64, 8)).astype(np.float32) / 8}
+    params = {
+        "w1": rng.normal(size=(32, 64)).astype(np.float32) / 6,
+        "b1": np.zeros(64, np.float32),
+        "w2": rng.normal(size=(64, 8)).astype(np.float32) / 8,
+    }
     x = {"x": rng.normal(size=(96, 32)).astype(np.float32), "gate": rng.uniform(size=(96, 1)).astype(np.float32)}
     x["x"][:, 5] *= 40.0  # an outlier channel for SmoothQuant
     model = Model.function(mlp, params, jax.tree.map(lambda a: a[:2], x))

@@ -113,7 +113,13 @@ def _mse(x, q: QArray) -> float:
 def test_spec_defaults_and_bits():
     spec = QuantSpec()
     assert (spec.qtype, spec.granularity, spec.axis, spec.group_size, spec.symmetric, spec.calibration) == (
-        "int8", "channel", None, None, True, "absmax")
+        "int8",
+        "channel",
+        None,
+        None,
+        True,
+        "absmax",
+    )
     assert [QuantSpec(qtype=t).bits for t in ("int8", "int4", "ternary", "binary")] == [8, 4, 2, 1]
     assert BITS == {"int8": 8, "int4": 4, "ternary": 2, "binary": 1}
 
@@ -176,8 +182,9 @@ def test_resolve_axis_defaults():
 def test_group_size_that_does_not_divide_names_path_and_shape():
     x = jnp.ones((6, 4))
     spec = QuantSpec(granularity="group", group_size=4)
-    with pytest.raises(ValueError,
-                       match=re.escape("params/dense_0/kernel: group_size 4 does not divide axis 0 of shape (6, 4)")):
+    with pytest.raises(
+        ValueError, match=re.escape("params/dense_0/kernel: group_size 4 does not divide axis 0 of shape (6, 4)")
+    ):
         quantize_array(x, spec, name="params/dense_0/kernel")
 
 
@@ -194,8 +201,9 @@ def test_axis_out_of_range_and_scalar_channel_are_errors():
 def test_non_finite_values_are_rejected_with_the_name(bad):
     x = np.ones((4, 4), np.float32)
     x[1, 2] = bad
-    with pytest.raises(ValueError, match=re.escape(
-            "params/dense_1/kernel: cannot quantize an array holding NaN or inf (shape (4, 4))")):
+    with pytest.raises(
+        ValueError, match=re.escape("params/dense_1/kernel: cannot quantize an array holding NaN or inf (shape (4, 4))")
+    ):
         quantize_array(x, QuantSpec(), name="params/dense_1/kernel")
 
 
@@ -547,7 +555,13 @@ def test_qarray_is_a_pytree_and_jit_matches_eager(spec, leaves):
     rebuilt = jax.tree.unflatten(treedef, flat)
     assert isinstance(rebuilt, QArray)
     assert (rebuilt.qtype, rebuilt.shape, rebuilt.dtype, rebuilt.granularity, rebuilt.axis, rebuilt.group_size) == (
-        q.qtype, q.shape, q.dtype, q.granularity, q.axis, q.group_size)
+        q.qtype,
+        q.shape,
+        q.dtype,
+        q.granularity,
+        q.axis,
+        q.group_size,
+    )
 
     seen = {}
 
@@ -582,8 +596,9 @@ def test_dequantize_dtype():
     x = _kernel((8, 4))
     q = _q(x.astype(jnp.bfloat16), QuantSpec(qtype="int4"))
     assert q.dtype == "bfloat16"
-    dtypes = jax.jit(
-        lambda q: [q.dequantize(dtype) for dtype in (None, jnp.float32, np.dtype("float16"), "float32")])(q)
+    dtypes = jax.jit(lambda q: [q.dequantize(dtype) for dtype in (None, jnp.float32, np.dtype("float16"), "float32")])(
+        q
+    )
     assert [d.dtype for d in dtypes] == [jnp.bfloat16, jnp.float32, jnp.float16, jnp.float32]
     np.testing.assert_allclose(np.asarray(dtypes[1]), np.asarray(x), atol=float(q.scale.max()) * 0.51 + 0.01)
 
@@ -650,8 +665,9 @@ def test_sharded_qarray_matches_replicated():
 
     def place(spec):
         sharding = NamedSharding(mesh, spec)
-        return dataclasses.replace(q, values=jax.device_put(q.values, sharding),
-                                   scale=jax.device_put(q.scale, sharding))
+        return dataclasses.replace(
+            q, values=jax.device_put(q.values, sharding), scale=jax.device_put(q.scale, sharding)
+        )
 
     sharded, replicated = place(P(None, "x")), place(P())
     assert sharded.values.sharding.spec == P(None, "x") and sharded.scale.sharding.spec == P(None, "x")

@@ -76,8 +76,9 @@ def test_bare_params_and_variables_give_the_same_result_and_match_quantize():
     from_variables = fake_quantize_tree(variables, RULES)["params"]
     from_params = fake_quantize_tree(variables["params"], RULES)
     reference = dequantize_tree(quantize(variables, RULES).variables)["params"]
-    for a, b, c in zip(jax.tree.leaves(from_variables), jax.tree.leaves(from_params), jax.tree.leaves(reference),
-                       strict=True):
+    for a, b, c in zip(
+        jax.tree.leaves(from_variables), jax.tree.leaves(from_params), jax.tree.leaves(reference), strict=True
+    ):
         np.testing.assert_array_equal(a, b)
         np.testing.assert_allclose(a, c, atol=1e-6)
 
@@ -88,8 +89,15 @@ def test_bad_rules_fail_before_tracing_and_name_the_path():
     with pytest.raises(ValueError, match=r"params/classifier/kernel: group_size 5 does not divide"):
         fake_quantize_tree(variables, group)
     with pytest.raises(ValueError, match=r"params/classifier/kernel: group_size 5"):
-        qat_finetune(config, variables, (np.zeros((4, 8, 8, 1), np.float32), np.zeros(4, np.int32)), group,
-                     steps=1, batch_size=2, progress=False)
+        qat_finetune(
+            config,
+            variables,
+            (np.zeros((4, 8, 8, 1), np.float32), np.zeros(4, np.int32)),
+            group,
+            steps=1,
+            batch_size=2,
+            progress=False,
+        )
     q = quantize(variables, RULES).variables
     with pytest.raises(ValueError, match=r"params/dense_0/kernel: already quantized"):
         fake_quantize_tree(q, RULES)

@@ -188,7 +188,11 @@ def test_cnn_default_rules_keep_batch_norm_float(cnn_variables):
     result = quantize(cnn_variables)
     before, after = _check_only_kernels_quantized(cnn_variables, result)
     assert set(result.quantized) == {
-        "params/conv_0/kernel", "params/conv_1/kernel", "params/dense/kernel", "params/classifier/kernel"}
+        "params/conv_0/kernel",
+        "params/conv_1/kernel",
+        "params/dense/kernel",
+        "params/classifier/kernel",
+    }
     assert set(result.variables) == {"params", "batch_stats"}
     for path in ("batch_stats/bn_0/mean", "batch_stats/bn_1/var", "params/bn_0/scale", "params/bn_1/bias"):
         assert after[path] is before[path]
@@ -201,9 +205,14 @@ def test_transformer_default_rules_keep_embeddings_and_layer_norm_float(transfor
     before, after = _check_only_kernels_quantized(transformer_variables, result)
     for name in ("query", "key", "value", "out"):
         assert f"params/layer_0/attention/{name}/kernel" in result.quantized
-    for path in ("params/word_embeddings/embedding", "params/position_embeddings/embedding",
-                 "params/token_type_embeddings/embedding", "params/embedding_norm/scale",
-                 "params/layer_0/attention_norm/bias", "params/layer_0/output_norm/scale"):
+    for path in (
+        "params/word_embeddings/embedding",
+        "params/position_embeddings/embedding",
+        "params/token_type_embeddings/embedding",
+        "params/embedding_norm/scale",
+        "params/layer_0/attention_norm/bias",
+        "params/layer_0/output_norm/scale",
+    ):
         assert after[path] is before[path]
     query = after["params/layer_0/attention/query/kernel"]  # (hidden, heads, head_dim)
     assert query.shape == (16, 2, 8) and query.scale.shape == (1, 1, 8)
@@ -242,8 +251,9 @@ def test_first_match_wins_and_none_keeps_float(mlp_variables):
 
     # In the other order the kernel rule comes first, and a None rule for the classifier kernel
     # alone never gets a leaf: it is reported as unused.
-    with pytest.warns(UnusedRuleWarning,
-                      match=re.escape("quantization rule 'params/classifier/kernel' matched no parameter")):
+    with pytest.warns(
+        UnusedRuleWarning, match=re.escape("quantization rule 'params/classifier/kernel' matched no parameter")
+    ):
         reordered = quantize(mlp_variables, [*default_rules(), QuantRule(r"params/classifier/kernel", None)])
     assert isinstance(_paths(reordered.variables)["params/classifier/kernel"], QArray)
     assert reordered.unused_rules == ["params/classifier/kernel"]
@@ -265,8 +275,9 @@ def test_specific_rule_before_the_default(mlp_variables):
 
 def test_unused_rule_is_reported_and_warned(mlp_variables):
     rules = [*default_rules(), QuantRule(r".*lstm.*", QuantSpec(qtype="int4"))]
-    with pytest.warns(UnusedRuleWarning,
-                      match=re.escape("quantization rule '.*lstm.*' matched no parameter")) as record:
+    with pytest.warns(
+        UnusedRuleWarning, match=re.escape("quantization rule '.*lstm.*' matched no parameter")
+    ) as record:
         result = quantize(mlp_variables, rules)
     assert len(record) == 1 and issubclass(UnusedRuleWarning, UserWarning)
     assert record[0].filename == __file__  # stacklevel points at the caller
@@ -280,7 +291,9 @@ def test_every_unused_rule_warns_once(mlp_variables):
         result = quantize(mlp_variables, rules)
     assert result.unused_rules == ["a/.*", "b/.*"]
     assert sorted(str(w.message) for w in record) == [
-        "quantization rule 'a/.*' matched no parameter", "quantization rule 'b/.*' matched no parameter"]
+        "quantization rule 'a/.*' matched no parameter",
+        "quantization rule 'b/.*' matched no parameter",
+    ]
 
 
 def test_no_rules_quantize_nothing(mlp_variables):
@@ -302,8 +315,9 @@ def test_none_rule_protects_a_leaf_that_could_not_be_quantized():
 
 def test_group_size_that_does_not_divide_names_the_path_and_shape(mlp_variables):
     rules = [QuantRule(r"params/dense_0/kernel", QuantSpec(qtype="int4", granularity="group", group_size=5))]
-    with pytest.raises(ValueError, match=re.escape(
-            "params/dense_0/kernel: group_size 5 does not divide axis 0 of shape (64, 64)")):
+    with pytest.raises(
+        ValueError, match=re.escape("params/dense_0/kernel: group_size 5 does not divide axis 0 of shape (64, 64)")
+    ):
         quantize(mlp_variables, rules)
 
 
@@ -311,17 +325,25 @@ def test_group_size_that_does_not_divide_names_the_path_and_shape(mlp_variables)
 def test_non_finite_weights_name_the_path(mlp_variables, bad):
     kernel = np.array(mlp_variables["params"]["dense_1"]["kernel"])
     kernel[3, 5] = bad
-    variables = {**mlp_variables, "params": {**mlp_variables["params"], "dense_1": {
-        **mlp_variables["params"]["dense_1"], "kernel": jnp.asarray(kernel)}}}
-    with pytest.raises(ValueError,
-                       match=re.escape("params/dense_1/kernel: cannot quantize an array holding NaN or inf")):
+    variables = {
+        **mlp_variables,
+        "params": {
+            **mlp_variables["params"],
+            "dense_1": {**mlp_variables["params"]["dense_1"], "kernel": jnp.asarray(kernel)},
+        },
+    }
+    with pytest.raises(
+        ValueError, match=re.escape("params/dense_1/kernel: cannot quantize an array holding NaN or inf")
+    ):
         quantize(variables)
 
 
 def test_integer_leaf_selected_by_a_rule_names_the_path():
     variables = {"params": {"dense": {"kernel": jnp.ones((4, 4))}, "step": jnp.array(3, jnp.int32)}}
-    with pytest.raises(ValueError, match=re.escape(
-            "params/step: rule 'params/.*' selects a int32 leaf; only float arrays can be quantized")):
+    with pytest.raises(
+        ValueError,
+        match=re.escape("params/step: rule 'params/.*' selects a int32 leaf; only float arrays can be quantized"),
+    ):
         quantize(variables, [QuantRule(r"params/.*")])
     # Unselected integer leaves are fine.
     result = quantize(variables)
@@ -331,8 +353,10 @@ def test_integer_leaf_selected_by_a_rule_names_the_path():
 @pytest.mark.parametrize("leaf, type_name", [(0.5, "float"), ("weights", "str"), (3, "int")])
 def test_non_array_leaf_selected_by_a_rule_names_the_path(leaf, type_name):
     variables = {"params": {"dense": {"kernel": leaf}}}
-    with pytest.raises(ValueError, match=re.escape(
-            f"params/dense/kernel: rule {DEFAULT_PATTERN!r} selects a non-array leaf of type {type_name}")):
+    with pytest.raises(
+        ValueError,
+        match=re.escape(f"params/dense/kernel: rule {DEFAULT_PATTERN!r} selects a non-array leaf of type {type_name}"),
+    ):
         quantize(variables)
 
 
@@ -361,16 +385,24 @@ def test_dequantize_tree_is_close_and_the_model_still_predicts(mlp_variables):
     reference, approx = predict(mlp_variables, x), predict(deq, x)
     assert float(jnp.max(jnp.abs(approx - reference))) < 0.05 * float(jnp.max(jnp.abs(reference))) + 1e-3
     assert dequantize_tree(mlp_variables) == mlp_variables or jax.tree.all(
-        jax.tree.map(lambda a, b: a is b, dequantize_tree(mlp_variables), mlp_variables))
+        jax.tree.map(lambda a, b: a is b, dequantize_tree(mlp_variables), mlp_variables)
+    )
 
 
-@pytest.mark.parametrize("spec", [QuantSpec(qtype="int4", granularity="group", group_size=8),
-                                  QuantSpec(qtype="int8", granularity="tensor", symmetric=False)])
+@pytest.mark.parametrize(
+    "spec",
+    [
+        QuantSpec(qtype="int4", granularity="group", group_size=8),
+        QuantSpec(qtype="int8", granularity="tensor", symmetric=False),
+    ],
+)
 def test_dequantize_tree_with_other_specs(cnn_variables, spec):
     rules = [QuantRule(r"params/conv_.*/kernel", QuantSpec(qtype="int8")), *default_rules(spec)]
     result = quantize(cnn_variables, rules)
     assert {path: result.quantized[path] for path in ("params/conv_0/kernel", "params/dense/kernel")} == {
-        "params/conv_0/kernel": "params/conv_.*/kernel", "params/dense/kernel": DEFAULT_PATTERN}
+        "params/conv_0/kernel": "params/conv_.*/kernel",
+        "params/dense/kernel": DEFAULT_PATTERN,
+    }
     _assert_dequantized_close(cnn_variables, result)
 
 
@@ -387,8 +419,10 @@ def test_tree_nbytes_counts_quantized_arrays_with_their_scales(cnn_variables):
 
 
 def test_compression_grows_with_fewer_bits(mlp_variables):
-    compression = {qtype: quantize(mlp_variables, default_rules(QuantSpec(qtype=qtype))).compression
-                   for qtype in ("int8", "int4", "ternary", "binary")}
+    compression = {
+        qtype: quantize(mlp_variables, default_rules(QuantSpec(qtype=qtype))).compression
+        for qtype in ("int8", "int4", "ternary", "binary")
+    }
     assert compression["int8"] < compression["int4"] < compression["ternary"] < compression["binary"]
     assert compression["int8"] > 3.5 and compression["int4"] > 6.5
     assert compression["ternary"] > 11 and compression["binary"] > 18

@@ -89,12 +89,14 @@ def test_dynamic_mode_runs_an_int8_dot_and_weight_only_does_not(name):
         dynamic = jax.jit(quantized_predict_fn(config, mode="dynamic")).lower(qvariables, x).as_text()
     assert "jxs_" not in dynamic
     weight_only = jax.jit(quantized_predict_fn(config, mode="weight_only")).lower(qvariables, x).as_text()
-    int_ops = [line for line in dynamic.splitlines()
-               if f"stablehlo.{op}" in line and "tensor<" in line and "xi8>" in line]
+    int_ops = [
+        line for line in dynamic.splitlines() if f"stablehlo.{op}" in line and "tensor<" in line and "xi8>" in line
+    ]
     assert int_ops and all("xi32>" in line.split("->")[-1] for line in int_ops)
     assert not [line for line in dynamic.splitlines() if "stablehlo.convolution" in line and "xi8>" in line]
-    assert not [line for line in weight_only.splitlines()
-                if f"stablehlo.{op}" in line and "xi8>" in line.split("->")[0]]
+    assert not [
+        line for line in weight_only.splitlines() if f"stablehlo.{op}" in line and "xi8>" in line.split("->")[0]
+    ]
 
 
 def test_int4_group_and_ternary_kernels_run_in_every_mode():
@@ -102,8 +104,11 @@ def test_int4_group_and_ternary_kernels_run_in_every_mode():
     variables = init_variables(config, 0)
     x = _inputs(config, 4)
     ref = predict_fn(config)(variables, x)
-    for spec, floor in [(QuantSpec(qtype="int4", granularity="group", group_size=16), 0.97),
-                        (QuantSpec(qtype="int4"), 0.97), (QuantSpec(qtype="ternary"), 0.7)]:
+    for spec, floor in [
+        (QuantSpec(qtype="int4", granularity="group", group_size=16), 0.97),
+        (QuantSpec(qtype="int4"), 0.97),
+        (QuantSpec(qtype="ternary"), 0.7),
+    ]:
         q = quantize(variables, [QuantRule(r"params/(.*/)?kernel", spec)]).variables
         for mode in ("weight_only", "dynamic"):
             assert _cosine(jax.jit(quantized_predict_fn(config, mode=mode))(q, x), ref) > floor, (spec, mode)
@@ -114,8 +119,14 @@ def test_asymmetric_kernels_match_their_dequantized_model():
     variables = init_variables(config, 0)
     q = quantize(variables, [QuantRule(r"params/(.*/)?kernel", QuantSpec(symmetric=False))]).variables
     x = _inputs(config, 4)
-    dense = predict_fn(config)(jax.tree.map(lambda leaf: leaf.dequantize() if hasattr(leaf, "dequantize") else leaf, q,
-                                            is_leaf=lambda leaf: hasattr(leaf, "dequantize")), x)
+    dense = predict_fn(config)(
+        jax.tree.map(
+            lambda leaf: leaf.dequantize() if hasattr(leaf, "dequantize") else leaf,
+            q,
+            is_leaf=lambda leaf: hasattr(leaf, "dequantize"),
+        ),
+        x,
+    )
     out = quantized_predict_fn(config, mode="dynamic")(q, x)
     assert _cosine(out, dense) > 0.999
 
@@ -157,8 +168,10 @@ def test_calibration_methods_give_different_scales():
     q = quantize(init_variables(config, 0)).variables
     samples = np.array(_inputs(config, 64, seed=5))
     samples[0, 0, 0, 0] = 50.0  # one outlier
-    scales = {m: float(calibrate(config, q, samples, method=m)["quant_act"]["dense_0"])
-              for m in ("absmax", "percentile", "mse")}
+    scales = {
+        m: float(calibrate(config, q, samples, method=m)["quant_act"]["dense_0"])
+        for m in ("absmax", "percentile", "mse")
+    }
     assert scales["absmax"] == pytest.approx(50.0 / 127.0)
     assert scales["percentile"] < scales["absmax"]
     assert scales["mse"] <= scales["absmax"]  # one outlier costs more clipped than kept

@@ -94,8 +94,9 @@ def test_encode_decode_without_a_file():
 
 
 def test_static_activation_scales_round_trip(tmp_path):
-    q = calibrate(MLP, _quantize(random_variables(MLP), default_rules()), np.ones((8, 8, 8, 1), np.float32),
-                  method="absmax")
+    q = calibrate(
+        MLP, _quantize(random_variables(MLP), default_rules()), np.ones((8, 8, 8, 1), np.float32), method="absmax"
+    )
     save_artifact(tmp_path / "s.jxs", quantized_artifact(MLP, q, (8, 8, 1)))
     loaded = load_artifact(tmp_path / "s.jxs")
     _assert_bit_exact(loaded.variables, q)
@@ -104,8 +105,12 @@ def test_static_activation_scales_round_trip(tmp_path):
 @pytest.mark.parametrize(
     ("spec", "at_least"),
     # Measured: 3.80x, 6.73x, 12.9x, 21.6x.
-    [(QuantSpec(qtype="int8"), 3.5), (QuantSpec(qtype="int4", granularity="group", group_size=64), 6.0),
-     (QuantSpec(qtype="ternary"), 10.0), (QuantSpec(qtype="binary"), 16.0)],
+    [
+        (QuantSpec(qtype="int8"), 3.5),
+        (QuantSpec(qtype="int4", granularity="group", group_size=64), 6.0),
+        (QuantSpec(qtype="ternary"), 10.0),
+        (QuantSpec(qtype="binary"), 16.0),
+    ],
     ids=lambda v: getattr(v, "qtype", v),
 )
 def test_files_are_smaller(tmp_path, spec, at_least):
@@ -150,8 +155,11 @@ def _save_unchecked(path, config, variables):
 def test_quantized_kernel_of_the_wrong_shape_is_named(tmp_path):
     q = _quantize(random_variables(MLPConfig(features=(32,))), default_rules())
     _save_unchecked(tmp_path / "q.jxs", MLP, q)
-    with pytest.raises(ArtifactError, match=r"q\.jxs: quantized variable params/classifier/kernel \(int8\) is "
-                                            r"float32\[32, 10\], the model expects float32\[16, 10\]"):
+    with pytest.raises(
+        ArtifactError,
+        match=r"q\.jxs: quantized variable params/classifier/kernel \(int8\) is "
+        r"float32\[32, 10\], the model expects float32\[16, 10\]",
+    ):
         load_artifact(tmp_path / "q.jxs")
     with pytest.raises(ArtifactError, match=r"params/classifier/kernel \(int8\)"):
         quantized_artifact(MLP, q, (8, 8, 1))
@@ -161,13 +169,17 @@ def test_float_leaf_of_the_wrong_dtype_missing_and_extra_are_named(tmp_path):
     q = _quantize(random_variables(MLP), default_rules())
     bad = {"params": {**q["params"], "dense_0": {**q["params"]["dense_0"], "bias": np.zeros(16, np.float16)}}}
     _save_unchecked(tmp_path / "a.jxs", MLP, bad)
-    with pytest.raises(ArtifactError,
-                       match=r"variable params/dense_0/bias is float16\[16\], the model expects float32"):
+    with pytest.raises(
+        ArtifactError, match=r"variable params/dense_0/bias is float16\[16\], the model expects float32"
+    ):
         load_artifact(tmp_path / "a.jxs")
     missing = {"params": {"dense_0": q["params"]["dense_0"], "extra": {"kernel": q["params"]["classifier"]["kernel"]}}}
     _save_unchecked(tmp_path / "b.jxs", MLP, missing)
-    with pytest.raises(ArtifactError, match=r"missing \['params/classifier/bias', 'params/classifier/kernel'\], "
-                                            r"unexpected \['params/extra/kernel'\]"):
+    with pytest.raises(
+        ArtifactError,
+        match=r"missing \['params/classifier/bias', 'params/classifier/kernel'\], "
+        r"unexpected \['params/extra/kernel'\]",
+    ):
         load_artifact(tmp_path / "b.jxs")
 
 
@@ -199,8 +211,10 @@ def test_malformed_qarrays_are_named_by_path(tmp_path, tamper, message):
 
 
 def test_a_fresh_process_loads_a_quantized_artifact(saved):
-    code = ("import jaxopt_serve as js; "
-            f"print(type(js.load_artifact({str(saved)!r}).variables['params']['dense_0']['kernel']).__name__)")
+    code = (
+        "import jaxopt_serve as js; "
+        f"print(type(js.load_artifact({str(saved)!r}).variables['params']['dense_0']['kernel']).__name__)"
+    )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "QArray"

@@ -67,8 +67,9 @@ def test_alpha_search_is_no_worse_than_any_fixed_alpha_on_the_calibration_batch(
     ref = predict_fn(CONFIG)(variables, x[:64])
     dynamic = jax.jit(quantized_predict_fn(CONFIG, mode="dynamic"))
     searched = _error(dynamic(smooth_quantize(CONFIG, variables, x[:64], RULES, alpha=[0.2, 0.5, 0.8]), x[:64]), ref)
-    fixed = [_error(dynamic(smooth_quantize(CONFIG, variables, x[:64], RULES, alpha=a), x[:64]), ref)
-             for a in (0.2, 0.8)]
+    fixed = [
+        _error(dynamic(smooth_quantize(CONFIG, variables, x[:64], RULES, alpha=a), x[:64]), ref) for a in (0.2, 0.8)
+    ]
     assert searched <= 1.05 * min(fixed)
 
 

@@ -102,8 +102,9 @@ def build_bases(root: str | os.PathLike[str]) -> dict[str, Base]:
 
     bases: dict[str, Base] = {}
 
-    def add(kind: str, path: Path, load: Callable[..., Any], values: Callable[[Any], list[np.ndarray]],
-            prefix: int = 16) -> None:
+    def add(
+        kind: str, path: Path, load: Callable[..., Any], values: Callable[[Any], list[np.ndarray]], prefix: int = 16
+    ) -> None:
         base = Base(kind, path.read_bytes(), load, values, prefix)
         base.expected = values(load(path))
         bases[kind] = base
@@ -118,16 +119,23 @@ def build_bases(root: str | os.PathLike[str]) -> dict[str, Base]:
     add("quantized", root / "quantized.jxs", load_artifact, artifact_values)
 
     pruned = jax.tree_util.tree_map_with_path(
-        lambda p, x: np.where(np.arange(x.size).reshape(x.shape) % 2 == 0, 0, x).astype(x.dtype)
-        if p[-1].key == "kernel" else x, variables)
+        lambda p, x: (
+            np.where(np.arange(x.size).reshape(x.shape) % 2 == 0, 0, x).astype(x.dtype) if p[-1].key == "kernel" else x
+        ),
+        variables,
+    )
     save_artifact(root / "sparse.jxs", sparse_artifact(config, pruned, shape))
     add("sparse", root / "sparse.jxs", load_artifact, artifact_values)
 
-    model = Model.function(lambda p, x: jnp.tanh(x @ p["w"] + p["b"]) @ p["v"],
-                           {"w": jnp.asarray(rng.normal(size=(4, 5)), jnp.float32),
-                            "b": jnp.asarray(rng.normal(size=(5,)), jnp.float32),
-                            "v": jnp.asarray(rng.normal(size=(5, 2)), jnp.float32)},
-                           jnp.ones((1, 4), jnp.float32))
+    model = Model.function(
+        lambda p, x: jnp.tanh(x @ p["w"] + p["b"]) @ p["v"],
+        {
+            "w": jnp.asarray(rng.normal(size=(4, 5)), jnp.float32),
+            "b": jnp.asarray(rng.normal(size=(5,)), jnp.float32),
+            "v": jnp.asarray(rng.normal(size=(5, 2)), jnp.float32),
+        },
+        jnp.ones((1, 4), jnp.float32),
+    )
     save_artifact(root / "model.jxs", Artifact.for_model(model))
     add("model", root / "model.jxs", lambda p, **kw: load_artifact(p, model=model, **kw), artifact_values)
 
@@ -138,14 +146,30 @@ def build_bases(root: str | os.PathLike[str]) -> dict[str, Base]:
     optimizer = default_optimizer(10, learning_rate=1e-3)
     template = init_state(variables, optimizer, seed=0)
     fingerprint = {"run": "robustness", "seed": 0}
-    tracker = {"best_val_accuracy": 0.5, "best_step": 1, "bad_epochs": 0, "history": [], "stopped_early": False,
-               "best_params": template.params, "best_state": template.model_state}
+    tracker = {
+        "best_val_accuracy": 0.5,
+        "best_step": 1,
+        "bad_epochs": 0,
+        "history": [],
+        "stopped_early": False,
+        "best_params": template.params,
+        "best_state": template.model_state,
+    }
     (root / "run.ckpt").write_bytes(legacy_checkpoint_bytes(template, tracker, fingerprint))
-    add("checkpoint", root / "run.ckpt",
+    add(
+        "checkpoint",
+        root / "run.ckpt",
         lambda p, **kw: load_checkpoint(p, template, fingerprint, **kw),
-        lambda restored: [np.asarray(x) for x in jax.tree.leaves(
-            jax.tree.map(lambda v: jax.random.key_data(v) if jnp.issubdtype(v.dtype, jax.dtypes.prng_key) else v,
-                         restored[0]))], prefix=8)
+        lambda restored: [
+            np.asarray(x)
+            for x in jax.tree.leaves(
+                jax.tree.map(
+                    lambda v: jax.random.key_data(v) if jnp.issubdtype(v.dtype, jax.dtypes.prng_key) else v, restored[0]
+                )
+            )
+        ],
+        prefix=8,
+    )
     return bases
 
 
@@ -156,12 +180,22 @@ def legacy_checkpoint_bytes(template: Any, tracker: dict[str, Any], fingerprint:
     ``payload_bytes``), the msgpack payload of the state, the SHA-256 of all of it.
     Checkpoints are orbax directories now; this writer exists only here.
     """
-    tree = {"step": template.step, "params": template.params, "model_state": template.model_state,
-            "opt_state": template.opt_state, "rng": jax.random.key_data(template.rng),
-            "best_params": tracker["best_params"], "best_state": tracker["best_state"]}
+    tree = {
+        "step": template.step,
+        "params": template.params,
+        "model_state": template.model_state,
+        "opt_state": template.opt_state,
+        "rng": jax.random.key_data(template.rng),
+        "best_params": tracker["best_params"],
+        "best_state": tracker["best_state"],
+    }
     payload = serialization.to_bytes(jax.device_get(tree))
-    record = {"version": 2, "fingerprint": fingerprint, "payload_bytes": len(payload),
-              **{k: v for k, v in tracker.items() if k not in ("best_params", "best_state")}}
+    record = {
+        "version": 2,
+        "fingerprint": fingerprint,
+        "payload_bytes": len(payload),
+        **{k: v for k, v in tracker.items() if k not in ("best_params", "best_state")},
+    }
     header = json.dumps(record, sort_keys=True).encode("utf-8")
     body = len(header).to_bytes(8, "little") + header + payload
     return body + hashlib.sha256(body).digest()
@@ -372,8 +406,9 @@ def _exported_nan(header: dict[str, Any], arrays: dict[str, np.ndarray]) -> None
 # checkpoints: record and msgpack payload
 
 
-def checkpoint_with(base: Base, record_changes: dict[str, Any] | None = None, payload: bytes | None = None,
-                    record: Any = None) -> bytes:
+def checkpoint_with(
+    base: Base, record_changes: dict[str, Any] | None = None, payload: bytes | None = None, record: Any = None
+) -> bytes:
     header, body = split(base)
     if record is None:
         record = dict(header)
@@ -422,9 +457,20 @@ def _bytes_case(name: str, fn: Callable[[Base], bytes], expect: str = "error", *
 
 def _offsets(base: Base) -> dict[str, int]:
     n, h = len(base.data), base.header_end
-    return {"1": 1, "7": 7, "8": 8, "prefix-1": base.prefix - 1, "prefix": base.prefix, "prefix+1": base.prefix + 1,
-            "header-mid": (base.prefix + h) // 2, "header-end": h, "payload-mid": (h + n - 32) // 2,
-            "digest-start-1": n - 33, "digest-start": n - 32, "last-1": n - 1}
+    return {
+        "1": 1,
+        "7": 7,
+        "8": 8,
+        "prefix-1": base.prefix - 1,
+        "prefix": base.prefix,
+        "prefix+1": base.prefix + 1,
+        "header-mid": (base.prefix + h) // 2,
+        "header-end": h,
+        "payload-mid": (h + n - 32) // 2,
+        "digest-start-1": n - 33,
+        "digest-start": n - 32,
+        "last-1": n - 1,
+    }
 
 
 def _truncate(at: str) -> Case:
@@ -434,10 +480,19 @@ def _truncate(at: str) -> Case:
 def _flip(where: str, mask: int) -> Case:
     def fn(base: Base) -> bytes:
         n, h = len(base.data), base.header_end
-        position = {"magic": 0, "header-len-low": base.prefix - 8, "header-len-high": base.prefix - 1,
-                    "header-first": base.prefix, "header-mid": (base.prefix + h) // 2, "header-last": h - 1,
-                    "payload-first": h, "payload-mid": (h + n - 32) // 2, "payload-last": n - 33,
-                    "digest-mid": n - 16, "digest-last": n - 1}[where]
+        position = {
+            "magic": 0,
+            "header-len-low": base.prefix - 8,
+            "header-len-high": base.prefix - 1,
+            "header-first": base.prefix,
+            "header-mid": (base.prefix + h) // 2,
+            "header-last": h - 1,
+            "payload-first": h,
+            "payload-mid": (h + n - 32) // 2,
+            "payload-last": n - 33,
+            "digest-mid": n - 16,
+            "digest-last": n - 1,
+        }[where]
         data = bytearray(base.data)
         data[position] ^= mask
         return bytes(data)
@@ -449,8 +504,13 @@ def _flip(where: str, mask: int) -> Case:
 def _zero(where: str) -> Case:
     def fn(base: Base) -> bytes:
         n, h = len(base.data), base.header_end
-        start, stop = {"prefix": (0, base.prefix), "header": (base.prefix, h), "payload-64": (h, min(h + 64, n - 32)),
-                       "digest": (n - 32, n), "all": (0, n)}[where]
+        start, stop = {
+            "prefix": (0, base.prefix),
+            "header": (base.prefix, h),
+            "payload-64": (h, min(h + 64, n - 32)),
+            "digest": (n - 32, n),
+            "all": (0, n),
+        }[where]
         data = bytearray(base.data)
         data[start:stop] = bytes(stop - start)
         return bytes(data)
@@ -490,24 +550,64 @@ def _other_format(base: Base) -> bytes:
 
 GENERIC: list[Case] = [
     _bytes_case("empty", lambda b: b""),
-    *[_truncate(at) for at in ("1", "7", "8", "prefix-1", "prefix", "prefix+1", "header-mid", "header-end",
-                               "payload-mid", "digest-start-1", "digest-start", "last-1")],
-    *[_flip(where, 0xFF) for where in ("magic", "header-len-low", "header-len-high", "header-first", "header-mid",
-                                       "header-last", "payload-first", "payload-mid", "payload-last", "digest-last")],
-    *[_flip(where, mask) for where, mask in (("magic", 1 << 3), ("header-len-low", 1 << 0), ("header-mid", 1 << 0),
-                                             ("header-mid", 1 << 5), ("payload-mid", 1 << 7), ("payload-last", 1 << 2),
-                                             ("digest-mid", 1 << 3))],
+    *[
+        _truncate(at)
+        for at in (
+            "1",
+            "7",
+            "8",
+            "prefix-1",
+            "prefix",
+            "prefix+1",
+            "header-mid",
+            "header-end",
+            "payload-mid",
+            "digest-start-1",
+            "digest-start",
+            "last-1",
+        )
+    ],
+    *[
+        _flip(where, 0xFF)
+        for where in (
+            "magic",
+            "header-len-low",
+            "header-len-high",
+            "header-first",
+            "header-mid",
+            "header-last",
+            "payload-first",
+            "payload-mid",
+            "payload-last",
+            "digest-last",
+        )
+    ],
+    *[
+        _flip(where, mask)
+        for where, mask in (
+            ("magic", 1 << 3),
+            ("header-len-low", 1 << 0),
+            ("header-mid", 1 << 0),
+            ("header-mid", 1 << 5),
+            ("payload-mid", 1 << 7),
+            ("payload-last", 1 << 2),
+            ("digest-mid", 1 << 3),
+        )
+    ],
     *[_zero(where) for where in ("prefix", "header", "payload-64", "digest", "all")],
     _bytes_case("appended-zero-byte", lambda b: b.data + b"\0"),
     _bytes_case("appended-1000-bytes", lambda b: b.data + np.random.default_rng(1).bytes(1000)),
-    _bytes_case("header-length-2**62", lambda b: b.data[: b.prefix - 8] + (1 << 62).to_bytes(8, "little")
-                + b.data[b.prefix:]),
+    _bytes_case(
+        "header-length-2**62", lambda b: b.data[: b.prefix - 8] + (1 << 62).to_bytes(8, "little") + b.data[b.prefix :]
+    ),
     _bytes_case("a-pickle", lambda b: pickle.dumps({"params": {"w": np.ones(3)}, "kind": b.kind})),
     _bytes_case("a-npy", lambda b: _npy(np.ones((4, 4), np.float32))),
     _bytes_case("json-text", lambda b: b'{"format_version": 1, "payload_bytes": 0}\n'),
     _bytes_case("the-other-format", _other_format),
-    *[_special(name) for name in ("symlink-to-dev-zero", "fifo", "directory", "symlink-to-directory",
-                                  "dangling-symlink", "missing")],
+    *[
+        _special(name)
+        for name in ("symlink-to-dev-zero", "fifo", "directory", "symlink-to-directory", "dangling-symlink", "missing")
+    ],
 ]
 
 
@@ -526,8 +626,10 @@ def _artifact_edits(kind: str) -> list[Case]:
         _bytes_case(f"{shape_field}-missing", lambda b: artifact_with_header(b, **{shape_field: _DELETE})),
         _bytes_case("format_version-as-string", lambda b: artifact_with_header(b, format_version="1")),
         _bytes_case("format_version-99", lambda b: artifact_with_header(b, format_version=99)),
-        _bytes_case("payload_bytes-as-string",
-                    lambda b: artifact_with_header(b, payload_bytes=str(split(b)[0]["payload_bytes"]))),
+        _bytes_case(
+            "payload_bytes-as-string",
+            lambda b: artifact_with_header(b, payload_bytes=str(split(b)[0]["payload_bytes"])),
+        ),
         _bytes_case("payload_bytes-negative", lambda b: artifact_with_header(b, payload_bytes=-1)),
         _bytes_case("payload_bytes-missing", lambda b: artifact_with_header(b, payload_bytes=_DELETE)),
         _bytes_case("layout-as-int", lambda b: artifact_with_header(b, layout=7)),
@@ -541,25 +643,39 @@ def _artifact_edits(kind: str) -> list[Case]:
         _bytes_case("header-not-json", lambda b: pack(b, b"{not json", split(b)[1])),
         _bytes_case("header-not-utf8", lambda b: pack(b, b"\xff\xfe{}", split(b)[1])),
         _bytes_case("payload-garbage", lambda b: artifact_with_tree(b, b"\xc1" * 40)),
-        _bytes_case("payload-half-msgpack", lambda b: artifact_with_tree(
-            b, serialization.msgpack_serialize(artifact_payload(b))[: len(serialization.msgpack_serialize(
-                artifact_payload(b))) // 2])),
+        _bytes_case(
+            "payload-half-msgpack",
+            lambda b: artifact_with_tree(
+                b,
+                serialization.msgpack_serialize(artifact_payload(b))[
+                    : len(serialization.msgpack_serialize(artifact_payload(b))) // 2
+                ],
+            ),
+        ),
         _bytes_case("payload-a-list", lambda b: artifact_with_tree(b, [1, 2, 3])),
         _bytes_case("variable-as-string", _payload_edit(lambda t, p: _set(t, p, "not an array"))),
         _bytes_case("variable-as-int", _payload_edit(lambda t, p: _set(t, p, 7))),
         _bytes_case("variable-as-list", _payload_edit(lambda t, p: _set(t, p, [1.0, 2.0]))),
         _bytes_case("variable-missing", _payload_edit(lambda t, p: _set(t, p, _DELETE))),
-        _bytes_case("variable-extra", lambda b: artifact_with_tree(b, {**artifact_payload(b),
-                                                                       "params_extra": {"x": np.ones(2, np.float32)}})),
-        _bytes_case("variable-reshaped", _payload_edit(_leaf_change(lambda x: np.asarray(x).reshape(-1)[:-1].copy()),
-                                                       floats=True)),
+        _bytes_case(
+            "variable-extra",
+            lambda b: artifact_with_tree(b, {**artifact_payload(b), "params_extra": {"x": np.ones(2, np.float32)}}),
+        ),
+        _bytes_case(
+            "variable-reshaped",
+            _payload_edit(_leaf_change(lambda x: np.asarray(x).reshape(-1)[:-1].copy()), floats=True),
+        ),
         # the sparse layout restores float leaves to the model's dtype: a float64 copy loads the same values
-        _bytes_case("variable-float64", _payload_edit(_leaf_change(lambda x: np.asarray(x, np.float64)), floats=True),
-                    expect="same" if kind == "sparse" else "error"),
+        _bytes_case(
+            "variable-float64",
+            _payload_edit(_leaf_change(lambda x: np.asarray(x, np.float64)), floats=True),
+            expect="same" if kind == "sparse" else "error",
+        ),
         _bytes_case("nan-weights", _payload_edit(_nonfinite(np.nan), floats=True)),
         _bytes_case("inf-weights", _payload_edit(_nonfinite(-np.inf), floats=True)),
-        _bytes_case("nan-weights-allowed", _payload_edit(_nonfinite(np.nan), floats=True), expect="loads",
-                    allow_nonfinite=True),
+        _bytes_case(
+            "nan-weights-allowed", _payload_edit(_nonfinite(np.nan), floats=True), expect="loads", allow_nonfinite=True
+        ),
     ]
     if v1:
         cases += [
@@ -567,16 +683,23 @@ def _artifact_edits(kind: str) -> list[Case]:
             _bytes_case("input_shape-other-size", lambda b: artifact_with_header(b, input_shape=[8, 9, 1])),
             _bytes_case("input_shape-huge", lambda b: artifact_with_header(b, input_shape=[1 << 40, 1 << 40, 1])),
             _bytes_case("input_dtype-as-int", lambda b: artifact_with_header(b, input_dtype=32)),
-            _bytes_case("model-fields-as-string",
-                        lambda b: artifact_with_header(b, model={"name": "mlp", "fields": "x"})),
+            _bytes_case(
+                "model-fields-as-string", lambda b: artifact_with_header(b, model={"name": "mlp", "fields": "x"})
+            ),
             _bytes_case("model-unknown-name", lambda b: artifact_with_header(b, model={"name": "bogus", "fields": {}})),
-            _bytes_case("model-field-wrong-type", lambda b: artifact_with_header(
-                b, model={**split(b)[0]["model"], "fields": {**split(b)[0]["model"]["fields"], "features": "8"}})),
+            _bytes_case(
+                "model-field-wrong-type",
+                lambda b: artifact_with_header(
+                    b, model={**split(b)[0]["model"], "fields": {**split(b)[0]["model"]["fields"], "features": "8"}}
+                ),
+            ),
         ]
     else:
         cases += [
-            _bytes_case("input_spec-entry-shape-as-string", lambda b: artifact_with_header(
-                b, input_spec=[{"path": "0", "shape": "4", "dtype": "float32"}])),
+            _bytes_case(
+                "input_spec-entry-shape-as-string",
+                lambda b: artifact_with_header(b, input_spec=[{"path": "0", "shape": "4", "dtype": "float32"}]),
+            ),
             _bytes_case("variables_spec-as-dict", lambda b: artifact_with_header(b, variables_spec={"a": 1})),
             _bytes_case("variables_spec-entry-int", lambda b: artifact_with_header(b, variables_spec=[1])),
             _bytes_case("model-kind-missing", lambda b: artifact_with_header(b, model={"name": "f"})),
@@ -596,15 +719,26 @@ def _exported_edits() -> list[Case]:
         _bytes_case("format_version-99", _exported_header_edit(format_version=99)),
         _bytes_case("format_version-2-on-a-version-3-function", _exported_header_edit(format_version=2)),
         _bytes_case("variables-as-string", _exported_header_edit(variables="params")),
-        _bytes_case("variables-entry-path-int", lambda b: _exported_header_edit(
-            variables=[{**exported_parts(b)[0]["variables"][0], "path": 5},
-                       *exported_parts(b)[0]["variables"][1:]])(b)),
-        _bytes_case("variables-entry-shape-string", lambda b: _exported_header_edit(
-            variables=[{**exported_parts(b)[0]["variables"][0], "shape": "8"},
-                       *exported_parts(b)[0]["variables"][1:]])(b)),
+        _bytes_case(
+            "variables-entry-path-int",
+            lambda b: _exported_header_edit(
+                variables=[{**exported_parts(b)[0]["variables"][0], "path": 5}, *exported_parts(b)[0]["variables"][1:]]
+            )(b),
+        ),
+        _bytes_case(
+            "variables-entry-shape-string",
+            lambda b: _exported_header_edit(
+                variables=[
+                    {**exported_parts(b)[0]["variables"][0], "shape": "8"},
+                    *exported_parts(b)[0]["variables"][1:],
+                ]
+            )(b),
+        ),
         _bytes_case("inputs-empty", _exported_header_edit(inputs=[])),
-        _bytes_case("inputs-entry-shape-string", lambda b: _exported_header_edit(
-            inputs=[{**exported_parts(b)[0]["inputs"][0], "shape": "x"}])(b)),
+        _bytes_case(
+            "inputs-entry-shape-string",
+            lambda b: _exported_header_edit(inputs=[{**exported_parts(b)[0]["inputs"][0], "shape": "x"}])(b),
+        ),
         _bytes_case("input_shape-as-string", _exported_header_edit(input_shape="8,8,1")),
         _bytes_case("num_inputs-zero", _exported_header_edit(num_inputs=0)),
         _bytes_case("model-as-list", _exported_header_edit(model=["mlp"])),
@@ -612,20 +746,26 @@ def _exported_edits() -> list[Case]:
         _bytes_case("header-not-json", lambda b: pack(b, b"{oops", split(b)[1])),
         _bytes_case("swapped-same-shape-leaves", _exported_variable_edit(_swap_same_shape_entries)),
         _bytes_case("same-shape-paths-relisted", _exported_variable_edit(_swap_same_shape_names)),
-        _bytes_case("function-garbage", lambda b: exported_pack(b, exported_parts(b)[0], b"\x00\x01garbage" * 20,
-                                                                exported_parts(b)[2])),
-        _bytes_case("variables-not-a-zip", lambda b: exported_pack(b, exported_parts(b)[0], exported_parts(b)[1],
-                                                                   b"PK\x03\x04 not really a zip" * 4)),
-        _bytes_case("variables-pickled-object", _exported_variable_edit(
-            _first_variable(lambda x: np.array([{"a": 1}], dtype=object)))),
-        _bytes_case("variable-missing", _exported_variable_edit(
-            lambda h, a: a.pop(h["variables"][0]["path"]))),
+        _bytes_case(
+            "function-garbage",
+            lambda b: exported_pack(b, exported_parts(b)[0], b"\x00\x01garbage" * 20, exported_parts(b)[2]),
+        ),
+        _bytes_case(
+            "variables-not-a-zip",
+            lambda b: exported_pack(b, exported_parts(b)[0], exported_parts(b)[1], b"PK\x03\x04 not really a zip" * 4),
+        ),
+        _bytes_case(
+            "variables-pickled-object",
+            _exported_variable_edit(_first_variable(lambda x: np.array([{"a": 1}], dtype=object))),
+        ),
+        _bytes_case("variable-missing", _exported_variable_edit(lambda h, a: a.pop(h["variables"][0]["path"]))),
         _bytes_case("variable-reshaped", _exported_variable_edit(_first_variable(lambda x: x.reshape(-1)[:-1].copy()))),
         _bytes_case("variable-float64", _exported_variable_edit(_first_variable(lambda x: x.astype(np.float64)))),
         _bytes_case("variable-as-string-array", _exported_variable_edit(_first_variable(lambda x: np.array(["abc"])))),
         _bytes_case("nan-weights", _exported_variable_edit(_exported_nan)),
-        _bytes_case("nan-weights-allowed", _exported_variable_edit(_exported_nan), expect="loads",
-                    allow_nonfinite=True),
+        _bytes_case(
+            "nan-weights-allowed", _exported_variable_edit(_exported_nan), expect="loads", allow_nonfinite=True
+        ),
     ]
 
 
@@ -636,20 +776,28 @@ def _checkpoint_edits() -> list[Case]:
         _bytes_case("record-not-json", lambda b: pack(b, b"{nope", split(b)[1])),
         _bytes_case("fingerprint-missing", lambda b: checkpoint_with(b, {"fingerprint": _DELETE})),
         _bytes_case("fingerprint-as-string", lambda b: checkpoint_with(b, {"fingerprint": "x"})),
-        _bytes_case("fingerprint-of-another-run",
-                    lambda b: checkpoint_with(b, {"fingerprint": {"run": "other", "seed": 0}})),
+        _bytes_case(
+            "fingerprint-of-another-run", lambda b: checkpoint_with(b, {"fingerprint": {"run": "other", "seed": 0}})
+        ),
         _bytes_case("version-99", lambda b: checkpoint_with(b, {"version": 99})),
         _bytes_case("payload_bytes-as-string", lambda b: checkpoint_with(b, {"payload_bytes": "10"})),
         _bytes_case("payload_bytes-missing", lambda b: checkpoint_with(b, {"payload_bytes": _DELETE})),
         _bytes_case("payload-garbage", lambda b: checkpoint_with(b, payload=b"\xc1" * 64)),
         _bytes_case("payload-half", lambda b: checkpoint_with(b, payload=split(b)[1][: len(split(b)[1]) // 2])),
         _bytes_case("state-leaf-as-string", _checkpoint_tree_edit(lambda t: {**t, "step": "seven"})),
-        _bytes_case("state-leaf-reshaped", _checkpoint_tree_edit(
-            lambda t: {**t, "params": _set(t["params"], ("dense_0", "kernel"), np.zeros((8, 64), np.float32))})),
-        _bytes_case("state-leaf-float64", _checkpoint_tree_edit(
-            lambda t: {**t, "step": np.asarray(t["step"], np.float64)})),
-        _bytes_case("state-collection-missing", _checkpoint_tree_edit(lambda t: {k: v for k, v in t.items()
-                                                                                  if k != "opt_state"})),
+        _bytes_case(
+            "state-leaf-reshaped",
+            _checkpoint_tree_edit(
+                lambda t: {**t, "params": _set(t["params"], ("dense_0", "kernel"), np.zeros((8, 64), np.float32))}
+            ),
+        ),
+        _bytes_case(
+            "state-leaf-float64", _checkpoint_tree_edit(lambda t: {**t, "step": np.asarray(t["step"], np.float64)})
+        ),
+        _bytes_case(
+            "state-collection-missing",
+            _checkpoint_tree_edit(lambda t: {k: v for k, v in t.items() if k != "opt_state"}),
+        ),
         _bytes_case("nan-weights", _checkpoint_tree_edit(_nan_kernel)),
         _bytes_case("nan-weights-allowed", _checkpoint_tree_edit(_nan_kernel), expect="loads", allow_nonfinite=True),
     ]
@@ -662,8 +810,11 @@ def _nan_kernel(tree: Any) -> Any:
     return {**tree, "params": _set(tree["params"], ("dense_0", "kernel"), kernel)}
 
 
-EDITS: dict[str, list[Case]] = {**{kind: _artifact_edits(kind) for kind in ARTIFACT_KINDS},
-                                "exported": _exported_edits(), "checkpoint": _checkpoint_edits()}
+EDITS: dict[str, list[Case]] = {
+    **{kind: _artifact_edits(kind) for kind in ARTIFACT_KINDS},
+    "exported": _exported_edits(),
+    "checkpoint": _checkpoint_edits(),
+}
 
 
 def cases(kind: str) -> list[Case]:
@@ -741,7 +892,8 @@ def run_case(base: Base, case: Case, directory: str | os.PathLike[str], timeout:
         got = base.values(value)
         same = len(got) == len(base.expected) and all(
             a.shape == b.shape and a.dtype == b.dtype and np.array_equal(a, b, equal_nan=True)
-            for a, b in zip(got, base.expected))
+            for a, b in zip(got, base.expected)
+        )
         return Outcome("ok" if same else "silent_wrong", "loaded unchanged" if same else "loaded other values")
     return Outcome("ok", "loaded")
 
@@ -750,12 +902,19 @@ def run_matrix(root: str | os.PathLike[str], timeout: float = TIMEOUT_S) -> dict
     """Build the bases and run every case; counts per outcome, per kind, and the failures."""
     root = Path(root)
     bases = build_bases(root / "bases")
-    counts = {"artifact_cases_total": 0, "artifact_cases_tracebacks": 0, "artifact_cases_hangs": 0,
-              "artifact_cases_silent_wrong": 0}
+    counts = {
+        "artifact_cases_total": 0,
+        "artifact_cases_tracebacks": 0,
+        "artifact_cases_hangs": 0,
+        "artifact_cases_silent_wrong": 0,
+    }
     per_kind: dict[str, int] = {}
     failures = []
-    key = {"traceback": "artifact_cases_tracebacks", "hang": "artifact_cases_hangs",
-           "silent_wrong": "artifact_cases_silent_wrong"}
+    key = {
+        "traceback": "artifact_cases_tracebacks",
+        "hang": "artifact_cases_hangs",
+        "silent_wrong": "artifact_cases_silent_wrong",
+    }
     for kind in KINDS:
         for i, case in enumerate(cases(kind)):
             outcome = run_case(bases[kind], case, root / kind / str(i), timeout)

@@ -51,8 +51,9 @@ def engines(nan_policy: str = "propagate") -> dict[str, InferenceEngine]:
         int8 = quantize(variables, [QuantRule(r"params/.*/kernel", QuantSpec(qtype="int8"))]).variables
         out[name] = InferenceEngine(config, variables, max_batch=MAX_BATCH, nan_policy=nan_policy)
         # "dynamic": the int8 activation quantizer is where NaN used to turn into finite logits
-        out[f"{name}_int8"] = InferenceEngine(config, int8, max_batch=MAX_BATCH, quant_mode="dynamic",
-                                              nan_policy=nan_policy)
+        out[f"{name}_int8"] = InferenceEngine(
+            config, int8, max_batch=MAX_BATCH, quant_mode="dynamic", nan_policy=nan_policy
+        )
     return out
 
 
@@ -75,8 +76,9 @@ def row(kind: str, rng: np.random.Generator) -> np.ndarray:
     return x
 
 
-def check_row(engine: Callable[[np.ndarray], Any], target: np.ndarray, position: int, mate_sets: list[np.ndarray]
-              ) -> str | None:
+def check_row(
+    engine: Callable[[np.ndarray], Any], target: np.ndarray, position: int, mate_sets: list[np.ndarray]
+) -> str | None:
     """Run ``target`` at ``position`` among each set of mates (rows of the batch other than ``position``).
 
     Returns ``None`` when the row's outputs are bit-identical across the sets
@@ -111,10 +113,17 @@ def nonfinite_batch_dependence_cases(*, seed: int = 0, failures: list[str] | Non
             for kind in KINDS:
                 target = row(kind, rng)
                 for position in sorted({0, bucket - 1}):
-                    mate_sets = [np.stack([row(m, rng) for _ in range(bucket - 1)]) if bucket > 1
-                                 else np.zeros((0, *SHAPE), np.float32) for m in MATES]
-                    mate_sets.append(np.stack([row(str(rng.choice(MATES)), rng) for _ in range(bucket - 1)])
-                                     if bucket > 1 else np.zeros((0, *SHAPE), np.float32))
+                    mate_sets = [
+                        np.stack([row(m, rng) for _ in range(bucket - 1)])
+                        if bucket > 1
+                        else np.zeros((0, *SHAPE), np.float32)
+                        for m in MATES
+                    ]
+                    mate_sets.append(
+                        np.stack([row(str(rng.choice(MATES)), rng) for _ in range(bucket - 1)])
+                        if bucket > 1
+                        else np.zeros((0, *SHAPE), np.float32)
+                    )
                     problem = check_row(engine, target, position, mate_sets)
                     if problem is None and bucket > 2:  # fewer real rows in the same bucket: padding fills it
                         half = bucket // 2 + 1

@@ -83,14 +83,19 @@ def _change_input(inp: Path, out: Path) -> None:
 CASES: dict[str, tuple[Callable[[Path, Path], None], tuple[str, ...]]] = {
     "input_changed_same_shape": (_change_input, ("refused",)),
     "input_changed_after_committed_chunks": (
-        lambda inp, out: np.save(inp, np.concatenate([np.load(inp)[: CHUNK * CRASH_AFTER],
-                                                      np.load(inp)[CHUNK * CRASH_AFTER:] * 2])), ("repaired",)),
+        lambda inp, out: np.save(
+            inp, np.concatenate([np.load(inp)[: CHUNK * CRASH_AFTER], np.load(inp)[CHUNK * CRASH_AFTER :] * 2])
+        ),
+        ("repaired",),
+    ),
     "input_reshaped": (lambda inp, out: np.save(inp, np.load(inp)[:-1]), ("refused",)),
     "partial_truncated_to_10_percent": (lambda inp, out: _truncate(_partial_leaf(out), 0.1), ("repaired",)),
     "partial_truncated_to_header": (lambda inp, out: _truncate(_partial_leaf(out), 0.02), ("repaired",)),
     "partial_extended": (lambda inp, out: _truncate(_partial_leaf(out), 1.5), ("repaired",)),
-    "partial_byte_flipped": (lambda inp, out: _flip(_partial_leaf(out), _partial_leaf(out).stat().st_size // 10),
-                             ("repaired",)),
+    "partial_byte_flipped": (
+        lambda inp, out: _flip(_partial_leaf(out), _partial_leaf(out).stat().st_size // 10),
+        ("repaired",),
+    ),
     "partial_header_garbage": (lambda inp, out: _flip(_partial_leaf(out), 0), ("repaired",)),
     "partial_deleted": (lambda inp, out: _remove(out.with_name(out.name + ".partial")), ("repaired",)),
     "state_done_huge": (lambda inp, out: _edit_state(out, done=1_000_000), ("refused",)),
@@ -104,14 +109,20 @@ CASES: dict[str, tuple[Callable[[Path, Path], None], tuple[str, ...]]] = {
     "state_json_list": (lambda inp, out: _state(out).write_text("[1, 2]"), ("refused",)),
     "state_binary": (lambda inp, out: _state(out).write_bytes(b"\xff\xfe\x00garbage"), ("refused",)),
     "state_is_directory": (lambda inp, out: (_state(out).unlink(), _state(out).mkdir()), ("refused",)),
-    "state_leaves_edited": (lambda inp, out: _edit_state(out, leaves=[{"shape": [3], "dtype": "float32"}]),
-                            ("repaired", "refused")),
+    "state_leaves_edited": (
+        lambda inp, out: _edit_state(out, leaves=[{"shape": [3], "dtype": "float32"}]),
+        ("repaired", "refused"),
+    ),
     "records_deleted": (lambda inp, out: out.with_name(out.name + ".state.chunks").unlink(), ("repaired",)),
     "records_truncated": (lambda inp, out: _truncate(out.with_name(out.name + ".state.chunks"), 0.5), ("repaired",)),
-    "records_output_digest_flipped": (lambda inp, out: _flip(out.with_name(out.name + ".state.chunks"), 16 + 32 * 3),
-                                      ("repaired",)),
-    "records_input_digest_flipped": (lambda inp, out: _flip(out.with_name(out.name + ".state.chunks"), 32 * 2),
-                                     ("refused",)),
+    "records_output_digest_flipped": (
+        lambda inp, out: _flip(out.with_name(out.name + ".state.chunks"), 16 + 32 * 3),
+        ("repaired",),
+    ),
+    "records_input_digest_flipped": (
+        lambda inp, out: _flip(out.with_name(out.name + ".state.chunks"), 32 * 2),
+        ("refused",),
+    ),
     "artifact_changed": (lambda inp, out: _flip(inp.parent / "model.jxs", 100), ("refused",)),
 }
 
@@ -134,8 +145,9 @@ def run_case(name: str, directory: Path, *, npz: bool = False) -> tuple[str, str
     predict = engine() if not npz else (lambda x: {"logits": engine()(x), "twice": 2 * engine()(x)})
 
     def run(path: Path, on_chunk: Any = None) -> None:
-        run_batch_inference(predict, inp, path, artifact_path=model, chunk_size=CHUNK, progress=False,
-                            on_chunk=on_chunk)
+        run_batch_inference(
+            predict, inp, path, artifact_path=model, chunk_size=CHUNK, progress=False, on_chunk=on_chunk
+        )
 
     def crash(done: int, total: int) -> None:
         if done == CRASH_AFTER:

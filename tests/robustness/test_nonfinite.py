@@ -50,8 +50,9 @@ def test_a_rows_output_does_not_depend_on_its_batch_mates(warm, case):
     target = row(kind, rng)
     # zero rows (what padding is), then two random sets of finite / NaN / inf / zero mates
     mate_sets = [np.zeros((len(mate_kinds[0]), *SHAPE), np.float32)]
-    mate_sets += [np.stack([row(k, rng) for k in kinds]) if kinds else np.zeros((0, *SHAPE), np.float32)
-                  for kinds in mate_kinds]
+    mate_sets += [
+        np.stack([row(k, rng) for k in kinds]) if kinds else np.zeros((0, *SHAPE), np.float32) for kinds in mate_kinds
+    ]
     assert check_row(warm[name], target, position, mate_sets) is None
 
 
@@ -87,13 +88,16 @@ def test_a_pytree_model_marks_float_outputs_and_refuses_integer_ones():
     def f(w, x):
         return {"scores": x["a"] @ w, "count": x["n"] + 1}
 
-    m = Model.function(f, np.eye(3, dtype=np.float32),
-                       {"a": np.zeros((1, 3), np.float32), "n": np.zeros((1,), np.int32)})
+    m = Model.function(
+        f, np.eye(3, dtype=np.float32), {"a": np.zeros((1, 3), np.float32), "n": np.zeros((1,), np.int32)}
+    )
     x = {"a": np.array([[1, 2, 3], [np.nan, 0, 0]], np.float32), "n": np.array([5, 6], np.int32)}
     with pytest.raises(ValueError, match=r"rows \[1\]: this model has integer or bool outputs"):
         InferenceEngine(m, max_batch=4)(x)
-    scores = InferenceEngine(Model.function(lambda w, x: x["a"] @ w, np.eye(3, dtype=np.float32),
-                                            {"a": np.zeros((1, 3), np.float32)}), max_batch=4)({"a": x["a"]})
+    scores = InferenceEngine(
+        Model.function(lambda w, x: x["a"] @ w, np.eye(3, dtype=np.float32), {"a": np.zeros((1, 3), np.float32)}),
+        max_batch=4,
+    )({"a": x["a"]})
     assert scores[0].tolist() == [1, 2, 3] and np.isnan(scores[1]).all()
     assert nonfinite_rows(x).tolist() == [False, True]
     with pytest.raises(ValueError, match="cannot be NaN"):
@@ -135,12 +139,26 @@ def test_server_answers_400_by_default_and_null_with_propagate():
     x = np.zeros((3, *SHAPE), np.float32)
     x[2, 0, 0, 0] = np.inf
     binary, header_length = encode_request([("input", x)], binary=True)
-    json_nan = json.dumps({"inputs": [{"name": "input", "shape": list(x.shape), "datatype": "FP32",
-                                       "data": np.where(np.isfinite(x), x, np.nan).reshape(-1).tolist()}]}).encode()
+    json_nan = json.dumps(
+        {
+            "inputs": [
+                {
+                    "name": "input",
+                    "shape": list(x.shape),
+                    "datatype": "FP32",
+                    "data": np.where(np.isfinite(x), x, np.nan).reshape(-1).tolist(),
+                }
+            ]
+        }
+    ).encode()
     # the engine propagates; the served model's own default policy still refuses
-    server = InferenceServer([ServedModel("mlp", engines("propagate")["mlp"]),
-                              ServedModel("mlp_propagate", engines("propagate")["mlp"], nan_policy="propagate")],
-                             port=0).start()
+    server = InferenceServer(
+        [
+            ServedModel("mlp", engines("propagate")["mlp"]),
+            ServedModel("mlp_propagate", engines("propagate")["mlp"], nan_policy="propagate"),
+        ],
+        port=0,
+    ).start()
     try:
         status, reply = _post(server, "mlp", binary, header_length)
         assert status == 400 and json.loads(reply)["error"] == "non-finite inputs (NaN or inf) in rows [2]"
@@ -172,8 +190,17 @@ def test_infer_refuses_by_default_naming_rows_of_the_file(tmp_path, mlp_artifact
     x = np.random.default_rng(1).normal(size=(50, *SHAPE)).astype(np.float32)
     x[37, 1, 1, 0] = np.nan
     np.save(tmp_path / "in.npy", x)
-    args = ["infer", str(mlp_artifact), "--input", str(tmp_path / "in.npy"), "--output", str(tmp_path / "out.npy"),
-            "--chunk-size", "16", "--no-progress"]
+    args = [
+        "infer",
+        str(mlp_artifact),
+        "--input",
+        str(tmp_path / "in.npy"),
+        "--output",
+        str(tmp_path / "out.npy"),
+        "--chunk-size",
+        "16",
+        "--no-progress",
+    ]
     assert main(args) == 2
     err = capsys.readouterr().err
     assert "non-finite inputs (NaN or inf) in rows [37] of in.npy" in err and "--nonfinite propagate" in err
@@ -187,8 +214,14 @@ def test_infer_refuses_by_default_naming_rows_of_the_file(tmp_path, mlp_artifact
     x[37] = 0
     np.save(tmp_path / "zero.npy", x)
     same_buckets = InferenceEngine(MLP, _variables(mlp_artifact), max_batch=16)  # as the command builds it
-    run_batch_inference(same_buckets, tmp_path / "zero.npy", tmp_path / "zero_out.npy", artifact_path=mlp_artifact,
-                        chunk_size=16, progress=False)
+    run_batch_inference(
+        same_buckets,
+        tmp_path / "zero.npy",
+        tmp_path / "zero_out.npy",
+        artifact_path=mlp_artifact,
+        chunk_size=16,
+        progress=False,
+    )
     np.testing.assert_array_equal(np.delete(out, 37, 0), np.delete(np.load(tmp_path / "zero_out.npy"), 37, 0))
 
 

@@ -25,8 +25,16 @@ def test_tamper_case_is_detected(tmp_path, name):
     assert outcome in CASES[name][1], message
 
 
-@pytest.mark.parametrize("name", ["partial_truncated_to_10_percent", "input_changed_same_shape", "state_empty",
-                                  "records_output_digest_flipped", "partial_deleted"])
+@pytest.mark.parametrize(
+    "name",
+    [
+        "partial_truncated_to_10_percent",
+        "input_changed_same_shape",
+        "state_empty",
+        "records_output_digest_flipped",
+        "partial_deleted",
+    ],
+)
 def test_tamper_case_is_detected_with_npz_outputs(tmp_path, name):
     outcome, message = run_case(name, tmp_path, npz=True)
     assert outcome in CASES[name][1], message
@@ -40,12 +48,15 @@ def test_refusals_say_what_is_wrong_and_what_to_delete(tmp_path):
         assert outcome == "refused", message
         return message
 
-    assert message_of("state_empty") == (f"{tmp_path / 'state_empty' / 'out.npy.state.json'} is not a valid resume "
-                                         f"state (empty file); delete it and out.npy.partial to start over")
+    assert message_of("state_empty") == (
+        f"{tmp_path / 'state_empty' / 'out.npy.state.json'} is not a valid resume "
+        f"state (empty file); delete it and out.npy.partial to start over"
+    )
     assert "'done' is 1000000, expected a chunk count from 1 to 13" in message_of("state_done_huge")
     assert "not JSON: Expecting property name" in message_of("state_not_json")
-    assert ("the input changed since the interrupted run: rows 32-47 of in.npy differ"
-            in message_of("input_changed_same_shape"))
+    assert "the input changed since the interrupted run: rows 32-47 of in.npy differ" in message_of(
+        "input_changed_same_shape"
+    )
     assert "belongs to another job (different chunk size)" in message_of("state_chunk_size_edited")
     assert "belongs to another job (different model)" in message_of("artifact_changed")
 
@@ -56,9 +67,15 @@ def test_a_repaired_resume_reports_what_it_recomputed(tmp_path):
     (tmp_path / "m.bin").write_bytes(b"model")
 
     def run(on_chunk=None):
-        return run_batch_inference(engine(), tmp_path / "in.npy", tmp_path / "out.npy",
-                                   artifact_path=tmp_path / "m.bin", chunk_size=CHUNK, progress=False,
-                                   on_chunk=on_chunk)
+        return run_batch_inference(
+            engine(),
+            tmp_path / "in.npy",
+            tmp_path / "out.npy",
+            artifact_path=tmp_path / "m.bin",
+            chunk_size=CHUNK,
+            progress=False,
+            on_chunk=on_chunk,
+        )
 
     def crash(done, total):
         if done == 6:
@@ -73,8 +90,9 @@ def test_a_repaired_resume_reports_what_it_recomputed(tmp_path):
         f.write(b"\x55")
     summary = run()
     assert summary["resumed_at_chunk"] == 4
-    assert summary["notes"] == ["out.npy.partial: chunk 4 does not match its checksum (truncated or modified): "
-                                "recomputing from chunk 4"]
+    assert summary["notes"] == [
+        "out.npy.partial: chunk 4 does not match its checksum (truncated or modified): recomputing from chunk 4"
+    ]
     assert json.loads(json.dumps(summary["notes"]))  # plain strings
     assert not (tmp_path / "out.npy.state.json").exists() and not (tmp_path / "out.npy.state.chunks").exists()
 
@@ -91,18 +109,25 @@ def files(tmp_path):
     return tmp_path
 
 
-@pytest.mark.parametrize("inp, out, message", [
-    ("empty.npy", "o.npy", "input {d}/empty.npy is empty (0 bytes)"),
-    ("text.npy", "o.npy", "text.npy is not a .npy array (no NumPy header; it starts with b'1 2 3\\n')"),
-    ("notzip.npz", "o.npy", "input {d}/notzip.npz is not a .npz (zip) archive"),
-    ("dir.npy", "o.npy", "input {d}/dir.npy is a directory, not a .npy file"),
-    ("missing.npy", "o.npy", "input {d}/missing.npy does not exist"),
-    ("truncated.npy", "o.npy", "truncated.npy is truncated: shape (4, 8, 8, 1) of float32 needs 1,024 bytes of data"),
-    ("in.npy", "outdir", "output {d}/outdir is a directory; give a file path"),
-    ("in.npy", "nowhere/o.npy", "output directory {d}/nowhere does not exist"),
-    ("in.npy", "in.npy", "output {d}/in.npy is the input file"),
-    ("in.npy", "text.npy/o.npy", "{d}/text.npy is not a directory"),
-])
+@pytest.mark.parametrize(
+    "inp, out, message",
+    [
+        ("empty.npy", "o.npy", "input {d}/empty.npy is empty (0 bytes)"),
+        ("text.npy", "o.npy", "text.npy is not a .npy array (no NumPy header; it starts with b'1 2 3\\n')"),
+        ("notzip.npz", "o.npy", "input {d}/notzip.npz is not a .npz (zip) archive"),
+        ("dir.npy", "o.npy", "input {d}/dir.npy is a directory, not a .npy file"),
+        ("missing.npy", "o.npy", "input {d}/missing.npy does not exist"),
+        (
+            "truncated.npy",
+            "o.npy",
+            "truncated.npy is truncated: shape (4, 8, 8, 1) of float32 needs 1,024 bytes of data",
+        ),
+        ("in.npy", "outdir", "output {d}/outdir is a directory; give a file path"),
+        ("in.npy", "nowhere/o.npy", "output directory {d}/nowhere does not exist"),
+        ("in.npy", "in.npy", "output {d}/in.npy is the input file"),
+        ("in.npy", "text.npy/o.npy", "{d}/text.npy is not a directory"),
+    ],
+)
 def test_bad_paths_are_reported_before_any_work(files, inp, out, message):
     expected = message.format(d=files)
     with pytest.raises(ValueError) as err:
@@ -130,8 +155,20 @@ def test_a_read_only_output_directory_is_reported(files):
 def test_the_command_checks_paths_before_loading_the_model(files, capsys):
     # the artifact is no artifact at all: the input's error comes first, so the model was not loaded
     (files / "model.jxs").write_bytes(b"not an artifact")
-    assert main(["infer", str(files / "model.jxs"), "--input", str(files / "text.npy"), "--output",
-                 str(files / "o.npy"), "--no-progress"]) == 2
+    assert (
+        main(
+            [
+                "infer",
+                str(files / "model.jxs"),
+                "--input",
+                str(files / "text.npy"),
+                "--output",
+                str(files / "o.npy"),
+                "--no-progress",
+            ]
+        )
+        == 2
+    )
     assert "text.npy is not a .npy array" in capsys.readouterr().err
 
 

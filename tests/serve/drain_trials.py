@@ -35,14 +35,14 @@ from numpy_engine import NumpyEngine, expected  # noqa: E402
 from jaxopt_serve.serve import InferenceServer, ServedModel  # noqa: E402
 
 X = np.arange(6, dtype=np.float32).reshape(1, 2, 3)
-BODY = json.dumps({"inputs": [{"name": "input", "shape": [1, 2, 3], "datatype": "FP32",
-                               "data": X.reshape(-1).tolist()}]}).encode()
+BODY = json.dumps(
+    {"inputs": [{"name": "input", "shape": [1, 2, 3], "datatype": "FP32", "data": X.reshape(-1).tolist()}]}
+).encode()
 WANT = expected(X).reshape(-1).tolist()
 
 
 def serve_child(pipe: int) -> None:
-    server = InferenceServer([ServedModel("m", NumpyEngine(max_batch=32, delay_s=0.002))], port=0,
-                             drain_grace_s=0.1)
+    server = InferenceServer([ServedModel("m", NumpyEngine(max_batch=32, delay_s=0.002))], port=0, drain_grace_s=0.1)
     os.write(pipe, f"{server.port}\n".encode())
     os.close(pipe)
     server.serve_forever()

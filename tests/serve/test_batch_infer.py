@@ -29,8 +29,23 @@ def test_outputs_are_in_input_order_from_npy_and_npz(tmp_path, artifact, capsys)
     np.savez(tmp_path / "in.npz", images=x, other=np.zeros(3))
     for name, extra in (("in.npy", []), ("in.npz", ["--key", "images"])):
         out = tmp_path / f"{name}.out.npy"
-        assert main(["infer", str(artifact), "--input", str(tmp_path / name), *extra, "--output", str(out),
-                     "--chunk-size", "96", "--no-progress"]) == 0
+        assert (
+            main(
+                [
+                    "infer",
+                    str(artifact),
+                    "--input",
+                    str(tmp_path / name),
+                    *extra,
+                    "--output",
+                    str(out),
+                    "--chunk-size",
+                    "96",
+                    "--no-progress",
+                ]
+            )
+            == 0
+        )
         engine = InferenceEngine(CONFIG, init_variables(CONFIG, 0), max_batch=1000)
         np.testing.assert_allclose(np.load(out), engine(x), rtol=1e-5, atol=1e-6)
         assert not (tmp_path / f"{name}.out.npy.partial").exists()
@@ -54,8 +69,20 @@ def test_sigkill_mid_run_then_rerun_is_byte_identical(tmp_path, artifact):
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
 
     def command(out):
-        return [sys.executable, "-m", "jaxopt_serve", "infer", str(artifact), "--input", str(tmp_path / "in.npy"),
-                "--output", str(out), "--chunk-size", "16", "--no-progress"]
+        return [
+            sys.executable,
+            "-m",
+            "jaxopt_serve",
+            "infer",
+            str(artifact),
+            "--input",
+            str(tmp_path / "in.npy"),
+            "--output",
+            str(out),
+            "--chunk-size",
+            "16",
+            "--no-progress",
+        ]
 
     reference = tmp_path / "reference.npy"
     subprocess.run(command(reference), check=True, env=env, timeout=300, capture_output=True)

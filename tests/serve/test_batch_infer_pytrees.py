@@ -24,8 +24,9 @@ def files(tmp_path):
 def test_npz_members_form_the_dict_input_and_each_output_leaf_is_written(files, engine):
     tmp_path, x = files
     out = tmp_path / "out.npz"
-    summary = run_batch_inference(engine, tmp_path / "in.npz", out, artifact_path=tmp_path / "model.bin",
-                                  chunk_size=16, progress=False)
+    summary = run_batch_inference(
+        engine, tmp_path / "in.npz", out, artifact_path=tmp_path / "model.bin", chunk_size=16, progress=False
+    )
     assert summary["rows"] == 50 and summary["chunks"] == 4
     logits, ids = engine(x)
     with np.load(out) as npz:
@@ -38,19 +39,33 @@ def test_npz_members_form_the_dict_input_and_each_output_leaf_is_written(files, 
 
     # explicit keys give the same dict input; an .npy output cannot hold two arrays
     explicit = tmp_path / "explicit.npz"
-    run_batch_inference(engine.__call__, tmp_path / "in.npz", explicit, artifact_path=tmp_path / "model.bin",
-                        key=["mask", "x"], chunk_size=16, progress=False)
+    run_batch_inference(
+        engine.__call__,
+        tmp_path / "in.npz",
+        explicit,
+        artifact_path=tmp_path / "model.bin",
+        key=["mask", "x"],
+        chunk_size=16,
+        progress=False,
+    )
     assert explicit.read_bytes() == out.read_bytes()
     with pytest.raises(ValueError, match=r"returns 2 output arrays \['0', '1'\]; write them to an \.npz output"):
-        run_batch_inference(engine, tmp_path / "in.npz", tmp_path / "out.npy", artifact_path=tmp_path / "model.bin",
-                            chunk_size=16, progress=False)
+        run_batch_inference(
+            engine,
+            tmp_path / "in.npz",
+            tmp_path / "out.npy",
+            artifact_path=tmp_path / "model.bin",
+            chunk_size=16,
+            progress=False,
+        )
 
 
 def test_an_interrupted_npz_run_resumes_byte_identical(files, engine):
     tmp_path, _ = files
     reference = tmp_path / "reference.npz"
-    run_batch_inference(engine, tmp_path / "in.npz", reference, artifact_path=tmp_path / "model.bin",
-                        chunk_size=8, progress=False)
+    run_batch_inference(
+        engine, tmp_path / "in.npz", reference, artifact_path=tmp_path / "model.bin", chunk_size=8, progress=False
+    )
 
     class Crash(Exception):
         pass
@@ -61,10 +76,18 @@ def test_an_interrupted_npz_run_resumes_byte_identical(files, engine):
 
     out = tmp_path / "resumed.npz"
     with pytest.raises(Crash):
-        run_batch_inference(engine, tmp_path / "in.npz", out, artifact_path=tmp_path / "model.bin", chunk_size=8,
-                            progress=False, on_chunk=crash_after_three)
+        run_batch_inference(
+            engine,
+            tmp_path / "in.npz",
+            out,
+            artifact_path=tmp_path / "model.bin",
+            chunk_size=8,
+            progress=False,
+            on_chunk=crash_after_three,
+        )
     assert not out.exists() and (tmp_path / "resumed.npz.partial").is_dir()
-    summary = run_batch_inference(engine, tmp_path / "in.npz", out, artifact_path=tmp_path / "model.bin",
-                                  chunk_size=8, progress=False)
+    summary = run_batch_inference(
+        engine, tmp_path / "in.npz", out, artifact_path=tmp_path / "model.bin", chunk_size=8, progress=False
+    )
     assert summary["resumed_at_chunk"] == 3
     assert out.read_bytes() == reference.read_bytes()

@@ -39,8 +39,13 @@ def test_bad_pytree_requests_fail_at_submit(engine):
 
 def test_requests_of_several_lengths_share_a_batch():
     model = pooled_model()
-    engine = InferenceEngine(model, max_batch=8, length_buckets=(4, 16),
-                             length_axes={"input_ids": 1, "attention_mask": 1}, output_length_axes=(None, 1))
+    engine = InferenceEngine(
+        model,
+        max_batch=8,
+        length_buckets=(4, 16),
+        length_axes={"input_ids": 1, "attention_mask": 1},
+        output_length_axes=(None, 1),
+    )
     requests = [token_inputs(1 + i % 2, length, seed=i) for i, length in enumerate([3, 9, 4, 14, 2, 7])]
     with DynamicBatcher(engine, max_wait_ms=50) as batcher:
         futures = [batcher.submit(x) for x in requests]

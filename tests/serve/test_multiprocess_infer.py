@@ -42,20 +42,43 @@ def job(tmp_path_factory):
 
 
 def _env():
-    return {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID",
-                                                             "JAX_COORDINATOR_ADDRESS")}
+    return {
+        k: v
+        for k, v in os.environ.items()
+        if k not in ("XLA_FLAGS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID", "JAX_COORDINATOR_ADDRESS")
+    }
 
 
 def _command(root, out, *extra):
-    return [sys.executable, "-m", "jaxopt_serve", "infer", str(root / "cnn.jxs"), "--input", str(root / "in" / "*.npy"),
-            "--output-dir", str(out), "--chunk-size", "16", "--no-progress", *extra]
+    return [
+        sys.executable,
+        "-m",
+        "jaxopt_serve",
+        "infer",
+        str(root / "cnn.jxs"),
+        "--input",
+        str(root / "in" / "*.npy"),
+        "--output-dir",
+        str(out),
+        "--chunk-size",
+        "16",
+        "--no-progress",
+        *extra,
+    ]
 
 
 def _start_two(root, out):
     port = _free_port()
-    return [subprocess.Popen(_command(root, out, "--coordinator", f"127.0.0.1:{port}", "--num-processes", "2",
-                                      "--process-id", str(i)), env=_env(), stdout=subprocess.PIPE,
-                             stderr=subprocess.PIPE, text=True) for i in range(2)]
+    return [
+        subprocess.Popen(
+            _command(root, out, "--coordinator", f"127.0.0.1:{port}", "--num-processes", "2", "--process-id", str(i)),
+            env=_env(),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for i in range(2)
+    ]
 
 
 def _finish(procs, timeout=240):
@@ -127,8 +150,10 @@ def test_layout_helpers_and_refusals(tmp_path, capsys):
     save_artifact(model, Artifact(CNN, init_variables(CNN, 0), (8, 8, 1)))
     cases = [
         (["--output-dir", str(tmp_path), "--num-processes", "2", "--process-id", "0"], "needs --coordinator"),
-        (["--output-dir", str(tmp_path), "--num-processes", "2", "--process-id", "2", "--coordinator", "h:1"],
-         "--process-id must be in [0, 2)"),
+        (
+            ["--output-dir", str(tmp_path), "--num-processes", "2", "--process-id", "2", "--coordinator", "h:1"],
+            "--process-id must be in [0, 2)",
+        ),
         (["--output-dir", str(tmp_path), "--coordinator", "nohost"], "--coordinator must be HOST:PORT"),
         (["--output", str(tmp_path / "o.npy"), "--input", str(x)], "several input shards need --output-dir"),
         (["--output-dir", str(tmp_path / "missing")], "is not a directory"),

@@ -54,13 +54,15 @@ def _reference(root, model, chunk_size):
     out = root / f"reference-{model}-{chunk_size}.npy"
     if not out.exists():
         engine = load_servable(root / model, max_batch=min(chunk_size, 1024))
-        run_batch_inference(engine, root / "all.npy", out, artifact_path=root / model, chunk_size=chunk_size,
-                            progress=False)
+        run_batch_inference(
+            engine, root / "all.npy", out, artifact_path=root / model, chunk_size=chunk_size, progress=False
+        )
     return out.read_bytes()
 
 
-@pytest.mark.parametrize(("model", "pattern", "key"), [("cnn.jxs", "part-*.npy", None),
-                                                       ("cnn.jxe", "part-*.parquet", "image")])
+@pytest.mark.parametrize(
+    ("model", "pattern", "key"), [("cnn.jxs", "part-*.npy", None), ("cnn.jxe", "part-*.parquet", "image")]
+)
 def test_sharded_output_is_byte_identical_to_run_batch_inference(local_ray, data, tmp_path, model, pattern, key):
     root, _ = data
     out = tmp_path / "out.npy"
@@ -96,8 +98,9 @@ def test_actor_killed_mid_run_is_retried_and_output_still_identical(local_ray, d
             killed.append(pids[0])
 
     out = tmp_path / "out.npy"
-    summary = ray_batch_inference(root / "cnn.jxs", [root / f"part-{i}.npy" for i in range(3)], out, chunk_size=16,
-                                  actors=2, on_chunk=on_chunk)
+    summary = ray_batch_inference(
+        root / "cnn.jxs", [root / f"part-{i}.npy" for i in range(3)], out, chunk_size=16, actors=2, on_chunk=on_chunk
+    )
     assert killed and seen[-1] == summary["chunks"] == -(-ROWS // 16)
     assert seen[-1] - 5 > 2, "the run ended right after the kill: nothing was retried"
     assert not os.path.exists(f"/proc/{killed[0]}") or killed[0] not in _actor_pids()
@@ -107,8 +110,12 @@ def test_actor_killed_mid_run_is_retried_and_output_still_identical(local_ray, d
 def test_engine_predictor_in_a_users_own_pipeline(local_ray, data):
     root, x = data
     ds = ray.data.from_items([{"id": i, "data": x[i]} for i in range(200)])
-    ds = ds.map_batches(EnginePredictor, fn_constructor_kwargs={"model_path": str(root / "cnn.jxs"), "max_batch": 32},
-                        batch_size=32, compute=ray.data.ActorPoolStrategy(size=1))
+    ds = ds.map_batches(
+        EnginePredictor,
+        fn_constructor_kwargs={"model_path": str(root / "cnn.jxs"), "max_batch": 32},
+        batch_size=32,
+        compute=ray.data.ActorPoolStrategy(size=1),
+    )
     rows = sorted(ds.take_all(), key=lambda r: r["id"])
     got = np.stack([r["output"] for r in rows])
     expected = load_servable(root / "cnn.jxs", max_batch=32)(x[:200])

@@ -50,8 +50,9 @@ def _post(url, body):
 
 
 def _request(x):
-    return json.dumps({"inputs": [{"name": "input", "shape": list(x.shape), "datatype": "FP32",
-                                   "data": x.reshape(-1).tolist()}]}).encode()
+    return json.dumps(
+        {"inputs": [{"name": "input", "shape": list(x.shape), "datatype": "FP32", "data": x.reshape(-1).tolist()}]}
+    ).encode()
 
 
 def test_http_answers_equal_the_local_engine_bit_for_bit(app):
@@ -79,18 +80,38 @@ def test_handle_calls_are_batched_and_match_the_engine(app):
         np.testing.assert_allclose(response.result(timeout_s=60), engine(x), rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize(("path", "body", "status", "message"), [
-    ("/v2/models/cnn/infer", b'{"inputs": [{"name": "input", "shape": [1], "datatype": "FP32", "data": [NaN]}]}',
-     400, "NaN"),
-    ("/v2/models/cnn/infer", b"{not json", 400, "not valid JSON"),
-    ("/v2/models/cnn/infer", b'{"inputs": [{"name": "input", "shape": [1, 8, 8, 1], "datatype": "FP32", '
-                             b'"data": [1e39' + b", 0" * 63 + b"]}]}", 400, "overflow"),
-    ("/v2/models/cnn/infer", b'{"inputs": [{"name": "x", "shape": [1], "datatype": "FP32", "data": [1]}]}',
-     400, "takes the inputs"),
-    ("/v2/models/cnn/infer", b'{"inputs": [{"name": "input", "shape": [1, 4], "datatype": "FP32", '
-                             b'"data": [1, 2, 3, 4]}]}', 400, "shape"),
-    ("/v2/models/other/infer", b'{"inputs": []}', 404, "unknown model"),
-])
+@pytest.mark.parametrize(
+    ("path", "body", "status", "message"),
+    [
+        (
+            "/v2/models/cnn/infer",
+            b'{"inputs": [{"name": "input", "shape": [1], "datatype": "FP32", "data": [NaN]}]}',
+            400,
+            "NaN",
+        ),
+        ("/v2/models/cnn/infer", b"{not json", 400, "not valid JSON"),
+        (
+            "/v2/models/cnn/infer",
+            b'{"inputs": [{"name": "input", "shape": [1, 8, 8, 1], "datatype": "FP32", '
+            b'"data": [1e39' + b", 0" * 63 + b"]}]}",
+            400,
+            "overflow",
+        ),
+        (
+            "/v2/models/cnn/infer",
+            b'{"inputs": [{"name": "x", "shape": [1], "datatype": "FP32", "data": [1]}]}',
+            400,
+            "takes the inputs",
+        ),
+        (
+            "/v2/models/cnn/infer",
+            b'{"inputs": [{"name": "input", "shape": [1, 4], "datatype": "FP32", "data": [1, 2, 3, 4]}]}',
+            400,
+            "shape",
+        ),
+        ("/v2/models/other/infer", b'{"inputs": []}', 404, "unknown model"),
+    ],
+)
 def test_malformed_requests_get_4xx_naming_the_problem(app, path, body, status, message):
     url, _, _ = app
     got, answer = _post(url + path, body)
@@ -105,5 +126,7 @@ def test_codec_without_ray():
     tensors = decode_request(b'{"inputs": [{"name": "a", "shape": [2, 1], "datatype": "INT8", "data": [[1], [-2]]}]}')
     assert tensors["a"].dtype == np.int8 and tensors["a"].tolist() == [[1], [-2]]
     response = encode_response("m", (np.ones((2, 3), np.float32), np.arange(2, dtype=np.int32)))
-    assert [(o["name"], o["datatype"], o["shape"]) for o in response["outputs"]] == [("0", "FP32", [2, 3]),
-                                                                                   ("1", "INT32", [2])]
+    assert [(o["name"], o["datatype"], o["shape"]) for o in response["outputs"]] == [
+        ("0", "FP32", [2, 3]),
+        ("1", "INT32", [2]),
+    ]

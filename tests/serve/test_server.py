@@ -64,14 +64,17 @@ def call(server, method, path, body=None, headers=None, timeout=30):
 
 def infer_body(x, name="input", datatype="FP32"):
     x = np.asarray(x)
-    return json.dumps({"inputs": [{"name": name, "shape": list(x.shape), "datatype": datatype,
-                                   "data": x.reshape(-1).tolist()}]}).encode()
+    return json.dumps(
+        {"inputs": [{"name": name, "shape": list(x.shape), "datatype": datatype, "data": x.reshape(-1).tolist()}]}
+    ).encode()
 
 
 def strict_json(raw):
     """JSON that must not hold NaN or Infinity tokens (Python's json would accept them)."""
+
     def refuse(token):
         raise AssertionError(f"the server wrote {token} into JSON")
+
     return json.loads(raw, parse_constant=refuse)
 
 
@@ -153,23 +156,32 @@ class GoodClient:
 # ---------------------------------------------------------------------------------------------- routes
 
 
-@pytest.mark.parametrize("method, path, status, check", [
-    ("GET", "/v2/health/live", 200, lambda r: r == {"live": True}),
-    ("GET", "/v2/health/ready", 200, lambda r: r == {"ready": True}),
-    ("GET", "/v2", 200, lambda r: r["extensions"] == ["binary_tensor_data"] and "mlp" in r["models"]),
-    ("GET", "/v2/models/mlp", 200, lambda r: r["inputs"] == [{"name": "input", "datatype": "FP32",
-                                                               "shape": [-1, 8, 8, 1]}]
-     and r["outputs"] == [{"name": "output", "datatype": "FP32", "shape": [-1, 10]}]),
-    ("GET", "/v2/models/mlp/ready", 200, lambda r: r == {"name": "mlp", "ready": True}),
-    ("GET", "/v2/models/nope", 404, lambda r: "unknown model 'nope'" in r["error"]),
-    ("GET", "/v2/models/nope/ready", 404, lambda r: "unknown model 'nope'" in r["error"]),
-    ("POST", "/v2/models/nope/infer", 404, lambda r: "unknown model 'nope'" in r["error"]),
-    ("GET", "/v1/predict", 404, lambda r: "no route /v1/predict" in r["error"]),
-    ("GET", "/v2/models/mlp/infer", 405, lambda r: "method GET is not allowed" in r["error"]),
-    ("PUT", "/v2/models/mlp/infer", 405, lambda r: "allowed: POST" in r["error"]),
-    ("DELETE", "/v2/health/live", 405, lambda r: "allowed: GET, HEAD" in r["error"]),
-    ("POST", "/metrics", 405, lambda r: "allowed: GET, HEAD" in r["error"]),
-])
+@pytest.mark.parametrize(
+    "method, path, status, check",
+    [
+        ("GET", "/v2/health/live", 200, lambda r: r == {"live": True}),
+        ("GET", "/v2/health/ready", 200, lambda r: r == {"ready": True}),
+        ("GET", "/v2", 200, lambda r: r["extensions"] == ["binary_tensor_data"] and "mlp" in r["models"]),
+        (
+            "GET",
+            "/v2/models/mlp",
+            200,
+            lambda r: (
+                r["inputs"] == [{"name": "input", "datatype": "FP32", "shape": [-1, 8, 8, 1]}]
+                and r["outputs"] == [{"name": "output", "datatype": "FP32", "shape": [-1, 10]}]
+            ),
+        ),
+        ("GET", "/v2/models/mlp/ready", 200, lambda r: r == {"name": "mlp", "ready": True}),
+        ("GET", "/v2/models/nope", 404, lambda r: "unknown model 'nope'" in r["error"]),
+        ("GET", "/v2/models/nope/ready", 404, lambda r: "unknown model 'nope'" in r["error"]),
+        ("POST", "/v2/models/nope/infer", 404, lambda r: "unknown model 'nope'" in r["error"]),
+        ("GET", "/v1/predict", 404, lambda r: "no route /v1/predict" in r["error"]),
+        ("GET", "/v2/models/mlp/infer", 405, lambda r: "method GET is not allowed" in r["error"]),
+        ("PUT", "/v2/models/mlp/infer", 405, lambda r: "allowed: POST" in r["error"]),
+        ("DELETE", "/v2/health/live", 405, lambda r: "allowed: GET, HEAD" in r["error"]),
+        ("POST", "/metrics", 405, lambda r: "allowed: GET, HEAD" in r["error"]),
+    ],
+)
 def test_every_route_and_status_answers_json(server, method, path, status, check):
     body = infer_body(np.zeros((1, 8, 8, 1))) if method in ("POST", "PUT") else None
     got, headers, raw = call(server, method, path, body)
@@ -189,18 +201,26 @@ def test_json_and_binary_inference_match_the_engine(server, engine):
     np.testing.assert_allclose(np.asarray(reply["outputs"][0]["data"]).reshape(3, 10), engine(x), rtol=1e-5, atol=1e-6)
     # the binary tensor extension, both ways: exactly the engine's float32 bits
     body, header_length = encode_request([("input", x)], binary=True, binary_outputs=True, request_id="r1")
-    status, headers, raw = call(server, "POST", "/v2/models/mlp/infer", body,
-                                {"Inference-Header-Content-Length": str(header_length)})
+    status, headers, raw = call(
+        server, "POST", "/v2/models/mlp/infer", body, {"Inference-Header-Content-Length": str(header_length)}
+    )
     assert status == 200 and headers["content-type"] == "application/octet-stream"
     out = decode_response(raw, int(headers["inference-header-content-length"]))["output"]
     np.testing.assert_array_equal(out, engine(x))
     assert json.loads(raw[: int(headers["inference-header-content-length"])])["id"] == "r1"
     # nested data is accepted too (row-major)
-    status, _, raw = call(server, "POST", "/v2/models/mlp/infer", json.dumps(
-        {"inputs": [{"name": "input", "shape": [3, 8, 8, 1], "datatype": "FP32", "data": x.tolist()}]}).encode())
+    status, _, raw = call(
+        server,
+        "POST",
+        "/v2/models/mlp/infer",
+        json.dumps(
+            {"inputs": [{"name": "input", "shape": [3, 8, 8, 1], "datatype": "FP32", "data": x.tolist()}]}
+        ).encode(),
+    )
     assert status == 200
-    np.testing.assert_allclose(np.asarray(strict_json(raw)["outputs"][0]["data"]).reshape(3, 10), engine(x),
-                               rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(
+        np.asarray(strict_json(raw)["outputs"][0]["data"]).reshape(3, 10), engine(x), rtol=1e-5, atol=1e-6
+    )
 
 
 # ---------------------------------------------------------------------------------------------- hostile bodies
@@ -240,8 +260,11 @@ HOSTILE_BODIES = {
     "negative shape": (_tensor(ZEROS, shape=(-1, 8, 8, 1)).encode(), 400, "non-negative integers"),
     "too many rows": (_tensor([0.0] * 64 * 9, shape=(9, 8, 8, 1)).encode(), 400, "at most 8 rows, got 9"),
     "empty batch": (_tensor([], shape=(0, 8, 8, 1)).encode(), 400, "no rows"),
-    "unknown output": (json.dumps({"inputs": json.loads(_tensor(ZEROS))["inputs"], "outputs": [{"name": "zz"}]})
-                       .encode(), 400, "no outputs ['zz']"),
+    "unknown output": (
+        json.dumps({"inputs": json.loads(_tensor(ZEROS))["inputs"], "outputs": [{"name": "zz"}]}).encode(),
+        400,
+        "no outputs ['zz']",
+    ),
     "invalid UTF-8": (b'{"inputs": "\xff\xfe"}', 400, "not valid JSON"),
 }
 
@@ -255,12 +278,15 @@ def test_hostile_bodies_get_a_400_and_a_good_client_is_unaffected(server, engine
     assert reason in strict_json(raw)["error"]
 
 
-@pytest.mark.parametrize("case, header_length, status, reason", [
-    ("NaN rows under the error policy", None, 400, "non-finite inputs (NaN or inf) in rows [1]"),
-    ("header length past the body", 10**6, 400, "not within the body"),
-    ("non-numeric header length", "x", 400, "not a number"),
-    ("binary size mismatch", "cut", 400, "binary_data_size"),
-])
+@pytest.mark.parametrize(
+    "case, header_length, status, reason",
+    [
+        ("NaN rows under the error policy", None, 400, "non-finite inputs (NaN or inf) in rows [1]"),
+        ("header length past the body", 10**6, 400, "not within the body"),
+        ("non-numeric header length", "x", 400, "not a number"),
+        ("binary size mismatch", "cut", 400, "binary_data_size"),
+    ],
+)
 def test_hostile_binary_bodies(server, engine, case, header_length, status, reason):
     body, n = encode_request([("input", NAN_BINARY)], binary=True)
     if header_length == "cut":
@@ -274,8 +300,9 @@ def test_hostile_binary_bodies(server, engine, case, header_length, status, reas
 
 def test_nan_policy_propagate_answers_null_never_a_nan_token(server, engine):
     body, n = encode_request([("input", NAN_BINARY)], binary=True)
-    status, _, raw = call(server, "POST", "/v2/models/mlp_propagate/infer", body,
-                          {"Inference-Header-Content-Length": str(n)})
+    status, _, raw = call(
+        server, "POST", "/v2/models/mlp_propagate/infer", body, {"Inference-Header-Content-Length": str(n)}
+    )
     data = strict_json(raw)["outputs"][0]["data"]  # valid JSON: null marks the non-finite values
     assert status == 200 and data[10:] == [None] * 10
     np.testing.assert_allclose(data[:10], engine(NAN_BINARY[:1])[0], rtol=1e-5, atol=1e-6)
@@ -286,8 +313,10 @@ def test_nan_policy_propagate_answers_null_never_a_nan_token(server, engine):
 
 def test_conflicting_content_length_headers_are_a_400(server, engine):
     body = infer_body(np.zeros((1, 8, 8, 1)))
-    request = (b"POST /v2/models/mlp/infer HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\nContent-Length: %d\r\n\r\n"
-               % (len(body), len(body) - 5)) + body
+    request = (
+        b"POST /v2/models/mlp/infer HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\nContent-Length: %d\r\n\r\n"
+        % (len(body), len(body) - 5)
+    ) + body
     with GoodClient(server, engine):
         raw = raw_exchange(server, request)
     assert status_of(raw) == 400 and b"Content-Length" in raw.partition(b"\r\n\r\n")[2]
@@ -303,8 +332,9 @@ def test_an_oversized_body_from_an_ordinary_client_gets_the_413(server, engine, 
 
 
 def test_expect_100_continue_gets_the_413_before_sending_the_body(server):
-    request = (b"POST /v2/models/mlp/infer HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\nExpect: 100-continue\r\n\r\n"
-               % (50 << 20))
+    request = b"POST /v2/models/mlp/infer HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\nExpect: 100-continue\r\n\r\n" % (
+        50 << 20
+    )
     raw = raw_exchange(server, request)
     assert status_of(raw) == 413  # had the server waited for the body, the read timeout would answer 408
 
@@ -316,12 +346,15 @@ def test_chunked_body_over_the_limit_is_a_413(server):
     assert status_of(raw_exchange(server, request)) == 413
 
 
-@pytest.mark.parametrize("partial, status", [
-    (b"", None),  # connects and says nothing: closed
-    (b"POST /v2/models/mlp/inf", 408),  # half a request line
-    (b"POST /v2/models/mlp/infer HTTP/1.1\r\nHost: x\r\nContent-Le", 408),  # half the headers
-    (b"POST /v2/models/mlp/infer HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n{\"inputs\"", 408),  # half a body
-])
+@pytest.mark.parametrize(
+    "partial, status",
+    [
+        (b"", None),  # connects and says nothing: closed
+        (b"POST /v2/models/mlp/inf", 408),  # half a request line
+        (b"POST /v2/models/mlp/infer HTTP/1.1\r\nHost: x\r\nContent-Le", 408),  # half the headers
+        (b'POST /v2/models/mlp/infer HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n{"inputs"', 408),  # half a body
+    ],
+)
 def test_stalled_requests_get_a_408_or_are_closed_within_the_read_timeout(server, engine, partial, status):
     with GoodClient(server, engine):
         start = time.perf_counter()
@@ -450,11 +483,17 @@ def test_metrics_parse_are_cumulative_and_monotonic(server, engine):
     assert after[invalid] - before[invalid] == 1
     count = ("jaxopt_serve_request_duration_seconds_count", (("model", "mlp"),))
     assert after[count] - before[count] == 5
-    les = sorted(float(s.labels["le"]) for s in families["jaxopt_serve_queue_wait_seconds"].samples
-                 if s.name.endswith("_bucket") and s.labels["model"] == "mlp")
+    les = sorted(
+        float(s.labels["le"])
+        for s in families["jaxopt_serve_queue_wait_seconds"].samples
+        if s.name.endswith("_bucket") and s.labels["model"] == "mlp"
+    )
     assert les == sorted([*LATENCY_BUCKETS, float("inf")])  # fixed buckets, in seconds
-    sizes = sorted(float(s.labels["le"]) for s in families["jaxopt_serve_batch_size"].samples
-                   if s.name.endswith("_bucket") and s.labels["model"] == "mlp")
+    sizes = sorted(
+        float(s.labels["le"])
+        for s in families["jaxopt_serve_batch_size"].samples
+        if s.name.endswith("_bucket") and s.labels["model"] == "mlp"
+    )
     assert sizes == sorted([*map(float, BATCH_BUCKETS), float("inf")])
     compiles = ("jaxopt_serve_compiles_total", (("model", "mlp"),))
     assert after[compiles] == engine.compile_count

@@ -20,15 +20,19 @@ CONFIG = MLPConfig(features=(8,))
 def test_cli_serves_named_models_and_drains_on_sigterm(tmp_path):
     path = tmp_path / "tiny.jxs"
     save_artifact(path, Artifact(CONFIG, init_variables(CONFIG, 0), (8, 8, 1)))
-    process = subprocess.Popen([sys.executable, "-m", "jaxopt_serve", "serve", f"digits={path}", str(path),
-                                "--port", "0", "--max-batch", "2"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                               text=True)
+    process = subprocess.Popen(
+        [sys.executable, "-m", "jaxopt_serve", "serve", f"digits={path}", str(path), "--port", "0", "--max-batch", "2"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         line = process.stdout.readline()
         assert line.startswith("serving digits (mlp, buckets (1, 2)), tiny (mlp, buckets (1, 2)) on http://"), line
         url = line.split(" on ")[1].split()[0]
-        body = json.dumps({"inputs": [{"name": "input", "shape": [1, 8, 8, 1], "datatype": "FP32",
-                                       "data": [0.5] * 64}]}).encode()
+        body = json.dumps(
+            {"inputs": [{"name": "input", "shape": [1, 8, 8, 1], "datatype": "FP32", "data": [0.5] * 64}]}
+        ).encode()
         for name in ("digits", "tiny"):
             with urllib.request.urlopen(f"{url}/v2/models/{name}/infer", body, timeout=60) as r:
                 reply = json.load(r)

@@ -31,11 +31,13 @@ def _post(server, body):
 
 
 def test_drain_finishes_accepted_requests_and_turns_new_ones_away():
-    server = InferenceServer([ServedModel("slow", NumpyEngine(max_batch=1, delay_s=0.3))], port=0,
-                             drain_grace_s=0.3).start()
+    server = InferenceServer(
+        [ServedModel("slow", NumpyEngine(max_batch=1, delay_s=0.3))], port=0, drain_grace_s=0.3
+    ).start()
     x = np.ones((1, 2, 3), np.float32)
-    body = json.dumps({"inputs": [{"name": "input", "shape": [1, 2, 3], "datatype": "FP32",
-                                   "data": x.reshape(-1).tolist()}]}).encode()
+    body = json.dumps(
+        {"inputs": [{"name": "input", "shape": [1, 2, 3], "datatype": "FP32", "data": x.reshape(-1).tolist()}]}
+    ).encode()
     accepted = []
     threads = [threading.Thread(target=lambda: accepted.append(_post(server, body))) for _ in range(3)]
     for t in threads:
@@ -45,8 +47,11 @@ def test_drain_finishes_accepted_requests_and_turns_new_ones_away():
     conn = http.client.HTTPConnection(server.host, server.port, timeout=30)
     conn.request("GET", "/v2/health/ready")
     ready = conn.getresponse()
-    assert ready.status == 503 and ready.getheader("connection") == "close" and json.loads(ready.read()) == {
-        "ready": False}
+    assert (
+        ready.status == 503
+        and ready.getheader("connection") == "close"
+        and json.loads(ready.read()) == {"ready": False}
+    )
     conn.close()
     status, headers, raw = _post(server, body)
     assert status == 503 and headers["retry-after"] == "1" and headers["connection"] == "close"
@@ -62,8 +67,12 @@ def test_drain_finishes_accepted_requests_and_turns_new_ones_away():
 
 def test_sigterm_under_keep_alive_load_loses_no_response_and_exits_cleanly_20_times():
     start = time.perf_counter()
-    result = subprocess.run([sys.executable, os.path.join(HERE, "drain_trials.py"), "--trials", "20", "--clients",
-                             "32"], capture_output=True, text=True, timeout=300)
+    result = subprocess.run(
+        [sys.executable, os.path.join(HERE, "drain_trials.py"), "--trials", "20", "--clients", "32"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     trials = json.loads(result.stdout.strip().splitlines()[-1])["trials"]
     assert len(trials) == 20

@@ -60,12 +60,15 @@ def test_text_in_embeddings_out_match_the_encoder(server, encoder):
     assert meta["outputs"] == [{"name": "embedding", "datatype": "FP32", "shape": [-1, 384]}]
 
 
-@pytest.mark.parametrize("tensor, reason", [
-    ({"name": "text", "shape": [1], "datatype": "FP32", "data": [1.0]}, "expected datatype BYTES, got FP32"),
-    ({"name": "text", "shape": [1], "datatype": "BYTES", "data": [3]}, "BYTES data must be strings"),
-    ({"name": "text", "shape": [1], "datatype": "BYTES", "data": ["  "]}, "sentence 0 is empty"),
-    ({"name": "text", "shape": [1, 1], "datatype": "BYTES", "data": ["a"]}, "expected shape [-1]"),
-])
+@pytest.mark.parametrize(
+    "tensor, reason",
+    [
+        ({"name": "text", "shape": [1], "datatype": "FP32", "data": [1.0]}, "expected datatype BYTES, got FP32"),
+        ({"name": "text", "shape": [1], "datatype": "BYTES", "data": [3]}, "BYTES data must be strings"),
+        ({"name": "text", "shape": [1], "datatype": "BYTES", "data": ["  "]}, "sentence 0 is empty"),
+        ({"name": "text", "shape": [1, 1], "datatype": "BYTES", "data": ["a"]}, "expected shape [-1]"),
+    ],
+)
 def test_bad_text_requests_are_400(server, tensor, reason):
     status, _, raw = post(server, json.dumps({"inputs": [tensor]}).encode())
     assert status == 400 and reason in json.loads(raw)["error"]

@@ -54,9 +54,17 @@ def _same_state(a, b):
 
 def _fit(digits, steps, **kwargs):
     config = CNNConfig(channels=(4,), hidden=0, dropout_rate=0.2)
-    return fit(classification_loss(make_apply(config)), init_variables(config, 0),
-               (digits.x_train[:256], digits.y_train[:256]), optimizer=default_optimizer(10), steps=steps,
-               batch_size=32, progress=False, log_every=3, **kwargs)
+    return fit(
+        classification_loss(make_apply(config)),
+        init_variables(config, 0),
+        (digits.x_train[:256], digits.y_train[:256]),
+        optimizer=default_optimizer(10),
+        steps=steps,
+        batch_size=32,
+        progress=False,
+        log_every=3,
+        **kwargs,
+    )
 
 
 def test_fit_killed_after_a_commit_resumes_to_the_state_of_an_uninterrupted_run(digits, tmp_path, monkeypatch):
@@ -95,8 +103,11 @@ def test_a_qat_finetune_resumes_bit_identically(tmp_path, monkeypatch):
 
 
 def _state(features=(8,), seed=0):
-    return init_state(init_variables(MLPConfig(features=features, num_classes=3, input_shape=(16,)), seed),
-                      optax.adam(1e-3), seed=seed)
+    return init_state(
+        init_variables(MLPConfig(features=features, num_classes=3, input_shape=(16,)), seed),
+        optax.adam(1e-3),
+        seed=seed,
+    )
 
 
 def test_arrays_come_back_on_the_template_shardings_or_the_given_ones(tmp_path):
@@ -169,8 +180,16 @@ def _damage(kind, path, state):
         (path / "notes.txt").write_text("not a checkpoint")
 
 
-DAMAGE = ["no-marker", "no-committed-step", "record-garbage", "record-a-list", "record-of-another-format",
-          "arrays-metadata-garbage", "a-file", "a-plain-directory"]
+DAMAGE = [
+    "no-marker",
+    "no-committed-step",
+    "record-garbage",
+    "record-a-list",
+    "record-of-another-format",
+    "arrays-metadata-garbage",
+    "a-file",
+    "a-plain-directory",
+]
 
 
 @pytest.mark.parametrize("kind", DAMAGE)
@@ -204,8 +223,11 @@ def test_damaged_array_data_fails_with_one_line_naming_the_checkpoint(tmp_path):
 def test_checkpoints_of_another_model_or_with_nonfinite_values_are_refused_by_name(tmp_path):
     state = _state()
     save_checkpoint(tmp_path / "c", state)
-    with pytest.raises(ValueError, match=r"does not fit the run: params/classifier/kernel is float32\[8, 3\], "
-                                         r"the run expects float32\[4, 3\]"):
+    with pytest.raises(
+        ValueError,
+        match=r"does not fit the run: params/classifier/kernel is float32\[8, 3\], "
+        r"the run expects float32\[4, 3\]",
+    ):
         restore_checkpoint(tmp_path / "c", _state(features=(4,)))
     with pytest.raises(ValueError, match=r"it has no array extra/best/"):
         restore_checkpoint(tmp_path / "c", state, extra={"best": state.params})

@@ -92,8 +92,16 @@ def test_train_step_compiles_once(digits):
 def test_nnx_model_trains_with_the_same_loop(digits):
     config = NNXMLPConfig(features=(32,))
     loss_fn = classification_loss(make_apply(config))
-    result = fit(loss_fn, init_variables(config, 0), (digits.x_train, digits.y_train),
-                 optimizer=optax.adam(3e-3), steps=150, batch_size=64, progress=False, log_every=50)
+    result = fit(
+        loss_fn,
+        init_variables(config, 0),
+        (digits.x_train, digits.y_train),
+        optimizer=optax.adam(3e-3),
+        steps=150,
+        batch_size=64,
+        progress=False,
+        log_every=50,
+    )
     assert result.history[-1]["loss"] < result.history[0]["loss"]
     assert accuracy(predict_fn(config), result.variables, digits.x_test, digits.y_test) > 0.85
 
@@ -101,18 +109,33 @@ def test_nnx_model_trains_with_the_same_loop(digits):
 def test_eval_fn_and_on_log_are_called(digits):
     config = CNNConfig(channels=(4,), hidden=0)
     logged = []
-    fit(classification_loss(make_apply(config)), init_variables(config, 0), (digits.x_train, digits.y_train),
-        optimizer=optax.adam(1e-3), steps=6, batch_size=16, progress=False, log_every=3,
-        eval_fn=lambda v: {"val": 0.5}, on_log=lambda state, entry: logged.append((int(state.step), entry["val"])))
+    fit(
+        classification_loss(make_apply(config)),
+        init_variables(config, 0),
+        (digits.x_train, digits.y_train),
+        optimizer=optax.adam(1e-3),
+        steps=6,
+        batch_size=16,
+        progress=False,
+        log_every=3,
+        eval_fn=lambda v: {"val": 0.5},
+        on_log=lambda state, entry: logged.append((int(state.step), entry["val"])),
+    )
     assert logged == [(3, 0.5), (6, 0.5)]
 
 
 def test_mismatched_data_lengths_are_an_error(digits):
     config = CNNConfig(channels=(4,), hidden=0)
     with pytest.raises(ValueError, match=r"same number of examples, got sizes \[10, 9\]"):
-        fit(classification_loss(make_apply(config)), init_variables(config, 0),
-            (digits.x_train[:10], digits.y_train[:9]), optimizer=optax.sgd(0.1), steps=1, batch_size=2,
-            progress=False)
+        fit(
+            classification_loss(make_apply(config)),
+            init_variables(config, 0),
+            (digits.x_train[:10], digits.y_train[:9]),
+            optimizer=optax.sgd(0.1),
+            steps=1,
+            batch_size=2,
+            progress=False,
+        )
 
 
 def test_accuracy_compiles_once_for_ragged_last_batch(digits):
