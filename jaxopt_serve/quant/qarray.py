@@ -232,10 +232,10 @@ def quantize_array(x: jax.Array, spec: QuantSpec, *, name: str = "array") -> QAr
     x = jnp.asarray(x)
     if not jnp.issubdtype(x.dtype, jnp.floating):
         raise ValueError(f"{name}: only float arrays can be quantized, got dtype {x.dtype}")
-    if not isinstance(x, jax.core.Tracer) and not bool(jnp.isfinite(x).all()):
-        raise ValueError(f"{name}: cannot quantize an array holding NaN or inf (shape {tuple(x.shape)})")
     axis = resolve_axis(tuple(x.shape), spec, name=name)
-    values, scale, zero_point = _quantize_packed(x, spec, axis)
+    values, scale, zero_point, finite = _quantize_packed(x, spec, axis)
+    if not isinstance(finite, jax.core.Tracer) and not bool(finite):
+        raise ValueError(f"{name}: cannot quantize an array holding NaN or inf (shape {tuple(x.shape)})")
     return QArray(
         values=values,
         scale=scale,
@@ -251,10 +251,10 @@ def quantize_array(x: jax.Array, spec: QuantSpec, *, name: str = "array") -> QAr
 
 @functools.partial(jax.jit, static_argnames=("spec", "axis"))
 def _quantize_packed(x: jax.Array, spec: QuantSpec, axis: int | None):
-    """Quantize and pack as one compiled program (eagerly, each small op would compile on its own)."""
+    """Quantize, pack and check finiteness as one compiled program (eagerly, each small op would compile on its own)."""
     q, scale, zero_point = _quantize(x.astype(jnp.float32), spec, axis)
     values = q if spec.bits == 8 else pack(q.reshape(-1), spec.qtype)
-    return values, scale, zero_point
+    return values, scale, zero_point, jnp.isfinite(x).all()
 
 
 def fake_quantize(x: jax.Array, spec: QuantSpec) -> jax.Array:
