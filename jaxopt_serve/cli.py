@@ -155,16 +155,9 @@ def check_input_file(path: str, flag: str) -> None:
     except OSError as err:
         raise ValueError(f"{flag} {path}: {err.strerror or err}") from None
     if not stat.S_ISREG(mode):
-        kind = (
-            "a directory"
-            if stat.S_ISDIR(mode)
-            else "a FIFO (named pipe)"
-            if stat.S_ISFIFO(mode)
-            else "a device"
-            if stat.S_ISCHR(mode) or stat.S_ISBLK(mode)
-            else "not a regular file"
-        )
-        raise ValueError(f"{flag} {path} is {kind}, not a file")
+        from jaxopt_serve.exported import file_kind
+
+        raise ValueError(f"{flag} {path} is {file_kind(mode)}, not a file")
     if not os.access(path, os.R_OK):
         raise ValueError(f"{flag} {path}: permission denied (not readable)")
 

@@ -456,6 +456,19 @@ def _check_finite(leaves: list[np.ndarray], header: dict[str, Any], where: str) 
                 )
 
 
+def file_kind(mode: int) -> str:
+    """What a path that is not a regular file is, from its ``st_mode`` (for error messages)."""
+    import stat
+
+    if stat.S_ISDIR(mode):
+        return "a directory"
+    if stat.S_ISFIFO(mode):
+        return "a FIFO (named pipe)"
+    if stat.S_ISCHR(mode) or stat.S_ISBLK(mode):
+        return "a device"
+    return "not a regular file"
+
+
 def _read_file(path: Path) -> bytes:
     """The bytes of the exported artifact at ``path``: a regular file, its size checked against its header first."""
     import os
@@ -466,16 +479,7 @@ def _read_file(path: Path) -> bytes:
     try:
         mode = os.fstat(fd).st_mode
         if not stat.S_ISREG(mode):
-            kind = (
-                "a directory"
-                if stat.S_ISDIR(mode)
-                else "a FIFO (named pipe)"
-                if stat.S_ISFIFO(mode)
-                else "a device"
-                if stat.S_ISCHR(mode) or stat.S_ISBLK(mode)
-                else "not a regular file"
-            )
-            raise ValueError(f"{where} is {kind}, not a file")
+            raise ValueError(f"{where} is {file_kind(mode)}, not a file")
         size = os.fstat(fd).st_size
 
         def read(offset: int, length: int) -> bytes:

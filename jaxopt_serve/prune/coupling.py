@@ -60,7 +60,7 @@ import numpy as np
 from jaxopt_serve import native
 from jaxopt_serve.model import Model, as_model
 from jaxopt_serve.prune.structured import Group, Slice
-from jaxopt_serve.trace import path_of, trace
+from jaxopt_serve.trace import INLINE_PRIMITIVES, path_of, trace
 
 # Operations applied entry by entry: every operand axis is the output axis at the same position.
 ELEMENTWISE = frozenset(
@@ -161,21 +161,8 @@ ALONG_AXIS = {
     "cumlogsumexp": "axis",
     "sort": "dimension",
 }
-CALLS = frozenset(
-    {
-        "pjit",
-        "jit",
-        "closed_call",
-        "core_call",
-        "custom_jvp_call",
-        "custom_vjp_call",
-        "custom_vjp_call_jaxpr",
-        "remat",
-        "checkpoint",
-        "remat2",
-        "custom_lin",
-    }
-)
+# Nested calls whose body runs once per call: followed into (the same set jaxopt_serve.trace inlines).
+CALLS = INLINE_PRIMITIVES
 # Operations that start from nothing the analysis follows (fresh axes, no coupling).
 SOURCES = frozenset(
     {
