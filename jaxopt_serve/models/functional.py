@@ -9,6 +9,7 @@ the module's state, so both kinds look the same to the rest of the library.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from typing import Any, Protocol
 
@@ -55,8 +56,18 @@ def init_variables(config: ModelConfig, rng: jax.Array | int, input_shape: tuple
         return nnx_variables(config.build(rngs=nnx.Rngs(key)))
     x = example_input(config, 1, input_shape)
     params_key, dropout_key = jax.random.split(key)
-    variables = config.build().init({"params": params_key, "dropout": dropout_key}, x, train=False)
+    try:
+        init = _jitted_init(config)
+    except TypeError:  # an unhashable config: compiled for this call only
+        init = jax.jit(functools.partial(config.build().init, train=False))
+    variables = init({"params": params_key, "dropout": dropout_key}, x)
     return {name: _plain(tree) for name, tree in variables.items() if name != "intermediates"}
+
+
+@functools.lru_cache(maxsize=64)
+def _jitted_init(config: ModelConfig) -> Callable[..., Any]:
+    """The Linen module's ``init`` as one compiled program (eagerly, each layer's operations compile on their own)."""
+    return jax.jit(functools.partial(config.build().init, train=False))
 
 
 def make_apply(config: ModelConfig) -> ApplyFn:
