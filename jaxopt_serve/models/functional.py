@@ -57,17 +57,19 @@ def init_variables(config: ModelConfig, rng: jax.Array | int, input_shape: tuple
     x = example_input(config, 1, input_shape)
     params_key, dropout_key = jax.random.split(key)
     try:
-        init = _jitted_init(config)
+        init = _cached_init(config)
     except TypeError:  # an unhashable config: compiled for this call only
-        init = jax.jit(functools.partial(config.build().init, train=False))
+        init = _compiled_init(config)
     variables = init({"params": params_key, "dropout": dropout_key}, x)
     return {name: _plain(tree) for name, tree in variables.items() if name != "intermediates"}
 
 
-@functools.lru_cache(maxsize=64)
-def _jitted_init(config: ModelConfig) -> Callable[..., Any]:
+def _compiled_init(config: ModelConfig) -> Callable[..., Any]:
     """The Linen module's ``init`` as one compiled program (eagerly, each layer's operations compile on their own)."""
     return jax.jit(functools.partial(config.build().init, train=False))
+
+
+_cached_init = functools.lru_cache(maxsize=64)(_compiled_init)
 
 
 def make_apply(config: ModelConfig) -> ApplyFn:

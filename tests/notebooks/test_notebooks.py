@@ -200,15 +200,9 @@ def test_make_notebooks_url_rewrites_every_badge_and_install_cell(tmp_path):
     assert module.main(["not a repository", "--root", str(root)]) == 2
 
 
-@pytest.fixture(scope="module")
-def compilation_cache(tmp_path_factory):
-    """One XLA compilation cache for all the notebooks' kernels: they train and serve the same small CNN."""
-    return tmp_path_factory.mktemp("xla_cache")
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("name", sorted(FIGURES))
-def test_notebook_runs_top_to_bottom_and_saves_its_figures(name, tmp_path, monkeypatch, compilation_cache):
+def test_notebook_runs_top_to_bottom_and_saves_its_figures(name, tmp_path, monkeypatch):
     import nbformat
     from matplotlib import image
     from nbclient import NotebookClient
@@ -217,13 +211,11 @@ def test_notebook_runs_top_to_bottom_and_saves_its_figures(name, tmp_path, monke
     monkeypatch.setenv("JAXOPT_SERVE_FIGURES", str(figures))
     # What a fresh CPU runtime sees: conftest.py's 8 virtual devices are for the tests, not for the kernel
     # (the parallelism notebook asks for its own before importing jax).
-    # The kernel keeps conftest.py's other flags: a notebook compiles hundreds of small programs (eager operations
-    # included), and compiling is most of its run time.
+    # The kernel keeps conftest.py's other flags and its session compilation cache: a notebook compiles hundreds of
+    # small programs (eager operations included), and compiling is most of its run time.
     flags = [f for f in os.environ.get("XLA_FLAGS", "").split() if not f.startswith("--xla_force_host_platform")]
     monkeypatch.setenv("XLA_FLAGS", " ".join(flags))
     monkeypatch.setenv("JAX_PLATFORMS", "cpu")
-    monkeypatch.setenv("JAX_COMPILATION_CACHE_DIR", str(compilation_cache))
-    monkeypatch.setenv("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.2")
 
     notebook = with_overrides(nbformat.read(NOTEBOOKS / f"{name}.ipynb", as_version=4), name)
     client = NotebookClient(
