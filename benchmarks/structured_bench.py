@@ -26,7 +26,9 @@ Prints tables and the acceptance checks and writes ``{"device", "checks",
 * MiniLM (all-MiniLM-L6-v2, bundled): half the heads and FFN units of every
   layer found automatically; the speed-up at batch 32 x 128 tokens, and the
   mean cosine to the full model on the 240 held-out sentences after
-  distillation on ``hf.text_corpus`` (``--distill-steps``; 0 skips it).
+  distillation on ``hf.text_corpus`` (``--distill-steps``; 0 skips it): the
+  student is ``prune_model``'s smaller model itself, trained by
+  ``distill.distill_models`` (no hand-written coupling or config rewrite).
 """
 
 from __future__ import annotations
@@ -49,6 +51,8 @@ from common import Report, paired_times  # noqa: E402
 
 from foreign import conftest as foreign  # noqa: E402
 from jaxopt_serve.data import load_digits  # noqa: E402
+from jaxopt_serve.distill import distill_models  # noqa: E402
+from jaxopt_serve.distill.losses import hidden_cosine  # noqa: E402
 from jaxopt_serve.model import Model  # noqa: E402
 from jaxopt_serve.models import CNNConfig, MLPConfig, NNXMLPConfig, TransformerConfig, init_variables  # noqa: E402
 from jaxopt_serve.prune import analyze, model_groups, prune_model  # noqa: E402
@@ -262,6 +266,37 @@ def model_widths(model: Model):
     return tuple(model.variables["params"][k]["conv2"]["kernel"].shape[-1] for k in ("block1", "block2"))
 
 
+def _corpus_batches(encoder, sentences, *, batch_size: int, max_tokens: int) -> list[dict]:
+    """The corpus as shuffled batches of ``{"input_ids", "attention_mask"}``, truncated to ``max_tokens``."""
+    ids, mask = encoder.tokenize(list(sentences))
+    ids, mask = ids[:, :max_tokens], mask[:, :max_tokens]
+    order = np.random.default_rng(0).permutation(len(ids))
+    return [
+        {"input_ids": ids[order[i : i + batch_size]], "attention_mask": mask[order[i : i + batch_size]]}
+        for i in range(0, len(ids) - batch_size + 1, batch_size)
+    ]
+
+
+def _frozen_embeddings(params, learning_rate: float, steps: int) -> optax.GradientTransformation:
+    """Adam with warm-up and cosine decay; the token, position and type embeddings stay fixed."""
+    schedule = optax.warmup_cosine_decay_schedule(0.0, learning_rate, max(1, steps // 10), max(steps, 2))
+    frozen = ("word_embeddings", "position_embeddings", "token_type_embeddings")
+    labels = {k: jax.tree.map(lambda _, k=k: "frozen" if k in frozen else "train", v) for k, v in params.items()}
+    return optax.multi_transform({"train": optax.adam(schedule), "frozen": optax.set_to_zero()}, labels)
+
+
+def _embed(model: Model, variables, encoder, sentences) -> np.ndarray:
+    """``model``'s embeddings of ``sentences`` (tokenized by ``encoder``), in batches of 32."""
+    ids, mask = encoder.tokenize(list(sentences))
+    run = jax.jit(model.apply_fn)
+    return np.concatenate(
+        [
+            np.asarray(run(variables, {"input_ids": ids[i : i + 32], "attention_mask": mask[i : i + 32]}))
+            for i in range(0, len(ids), 32)
+        ]
+    )
+
+
 def minilm_section(report: Report, *, rounds: int, distill_steps: int, learning_rate: float) -> None:
     import dataclasses
 
@@ -270,12 +305,10 @@ def minilm_section(report: Report, *, rounds: int, distill_steps: int, learning_
     from jaxopt_serve.hf import (
         SentenceEncoder,
         bundled_minilm_dir,
-        distill_embeddings,
         embedding_agreement,
         text_corpus,
     )
     from jaxopt_serve.hf.sentence import example_inputs
-    from jaxopt_serve.prune.structured import _COUPLINGS
 
     teacher = SentenceEncoder(bundled_minilm_dir())
     inputs = example_inputs(32, 128)
@@ -304,37 +337,28 @@ def minilm_section(report: Report, *, rounds: int, distill_steps: int, learning_
     report.check("minilm_heads_ffn50_speedup_b32", t_full / t_small, 1.5, ">=")
     if distill_steps <= 0:
         return
-    # the automatic groups are the reference encoder's own (tests/prune/test_coupling.py), so the
-    # registered config rewrite names the smaller encoder that distill_embeddings trains
-    kept = {
-        f"layer_{i}/{'heads' if part == 'attention' else 'ffn'}": len(result.kept[f"layer_{i}/{part}"])
-        for i in range(teacher.config.num_layers)
-        for part in ("attention", "intermediate")
-    }
-    config = _COUPLINGS[type(teacher.config)].rewrite(teacher.config, kept)
+    # the automatically pruned model itself (result.model, whatever result.how is) is the student
     sentences = minilm_sentences()
     base = teacher.embed(sentences)
-    before = embedding_agreement(
-        base, SentenceEncoder(teacher.directory, config=config, variables=result.variables).embed(sentences)
-    )
+    before = embedding_agreement(base, _embed(result.model, result.variables, teacher, sentences))
     start = time.perf_counter()
-    fitted = distill_embeddings(
-        teacher,
-        config,
-        result.variables,
-        text_corpus(4000),
+    fitted = distill_models(
+        teacher.model,
+        result.model,
+        _corpus_batches(teacher, text_corpus(4000), batch_size=32, max_tokens=64),
         steps=distill_steps,
-        learning_rate=learning_rate,
+        optimizer=_frozen_embeddings(result.variables["params"], learning_rate, distill_steps),
+        loss=lambda student, target, batch: hidden_cosine(student, target),
+        labeled=False,
         log_every=50,
     )
     seconds = time.perf_counter() - start
-    after = embedding_agreement(
-        base, SentenceEncoder(teacher.directory, config=config, variables=fitted.variables).embed(sentences)
-    )
+    after = embedding_agreement(base, _embed(result.model, fitted.variables, teacher, sentences))
     report.table(
         "MiniLM half heads + FFN, distilled from the full model",
         [
             {
+                "student": f"prune_model's smaller model ({result.how})",
                 "steps": distill_steps,
                 "learning rate": learning_rate,
                 "cosine before": before["mean_cosine"],

@@ -54,6 +54,31 @@ Kind = Literal["linen", "nnx", "function", "config"]
 LIBRARY_COLLECTIONS = ("quant_act", "quant_smooth", "quant_asym")
 
 
+@dataclasses.dataclass(frozen=True)
+class Source:
+    """What a Flax ``Model`` was built from: the module and its call options.
+
+    ``Model.linen`` and ``Model.nnx`` record it as ``Model.source``, so code
+    that needs the module itself (structured pruning rebuilds it at smaller
+    sizes) reads it here instead of reaching into the model's functions.
+
+    Attributes:
+        module: the ``flax.linen.Module``, or for NNX the module as it was passed.
+        method: the Linen method that runs (``None``: ``__call__``).
+        eval_kwargs: keyword arguments of inference calls.
+        train_kwargs: keyword arguments of training steps.
+        rng_names: Linen RNG streams a training step gets.
+        rebuild: NNX only: ``rebuild(variables)`` returns a new module holding ``variables``.
+    """
+
+    module: Any
+    method: str | Callable[..., Any] | None = None
+    eval_kwargs: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+    train_kwargs: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+    rng_names: tuple[str, ...] = ("dropout",)
+    rebuild: Callable[[Variables], Any] | None = dataclasses.field(default=None, repr=False)
+
+
 @dataclasses.dataclass(frozen=True, eq=False)
 class Model:
     """A model as pure functions of ``(variables, *inputs)``; build it with ``Model.linen/nnx/function``.
@@ -64,6 +89,7 @@ class Model:
         kind: ``"linen"``, ``"nnx"``, ``"function"`` or ``"config"`` (a reference model).
         name: a label for messages and artifacts.
         config: the ``ModelConfig`` of a reference model, else ``None``.
+        source: the module and call options of a Linen or NNX model (``Source``), else ``None``.
     """
 
     apply_fn: Callable[..., Any] = dataclasses.field(repr=False)
@@ -73,6 +99,7 @@ class Model:
     kind: Kind = "function"
     name: str = "model"
     config: Any = None
+    source: Source | None = dataclasses.field(default=None, repr=False)
 
     # -- constructors ---------------------------------------------------------------------------
 
@@ -119,7 +146,9 @@ class Model:
             out, updates = module.apply(vars_, *inputs, method=method, rngs=rngs, mutable=mutable, **train_kwargs)
             return out, plain(updates)
 
-        return _validated(cls(apply, train, variables, _check_example(example), "linen", name or type(module).__name__))
+        source = Source(module, method, eval_kwargs, train_kwargs, tuple(rng_names))
+        example = _check_example(example)
+        return _validated(cls(apply, train, variables, example, "linen", name or type(module).__name__, source=source))
 
     @classmethod
     def nnx(
@@ -172,9 +201,9 @@ class Model:
             rest = nnx.to_pure_dict(nnx.state(m, nnx.Not(nnx.Param)))
             return out, ({"state": plain(rest)} if jax.tree.leaves(rest) else {})
 
-        model = cls(apply, train, variables, _check_example(example), "nnx", name or type(module).__name__)
-        object.__setattr__(model, "_nnx_rebuild", rebuild)
-        return _validated(model)
+        source = Source(module, None, eval_kwargs, train_kwargs, rebuild=rebuild)
+        example = _check_example(example)
+        return _validated(cls(apply, train, variables, example, "nnx", name or type(module).__name__, source=source))
 
     @classmethod
     def function(
@@ -263,16 +292,13 @@ class Model:
 
     def with_variables(self, variables: Variables) -> Model:
         """The same model holding other variables (e.g. pruned or fine-tuned ones)."""
-        model = dataclasses.replace(self, variables=dict(variables))
-        if hasattr(self, "_nnx_rebuild"):
-            object.__setattr__(model, "_nnx_rebuild", self._nnx_rebuild)
-        return model
+        return dataclasses.replace(self, variables=dict(variables))
 
     def nnx_module(self, variables: Variables | None = None) -> Any:
         """An NNX model: the module rebuilt holding ``variables`` (default: the model's own)."""
-        if self.kind != "nnx":
+        if self.kind != "nnx" or self.source is None or self.source.rebuild is None:
             raise ValueError(f"{self.name} is a {self.kind} model, not an NNX module")
-        return self._nnx_rebuild(self.variables if variables is None else variables)
+        return self.source.rebuild(self.variables if variables is None else variables)
 
     @property
     def batch_size(self) -> int:

@@ -92,3 +92,26 @@ def test_reference_configs_become_models():
     assert model(model.variables, jnp.ones((2, 4))).shape == (2, 3)
     with pytest.raises(TypeError, match="expected a jaxopt_serve Model"):
         as_model(object())
+
+
+def test_flax_models_record_their_module_and_options_and_keep_them_with_new_variables():
+    net = FlagNet()
+    variables = net.init(jax.random.key(0), X, train=False)
+    model = Model.linen(net, variables, X, eval_kwargs={"train": False}, train_kwargs={"train": True}, rng_names=("a",))
+    source = model.with_variables(jax.tree.map(np.zeros_like, model.variables)).source
+    assert source.module is net and source.method is None and source.rebuild is None
+    assert (dict(source.eval_kwargs), dict(source.train_kwargs), source.rng_names) == (
+        {"train": False},
+        {"train": True},
+        ("a",),
+    )
+
+    nnx_model = Model.nnx(NNXNet(nnx.Rngs(0)), X)
+    zeros = jax.tree.map(np.zeros_like, nnx_model.variables)
+    rebuilt = nnx_model.with_variables(zeros).nnx_module()  # the rebuild travels with the model
+    np.testing.assert_array_equal(rebuilt.linear.kernel[...], 0.0)
+    assert isinstance(nnx_model.source.module, NNXNet)
+    plain = Model.function(lambda p, x: x @ p, np.ones((4, 2), np.float32), X)
+    assert plain.source is None
+    with pytest.raises(ValueError, match="not an NNX module"):
+        plain.nnx_module()

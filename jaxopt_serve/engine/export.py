@@ -95,7 +95,8 @@ def export_model(
     all_paths = slash_names(dict(variables), empty="variables")
     # RNG keys (an NNX model's dropout streams) have no numpy form; inference does not read them: baked in.
     is_key = [jax.dtypes.issubdtype(getattr(leaf, "dtype", np.float32), jax.dtypes.prng_key) for leaf in all_leaves]
-    leaves = [leaf for leaf, key in zip(all_leaves, is_key) if not key]
+    # stored as the function sees them: float64 numpy leaves run as float32 unless jax_enable_x64 is on
+    leaves = [_canonical(leaf) for leaf, key in zip(all_leaves, is_key) if not key]
     paths = [path for path, key in zip(all_paths, is_key) if not key]
     base = inference_fn(model, variables, mode=quant_mode)
 
@@ -148,6 +149,11 @@ def export_model(
     )
     atomic_write(path, data)
     return len(data)
+
+
+def _canonical(leaf: Any) -> Any:
+    dtype = jax.dtypes.canonicalize_dtype(leaf.dtype)
+    return leaf if leaf.dtype == dtype else np.asarray(jax.device_get(leaf)).astype(dtype)
 
 
 def _input_specs(example: tuple[Any, ...], axes: list[int | None], batch: Any, length: Any) -> tuple[Any, ...]:

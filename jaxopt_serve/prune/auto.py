@@ -19,9 +19,10 @@ that runs at the smaller shapes, built the first way that works:
    size the fields cannot state such as fewer heads at a fixed
    ``qkv_features``, a plain function, a rebuilt module that does not check
    out): the traced program re-run at the smaller shapes (``rerun``), as a
-   ``Model.function``. It runs, jits, saves and exports like any model; its
-   training step is its inference step (BatchNorm statistics stay frozen, no
-   dropout).
+   ``Model.function``. It runs, jits, saves and exports like any model. Its
+   training step is the model's own (dropout, updated BatchNorm statistics),
+   traced and re-run the same way; where that step cannot be traced or couples
+   the units otherwise, training runs the inference program and ``note`` says why.
 
 A rebuilt or shrunk module is accepted only when its variables have exactly
 the pruned shapes and its outputs on the example inputs match the masked
@@ -32,7 +33,6 @@ and ``note`` why an earlier one was not.
 from __future__ import annotations
 
 import dataclasses
-import inspect
 import re
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, Literal
@@ -201,11 +201,53 @@ def prune_model(
             notes.append(str(why))
             result_model, module = None, None
     if result_model is None:
+        train, why = _training_program(model, analysis, groups, kept, head_dims)
+        if why:
+            notes.append(why)
         fn = program_fn(analysis, kept)
-        result_model = Model.function(fn, small_vars, *model.example, name=f"{model.name}_pruned")
+        result_model = Model.function(fn, small_vars, *model.example, train_fn=train, name=f"{model.name}_pruned")
     return AutoPruneResult(
         result_model, small_vars, how, module, groups, kept, sizes, list(analysis.refused), "; ".join(notes), analysis
     )
+
+
+# The traced training step takes its key as this extra variable collection (key data), so that the
+# re-run program draws fresh dropout masks at every step instead of holding one key as a constant.
+_RNG_COLLECTION = "prune_step_key"
+
+
+def _training_program(
+    model: Model, analysis: Analysis, groups: Sequence[Group], kept: Mapping[str, np.ndarray], head_dims: bool
+) -> tuple[Any, str]:
+    """``(train_fn, "")``: the model's training step re-run at the smaller shapes; ``(None, why)`` otherwise.
+
+    The training step (dropout on, BatchNorm statistics updated and returned) is traced and analysed
+    like the inference program, its updated state free to shrink with the parameters; it is used
+    when it finds the same groups, so the kept units mean the same thing in both programs.
+    """
+    key_data = jax.random.key_data(jax.random.key(0))
+
+    def step(variables: Variables, *inputs: Any) -> Any:
+        rest = {k: v for k, v in variables.items() if k != _RNG_COLLECTION}
+        return model.train_step_apply(rest, *inputs, rng=jax.random.wrap_key_data(variables[_RNG_COLLECTION]))
+
+    try:
+        view = Model.function(step, {**model.variables, _RNG_COLLECTION: key_data}, *model.example)
+        outputs = jax.eval_shape(step, view.variables, *model.example)[0]
+        trained = analyze(view, head_dims=head_dims, fixed_outputs=len(jax.tree.leaves(outputs)))
+    except Exception as err:  # noqa: BLE001 - any failure here means: train with the inference program
+        return None, f"training steps run the inference program: tracing the training step failed ({err})"
+    found = {g.name: g.slices for g in trained.groups}
+    differ = sorted(g.name for g in groups if found.get(g.name) != g.slices)
+    if differ:
+        return None, f"training steps run the inference program: the training step couples {differ[:3]} otherwise"
+    program = program_fn(trained, {name: kept[name] for name in (g.name for g in groups)})
+
+    def train(variables: Variables, *inputs: Any, rng: jax.Array | None = None) -> tuple[Any, Variables]:
+        key = jax.random.key(0) if rng is None else rng
+        return program({**variables, _RNG_COLLECTION: jax.random.key_data(key)}, *inputs)
+
+    return train, ""
 
 
 class _NoRebuild(Exception):
@@ -232,16 +274,6 @@ def _check_outputs(model: Model, variables: Variables, reference: Any) -> None:
 
 
 # -- Linen: rebuild with smaller size fields ----------------------------------------------------------
-
-
-def _linen_parts(model: Model) -> dict[str, Any]:
-    """The module and the call options ``Model.linen`` closed over."""
-    parts = dict(inspect.getclosurevars(model.apply_fn).nonlocals)
-    if model.train_fn is not None:
-        parts.update(inspect.getclosurevars(model.train_fn).nonlocals)
-    if "module" not in parts:
-        raise _NoRebuild("the Linen module is not reachable from the Model")
-    return parts
 
 
 def size_map(sizes: Mapping[str, tuple[int, int]]) -> dict[int, int]:
@@ -289,14 +321,15 @@ def replace_sizes(value: Any, mapping: Mapping[int, int]) -> Any:
 
 
 def _rebuilt_linen(model: Model, small: Variables, analysis: Analysis, sizes: Mapping[str, tuple[int, int]]):
-    parts = _linen_parts(model)
-    module = parts["module"]
+    source = model.source
+    if source is None:
+        raise _NoRebuild("the Model does not record its Linen module (Model.source)")
+    module = source.module
     mapping = size_map(sizes)
     new = replace_sizes(module, mapping)
     if new is module:
         raise _NoRebuild(f"no field of {type(module).__name__} holds the pruned sizes {sorted(mapping)}")
-    method = parts.get("method")
-    eval_kwargs = dict(parts.get("eval_kwargs") or {})
+    method, eval_kwargs = source.method, dict(source.eval_kwargs)
     try:
         shapes = jax.eval_shape(lambda: new.init(jax.random.key(0), *model.example, method=method, **eval_kwargs))
     except Exception as err:  # noqa: BLE001
@@ -308,8 +341,8 @@ def _rebuilt_linen(model: Model, small: Variables, analysis: Analysis, sizes: Ma
         *model.example,
         method=method,
         eval_kwargs=eval_kwargs,
-        train_kwargs=parts.get("train_kwargs"),
-        rng_names=parts.get("rng_names", ("dropout",)),
+        train_kwargs=source.train_kwargs,
+        rng_names=source.rng_names,
         name=f"{model.name}_pruned",
     )
     return rebuilt, new
@@ -388,26 +421,18 @@ def _fix_sizes(m: Any) -> None:
         m.num_embeddings, m.features = e
 
 
-def _nnx_parts(model: Model) -> dict[str, Any]:
-    parts = dict(inspect.getclosurevars(model.apply_fn).nonlocals)
-    if model.train_fn is not None:
-        parts.update(inspect.getclosurevars(model.train_fn).nonlocals)
-    return parts
-
-
 def _shrunk_nnx(model: Model, small: Variables, analysis: Analysis, sizes: Mapping[str, tuple[int, int]]):
     try:
         module = model.nnx_module(small)
     except Exception as err:  # noqa: BLE001
         raise _NoRebuild(f"the NNX module does not take the smaller arrays: {err}") from err
     shrink_nnx(module)
-    parts = _nnx_parts(model)
     try:
         smaller = Model.nnx(
             module,
             *model.example,
-            eval_kwargs=parts.get("eval_kwargs"),
-            train_kwargs=parts.get("train_kwargs"),
+            eval_kwargs=model.source.eval_kwargs,
+            train_kwargs=model.source.train_kwargs,
             name=f"{model.name}_pruned",
         )
     except Exception as err:  # noqa: BLE001

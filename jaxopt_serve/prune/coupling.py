@@ -504,6 +504,12 @@ class _Walker:
             self.param_vars.add(id(eqn.outvars[0]))
         return Step(eqn, ins, [tuple(out)])
 
+    def _bitcast_convert_type(self, eqn, ins, shapes):
+        # same width (uint32 random bits to float32, as dropout draws them): one value per entry, elementwise
+        if len(shapes[0]) != len(ins[0]):
+            return self._refuse(eqn, ins, shapes, "a bitcast between types of different widths")
+        return Step(eqn, ins, [self._elementwise(eqn, ins, shapes[0])])
+
     def _reshape(self, eqn, ins, shapes):
         if eqn.params.get("dimensions") is not None:
             return self._refuse(eqn, ins, shapes, "reshape with a dimension order")
@@ -817,7 +823,7 @@ def _as_slice(path: str, axis: int, n: int, offset: int, unit_stride: int, reps:
     return Slice(path, axis, repeat=repeat, block=block, offset=offset, period=period)
 
 
-def analyze(model: Any, *, head_dims: bool = False) -> Analysis:
+def analyze(model: Any, *, head_dims: bool = False, fixed_outputs: int | None = None) -> Analysis:
     """Trace ``model`` and find its prunable groups and the axes it must leave whole.
 
     Args:
@@ -826,6 +832,8 @@ def analyze(model: Any, *, head_dims: bool = False) -> Analysis:
         head_dims: also prune dimensions inside attention heads (query/key and value head sizes). Off by
             default: attention scales its scores by ``1/sqrt(head size)``, so a module rebuilt at the smaller
             size does not compute what the masked original computes.
+        fixed_outputs: how many leading output leaves keep every axis (default: all). The others may shrink
+            with the parameters, as the updated BatchNorm statistics a training step returns do.
 
     Returns:
         ``Analysis``: ``groups`` (ordered by their first slice's path) and ``refused``.
@@ -847,7 +855,8 @@ def analyze(model: Any, *, head_dims: bool = False) -> Analysis:
         exprs.append(tuple((graph.new(s, (in_reason,), batch=(k == 0)),) for k, s in enumerate(np.shape(x))))
     is_param = [True] * len(var_leaves) + [False] * len(flat_inputs)
     program = walker.body(closed.jaxpr, closed.consts, exprs, is_param)
-    graph.flag(program.out_exprs, Reason(OUTPUT, "output", "an axis of the model's outputs"))
+    fixed = program.out_exprs if fixed_outputs is None else program.out_exprs[:fixed_outputs]
+    graph.flag(fixed, Reason(OUTPUT, "output", "an axis of the model's outputs"))
     _settle(graph)
     var_exprs = dict(zip(names, exprs[: len(var_leaves)]))
     groups, refused, roots = _collect(var_exprs, head_dims)

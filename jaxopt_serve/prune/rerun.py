@@ -54,7 +54,7 @@ class _Sizes:
             return self._size[id(r)]
         if r.split is not None:
             sizes = [self.size(p) for p in r.split[1]]
-            value = int(np.prod(sizes)) if r.split[0] == "prod" else int(sum(sizes))
+            value = _prod(sizes) if r.split[0] == "prod" else sum(sizes)
         elif id(r) in self.kept:
             value = len(self.kept[id(r)])
         else:
@@ -63,7 +63,7 @@ class _Sizes:
         return value
 
     def shape(self, exprs: Any) -> tuple[int, ...]:
-        return tuple(int(np.prod([self.size(d) for d in e])) for e in exprs)
+        return tuple(_prod([self.size(d) for d in e]) for e in exprs)
 
     def index(self, expr: Any) -> np.ndarray:
         """Kept positions, in the original axis, of an axis made of ``expr`` (constants only: no batch)."""
@@ -109,8 +109,8 @@ def program_fn(analysis: Analysis, kept: Mapping[str, np.ndarray]) -> Callable[.
         flat_in = in_tree.flatten_up_to(tuple(inputs))
         seen = {}
         for x, exprs in zip(flat_in, analysis.input_exprs):
-            for n, (d,) in zip(np.shape(x), exprs):
-                if seen.setdefault(id(find(d)), int(n)) != n:
+            for n, (d,) in zip(np.shape(x), exprs):  # n may be symbolic (jax.export)
+                if not _same(seen.setdefault(id(find(d)), n), n):
                     raise ValueError(f"inputs disagree on an axis the model shares: sizes {seen[id(find(d))]} and {n}")
         sizes = _Sizes(by_root, seen)
         for name, (_, leaf) in zip(names, leaves):
@@ -123,6 +123,22 @@ def program_fn(analysis: Analysis, kept: Mapping[str, np.ndarray]) -> Callable[.
         return jax.tree.unflatten(analysis.out_tree, outs)
 
     return run
+
+
+def _prod(sizes: list[Any]) -> Any:
+    """The product of sizes: an int, or a symbolic dimension when one of them is (``jax.export``)."""
+    value = 1
+    for size in sizes:
+        value = value * size
+    return value if not isinstance(value, (int, np.integer)) else int(value)
+
+
+def _same(a: Any, b: Any) -> bool:
+    """Whether two sizes, int or symbolic, are known to be equal."""
+    try:
+        return bool(a == b)
+    except Exception:  # noqa: BLE001 - symbolic sizes that cannot be compared are not known to be equal
+        return False
 
 
 def _take(x: Any, exprs: Any, sizes: _Sizes) -> Any:

@@ -2,11 +2,15 @@
 
 import re
 
+import flax.linen as nn
 import jax
 import numpy as np
 import pytest
 
 from jaxopt_serve.artifact import Artifact, load_artifact, save_artifact
+from jaxopt_serve.engine.export import export_model
+from jaxopt_serve.exported import load_exported
+from jaxopt_serve.model import Model
 from jaxopt_serve.prune import prune_model
 from jaxopt_serve.prune.auto import replace_sizes, size_map
 
@@ -51,7 +55,7 @@ def test_the_gated_mlp_is_shrunk_in_place():
     assert result.module.up.kernel.shape == (16, 32)
 
 
-def test_the_program_model_runs_any_batch_saves_and_loads(tmp_path):
+def test_the_program_model_runs_any_batch_saves_loads_and_exports(tmp_path):
     model = zoo_model("vit")
     result = prune_model(model, 0.5)
     inputs = {"pixels": np.ones((3, 8, 8, 1), np.float32), "mask": np.ones((3, 16), bool)}
@@ -60,6 +64,8 @@ def test_the_program_model_runs_any_batch_saves_and_loads(tmp_path):
     save_artifact(path, Artifact.for_model(result.model))
     loaded = load_artifact(path, model=result.model)
     _close(loaded.model(loaded.variables, inputs), result.model(result.variables, inputs))
+    export_model(tmp_path / "vit_half.jxe", result.model)  # the re-run program exports like any model
+    _close(load_exported(tmp_path / "vit_half.jxe")(inputs), result.model(result.variables, inputs))
 
 
 def test_asking_for_a_refused_axis_names_the_path_and_the_operation():
@@ -103,3 +109,33 @@ def test_group_lasso_reads_split_halves_and_the_cut_follows():
         (up[:, :32] ** 2).sum(0) + (up[:, 32:] ** 2).sum(0) + bias[:32] ** 2 + bias[32:] ** 2 + (down**2).sum(1)
     )
     np.testing.assert_allclose(group_norms(params, [group])[group.name], expected, rtol=1e-5)
+
+
+class _LiteralBNDropout(nn.Module):
+    """Widths written as literals (no field to rebuild), BatchNorm and dropout: the program path, trained."""
+
+    @nn.compact
+    def __call__(self, x, train: bool):
+        h = nn.BatchNorm(use_running_average=not train)(nn.Dense(16)(x))
+        h = nn.Dropout(0.5, deterministic=not train)(nn.relu(h))
+        return nn.Dense(3)(h)
+
+
+def test_a_re_run_program_trains_in_training_mode_at_the_smaller_shapes():
+    x = np.random.default_rng(0).normal(size=(8, 5)).astype(np.float32)
+    net = _LiteralBNDropout()
+    model = Model.linen(
+        net, net.init(jax.random.key(0), x, train=False), x, eval_kwargs={"train": False}, train_kwargs={"train": True}
+    )
+    result = prune_model(model, 0.5)
+    assert result.how == "program" and "training steps" not in result.note, result.note
+    kept = result.kept["Dense_0"]
+    out, updates = result.model.train_step_apply(result.variables, x, rng=jax.random.key(1))
+    _, full = model.train_step_apply(result.masked_variables(), x, rng=jax.random.key(1))
+    # the statistics of the kept units are the full model's; removed ones are gone
+    assert updates["batch_stats"]["BatchNorm_0"]["mean"].shape == (8,)
+    _close(updates["batch_stats"], jax.tree.map(lambda a: np.asarray(a)[kept], full["batch_stats"]))
+    # dropout is on: other keys give other outputs, and neither is the inference output
+    again, _ = result.model.train_step_apply(result.variables, x, rng=jax.random.key(2))
+    inference = result.model(result.variables, x)
+    assert out.shape == (8, 3) and not np.allclose(out, again) and not np.allclose(out, inference)
