@@ -16,7 +16,11 @@ The model (any ``Model``: Linen, NNX or a plain function) is traced once with
   spatial position); ``concatenate``, ``split`` and ``slice`` cut a dimension
   into a *sum* of parts (a projection split into two halves);
 * calls (``jit``, ``custom_jvp_call``, ``custom_vjp_call``, remat) are followed
-  into their bodies.
+  into their bodies; so is ``scan`` (``lax.scan``, Flax's ``nn.scan`` over
+  stacked layers): its body is walked once for every iteration, the carry
+  leaving an iteration is the carry entering the next (one dimension), and
+  the scanned axis of stacked parameters is left whole, so every layer of a
+  stack keeps the same units.
 
 A dimension that nothing splits is a *unit axis*: removing unit ``i`` removes
 one index of it everywhere it occurs (a kernel column, a bias entry, batch
@@ -27,7 +31,7 @@ What is never pruned, and reported (``Refusal``: the parameter axes, the
 operation and why): axes of the model's inputs and outputs; axes that an
 operation reduces (``reduce_sum`` in a LayerNorm/RMSNorm mean or variance, a
 softmax, ``argmax``); axes an unfamiliar operation touches (``scatter``,
-``scan``, ``while``, a gather along them, ...); reshapes that cannot be
+``while``, a gather along them, ...); reshapes that cannot be
 followed. Axes contracted or kept between two activations in a
 ``dot_general`` (the per-head query/key and value dimensions of attention)
 are reported too unless ``head_dims=True``: an attention's ``1/sqrt(d)`` scale
@@ -724,6 +728,24 @@ class _Walker:
                 for x, y in zip(a, b):
                     self.g.unify(x, y, "cond")
         return Step(eqn, ins, bodies[0].out_exprs, bodies)
+
+    def _scan(self, eqn, ins, shapes):
+        p = eqn.params
+        closed, n_consts, n_carry = p["jaxpr"], p["num_consts"], p["num_carry"]
+        xs = ins[n_consts + n_carry :]
+        if any(len(e) == 0 for e in xs):
+            return self._refuse(eqn, ins, shapes, "a scan over a value with no leading axis")
+        scanned = Reason(UNSAFE, "scan", "the scanned axis (the layers of a stack, the steps of a loop)")
+        length = self.g.new(int(p["length"]), (scanned,))
+        for e in xs:
+            self.g.unify(e[0], (length,), "scan")
+        body_in = list(ins[: n_consts + n_carry]) + [e[1:] for e in xs]
+        body = self.body(closed.jaxpr, closed.consts, body_in, [self.is_param(v) for v in eqn.invars])
+        carry_in, carry_out, ys = ins[n_consts : n_consts + n_carry], body.out_exprs[:n_carry], body.out_exprs[n_carry:]
+        for a, b in zip(carry_in, carry_out):
+            for x, y in zip(a, b):
+                self.g.unify(x, y, "scan")
+        return Step(eqn, ins, list(carry_in) + [((length,), *y) for y in ys], body, note="scan")
 
     def _refuse(self, eqn, ins, shapes, what):
         reason = Reason(UNSAFE, eqn.primitive.name, f"the analysis does not follow channels through {what}")

@@ -170,6 +170,8 @@ def _run_body(body: Body, consts: list[Any], args: list[Any], sizes: _Sizes) -> 
 def _run_step(step: Step, invals: list[Any], sizes: _Sizes) -> list[Any]:
     eqn = step.eqn
     name = eqn.primitive.name
+    if step.note == "scan":
+        return _run_scan(step, invals, sizes)
     if isinstance(step.body, Body):
         return _run_body(step.body, step.body.consts, invals, sizes)
     if isinstance(step.body, list):
@@ -197,6 +199,22 @@ def _run_step(step: Step, invals: list[Any], sizes: _Sizes) -> list[Any]:
     with eqn.ctx.manager:
         out = eqn.primitive.bind(*invals, **bind)
     return list(out) if eqn.primitive.multiple_results else [out]
+
+
+def _run_scan(step: Step, invals: list[Any], sizes: _Sizes) -> list[Any]:
+    """``lax.scan`` of the walked body at the smaller shapes (the same length, direction and unrolling)."""
+    p = step.eqn.params
+    n_consts, n_carry = p["num_consts"], p["num_carry"]
+    consts, init, xs = invals[:n_consts], invals[n_consts : n_consts + n_carry], invals[n_consts + n_carry :]
+
+    def iteration(carry: list[Any], x: list[Any]) -> tuple[list[Any], list[Any]]:
+        outs = _run_body(step.body, step.body.consts, list(consts) + list(carry) + list(x), sizes)
+        return outs[:n_carry], outs[n_carry:]
+
+    carry, ys = jax.lax.scan(
+        iteration, list(init), list(xs), length=p["length"], reverse=p["reverse"], unroll=p["unroll"]
+    )
+    return list(carry) + list(ys)
 
 
 _KEEP_SHAPE = frozenset({"reshape", "broadcast_in_dim", "iota"})

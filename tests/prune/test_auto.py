@@ -139,3 +139,32 @@ def test_a_re_run_program_trains_in_training_mode_at_the_smaller_shapes():
     again, _ = result.model.train_step_apply(result.variables, x, rng=jax.random.key(2))
     inference = result.model(result.variables, x)
     assert out.shape == (8, 3) and not np.allclose(out, again) and not np.allclose(out, inference)
+
+
+class _ScanBlock(nn.Module):
+    @nn.compact
+    def __call__(self, x, _):
+        return x + nn.Dense(16)(nn.relu(nn.Dense(32)(x))), None
+
+
+class _ScannedStack(nn.Module):
+    """Three residual blocks stacked by nn.scan (parameters with a leading layer axis), as deep models write them."""
+
+    @nn.compact
+    def __call__(self, x):
+        stack = nn.scan(_ScanBlock, variable_axes={"params": 0}, split_rngs={"params": True}, length=3)
+        x, _ = stack(name="blocks")(nn.Dense(16)(x), None)
+        return nn.Dense(4)(x)
+
+
+def test_a_scanned_stack_keeps_the_same_units_in_every_layer_and_equals_the_masked_original():
+    x = np.random.default_rng(0).normal(size=(6, 5)).astype(np.float32)
+    net = _ScannedStack()
+    model = Model.linen(net, net.init(jax.random.key(0), x), x)
+    result = prune_model(model, 0.5)
+    # one group for the hidden units of all three layers, one for the residual width (carried between layers)
+    assert sorted(result.sizes.values()) == [(16, 8), (32, 16)]
+    # blocks/Dense_0 is the Dense(16) (constructed first): (layers, hidden, residual)
+    assert result.variables["params"]["blocks"]["Dense_0"]["kernel"].shape == (3, 16, 8)
+    assert any("params/blocks/Dense_0/kernel[0]" in r.axes and r.primitive == "scan" for r in result.refused)
+    _close(jax.jit(result.model.apply_fn)(result.variables, x), jax.jit(model.apply_fn)(result.masked_variables(), x))
