@@ -53,6 +53,7 @@ from foreign import conftest as foreign  # noqa: E402
 from jaxopt_serve.data import load_digits  # noqa: E402
 from jaxopt_serve.distill import distill_models  # noqa: E402
 from jaxopt_serve.distill.losses import hidden_cosine  # noqa: E402
+from jaxopt_serve.hf.compress import student_optimizer  # noqa: E402
 from jaxopt_serve.model import Model  # noqa: E402
 from jaxopt_serve.models import CNNConfig, MLPConfig, NNXMLPConfig, TransformerConfig, init_variables  # noqa: E402
 from jaxopt_serve.prune import analyze, model_groups, prune_model  # noqa: E402
@@ -277,14 +278,6 @@ def _corpus_batches(encoder, sentences, *, batch_size: int, max_tokens: int) -> 
     ]
 
 
-def _frozen_embeddings(params, learning_rate: float, steps: int) -> optax.GradientTransformation:
-    """Adam with warm-up and cosine decay; the token, position and type embeddings stay fixed."""
-    schedule = optax.warmup_cosine_decay_schedule(0.0, learning_rate, max(1, steps // 10), max(steps, 2))
-    frozen = ("word_embeddings", "position_embeddings", "token_type_embeddings")
-    labels = {k: jax.tree.map(lambda _, k=k: "frozen" if k in frozen else "train", v) for k, v in params.items()}
-    return optax.multi_transform({"train": optax.adam(schedule), "frozen": optax.set_to_zero()}, labels)
-
-
 def _embed(model: Model, variables, encoder, sentences) -> np.ndarray:
     """``model``'s embeddings of ``sentences`` (tokenized by ``encoder``), in batches of 32."""
     ids, mask = encoder.tokenize(list(sentences))
@@ -347,7 +340,7 @@ def minilm_section(report: Report, *, rounds: int, distill_steps: int, learning_
         result.model,
         _corpus_batches(teacher, text_corpus(4000), batch_size=32, max_tokens=64),
         steps=distill_steps,
-        optimizer=_frozen_embeddings(result.variables["params"], learning_rate, distill_steps),
+        optimizer=student_optimizer(result.variables["params"], learning_rate, distill_steps),
         loss=lambda student, target, batch: hidden_cosine(student, target),
         labeled=False,
         log_every=50,

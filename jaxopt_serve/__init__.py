@@ -15,7 +15,7 @@ from jaxopt_serve.distill import DistillConfig, distill_models
 from jaxopt_serve.engine import InferenceEngine, export_model, make_mesh, model_parallel_rules
 from jaxopt_serve.exported import load_exported
 from jaxopt_serve.extras import MissingExtraError
-from jaxopt_serve.model import Model, as_model
+from jaxopt_serve.model import Model, ModelSource, as_model
 from jaxopt_serve.models import (
     CNN,
     MLP,
@@ -112,6 +112,7 @@ __all__ = [
     "model_prune_rules",
     "model_rules",
     "ModelConfig",
+    "ModelSource",
     "nnx_module",
     "nnx_variables",
     "NNXMLP",

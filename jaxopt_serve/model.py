@@ -40,6 +40,7 @@ Example:
 from __future__ import annotations
 
 import dataclasses
+import types
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Literal
 
@@ -54,8 +55,8 @@ Kind = Literal["linen", "nnx", "function", "config"]
 LIBRARY_COLLECTIONS = ("quant_act", "quant_smooth", "quant_asym")
 
 
-@dataclasses.dataclass(frozen=True)
-class Source:
+@dataclasses.dataclass(frozen=True, eq=False)
+class ModelSource:
     """What a Flax ``Model`` was built from: the module and its call options.
 
     ``Model.linen`` and ``Model.nnx`` record it as ``Model.source``, so code
@@ -78,6 +79,11 @@ class Source:
     rng_names: tuple[str, ...] = ("dropout",)
     rebuild: Callable[[Variables], Any] | None = dataclasses.field(default=None, repr=False)
 
+    def __post_init__(self) -> None:
+        # read-only copies: a caller's later change to its dicts does not change the recorded options
+        object.__setattr__(self, "eval_kwargs", types.MappingProxyType(dict(self.eval_kwargs)))
+        object.__setattr__(self, "train_kwargs", types.MappingProxyType(dict(self.train_kwargs)))
+
 
 @dataclasses.dataclass(frozen=True, eq=False)
 class Model:
@@ -89,7 +95,7 @@ class Model:
         kind: ``"linen"``, ``"nnx"``, ``"function"`` or ``"config"`` (a reference model).
         name: a label for messages and artifacts.
         config: the ``ModelConfig`` of a reference model, else ``None``.
-        source: the module and call options of a Linen or NNX model (``Source``), else ``None``.
+        source: the module and call options of a Linen or NNX model (``ModelSource``), else ``None``.
     """
 
     apply_fn: Callable[..., Any] = dataclasses.field(repr=False)
@@ -99,7 +105,7 @@ class Model:
     kind: Kind = "function"
     name: str = "model"
     config: Any = None
-    source: Source | None = dataclasses.field(default=None, repr=False)
+    source: ModelSource | None = dataclasses.field(default=None, repr=False)
 
     # -- constructors ---------------------------------------------------------------------------
 
@@ -146,7 +152,7 @@ class Model:
             out, updates = module.apply(vars_, *inputs, method=method, rngs=rngs, mutable=mutable, **train_kwargs)
             return out, plain(updates)
 
-        source = Source(module, method, eval_kwargs, train_kwargs, tuple(rng_names))
+        source = ModelSource(module, method, eval_kwargs, train_kwargs, tuple(rng_names))
         example = _check_example(example)
         return _validated(cls(apply, train, variables, example, "linen", name or type(module).__name__, source=source))
 
@@ -201,7 +207,7 @@ class Model:
             rest = nnx.to_pure_dict(nnx.state(m, nnx.Not(nnx.Param)))
             return out, ({"state": plain(rest)} if jax.tree.leaves(rest) else {})
 
-        source = Source(module, None, eval_kwargs, train_kwargs, rebuild=rebuild)
+        source = ModelSource(module, None, eval_kwargs, train_kwargs, rebuild=rebuild)
         example = _check_example(example)
         return _validated(cls(apply, train, variables, example, "nnx", name or type(module).__name__, source=source))
 
@@ -296,8 +302,12 @@ class Model:
 
     def nnx_module(self, variables: Variables | None = None) -> Any:
         """An NNX model: the module rebuilt holding ``variables`` (default: the model's own)."""
-        if self.kind != "nnx" or self.source is None or self.source.rebuild is None:
+        if self.kind != "nnx":
             raise ValueError(f"{self.name} is a {self.kind} model, not an NNX module")
+        if self.source is None or self.source.rebuild is None:
+            raise ValueError(
+                f"{self.name} does not record how to rebuild its NNX module (Model.source); build it with Model.nnx"
+            )
         return self.source.rebuild(self.variables if variables is None else variables)
 
     @property

@@ -1,5 +1,7 @@
 """The model handle: construction from Linen, NNX and plain functions, flags, input checks, NNX state."""
 
+import dataclasses
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -97,7 +99,9 @@ def test_reference_configs_become_models():
 def test_flax_models_record_their_module_and_options_and_keep_them_with_new_variables():
     net = FlagNet()
     variables = net.init(jax.random.key(0), X, train=False)
-    model = Model.linen(net, variables, X, eval_kwargs={"train": False}, train_kwargs={"train": True}, rng_names=("a",))
+    options = {"train": False}
+    model = Model.linen(net, variables, X, eval_kwargs=options, train_kwargs={"train": True}, rng_names=("a",))
+    options["train"] = True  # the caller's dict changes later; the recorded options do not
     source = model.with_variables(jax.tree.map(np.zeros_like, model.variables)).source
     assert source.module is net and source.method is None and source.rebuild is None
     assert (dict(source.eval_kwargs), dict(source.train_kwargs), source.rng_names) == (
@@ -115,3 +119,8 @@ def test_flax_models_record_their_module_and_options_and_keep_them_with_new_vari
     assert plain.source is None
     with pytest.raises(ValueError, match="not an NNX module"):
         plain.nnx_module()
+    with pytest.raises(TypeError):
+        source.eval_kwargs["train"] = True  # read-only
+    unrecorded = dataclasses.replace(nnx_model, source=None)
+    with pytest.raises(ValueError, match="does not record how to rebuild its NNX module"):
+        unrecorded.nnx_module()

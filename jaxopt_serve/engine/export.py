@@ -152,6 +152,8 @@ def export_model(
 
 
 def _canonical(leaf: Any) -> Any:
+    """``leaf`` in the dtype JAX computes with: every 64-bit dtype narrowed (float64 to float32, int64 to int32,
+    ...) unless x64 is on, so the stored variables match what the exported function was traced with."""
     dtype = jax.dtypes.canonicalize_dtype(leaf.dtype)
     return leaf if leaf.dtype == dtype else np.asarray(jax.device_get(leaf)).astype(dtype)
 

@@ -112,15 +112,9 @@ def distill_embeddings(
         loss = hidden_cosine(student({"params": params, **model_state}, tokens, attention), target)
         return loss, (model_state, {"loss": loss})
 
-    schedule = optax.warmup_cosine_decay_schedule(0.0, learning_rate, max(1, steps // 10), max(steps, 2))
-    optimizer = optax.adam(schedule)
-    if freeze_embeddings:
-        frozen = ("word_embeddings", "position_embeddings", "token_type_embeddings")
-        labels = {
-            k: jax.tree.map(lambda _, k=k: "frozen" if k in frozen else "train", v)
-            for k, v in student_variables["params"].items()
-        }
-        optimizer = optax.multi_transform({"train": optimizer, "frozen": optax.set_to_zero()}, labels)
+    optimizer = student_optimizer(
+        student_variables["params"], learning_rate, steps, freeze_embeddings=freeze_embeddings
+    )
     return fit(
         loss_fn,
         student_variables,
@@ -133,6 +127,30 @@ def distill_embeddings(
         eval_fn=eval_fn,
         progress=progress,
     )
+
+
+def student_optimizer(
+    params: Any, learning_rate: float, steps: int, *, freeze_embeddings: bool = True
+) -> optax.GradientTransformation:
+    """Adam with a linear warm-up (a tenth of ``steps``) and cosine decay for a BERT student's ``params``.
+
+    With ``freeze_embeddings`` the token, position and type embedding tables get no updates.
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> params = {"word_embeddings": {"embedding": jnp.ones((3, 2))}, "dense": {"kernel": jnp.ones((2, 2))}}
+        >>> opt = student_optimizer(params, 1e-2, 10)
+        >>> updates, _ = opt.update(params, opt.init(params), params)
+        >>> float(abs(updates["word_embeddings"]["embedding"]).max())
+        0.0
+    """
+    schedule = optax.warmup_cosine_decay_schedule(0.0, learning_rate, max(1, steps // 10), max(steps, 2))
+    optimizer = optax.adam(schedule)
+    if not freeze_embeddings:
+        return optimizer
+    frozen = ("word_embeddings", "position_embeddings", "token_type_embeddings")
+    labels = {k: jax.tree.map(lambda _, k=k: "frozen" if k in frozen else "train", v) for k, v in params.items()}
+    return optax.multi_transform({"train": optimizer, "frozen": optax.set_to_zero()}, labels)
 
 
 def embedding_agreement(reference: np.ndarray, embeddings: np.ndarray) -> dict[str, float]:

@@ -44,6 +44,7 @@ from jaxopt_serve.model import Model, Variables, as_model
 from jaxopt_serve.prune.coupling import Analysis, Refusal, analyze
 from jaxopt_serve.prune.rerun import program_fn
 from jaxopt_serve.prune.structured import Criterion, Group, apply_plan, check_groups, mask_plan, plan
+from jaxopt_serve.trace import path_of
 
 How = Literal["nnx", "linen", "program"]
 
@@ -62,7 +63,8 @@ class AutoPruneResult:
         kept: kept unit indices per group.
         sizes: ``(before, after)`` units per group.
         refused: parameter axes the analysis left whole, with the operation and the reason.
-        note: why an earlier path was not taken (empty when the first one worked).
+        note: why an earlier path was not taken, and for ``"program"`` why training steps run the inference
+            program instead of the model's own training step (empty when the first one worked).
         analysis: the coupling analysis of the original model.
     """
 
@@ -201,7 +203,7 @@ def prune_model(
             notes.append(str(why))
             result_model, module = None, None
     if result_model is None:
-        train, why = _training_program(model, analysis, groups, kept, head_dims)
+        train, why = _training_program(model, analysis, groups, kept, small_vars, head_dims)
         if why:
             notes.append(why)
         fn = program_fn(analysis, kept)
@@ -217,7 +219,12 @@ _RNG_COLLECTION = "prune_step_key"
 
 
 def _training_program(
-    model: Model, analysis: Analysis, groups: Sequence[Group], kept: Mapping[str, np.ndarray], head_dims: bool
+    model: Model,
+    analysis: Analysis,
+    groups: Sequence[Group],
+    kept: Mapping[str, np.ndarray],
+    small: Variables,
+    head_dims: bool,
 ) -> tuple[Any, str]:
     """``(train_fn, "")``: the model's training step re-run at the smaller shapes; ``(None, why)`` otherwise.
 
@@ -237,16 +244,28 @@ def _training_program(
         trained = analyze(view, head_dims=head_dims, fixed_outputs=len(jax.tree.leaves(outputs)))
     except Exception as err:  # noqa: BLE001 - any failure here means: train with the inference program
         return None, f"training steps run the inference program: tracing the training step failed ({err})"
-    found = {g.name: g.slices for g in trained.groups}
-    differ = sorted(g.name for g in groups if found.get(g.name) != g.slices)
+    found = {tuple(g.slices): g.name for g in trained.groups}
+    differ = sorted(g.name for g in groups if tuple(g.slices) not in found)
     if differ:
         return None, f"training steps run the inference program: the training step couples {differ[:3]} otherwise"
-    program = program_fn(trained, {name: kept[name] for name in (g.name for g in groups)})
+    program = program_fn(trained, {found[tuple(g.slices)]: kept[g.name] for g in groups})
 
     def train(variables: Variables, *inputs: Any, rng: jax.Array | None = None) -> tuple[Any, Variables]:
-        key = jax.random.key(0) if rng is None else rng
+        key = jax.random.key(0) if rng is None else rng  # like Model.train_step_apply without a key
         return program({**variables, _RNG_COLLECTION: jax.random.key_data(key)}, *inputs)
 
+    try:
+        _, updates = jax.eval_shape(train, small, *model.example)
+        want = {path_of(p): np.shape(x) for p, x in jax.tree_util.tree_leaves_with_path(small)}
+        have = {path_of(p): np.shape(x) for p, x in jax.tree_util.tree_leaves_with_path(updates)}
+        wrong = sorted(k for k, shape in have.items() if k in want and want[k] != shape)
+    except Exception as err:  # noqa: BLE001 - a re-run training step that fails: train with the inference program
+        return None, f"training steps run the inference program: the smaller training step fails ({err})"
+    if wrong:
+        return (
+            None,
+            f"training steps run the inference program: the smaller training step updates {wrong[:3]} at other shapes",
+        )
     return train, ""
 
 
@@ -349,19 +368,13 @@ def _rebuilt_linen(model: Model, small: Variables, analysis: Analysis, sizes: Ma
 
 
 def _same_shapes(expected: Any, small: Variables, what: str) -> None:
-    want = {_p(p): tuple(x.shape) for p, x in jax.tree_util.tree_leaves_with_path(dict(expected))}
-    have = {_p(p): tuple(np.shape(x)) for p, x in jax.tree_util.tree_leaves_with_path(small)}
+    want = {path_of(p): tuple(x.shape) for p, x in jax.tree_util.tree_leaves_with_path(dict(expected))}
+    have = {path_of(p): tuple(np.shape(x)) for p, x in jax.tree_util.tree_leaves_with_path(small)}
     for path, shape in have.items():
         if want.get(path) != shape:
             raise _NoRebuild(
                 f"{what} with smaller fields makes {path} {want.get(path)}, the pruned variable is {shape}"
             )
-
-
-def _p(path: Any) -> str:
-    from jaxopt_serve.trace import path_of
-
-    return path_of(path)
 
 
 # -- NNX: shrink in place -------------------------------------------------------------------------------
@@ -437,8 +450,8 @@ def _shrunk_nnx(model: Model, small: Variables, analysis: Analysis, sizes: Mappi
         )
     except Exception as err:  # noqa: BLE001
         raise _NoRebuild(f"the shrunk NNX module fails on the example inputs: {type(err).__name__}: {err}") from err
-    have = {_p(p): tuple(np.shape(x)) for p, x in jax.tree_util.tree_leaves_with_path(smaller.variables)}
-    want = {_p(p): tuple(np.shape(x)) for p, x in jax.tree_util.tree_leaves_with_path(small)}
+    have = {path_of(p): tuple(np.shape(x)) for p, x in jax.tree_util.tree_leaves_with_path(smaller.variables)}
+    want = {path_of(p): tuple(np.shape(x)) for p, x in jax.tree_util.tree_leaves_with_path(small)}
     if have != want:
         bad = sorted(k for k in want if have.get(k) != want[k])[:3]
         raise _NoRebuild(f"the shrunk NNX module holds other shapes at {bad}")

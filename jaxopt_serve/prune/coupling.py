@@ -5,8 +5,9 @@ The model (any ``Model``: Linen, NNX or a plain function) is traced once with
 *dimensions*: union-find nodes with a size. Operations relate them:
 
 * elementwise operations (residual adds, activations, gates, norm scales and
-  biases broadcast by ``broadcast_in_dim``) make the axes of their operands one
-  dimension;
+  biases broadcast by ``broadcast_in_dim``, a ``bitcast_convert_type`` between
+  types of one width, as dropout's random bits take) make the axes of their
+  operands one dimension;
 * ``dot_general`` joins contracted axes and batch axes of its two operands;
   ``conv_general_dilated`` joins the input's feature axis with the kernel's
   input-feature axis, and splits both sides into ``(groups, per-group)`` when
@@ -17,7 +18,7 @@ The model (any ``Model``: Linen, NNX or a plain function) is traced once with
   into a *sum* of parts (a projection split into two halves);
 * calls (``jit``, ``custom_jvp_call``, ``custom_vjp_call``, remat) are followed
   into their bodies; so is ``scan`` (``lax.scan``, Flax's ``nn.scan`` over
-  stacked layers): its body is walked once for every iteration, the carry
+  stacked layers): its body is walked once, standing for every iteration; the carry
   leaving an iteration is the carry entering the next (one dimension), and
   the scanned axis of stacked parameters is left whole, so every layer of a
   stack keeps the same units.
@@ -272,6 +273,9 @@ class Analysis:
         program: the traced program with every axis described (used to re-run it at smaller shapes).
         var_exprs: each variable leaf's axes, by path.
         roots: each group's unit dimension, by group name.
+        out_tree: the structure of the model's outputs.
+        input_exprs: each input leaf's axes, in the order of the flattened inputs.
+        options: the ``analyze`` options it was made with (to analyse the model again at other input sizes).
     """
 
     groups: list[Group]
@@ -282,6 +286,7 @@ class Analysis:
     roots: dict[str, Dim]
     out_tree: Any = None
     input_exprs: list[Any] = dataclasses.field(default_factory=list)
+    options: dict[str, Any] = dataclasses.field(default_factory=dict)
 
     def refusal_for(self, path: str) -> list[Refusal]:
         """Refusals that name an axis of ``path``."""
@@ -733,14 +738,15 @@ class _Walker:
         p = eqn.params
         closed, n_consts, n_carry = p["jaxpr"], p["num_consts"], p["num_carry"]
         xs = ins[n_consts + n_carry :]
-        if any(len(e) == 0 for e in xs):
-            return self._refuse(eqn, ins, shapes, "a scan over a value with no leading axis")
         scanned = Reason(UNSAFE, "scan", "the scanned axis (the layers of a stack, the steps of a loop)")
         length = self.g.new(int(p["length"]), (scanned,))
         for e in xs:
             self.g.unify(e[0], (length,), "scan")
         body_in = list(ins[: n_consts + n_carry]) + [e[1:] for e in xs]
-        body = self.body(closed.jaxpr, closed.consts, body_in, [self.is_param(v) for v in eqn.invars])
+        # constants and scanned values may be parameters (a stack's per-layer weights); the carry is computed
+        flags = [self.is_param(v) for v in eqn.invars]
+        flags[n_consts : n_consts + n_carry] = [False] * n_carry
+        body = self.body(closed.jaxpr, closed.consts, body_in, flags)
         carry_in, carry_out, ys = ins[n_consts : n_consts + n_carry], body.out_exprs[:n_carry], body.out_exprs[n_carry:]
         for a, b in zip(carry_in, carry_out):
             for x, y in zip(a, b):
@@ -882,7 +888,8 @@ def analyze(model: Any, *, head_dims: bool = False, fixed_outputs: int | None = 
     _settle(graph)
     var_exprs = dict(zip(names, exprs[: len(var_leaves)]))
     groups, refused, roots = _collect(var_exprs, head_dims)
-    return Analysis(groups, refused, model, program, var_exprs, roots, out_tree, exprs[len(var_leaves) :])
+    options = {"head_dims": head_dims, "fixed_outputs": fixed_outputs}
+    return Analysis(groups, refused, model, program, var_exprs, roots, out_tree, exprs[len(var_leaves) :], options)
 
 
 def _check_variables(variables: Any) -> None:

@@ -8,7 +8,8 @@ the parameters that hold sizes (``reshape``'s ``new_sizes``,
 ``broadcast_in_dim``'s ``shape``, ``iota``, ``slice`` bounds, ``split``
 sizes, ``gather`` slice sizes, a grouped convolution's
 ``feature_group_count``) are recomputed; constants of the program lose the
-removed entries; calls are inlined. The result computes, for every kept
+removed entries; calls are inlined; a ``scan`` runs ``lax.scan`` over its
+re-run body. The result computes, for every kept
 unit, exactly what the original computes with the removed units' slices set
 to zero (``mask_plan``): scalar constants such as a LayerNorm's ``1/width`` or
 attention's ``1/sqrt(head size)`` keep their traced values.
@@ -30,6 +31,7 @@ Example:
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -37,8 +39,9 @@ import jax
 import jax.extend.core as jcore
 import numpy as np
 
+from jaxopt_serve import native
 from jaxopt_serve.prune.coupling import Analysis, Body, Dim, Step, find
-from jaxopt_serve.trace import path_of
+from jaxopt_serve.trace import path_of, trace
 
 
 class _Sizes:
@@ -89,7 +92,10 @@ def program_fn(analysis: Analysis, kept: Mapping[str, np.ndarray]) -> Callable[.
     """``f(variables, *inputs)``: the analysed model's program with only ``kept`` units of each group.
 
     ``variables`` are the smaller ones (``apply_plan``). Inputs may have other sizes than the example
-    (batch, sequence length) where the program does not fix them.
+    (batch, sequence length) where the program does not fix them. Where the traced program computes with
+    such a size (a mean over the batch, as BatchNorm's training statistics take, or over the tokens: a
+    constant ``1/8`` in the program), a call at another concrete size is analysed again at that size (once
+    per input shape); a symbolic size there (``jax.export``) raises ``ValueError`` naming the input axis.
     """
     unknown = sorted(set(kept) - set(analysis.roots))
     if unknown:
@@ -98,6 +104,7 @@ def program_fn(analysis: Analysis, kept: Mapping[str, np.ndarray]) -> Callable[.
     program = analysis.program
     in_tree = jax.tree.structure(analysis.model.example)
     var_paths = list(analysis.var_exprs)
+    sized = _OtherSizes(analysis, kept)
 
     def run(variables: Any, *inputs: Any) -> Any:
         leaves = jax.tree_util.tree_leaves_with_path(variables)
@@ -112,6 +119,8 @@ def program_fn(analysis: Analysis, kept: Mapping[str, np.ndarray]) -> Callable[.
             for n, (d,) in zip(np.shape(x), exprs):  # n may be symbolic (jax.export)
                 if not _same(seen.setdefault(id(find(d)), n), n):
                     raise ValueError(f"inputs disagree on an axis the model shares: sizes {seen[id(find(d))]} and {n}")
+        if not sized.fixed_sizes_hold(seen):
+            return sized.program([np.shape(x) for x in flat_in])(variables, *inputs)
         sizes = _Sizes(by_root, seen)
         for name, (_, leaf) in zip(names, leaves):
             want = sizes.shape(analysis.var_exprs[name])
@@ -123,6 +132,110 @@ def program_fn(analysis: Analysis, kept: Mapping[str, np.ndarray]) -> Callable[.
         return jax.tree.unflatten(analysis.out_tree, outs)
 
     return run
+
+
+class _OtherSizes:
+    """Which input sizes the traced program computes with, and the program analysed again at other ones.
+
+    An input axis is *free* when tracing the model with that axis one longer gives the same operations,
+    literals and constants (only shapes change, which the re-run recomputes). Each axis is probed once, on
+    the first call that changes it.
+    """
+
+    _MAX_PROGRAMS = 16
+
+    def __init__(self, analysis: Analysis, kept: Mapping[str, np.ndarray]) -> None:
+        self.analysis, self.kept = analysis, kept
+        self.roots = {id(find(e[0])): find(e[0]) for exprs in analysis.input_exprs for e in exprs}
+        self.axes = {
+            r: [
+                (i, k)
+                for i, exprs in enumerate(analysis.input_exprs)
+                for k, e in enumerate(exprs)
+                if id(find(e[0])) == r
+            ]
+            for r in self.roots
+        }
+        self._free: dict[int, bool] = {}
+        self._base: Any = None
+        self._programs: dict[Any, Callable[..., Any]] = {}
+
+    def fixed_sizes_hold(self, seen: Mapping[int, Any]) -> bool:
+        """Whether every input size the program computes with is the traced one (so the program re-runs as is)."""
+        return all(_same(n, self.roots[r].size) or self._is_free(r) for r, n in seen.items())
+
+    def program(self, shapes: list[tuple[Any, ...]]) -> Callable[..., Any]:
+        """The pruned program analysed at these input shapes (cached)."""
+        key = tuple(shapes)
+        if key in self._programs:
+            return self._programs[key]
+        if not all(isinstance(n, (int, np.integer)) for shape in shapes for n in shape):
+            axis = next(r for r in self.roots if not self._is_free(r))
+            leaf, k = self.axes[axis][0]
+            raise ValueError(
+                f"the pruned program computes with the size of input {leaf} axis {k} (traced at "
+                f"{self.roots[axis].size}), so it runs only at concrete sizes there, not a symbolic one; "
+                "export it with that axis fixed"
+            )
+        from jaxopt_serve.prune.coupling import analyze
+
+        model = self.analysis.model
+        example = jax.tree.unflatten(
+            jax.tree.structure(model.example),
+            [np.zeros(shape, np.asarray(x).dtype) for shape, x in zip(shapes, jax.tree.leaves(model.example))],
+        )
+        again = analyze(dataclasses.replace(model, example=example), **self.analysis.options)
+        before = {name: find(d).size for name, d in self.analysis.roots.items()}
+        after = {name: find(d).size for name, d in again.roots.items()}
+        if any(after.get(name) != before[name] for name in self.kept):
+            raise ValueError(
+                f"at input shapes {list(shapes)} the model's groups are {after}, not the pruned ones {before}"
+            )
+        if len(self._programs) >= self._MAX_PROGRAMS:
+            self._programs.pop(next(iter(self._programs)))
+        self._programs[key] = program_fn(again, self.kept)
+        return self._programs[key]
+
+    def _is_free(self, root: int) -> bool:
+        if root not in self._free:
+            if self._base is None:
+                self._base = self._constants({})
+            try:
+                self._free[root] = self._constants({root: 1}) == self._base
+            except Exception:  # noqa: BLE001 - a model that does not trace at another size fixes that size
+                self._free[root] = False
+        return self._free[root]
+
+    def _constants(self, grow: Mapping[int, int]) -> list[Any]:
+        model = self.analysis.model
+        specs = []
+        for i, x in enumerate(jax.tree.leaves(model.example)):
+            shape = list(np.shape(x))
+            for r, extra in grow.items():
+                for leaf, k in self.axes[r]:
+                    if leaf == i:
+                        shape[k] += extra
+            specs.append(jax.ShapeDtypeStruct(tuple(shape), np.asarray(x).dtype))
+        with native.use_kernel("xla"):
+            closed, _ = trace(
+                model.apply_fn, model.variables, *jax.tree.unflatten(jax.tree.structure(model.example), specs)
+            )
+        return _fingerprint(closed.jaxpr, closed.consts)
+
+
+def _fingerprint(jaxpr: Any, consts: list[Any]) -> list[Any]:
+    """The operations, literals and constants of a program, nested programs included (shapes left out)."""
+    out: list[Any] = [(np.shape(c), np.asarray(c).tobytes()) for c in consts]
+    for eqn in jaxpr.eqns:
+        out.append(eqn.primitive.name)
+        out.extend(repr(v.val) for v in eqn.invars if isinstance(v, jcore.Literal))
+        for value in eqn.params.values():
+            for sub in value if isinstance(value, (tuple, list)) else (value,):
+                if isinstance(sub, jcore.ClosedJaxpr):
+                    out.extend(_fingerprint(sub.jaxpr, list(sub.consts)))
+                elif isinstance(sub, jcore.Jaxpr):
+                    out.extend(_fingerprint(sub, []))
+    return out
 
 
 def _prod(sizes: list[Any]) -> Any:
@@ -170,7 +283,7 @@ def _run_body(body: Body, consts: list[Any], args: list[Any], sizes: _Sizes) -> 
 def _run_step(step: Step, invals: list[Any], sizes: _Sizes) -> list[Any]:
     eqn = step.eqn
     name = eqn.primitive.name
-    if step.note == "scan":
+    if name == "scan":
         return _run_scan(step, invals, sizes)
     if isinstance(step.body, Body):
         return _run_body(step.body, step.body.consts, invals, sizes)
@@ -202,7 +315,11 @@ def _run_step(step: Step, invals: list[Any], sizes: _Sizes) -> list[Any]:
 
 
 def _run_scan(step: Step, invals: list[Any], sizes: _Sizes) -> list[Any]:
-    """``lax.scan`` of the walked body at the smaller shapes (the same length, direction and unrolling)."""
+    """``lax.scan`` of the walked body at the smaller shapes (the same direction and unrolling).
+
+    A scan over values takes its length from them (a time scan re-runs at the call's sequence length, symbolic
+    under ``jax.export``); a scan over no values keeps its traced length.
+    """
     p = step.eqn.params
     n_consts, n_carry = p["num_consts"], p["num_carry"]
     consts, init, xs = invals[:n_consts], invals[n_consts : n_consts + n_carry], invals[n_consts + n_carry :]
@@ -212,7 +329,7 @@ def _run_scan(step: Step, invals: list[Any], sizes: _Sizes) -> list[Any]:
         return outs[:n_carry], outs[n_carry:]
 
     carry, ys = jax.lax.scan(
-        iteration, list(init), list(xs), length=p["length"], reverse=p["reverse"], unroll=p["unroll"]
+        iteration, list(init), list(xs), length=None if xs else p["length"], reverse=p["reverse"], unroll=p["unroll"]
     )
     return list(carry) + list(ys)
 

@@ -123,3 +123,18 @@ def test_version_1_artifacts_still_load(tmp_path):
     np.testing.assert_array_equal(model(np.ones((2, 3), np.float32)), np.ones((2, 3)) @ w)
     with pytest.raises(ValueError, match=re.escape("expected a batch of shape (batch, 3), got (2, 4)")):
         model(np.ones((2, 4), np.float32))
+
+
+def test_float64_numpy_variables_are_stored_as_the_float32_the_function_runs_on(tmp_path):
+    """A model holding float64 numpy arrays (jax computes them in float32) exports and loads."""
+    from jaxopt_serve.model import Model
+
+    rng = np.random.default_rng(0)
+    params = {"w": rng.normal(size=(4, 3)), "step": np.arange(3)}  # float64 and int64
+    model = Model.function(lambda p, x: x @ p["w"] + p["step"], params, np.ones((2, 4), np.float32))
+    path = tmp_path / "f64.jxe"
+    export_model(path, model)
+    header, _, leaves = read_exported(path.read_bytes())
+    assert [np.asarray(v).dtype for v in leaves] == [np.int32, np.float32]
+    x = rng.normal(size=(5, 4)).astype(np.float32)
+    np.testing.assert_allclose(load_exported(path)(x), x @ params["w"].astype(np.float32) + params["step"], rtol=1e-6)

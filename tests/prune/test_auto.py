@@ -168,3 +168,74 @@ def test_a_scanned_stack_keeps_the_same_units_in_every_layer_and_equals_the_mask
     assert result.variables["params"]["blocks"]["Dense_0"]["kernel"].shape == (3, 16, 8)
     assert any("params/blocks/Dense_0/kernel[0]" in r.axes and r.primitive == "scan" for r in result.refused)
     _close(jax.jit(result.model.apply_fn)(result.variables, x), jax.jit(model.apply_fn)(result.masked_variables(), x))
+
+
+def _rnn(params, x, pool):
+    """A plain-JAX recurrent net: lax.scan (backwards) over the time axis of x (batch, time, features)."""
+
+    def step(h, x_t):
+        h = jax.numpy.tanh(h @ params["wh"] + x_t @ params["wx"])
+        return h, h @ params["wo"]
+
+    h0 = jax.numpy.zeros((x.shape[0], params["wh"].shape[0]), x.dtype)
+    h, ys = jax.lax.scan(step, h0, jax.numpy.swapaxes(x, 0, 1), reverse=True)
+    return h @ params["wo"] + pool(ys, axis=0)
+
+
+@pytest.mark.parametrize("pool", ["sum", "mean"])
+def test_a_scan_over_time_reruns_at_other_sequence_lengths_and_exports(pool, tmp_path):
+    rng = np.random.default_rng(0)
+    shapes = {"wh": (12, 12), "wx": (5, 12), "wo": (12, 3)}
+    params = {k: rng.normal(size=s).astype(np.float32) * 0.3 for k, s in shapes.items()}
+    fn = lambda p, x: _rnn(p, x, getattr(jax.numpy, pool))  # noqa: E731
+    model = Model.function(fn, params, rng.normal(size=(2, 4, 5)).astype(np.float32))
+    result = prune_model(model, 0.5)
+    # the hidden state is one group (carried between steps); the time axis is the scan's and stays whole
+    assert result.how == "program" and list(result.sizes.values()) == [(12, 6)]
+    assert result.variables["params"]["wh"].shape == (6, 6)
+    longer = rng.normal(size=(3, 7, 5)).astype(np.float32)  # another batch and sequence length than the example
+    expected = model(result.masked_variables(), longer)
+    # the mean divides by the traced length (a constant 1/4 in the program): the program is analysed again at 7
+    _close(result.model(result.variables, longer), expected)
+    if pool == "sum":
+        export_model(tmp_path / "rnn.jxe", result.model, length_axes=1)  # symbolic batch and length
+        _close(load_exported(tmp_path / "rnn.jxe")(longer), expected)
+    else:
+        with pytest.raises(ValueError, match="computes with the size of input 0 axis 1 \\(traced at 4\\)"):
+            export_model(tmp_path / "rnn.jxe", result.model, length_axes=1)
+        assert not (tmp_path / "rnn.jxe").exists()
+        export_model(tmp_path / "rnn.jxe", result.model)  # the batch alone stays free
+        _close(load_exported(tmp_path / "rnn.jxe")(longer[:, :4]), model(result.masked_variables(), longer[:, :4]))
+
+
+def test_a_re_run_training_step_at_another_batch_size_takes_that_batch_s_statistics():
+    """BatchNorm's training statistics divide by the batch size: a program traced at 8 is analysed again at 5."""
+    x = np.random.default_rng(0).normal(size=(8, 5)).astype(np.float32)
+    net = _LiteralBNDropout()
+    model = Model.linen(
+        net, net.init(jax.random.key(0), x, train=False), x, eval_kwargs={"train": False}, train_kwargs={"train": True}
+    )
+    result = prune_model(model, 0.5)
+    smaller = x[:5] * 2.0
+    kept = result.kept["Dense_0"]
+    _, updates = result.model.train_step_apply(result.variables, smaller, rng=jax.random.key(1))
+    _, full = model.train_step_apply(result.masked_variables(), smaller, rng=jax.random.key(1))
+    _close(updates["batch_stats"], jax.tree.map(lambda a: np.asarray(a)[kept], full["batch_stats"]))
+
+
+def test_a_training_step_that_does_not_trace_leaves_training_on_the_inference_program_and_says_why():
+    def refuses(params, x, rng=None):
+        raise NotImplementedError("this model has no training mode")
+
+    rng = np.random.default_rng(0)
+    params = {"w1": rng.normal(size=(4, 8)).astype(np.float32), "w2": rng.normal(size=(8, 3)).astype(np.float32)}
+    model = Model.function(
+        lambda p, x: jax.nn.relu(x @ p["w1"]) @ p["w2"], params, np.ones((2, 4), np.float32), train_fn=refuses
+    )
+    result = prune_model(model, 0.5)
+    assert result.how == "program"
+    assert "training steps run the inference program: tracing the training step failed" in result.note
+    assert "this model has no training mode" in result.note
+    out, updates = result.model.train_step_apply(result.variables, np.ones((2, 4), np.float32))
+    _close(out, result.model(result.variables, np.ones((2, 4), np.float32)))
+    assert updates == {}

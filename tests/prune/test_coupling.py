@@ -167,6 +167,21 @@ def test_inputs_outputs_and_unknown_operations_are_left_whole():
     assert kinds[("params/w1[1]", "params/w2[0]")] == ("unsafe", "cumsum")
 
 
+def test_a_bitcast_is_followed_between_types_of_one_width_and_refused_between_others():
+    def model(p, x, to):
+        h = jax.lax.bitcast_convert_type(x @ p["w1"], to)
+        h = h.reshape(*h.shape[:-2], -1) if h.ndim == 3 else h  # f32 -> f16 gives a trailing axis of two
+        return h.astype(jnp.float32) @ p["w2"]
+
+    params = {"w1": jnp.ones((4, 8)), "w2": jnp.ones((8, 3))}
+    same = analyze(Model.function(lambda p, x: model(p, x, jnp.int32), params, jnp.ones((2, 4))))
+    assert _slices(same.groups) == {frozenset({Slice("params/w1", 1), Slice("params/w2", 0)})}
+    params16 = {"w1": jnp.ones((4, 8)), "w2": jnp.ones((16, 3))}
+    other = analyze(Model.function(lambda p, x: model(p, x, jnp.float16), params16, jnp.ones((2, 4))))
+    assert other.groups == []
+    assert any(r.primitive == "bitcast_convert_type" and "params/w1[1]" in r.axes for r in other.refused)
+
+
 def test_variables_that_are_not_arrays_fail_before_tracing():
     model = Model.function(lambda p, x: x @ p["w"], {"w": jnp.ones((4, 2))}, jnp.ones((1, 4)))
     bad = model.with_variables({"params": {"w": jnp.ones((4, 2)), "n": "three"}})
