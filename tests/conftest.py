@@ -138,3 +138,17 @@ def random_variables(config, seed=0):
         return np.abs(x) if path[-1].key == "var" else x  # batch norm variances are positive
 
     return jax.tree_util.tree_map_with_path(leaf, shapes)
+
+
+@pytest.fixture(scope="session")
+def local_ray():
+    """``ray``, initialised once per test process: the Ray Data and Ray Serve modules share one local cluster
+    (they run in one xdist group; starting a cluster takes seconds on 2 cores)."""
+    ray = pytest.importorskip("ray")
+    import warnings
+
+    with warnings.catch_warnings():  # starting Ray's processes forks a process that has imported JAX
+        warnings.simplefilter("ignore", RuntimeWarning)
+        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    yield ray
+    ray.shutdown()

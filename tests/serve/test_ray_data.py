@@ -2,7 +2,6 @@
 
 import os
 import signal
-import warnings
 
 import numpy as np
 import pytest
@@ -22,15 +21,6 @@ ROWS = 1000
 SPLITS = (0, 300, 333, ROWS)  # uneven shards: chunks straddle shard boundaries
 # Ray's own modules warn about their own deprecated settings (DataContext defaults); not ours to fix
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning:ray.*")
-
-
-@pytest.fixture(scope="module")
-def local_ray():
-    with warnings.catch_warnings():  # starting Ray's processes forks a process that has imported JAX
-        warnings.simplefilter("ignore", RuntimeWarning)
-        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
-    yield ray
-    ray.shutdown()
 
 
 @pytest.fixture(scope="module")

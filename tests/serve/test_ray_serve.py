@@ -4,7 +4,6 @@ import json
 import socket
 import urllib.error
 import urllib.request
-import warnings
 
 import numpy as np
 import pytest
@@ -22,22 +21,18 @@ pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning:ray.*")
 
 
 @pytest.fixture(scope="module")
-def app(tmp_path_factory):
+def app(local_ray, tmp_path_factory):
     path = tmp_path_factory.mktemp("ray_serve") / "cnn.jxs"
     save_artifact(path, Artifact(CNN, init_variables(CNN, 0), (8, 8, 1)))
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    with warnings.catch_warnings():  # starting Ray's processes forks a process that has imported JAX
-        warnings.simplefilter("ignore", RuntimeWarning)
-        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": port})
         handle = serve.run(v2_deployment(path, name="cnn", max_batch_size=8), route_prefix="/", name="cnn")
         yield f"http://127.0.0.1:{port}", handle, load_servable(path, max_batch=8)
     finally:
         serve.shutdown()
-        ray.shutdown()
 
 
 def _post(url, body):
