@@ -121,13 +121,19 @@ class _LiteralBNDropout(nn.Module):
         return nn.Dense(3)(h)
 
 
-def test_a_re_run_program_trains_in_training_mode_at_the_smaller_shapes():
+@pytest.fixture(scope="module")
+def bn_dropout():
+    """``(x, model, prune_model(model, 0.5))`` for the literal-width BatchNorm + dropout net, traced at batch 8."""
     x = np.random.default_rng(0).normal(size=(8, 5)).astype(np.float32)
     net = _LiteralBNDropout()
     model = Model.linen(
         net, net.init(jax.random.key(0), x, train=False), x, eval_kwargs={"train": False}, train_kwargs={"train": True}
     )
-    result = prune_model(model, 0.5)
+    return x, model, prune_model(model, 0.5)
+
+
+def test_a_re_run_program_trains_in_training_mode_at_the_smaller_shapes(bn_dropout):
+    x, model, result = bn_dropout
     assert result.how == "program" and "training steps" not in result.note, result.note
     kept = result.kept["Dense_0"]
     out, updates = result.model.train_step_apply(result.variables, x, rng=jax.random.key(1))
@@ -208,14 +214,9 @@ def test_a_scan_over_time_reruns_at_other_sequence_lengths_and_exports(pool, tmp
         _close(load_exported(tmp_path / "rnn.jxe")(longer[:, :4]), model(result.masked_variables(), longer[:, :4]))
 
 
-def test_a_re_run_training_step_at_another_batch_size_takes_that_batch_s_statistics():
+def test_a_re_run_training_step_at_another_batch_size_takes_that_batch_s_statistics(bn_dropout):
     """BatchNorm's training statistics divide by the batch size: a program traced at 8 is analysed again at 5."""
-    x = np.random.default_rng(0).normal(size=(8, 5)).astype(np.float32)
-    net = _LiteralBNDropout()
-    model = Model.linen(
-        net, net.init(jax.random.key(0), x, train=False), x, eval_kwargs={"train": False}, train_kwargs={"train": True}
-    )
-    result = prune_model(model, 0.5)
+    x, model, result = bn_dropout
     smaller = x[:5] * 2.0
     kept = result.kept["Dense_0"]
     _, updates = result.model.train_step_apply(result.variables, smaller, rng=jax.random.key(1))
