@@ -256,8 +256,7 @@ def _training_program(
 
     try:
         _, updates = jax.eval_shape(train, small, *model.example)
-        want = {path_of(p): np.shape(x) for p, x in jax.tree_util.tree_leaves_with_path(small)}
-        have = {path_of(p): np.shape(x) for p, x in jax.tree_util.tree_leaves_with_path(updates)}
+        want, have = _path_shapes(small), _path_shapes(updates)
         wrong = sorted(k for k, shape in have.items() if k in want and want[k] != shape)
     except Exception as err:  # noqa: BLE001 - a re-run training step that fails: train with the inference program
         return None, f"training steps run the inference program: the smaller training step fails ({err})"
@@ -368,13 +367,17 @@ def _rebuilt_linen(model: Model, small: Variables, analysis: Analysis, sizes: Ma
 
 
 def _same_shapes(expected: Any, small: Variables, what: str) -> None:
-    want = {path_of(p): tuple(x.shape) for p, x in jax.tree_util.tree_leaves_with_path(dict(expected))}
-    have = {path_of(p): tuple(np.shape(x)) for p, x in jax.tree_util.tree_leaves_with_path(small)}
+    want, have = _path_shapes(dict(expected)), _path_shapes(small)
     for path, shape in have.items():
         if want.get(path) != shape:
             raise _NoRebuild(
                 f"{what} with smaller fields makes {path} {want.get(path)}, the pruned variable is {shape}"
             )
+
+
+def _path_shapes(tree: Any) -> dict[str, tuple[int, ...]]:
+    """``{"collection/.../leaf": shape}`` of a variables pytree (arrays or ``ShapeDtypeStruct`` s)."""
+    return {path_of(p): tuple(np.shape(x)) for p, x in jax.tree_util.tree_leaves_with_path(tree)}
 
 
 # -- NNX: shrink in place -------------------------------------------------------------------------------
@@ -450,8 +453,7 @@ def _shrunk_nnx(model: Model, small: Variables, analysis: Analysis, sizes: Mappi
         )
     except Exception as err:  # noqa: BLE001
         raise _NoRebuild(f"the shrunk NNX module fails on the example inputs: {type(err).__name__}: {err}") from err
-    have = {path_of(p): tuple(np.shape(x)) for p, x in jax.tree_util.tree_leaves_with_path(smaller.variables)}
-    want = {path_of(p): tuple(np.shape(x)) for p, x in jax.tree_util.tree_leaves_with_path(small)}
+    have, want = _path_shapes(smaller.variables), _path_shapes(small)
     if have != want:
         bad = sorted(k for k in want if have.get(k) != want[k])[:3]
         raise _NoRebuild(f"the shrunk NNX module holds other shapes at {bad}")

@@ -40,7 +40,7 @@ import jax.extend.core as jcore
 import numpy as np
 
 from jaxopt_serve import native
-from jaxopt_serve.prune.coupling import Analysis, Body, Dim, Step, find
+from jaxopt_serve.prune.coupling import Analysis, Body, Dim, Step, analyze, find
 from jaxopt_serve.trace import path_of, trace
 
 
@@ -119,8 +119,9 @@ def program_fn(analysis: Analysis, kept: Mapping[str, np.ndarray]) -> Callable[.
             for n, (d,) in zip(np.shape(x), exprs):  # n may be symbolic (jax.export)
                 if not _same(seen.setdefault(id(find(d)), n), n):
                     raise ValueError(f"inputs disagree on an axis the model shares: sizes {seen[id(find(d))]} and {n}")
-        if not sized.fixed_sizes_hold(seen):
-            return sized.program([np.shape(x) for x in flat_in])(variables, *inputs)
+        stale = sized.stale(seen)
+        if stale:
+            return sized.program([np.shape(x) for x in flat_in], stale)(variables, *inputs)
         sizes = _Sizes(by_root, seen)
         for name, (_, leaf) in zip(names, leaves):
             want = sizes.shape(analysis.var_exprs[name])
@@ -160,25 +161,24 @@ class _OtherSizes:
         self._base: Any = None
         self._programs: dict[Any, Callable[..., Any]] = {}
 
-    def fixed_sizes_hold(self, seen: Mapping[int, Any]) -> bool:
-        """Whether every input size the program computes with is the traced one (so the program re-runs as is)."""
-        return all(_same(n, self.roots[r].size) or self._is_free(r) for r, n in seen.items())
+    def stale(self, seen: Mapping[int, Any]) -> list[int]:
+        """The input dimensions called at another size than traced, where the program computes with that size
+        (empty: the program re-runs as is)."""
+        return [r for r, n in seen.items() if not _same(n, self.roots[r].size) and not self._is_free(r)]
 
-    def program(self, shapes: list[tuple[Any, ...]]) -> Callable[..., Any]:
-        """The pruned program analysed at these input shapes (cached)."""
+    def program(self, shapes: list[tuple[Any, ...]], stale: list[int]) -> Callable[..., Any]:
+        """The pruned program analysed at these input shapes (cached); ``stale`` names the changed sizes."""
         key = tuple(shapes)
         if key in self._programs:
             return self._programs[key]
         if not all(isinstance(n, (int, np.integer)) for shape in shapes for n in shape):
-            axis = next(r for r in self.roots if not self._is_free(r))
+            axis = stale[0]
             leaf, k = self.axes[axis][0]
             raise ValueError(
                 f"the pruned program computes with the size of input {leaf} axis {k} (traced at "
                 f"{self.roots[axis].size}), so it runs only at concrete sizes there, not a symbolic one; "
                 "export it with that axis fixed"
             )
-        from jaxopt_serve.prune.coupling import analyze
-
         model = self.analysis.model
         example = jax.tree.unflatten(
             jax.tree.structure(model.example),
