@@ -30,7 +30,13 @@ from common import Report, accuracy_pct, add_allocator_flag, apply_allocator, pa
 
 from jaxopt_serve.data import load_digit_tokens, load_digits  # noqa: E402
 from jaxopt_serve.models import CNNConfig, MLPConfig, TransformerConfig, init_variables, predict_fn  # noqa: E402
-from jaxopt_serve.quant import QuantRule, QuantSpec, grouped_rules, quantize  # noqa: E402
+from jaxopt_serve.quant import (  # noqa: E402
+    QuantRule,
+    QuantSpec,
+    grouped_rules,
+    measure,  # noqa: E402
+    quantize,
+)
 from jaxopt_serve.quant.calibrate import calibrate  # noqa: E402
 from jaxopt_serve.quant.qat import qat_finetune, ternary_rules  # noqa: E402
 from jaxopt_serve.quant.runtime import mark_asymmetric, quantized_predict_fn, serving_layout  # noqa: E402
@@ -181,6 +187,19 @@ def speed_section(report: Report, *, rounds: int, torch_peer: bool) -> None:
             }
         )
     report.table("speed: W8A8 (int8 x int8 -> int32) vs f32, jit-compiled, same weights", rows)
+    report.table(
+        "auto's measured choices (each layer alone, random inputs of its shapes; smaller layers keep the rule)",
+        [
+            {
+                "layer": c.layer,
+                "input": "x".join(map(str, c.shape)),
+                "int8 ms": c.int8_ms,
+                "float ms": c.float_ms,
+                "runs": c.mode,
+            }
+            for c in measure.measured()
+        ],
+    )
 
     def speed(model, batch, mode):
         return next(

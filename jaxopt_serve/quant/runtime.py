@@ -21,7 +21,11 @@ rest of the program runs as written. Modes:
   with kernels of 4,096 elements or more when the native kernels run (without
   them XLA:CPU's int8 convolution measured slower than f32);
   ``"weight_only"`` for smaller dots and convolutions, for the other
-  convolutions and on every other backend.
+  convolutions and on every other backend. Those are the rules; on CPU with
+  the native kernels, a layer with 2**22 or more multiply-adds at the traced
+  shape is instead timed alone in both forms, once per shape, and runs the
+  faster one (``jaxopt_serve.quant.measure``; ``JAXOPT_SERVE_AUTO=rules``
+  keeps the rules).
 
 Integer convolutions go through ``intconv.int8_conv`` (windows + one integer
 dot): XLA:CPU's own int8 convolution returns wrong int32 values under some
@@ -62,6 +66,7 @@ from jaxopt_serve import native
 from jaxopt_serve.model import Model, as_model
 from jaxopt_serve.models.config import ModelConfig
 from jaxopt_serve.models.functional import Variables, predict_fn
+from jaxopt_serve.quant import measure
 from jaxopt_serve.quant.intconv import int8_conv, native_conv2d_applies
 from jaxopt_serve.quant.qarray import QArray, has_qarrays, is_qarray
 from jaxopt_serve.trace import (
@@ -322,6 +327,7 @@ class _Session:
         self.observed: dict[str, jax.Array] = {}
         self.contracted: dict[str, tuple[int, ...] | None] = {}
         self.record: dict[str, list[tuple[str, str]]] = {}
+        self.forced: str | None = None  # a probe of auto's measurement: every layer in this mode
 
     def scale_for(self, key: str) -> jax.Array:
         if key not in self.act_scales:
@@ -330,6 +336,73 @@ class _Session:
 
     def note(self, tagged: Tagged, primitive: str, how: str) -> None:
         self.record.setdefault(tagged.path, []).append((primitive, how))
+
+    # -- auto: measured choices ---------------------------------------------------------------------
+
+    def _auto(self, rule: str, eqn: Any, invals: list[Any]) -> str:
+        """auto mode: ``rule``, or for a large layer on the native CPU kernels the faster form by measurement.
+
+        ``invals`` are the operation's operands with the quantized one as its ``Tagged`` (the input already
+        divided by its smoothing factors, if any). The layer is compiled alone in both modes on random operands
+        of the same shapes (``quant.measure``); a layer whose int8 form would dequantize anyway keeps ``rule``.
+        """
+        if self.mode != "auto" or not measure.enabled() or jax.default_backend() != "cpu" or not native.available():
+            return rule
+        wi = next(i for i, v in enumerate(invals) if isinstance(v, Tagged))
+        t: Tagged = invals[wi]
+        x = invals[1 - wi]
+        out_shape = eqn.outvars[0].aval.shape
+        if not all(isinstance(d, int) for d in (*x.shape, *out_shape)):
+            return rule  # a symbolic size (jax.export): nothing concrete to time
+        name = eqn.primitive.name
+        if name == "dot_general":
+            (lc, rc), _ = eqn.params["dimension_numbers"]
+            depth = math.prod(x.shape[a] for a in (lc if wi == 1 else rc))
+        else:
+            out_feature = eqn.params["dimension_numbers"].rhs_spec[0]
+            depth = t.leaf.size // t.leaf.shape[out_feature]
+        if math.prod(out_shape) * depth < measure.MIN_MACS:
+            return rule
+        key = layer_key(t.path)
+        smooth = self.smooth.get(key)
+        example_leaf = jax.tree_util.tree_map_with_path(_example_leaf, t.leaf)
+        args = [_example_input(x), example_leaf, None if smooth is None else np.ones(jnp.shape(smooth), np.float32)]
+        signature = (
+            name,
+            repr(eqn.params),
+            wi,
+            tuple(x.shape),
+            str(x.dtype),
+            str(jax.tree.structure(t.leaf)),
+            tuple((a.shape, str(a.dtype)) for a in jax.tree.leaves(t.leaf)),
+            repr(t.views),
+            None if smooth is None else jnp.shape(smooth),
+            self.asymmetric.get(key),
+            native.kernel_isa(),
+        )
+
+        probes: list[_Session] = []
+
+        def build(mode: str) -> Callable[..., Any]:
+            def layer(xe: Any, leaf: Any, factors: Any) -> Any:
+                probe = _Session(mode)
+                probe.forced = mode
+                probe.asymmetric = {key: self.asymmetric[key]} if key in self.asymmetric else {}
+                probes.append(probe)
+                tagged = Tagged(t.path, leaf, t.views, t.aval)
+                operands = [xe, tagged] if wi == 1 else [tagged, xe]
+                if name == "dot_general":
+                    probe.smooth = {} if factors is None else {key: factors}
+                    return probe._dot(eqn, operands, wi)
+                return probe._conv(eqn, operands)
+
+            return layer
+
+        # A layer that dequantizes in "dynamic" mode too (per-group scales, ...) has one form: nothing to choose.
+        jax.eval_shape(build("dynamic"), *args)
+        if probes[-1].record.get(t.path) != [(name, "int8")]:
+            return rule
+        return measure.choose(signature, t.path, build, args).mode
 
     # -- consumers -----------------------------------------------------------------------------
 
@@ -371,7 +444,12 @@ class _Session:
             x = x / _factors_for(self.smooth[key], original, cx, cw, x.ndim, t.path).astype(x.dtype)
         if self.observe:
             self.observed[key] = _canonical_input(x, cx, cw, axes)
-        mode = "weight_only" if self.observe else _resolve(self.mode, q.size)
+        if self.forced is not None:
+            mode = self.forced
+        elif self.observe:
+            mode = "weight_only"
+        else:
+            mode = self._auto(_resolve(self.mode, q.size), eqn, [x if i == 1 - wi else t for i in range(2)])
         scale = None
         if mode != "weight_only" and q.granularity != "group" and q.bits <= 8:
             scale = view_keepdims(q.scale, q.shape, t.views)
@@ -426,7 +504,12 @@ class _Session:
             raise ValueError(f"{ASYM_COLLECTION}/{key}: asymmetric activations are for dot products, not convolutions")
         if self.observe:
             self.observed[key] = x
-        mode = "weight_only" if self.observe else _resolve_conv(self.mode, q.size, params)
+        if self.forced is not None:
+            mode = self.forced
+        elif self.observe:
+            mode = "weight_only"
+        else:
+            mode = self._auto(_resolve_conv(self.mode, q.size, params), eqn, [x, t])
         scale = None
         if (
             mode != "weight_only"
@@ -463,6 +546,23 @@ class _Session:
             rescale=(jnp.reshape(sx, -1), jnp.reshape(scale, -1)),
         )
         return y.astype(eqn.outvars[0].aval.dtype)
+
+
+def _example_input(x: Any) -> np.ndarray:
+    """Random values shaped like ``x`` (a traced operand), for timing."""
+    return np.random.default_rng(0).standard_normal(x.shape).astype(x.dtype)
+
+
+def _example_leaf(path: Any, a: Any) -> np.ndarray:
+    """Random values shaped like one array of a quantized leaf: int8 codes in [-127, 127], positive scales."""
+    rng = np.random.default_rng(1)
+    dtype = np.dtype(a.dtype)
+    if np.issubdtype(dtype, np.integer):
+        info = np.iinfo(dtype)
+        return rng.integers(max(info.min, -127), min(info.max, 127) + 1, size=a.shape).astype(dtype)
+    if getattr(path[-1], "name", None) == "zero_point":
+        return np.zeros(a.shape, dtype)
+    return rng.uniform(0.005, 0.02, size=a.shape).astype(dtype)
 
 
 def _native_dot(
