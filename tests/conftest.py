@@ -19,7 +19,7 @@ os.environ["XLA_FLAGS"] = " ".join([*_flags, "--xla_force_host_platform_device_c
 # mode="auto" times large layers in both forms and runs the faster (quant.measure): which form wins depends on the
 # machine and its load, so the suite (and every process it starts) takes auto's rules instead, the same choice on
 # every machine. tests/quant/test_measure.py tests the measuring itself.
-os.environ.setdefault("JAXOPT_SERVE_AUTO", "rules")
+os.environ["JAXOPT_SERVE_AUTO"] = "rules"
 # One persistent compilation cache for the session, shared by both xdist workers and every subprocess the tests start
 # (notebook kernels, CLI runs, multi-process and Ray workers): a program compiled once is loaded everywhere else, and
 # a test that jits a fresh function with the same program loads it too. The first process to import this file (the

@@ -7,7 +7,8 @@ batch: a 3-channel first convolution is slower in int8 on an AVX2 CPU and
 faster on an AVX-512 one. So for every large enough layer (``MIN_MACS``
 multiply-adds or more at the traced shape), ``auto`` compiles the layer alone
 in both forms on random inputs of its exact shapes, times them alternately,
-and runs the faster one. A choice is made once per process for each layer
+and runs the faster one (the rule's form stays unless the other is more than
+``MARGIN`` faster). A choice is made once per process for each layer
 signature (shapes, dtypes, operation parameters, kernel path) and reused by
 every later trace: another batch size is another shape, so it is measured
 again. Smaller layers, symbolic shapes (``jax.export``) and other backends
@@ -41,12 +42,15 @@ from typing import Any
 
 import jax
 
-__all__ = ["MEASURE_ENV", "MIN_MACS", "Choice", "choose", "clear", "enabled", "measured"]
+__all__ = ["MARGIN", "MEASURE_ENV", "MIN_MACS", "Choice", "cached", "choose", "clear", "enabled", "measured"]
 
 MEASURE_ENV = "JAXOPT_SERVE_AUTO"
 # Layers with fewer multiply-adds than this keep the rule: they take well under a millisecond either way, and
 # measuring them would cost more compile time than it could save.
 MIN_MACS = 1 << 22
+# The form the rule would pick keeps the layer unless the other is faster by more than this share of its time:
+# near-ties would otherwise flip from process to process.
+MARGIN = 0.1
 # Time each form for about this long after its warm-up call (at least 3 and at most 15 calls).
 _BUDGET_S = 0.05
 
@@ -104,6 +108,7 @@ def choose(
     layer: str,
     build: Callable[[str], Callable[..., Any]],
     args: Sequence[Any],
+    prefer: str = "dynamic",
 ) -> Choice:
     """The faster of ``build("dynamic")`` and ``build("weight_only")`` on ``args``, measured once per ``key``.
 
@@ -112,17 +117,27 @@ def choose(
         layer: the layer's path (kept in the choice for reports).
         build: a mode -> a function of ``args`` computing the layer in that mode.
         args: concrete example arguments (only their shapes and dtypes matter for the time).
+        prefer: the mode kept unless the other is more than ``MARGIN`` faster (the rule's choice).
     """
     with _lock:
         if key in _choices:
             return _choices[key]
+        shape = tuple(getattr(args[0], "shape", ()))
+        with jax.ensure_compile_time_eval():  # (called while tracing a model: put them there now, not staged)
+            args = jax.device_put(tuple(args))  # on the device once: the timed calls copy nothing
         compiled = {mode: jax.jit(build(mode)).lower(*args).compile() for mode in ("dynamic", "weight_only")}
         ms = _median_ms({mode: (lambda f=f: f(*args)) for mode, f in compiled.items()})
-        shape = tuple(getattr(args[0], "shape", ()))
-        mode = "dynamic" if ms["dynamic"] < ms["weight_only"] else "weight_only"
+        other = "weight_only" if prefer == "dynamic" else "dynamic"
+        mode = other if ms[other] < (1 - MARGIN) * ms[prefer] else prefer
         choice = Choice(mode, ms["dynamic"], ms["weight_only"], layer, shape)
         _choices[key] = choice
         return choice
+
+
+def cached(key: Hashable) -> Choice | None:
+    """The stored choice for ``key``, or ``None`` if it was not measured yet."""
+    with _lock:
+        return _choices.get(key)
 
 
 def measured() -> list[Choice]:

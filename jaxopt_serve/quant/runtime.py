@@ -359,14 +359,12 @@ class _Session:
             (lc, rc), _ = eqn.params["dimension_numbers"]
             depth = math.prod(x.shape[a] for a in (lc if wi == 1 else rc))
         else:
-            out_feature = eqn.params["dimension_numbers"].rhs_spec[0]
-            depth = t.leaf.size // t.leaf.shape[out_feature]
+            seen = t.aval.shape  # the kernel as the convolution sees it (after the model's reshapes/transposes)
+            depth = math.prod(seen) // seen[eqn.params["dimension_numbers"].rhs_spec[0]]
         if math.prod(out_shape) * depth < measure.MIN_MACS:
             return rule
         key = layer_key(t.path)
         smooth = self.smooth.get(key)
-        example_leaf = jax.tree_util.tree_map_with_path(_example_leaf, t.leaf)
-        args = [_example_input(x), example_leaf, None if smooth is None else np.ones(jnp.shape(smooth), np.float32)]
         signature = (
             name,
             repr(eqn.params),
@@ -379,8 +377,15 @@ class _Session:
             None if smooth is None else jnp.shape(smooth),
             self.asymmetric.get(key),
             native.kernel_isa(),
+            rule,
         )
-
+        if signature in _NO_INT8_FORM:
+            return rule
+        known = measure.cached(signature)
+        if known is not None:
+            return known.mode
+        example_leaf = jax.tree_util.tree_map_with_path(_example_leaf, t.leaf)
+        args = [_example_input(x), example_leaf, None if smooth is None else np.ones(jnp.shape(smooth), np.float32)]
         probes: list[_Session] = []
 
         def build(mode: str) -> Callable[..., Any]:
@@ -401,8 +406,9 @@ class _Session:
         # A layer that dequantizes in "dynamic" mode too (per-group scales, ...) has one form: nothing to choose.
         jax.eval_shape(build("dynamic"), *args)
         if probes[-1].record.get(t.path) != [(name, "int8")]:
+            _NO_INT8_FORM.add(signature)
             return rule
-        return measure.choose(signature, t.path, build, args).mode
+        return measure.choose(signature, t.path, build, args, prefer=rule).mode
 
     # -- consumers -----------------------------------------------------------------------------
 
@@ -546,6 +552,10 @@ class _Session:
             rescale=(jnp.reshape(sx, -1), jnp.reshape(scale, -1)),
         )
         return y.astype(eqn.outvars[0].aval.dtype)
+
+
+# Layer signatures (auto's measurement) whose int8 form dequantizes anyway: nothing to time.
+_NO_INT8_FORM: set[tuple] = set()
 
 
 def _example_input(x: Any) -> np.ndarray:
@@ -833,7 +843,8 @@ def execution_report(
 ) -> dict[str, list[tuple[str, str]]]:
     """How each quantized leaf was computed: ``{leaf path: [(operation, "int8" | "dequantized"), ...]}``.
 
-    Traced, not run. ``"int8"`` is an integer dot or convolution on the stored
+    Traced, not run (in ``"auto"`` mode a large layer not measured yet is compiled and timed alone first:
+    ``quant.measure``). ``"int8"`` is an integer dot or convolution on the stored
     values; ``"dequantized"`` a float operation on the dequantized weight
     (``weight_only`` mode, per-group scales, or scales inside the contraction).
 

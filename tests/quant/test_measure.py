@@ -146,3 +146,22 @@ def test_a_convolution_is_measured_per_batch_size(monkeypatch):
     out = jax.jit(quantized_predict_fn(model, mode="auto"))(q, x)
     ref = predict_fn(cnn)(variables, x)
     assert float(jnp.abs(out - ref).max()) < 0.05 * float(jnp.abs(ref).max())
+
+
+@needs_native
+def test_a_kernel_reshaped_before_its_convolution_is_counted_as_the_convolution_sees_it(monkeypatch):
+    seen = _fake_times(monkeypatch, int8_ms=1.0, float_ms=5.0)
+    rng = np.random.default_rng(0)
+    params = {"k": rng.normal(size=(27, 32)).astype(np.float32) / 8}  # stored 2-D, used as a 3x3x3x32 kernel
+
+    def f(p, x):
+        kernel = p["k"].reshape(3, 3, 3, 32)
+        return jax.lax.conv_general_dilated(x, kernel, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"))
+
+    x = rng.uniform(size=(8, 64, 64, 3)).astype(np.float32)  # 8 x 64 x 64 x 32 outputs x 27 = 28M multiply-adds
+    model = Model.function(f, params, x)
+    q = quantize(model.variables, [QuantRule("params/k", QuantSpec())]).variables
+    assert execution_report(model, q, x, mode="auto") == {"params/k": [("conv_general_dilated", "int8")]}
+    assert [c.shape for c in measure.measured()] == [(8, 64, 64, 3)] and len(seen) == 1
+    out = jax.jit(quantized_predict_fn(model, mode="auto"))(q, x)
+    np.testing.assert_allclose(np.asarray(out), np.asarray(f(params, x)), atol=0.05 * float(np.abs(f(params, x)).max()))
