@@ -34,7 +34,7 @@ from jaxopt_serve.quant import (  # noqa: E402
     QuantRule,
     QuantSpec,
     grouped_rules,
-    measure,  # noqa: E402
+    measure,
     quantize,
 )
 from jaxopt_serve.quant.calibrate import calibrate  # noqa: E402

@@ -339,6 +339,14 @@ class _Session:
 
     # -- auto: measured choices ---------------------------------------------------------------------
 
+    def _mode_for(self, rule: str, eqn: Any, invals: list[Any]) -> str:
+        """The mode a quantized dot or convolution runs in: a probe's forced one, float when observing, else auto's."""
+        if self.forced is not None:
+            return self.forced
+        if self.observe:
+            return "weight_only"
+        return self._auto(rule, eqn, invals)
+
     def _auto(self, rule: str, eqn: Any, invals: list[Any]) -> str:
         """auto mode: ``rule``, or for a large layer on the native CPU kernels the faster form by measurement.
 
@@ -450,12 +458,7 @@ class _Session:
             x = x / _factors_for(self.smooth[key], original, cx, cw, x.ndim, t.path).astype(x.dtype)
         if self.observe:
             self.observed[key] = _canonical_input(x, cx, cw, axes)
-        if self.forced is not None:
-            mode = self.forced
-        elif self.observe:
-            mode = "weight_only"
-        else:
-            mode = self._auto(_resolve(self.mode, q.size), eqn, [x if i == 1 - wi else t for i in range(2)])
+        mode = self._mode_for(_resolve(self.mode, q.size), eqn, [x, t] if wi == 1 else [t, x])
         scale = None
         if mode != "weight_only" and q.granularity != "group" and q.bits <= 8:
             scale = view_keepdims(q.scale, q.shape, t.views)
@@ -510,12 +513,7 @@ class _Session:
             raise ValueError(f"{ASYM_COLLECTION}/{key}: asymmetric activations are for dot products, not convolutions")
         if self.observe:
             self.observed[key] = x
-        if self.forced is not None:
-            mode = self.forced
-        elif self.observe:
-            mode = "weight_only"
-        else:
-            mode = self._auto(_resolve_conv(self.mode, q.size, params), eqn, [x, t])
+        mode = self._mode_for(_resolve_conv(self.mode, q.size, params), eqn, [x, t])
         scale = None
         if (
             mode != "weight_only"
