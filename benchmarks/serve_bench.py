@@ -7,7 +7,10 @@ sends the next) through ``DynamicBatcher`` (client threads on ``predict``,
 coroutines on ``predict_async``) against "serial" (one engine call per request,
 behind a lock); the p99 latency at 32 clients is compared with the engine's own
 median time for a batch of 32 (a request that arrives during a batch waits for
-it and runs in the next: about two batch times is the floor).
+it and runs in the next: about two batch times is the floor), in ``--rounds``
+rounds, each right after its own timing of the batch, and the median ratio is
+checked. The coroutine clients run on uvloop where it is installed, the loop
+the server runs on.
 
 Over HTTP (loopback, keep-alive, JSON bodies, the load generator in this process
 on one event loop): the inference server (``InferenceServer``, in another
@@ -95,7 +98,7 @@ def median_ms(fn, calls: int = 200) -> float:
     return float(np.median(times) * 1e3)
 
 
-def batcher_section(report: Report, *, seconds: float, max_wait_ms: float) -> None:
+def batcher_section(report: Report, *, seconds: float, rounds: int, max_wait_ms: float) -> None:
     config = CNNConfig()
     engine = InferenceEngine(config, init_variables(config, 0), max_batch=64).warmup()
     x = np.random.default_rng(0).normal(size=(1, 8, 8, 1)).astype(np.float32)
@@ -127,6 +130,13 @@ def batcher_section(report: Report, *, seconds: float, max_wait_ms: float) -> No
                 "ratio (asyncio / serial)": a["requests/s"] / s["requests/s"],
             }
         )
+    # The p99 check: the 32-client point again in rounds, each right after its own median batch of 32, and the
+    # median of the rounds' ratios (one timing of each, minutes apart, drifted by up to 30% on a shared machine).
+    p99_rounds = []
+    for i in range(rounds):
+        b32 = median_ms(lambda: engine(x32))
+        a = closed_loop_async(batcher, x, 32, seconds)
+        p99_rounds.append({"round": i + 1, "batch of 32 ms": b32, "p99 ms": a["p99 ms"], "ratio": a["p99 ms"] / b32})
     batcher.close()
     snapshot = batcher.metrics.snapshot()
     report.table(
@@ -146,9 +156,14 @@ def batcher_section(report: Report, *, seconds: float, max_wait_ms: float) -> No
             }
         ],
     )
+    report.table(
+        f"p99 at 32 clients (asyncio) over the engine's median batch of 32, {rounds} rounds of {seconds:g} s",
+        p99_rounds,
+    )
     s32, a32 = results[32]
     report.check("throughput_ratio_batched_vs_serial_32_clients", a32["requests/s"] / s32["requests/s"], 5.0, ">=")
-    report.check("p99_ratio_32_clients_vs_engine_batch32", a32["p99 ms"] / batch32_ms, 3.0, "<=")
+    ratio = float(np.median([r["ratio"] for r in p99_rounds]))
+    report.check("p99_ratio_32_clients_vs_engine_batch32", ratio, 3.0, "<=")
 
 
 # ---------------------------------------------------------------------------------------------- server processes
@@ -395,7 +410,9 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--json", metavar="PATH", help="write the checks and tables as JSON")
     parser.add_argument("--seconds", type=float, default=2.0, help="duration of each load point")
-    parser.add_argument("--rounds", type=int, default=3, help="rounds of the HTTP points (the median is reported)")
+    parser.add_argument(
+        "--rounds", type=int, default=3, help="rounds of the HTTP points and the p99 check (the median is reported)"
+    )
     parser.add_argument("--max-wait-ms", type=float, default=0.0, help="batching window of the batcher")
     parser.add_argument("--skip", choices=["batcher", "http", "minilm", "ray"], action="append", default=[])
     parser.add_argument("--child", metavar="ARTIFACT", help=argparse.SUPPRESS)  # the server process
@@ -406,7 +423,7 @@ def main(argv=None) -> int:
         return 0
     report = Report("serving benchmark")
     if "batcher" not in args.skip:
-        batcher_section(report, seconds=args.seconds, max_wait_ms=args.max_wait_ms)
+        batcher_section(report, seconds=args.seconds, rounds=args.rounds, max_wait_ms=args.max_wait_ms)
     if "http" not in args.skip:
         http_section(report, seconds=args.seconds, rounds=args.rounds, minilm="minilm" not in args.skip)
     if "ray" not in args.skip:

@@ -16,8 +16,10 @@ def closed_loop_async(batcher: Any, x: np.ndarray, clients: int, seconds: float)
     """``clients`` coroutines on one event loop awaiting ``batcher.predict_async(x)`` back to back for ``seconds``.
 
     Returns throughput (``requests/s``), latency percentiles (``p50 ms``,
-    ``p99 ms``) and the request count. Called where an event loop is already
-    running (a Jupyter or Colab cell), it runs its own loop in a helper thread.
+    ``p99 ms``) and the request count. The loop is uvloop's where installed
+    (the ``serve`` extra: the loop the server runs on). Called where an event
+    loop is already running (a Jupyter or Colab cell), it runs its own loop in
+    a helper thread.
     """
     if clients <= 0 or seconds <= 0:
         raise ValueError(f"clients and seconds must be > 0, got {clients} and {seconds}")
@@ -45,12 +47,7 @@ def closed_loop_async(batcher: Any, x: np.ndarray, clients: int, seconds: float)
             "requests": int(len(ms)),
         }
 
-    try:
-        asyncio.get_running_loop()
-    except RuntimeError:
-        return asyncio.run(run())
-    with concurrent.futures.ThreadPoolExecutor(max_workers=1) as pool:  # asyncio.run refuses a running loop
-        return pool.submit(lambda: asyncio.run(run())).result()
+    return _run_loop(run)
 
 
 def http_closed_loop(
@@ -124,6 +121,12 @@ def http_closed_loop(
             "status": dict(sorted(statuses.items())),
         }
 
+    return _run_loop(run)
+
+
+def _run_loop(main: Any) -> Any:
+    """``main()`` run to completion on a new event loop: uvloop's where installed (the loop uvicorn serves on),
+    asyncio's otherwise; in a helper thread where a loop is already running (a notebook cell)."""
     try:
         import uvloop
 
@@ -133,9 +136,9 @@ def http_closed_loop(
     try:
         asyncio.get_running_loop()
     except RuntimeError:
-        return runner(run())
-    with concurrent.futures.ThreadPoolExecutor(max_workers=1) as pool:
-        return pool.submit(lambda: runner(run())).result()
+        return runner(main())
+    with concurrent.futures.ThreadPoolExecutor(max_workers=1) as pool:  # a running loop refuses a second one
+        return pool.submit(lambda: runner(main())).result()
 
 
 async def _read_response(reader: asyncio.StreamReader) -> tuple[int, bool]:

@@ -61,6 +61,16 @@ class ServingMetrics:
         for listener in self._listeners:
             listener.record_request(latency_ms=latency_ms, queue_ms=queue_ms)
 
+    def record_requests(self, *, latency_ms: list[float], queue_ms: list[float]) -> None:
+        """``record_request`` for each request of a batch, under one acquisition of the lock."""
+        with self._lock:
+            self._latency.extend(latency_ms)
+            self._queue.extend(queue_ms)
+            self.counts["completed"] += len(latency_ms)
+        for listener in self._listeners:
+            for latency, queue in zip(latency_ms, queue_ms):
+                listener.record_request(latency_ms=latency, queue_ms=queue)
+
     def record_batch(self, *, rows: int, bucket: int, exec_ms: float) -> None:
         with self._lock:
             self._exec.append(exec_ms)
