@@ -20,6 +20,10 @@ os.environ["XLA_FLAGS"] = " ".join([*_flags, "--xla_force_host_platform_device_c
 # machine and its load, so the suite (and every process it starts) takes auto's rules instead, the same choice on
 # every machine. tests/quant/test_measure.py tests the measuring itself.
 os.environ["JAXOPT_SERVE_AUTO"] = "rules"
+# The suite tests the CPU backend: naming it spares every process (the workers, and each subprocess the tests start)
+# jax's search of the installed packages for accelerator plugins, about 0.5 s of CPU each with the test extra's
+# 200-odd distributions. Set JAX_PLATFORMS yourself to run the suite elsewhere.
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # One persistent compilation cache for the session, shared by both xdist workers and every subprocess the tests start
 # (notebook kernels, CLI runs, multi-process and Ray workers): a program compiled once is loaded everywhere else, and
 # a test that jits a fresh function with the same program loads it too. The first process to import this file (the
