@@ -52,9 +52,8 @@ $(VENV)/.installed-minilm: | $(BIN)/python
 	touch $@
 
 # The test extra includes the lint and docs extras, so ruff (first: a lint or format finding fails fast) and the
-# strict docs build (about 10 s of CPU) run in the same environment as the tests.
-# The docs build runs alongside the tests (it fits in the cores' idle moments of the suite: about 10 s off the wall
-# time); the target fails if either fails.
+# strict docs build run in the same environment as the tests. The docs build (about 10 s of CPU) runs alongside the
+# tests, in the cores' idle moments of the suite; the target fails if either fails.
 test: $(VENV)/.installed-test $(VENV)/.installed-minilm
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .

@@ -44,6 +44,8 @@ def slash_names(tree: Any, *, empty: str = "outputs") -> list[str]:
 
 def batch_rows(tree: Any) -> int:
     """The batch size: axis 0 of the first leaf."""
+    if type(tree) is np.ndarray:  # one array (the common request): no pytree walk
+        return int(tree.shape[0])
     leaves = jax.tree.leaves(tree)
     if not leaves:
         raise ValueError("the inputs hold no arrays")

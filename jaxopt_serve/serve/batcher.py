@@ -147,7 +147,6 @@ class DynamicBatcher:
         if self.max_batch <= 0 or max_queue <= 0 or max_wait_ms < 0:
             raise ValueError("max_batch and max_queue must be > 0 and max_wait_ms >= 0")
         self.metrics = ServingMetrics()
-        self._lengths = bool(getattr(engine, "length_buckets", None))
         self._queue: collections.deque[_Request] = collections.deque()
         self._cond = threading.Condition()
         self._closing = False
@@ -166,10 +165,10 @@ class DynamicBatcher:
         """
         if not _checked:  # (a caller that already checked ``x`` against the engine, the server, skips this)
             x = self.engine.check_input(x)
-        rows = x.shape[0] if type(x) is np.ndarray else batch_rows(x)
+        rows = batch_rows(x)
         if rows > self.max_request_rows:
             raise ValueError(f"a request may hold at most {self.max_request_rows} examples, got {rows}")
-        length = self.engine.request_length(x) if self._lengths else None
+        length = self.engine.request_length(x) if getattr(self.engine, "length_buckets", None) else None
         timeout = self.timeout_s if timeout_s is None else timeout_s
         request = _Request(x, rows, length, time.perf_counter() + timeout if timeout is not None else None, _loop)
         with self._cond:

@@ -54,12 +54,7 @@ class ServingMetrics:
             self.counts[name] += n
 
     def record_request(self, *, latency_ms: float, queue_ms: float) -> None:
-        with self._lock:
-            self._latency.append(latency_ms)
-            self._queue.append(queue_ms)
-            self.counts["completed"] += 1
-        for listener in self._listeners:
-            listener.record_request(latency_ms=latency_ms, queue_ms=queue_ms)
+        self.record_requests(latency_ms=[latency_ms], queue_ms=[queue_ms])
 
     def record_requests(self, *, latency_ms: list[float], queue_ms: list[float]) -> None:
         """``record_request`` for each request of a batch, under one acquisition of the lock."""
