@@ -11,13 +11,16 @@ that the layer's *output* ``x W`` changes as little as possible:
     \\delta = \\frac{w_i - q(w_i)}{[H^{-1}]_{ii}}, \\qquad
     W_{j,:} \\mathrel{-}= [H^{-1}]_{ij}\\, \\delta \\quad (j > i).
 
-Scales (and zero points) are chosen per group as the rows of the group are
+Per-group scales (and zero points) are chosen as the rows of the group are
 reached, from the already-corrected weights, with the spec's calibration
-(absmax or MSE clip). The result is an ordinary ``QArray`` of the rule's
-spec: serving, artifacts and size are those of round-to-nearest. Only
+(absmax or MSE clip); per-channel kernels keep round-to-nearest's ranges,
+which span the whole input axis. The result is an ordinary ``QArray`` of the
+rule's spec: serving, artifacts and size are those of round-to-nearest. Only
 int8 / int4 kernels of Dense-like layers (inputs contracted over leading
-kernel axes) with ``"channel"`` (last axis) or ``"group"`` granularity along
-an input axis are handled; other quantized leaves keep round-to-nearest.
+kernel axes) with ``"channel"`` granularity on an output axis (the last) or
+``"group"`` granularity along an input axis are handled; other quantized
+leaves keep round-to-nearest. Smoothed layers (``smooth_quantize(...,
+rounding="gptq")``) are corrected for their smoothed inputs.
 """
 
 from __future__ import annotations
@@ -33,11 +36,18 @@ import numpy as np
 from jaxopt_serve.model import Model
 from jaxopt_serve.models.config import ModelConfig
 from jaxopt_serve.models.functional import Variables
-from jaxopt_serve.quant.observe import calibration_batches, calibration_model, observe_batches
+from jaxopt_serve.quant.observe import (
+    calibration_batches,
+    calibration_model,
+    copy_tree,
+    dense_inputs,
+    get_leaf,
+    leaf_parts,
+    observe_batches,
+    set_leaf,
+)
 from jaxopt_serve.quant.qarray import QArray, QuantSpec, _integer, is_qarray, pack
 from jaxopt_serve.quant.rules import QuantRule, first_match, quantize
-from jaxopt_serve.quant.runtime import SMOOTH_COLLECTION
-from jaxopt_serve.quant.smooth import copy_tree, dense_inputs, get_leaf, leaf_parts, set_leaf
 
 
 def gptq_quantize(
@@ -58,8 +68,9 @@ def gptq_quantize(
 
     Args:
         model: a ``Model``, or a reference ``ModelConfig``.
-        variables: float variables (a ``"quant_smooth"`` collection from
-            ``smooth_quantize`` is kept: its factors are already in the kernels).
+        variables: float variables; with a ``"quant_smooth"`` collection, its factors
+            are taken to be in the kernels already, and the layers' inputs are divided
+            by them.
         samples: one calibration dataset or a list / iterator of batches (``quant.observe``).
         rules: quantization rules, as for ``quantize``.
         damp: added to the Hessian's diagonal, as a fraction of its mean.
@@ -85,30 +96,58 @@ def gptq_quantize(
         raise ValueError(f"damp must be > 0, got {damp!r}")
     handle, samples = calibration_model(model, method, apply_kwargs, samples)
     rtn = quantize(variables, rules).variables
-    smooth = variables.get(SMOOTH_COLLECTION, {})
     hessians: dict[str, np.ndarray] = {}
-    float_params = variables["params"]
     for observed, contracted in observe_batches(handle, rtn, calibration_batches(handle, samples, batch_size)):
-        for key, x, kernel, n in dense_inputs(observed, contracted, float_params):
-            x = x.astype(np.float64).reshape(-1, int(np.prod(kernel.shape[:n])))
-            if key in smooth:
-                x = x / np.asarray(smooth[key], np.float64).reshape(1, -1)
-            h = x.T @ x
-            hessians[key] = hessians[key] + h if key in hessians else h
-    params = copy_tree(rtn["params"])
+        for key, x, kernel, n in dense_inputs(observed, contracted, variables["params"]):
+            accumulate_hessian(hessians, key, x, kernel.shape[:n])
+    return gptq_round(rtn, variables["params"], hessians, rules, damp=damp)
+
+
+def accumulate_hessian(hessians: dict[str, np.ndarray], key: str, x: np.ndarray, in_dims: tuple[int, ...]) -> None:
+    """Add ``X^T X`` of layer inputs ``x`` (trailing axes ``in_dims``, flattened) to ``hessians[key]``, in float64."""
+    x = np.asarray(x, np.float64).reshape(-1, int(np.prod(in_dims)))
+    h = x.T @ x
+    hessians[key] = hessians[key] + h if key in hessians else h
+
+
+def gptq_round(
+    qvariables: Variables,
+    float_params: Any,
+    hessians: dict[str, np.ndarray],
+    rules: Sequence[QuantRule],
+    *,
+    damp: float = 0.01,
+) -> Variables:
+    """``qvariables`` (``quantize(variables, rules).variables``) with GPTQ in place of round-to-nearest.
+
+    Each layer key in ``hessians`` (``X^T X`` of that layer's calibration inputs,
+    as its dot quantizes them) whose kernel in ``float_params`` (the float,
+    already smoothed kernels) has a supported rule is re-quantized with error
+    correction; every other leaf is kept.
+    """
+    if not damp > 0:
+        raise ValueError(f"damp must be > 0, got {damp!r}")
+    params = copy_tree(qvariables["params"])
     for key, h in hessians.items():
         parts = leaf_parts(float_params, key)
         index = first_match("params/" + "/".join(parts), rules)
         if index is None:
             continue
-        spec = rules[index].spec
         kernel = np.asarray(get_leaf(float_params, parts), np.float32)
-        qkernel = get_leaf(params, parts)
-        n_in = _n_in(kernel.shape, h.shape[0])
-        if n_in == 0 or not is_qarray(qkernel) or not _supported(spec, qkernel, n_in):
-            continue
-        set_leaf(params, parts, _gptq_kernel(kernel, h, spec, qkernel, n_in, damp))
-    return {**rtn, "params": params}
+        set_leaf(params, parts, gptq_kernel(kernel, h, rules[index].spec, get_leaf(params, parts), damp=damp))
+    return {**qvariables, "params": params}
+
+
+def gptq_kernel(kernel: np.ndarray, h: np.ndarray, spec: QuantSpec, like: Any, *, damp: float = 0.01) -> Any:
+    """``like``, the round-to-nearest ``QArray`` of ``kernel`` by ``spec``, rounded by GPTQ for the Hessian ``h``.
+
+    ``like`` comes back unchanged when its spec or layout is not one GPTQ handles
+    (see the module docstring) or ``h`` fits no leading axes of ``kernel``.
+    """
+    n_in = _n_in(kernel.shape, h.shape[0])
+    if n_in == 0 or not is_qarray(like) or not _supported(spec, like, n_in):
+        return like
+    return _gptq_kernel(kernel, h, spec, like, n_in, damp)
 
 
 def _n_in(kernel_shape: tuple[int, ...], d_in: int) -> int:
@@ -124,8 +163,8 @@ def _n_in(kernel_shape: tuple[int, ...], d_in: int) -> int:
 def _supported(spec: QuantSpec, q: QArray, n_in: int) -> bool:
     if spec.qtype not in ("int8", "int4"):
         return False
-    if q.granularity == "channel":
-        return q.axis == len(q.shape) - 1 and n_in == len(q.shape) - 1
+    if q.granularity == "channel":  # an output axis: (in, out) or DenseGeneral's (in, heads, head_dim)
+        return q.axis >= n_in
     return q.granularity == "group" and q.axis < n_in and q.axis == n_in - 1
 
 
@@ -145,9 +184,14 @@ def _gptq_kernel(kernel: np.ndarray, h: np.ndarray, spec: QuantSpec, like: QArra
     qmax = 2 ** (spec.bits - 1) - 1
     lo, hi = (-qmax, qmax) if spec.symmetric else (-qmax - 1, qmax)
     block = group if group <= 128 else 128  # rows updated eagerly; later rows get the block's errors at once
+    if like.granularity == "channel":  # the round-to-nearest ranges, one per output column
+        scale, zero = (
+            np.broadcast_to(np.asarray(a, np.float64), like.shape).reshape(d_in, -1)[0]
+            for a in (like.scale, 0.0 if like.zero_point is None else like.zero_point)
+        )
     for start in range(0, d_in, block):
         stop = min(start + block, d_in)
-        if start % group == 0:  # a new group: its range from the already-corrected weights
+        if like.granularity == "group" and start % group == 0:  # its range from the already-corrected weights
             scale, zero = _group_range(jnp.asarray(w[start : start + group], jnp.float32), spec)
             scale, zero = np.asarray(scale, np.float64)[0], np.asarray(zero, np.float64)[0]
             scales.append(scale)
@@ -160,18 +204,18 @@ def _gptq_kernel(kernel: np.ndarray, h: np.ndarray, spec: QuantSpec, like: QArra
             w[i + 1 : stop] -= np.outer(hinv[i, i + 1 : stop], errors[i - start])
         w[stop:] -= hinv[start:stop, stop:].T @ errors  # the group's errors onto the later rows at once
     shape = like.shape
-    scale = np.stack(scales).astype(np.float32)  # (groups, out)
-    zero = None if spec.symmetric else np.stack(zeros).astype(np.int8)
-    if like.granularity == "channel":
-        scale_shape = (*([1] * n_in), *shape[n_in:])
-    else:
-        scale_shape = (*shape[: like.axis], shape[like.axis] // group, 1, *shape[like.axis + 1 :])
     values = q.reshape(shape)
     packed = jnp.asarray(values) if spec.bits == 8 else pack(jnp.asarray(values.reshape(-1)), spec.qtype)
+    if like.granularity == "channel":
+        scale_out, zero_out = like.scale, like.zero_point
+    else:
+        scale_shape = (*shape[: like.axis], shape[like.axis] // group, 1, *shape[like.axis + 1 :])
+        scale_out = jnp.asarray(np.stack(scales).astype(np.float32).reshape(scale_shape))  # (groups, out)
+        zero_out = None if spec.symmetric else jnp.asarray(np.stack(zeros).astype(np.int8).reshape(scale_shape))
     return QArray(
         values=packed,
-        scale=jnp.asarray(scale.reshape(scale_shape)),
-        zero_point=None if zero is None else jnp.asarray(zero.reshape(scale_shape)),
+        scale=scale_out,
+        zero_point=zero_out,
         qtype=like.qtype,
         shape=like.shape,
         dtype=like.dtype,

@@ -9,12 +9,15 @@ Calibration ``samples`` take two forms:
 
 Each batch runs the model once, jit-compiled per batch shape, in weight-only
 mode, recording the input of every quantized dot product and convolution.
+A smoothed layer (``"quant_smooth"`` factors) divides its input by its
+factors, as it does when serving, and records the divided input: what the
+layer's integer dot quantizes, and what ``calibrate`` and GPTQ need.
 """
 
 from __future__ import annotations
 
 import collections.abc
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 import jax
@@ -106,15 +109,16 @@ def observe_batches(
 ) -> Iterator[tuple[Observed, dict[str, tuple[int, ...] | None]]]:
     """Per batch: ``({layer key: input as numpy}, {layer key: kernel axes the dot contracts})``.
 
-    Dot inputs have their contracted axes last, ordered like the kernel's axes;
-    the second dict says which kernel axes those are (``None`` when a reshape of
-    the kernel hides it; convolutions are absent from it).
+    Dot inputs have their contracted axes last, ordered like the kernel's axes,
+    after any smoothing division; the second dict says which kernel axes those
+    are (``None`` when a reshape of the kernel hides it; convolutions are absent from it).
     """
     variables = {k: v for k, v in qvariables.items() if k not in (ACT_COLLECTION, SMOOTH_COLLECTION)}
+    smooth = qvariables.get(SMOOTH_COLLECTION)
     contracted: dict[str, tuple[int, ...] | None] = {}
 
     def observe(v: Any, *xs: Any) -> dict[str, jax.Array]:
-        session = _Session("weight_only", None, observe=True)
+        session = _Session("weight_only", None, observe=True, smooth=smooth)
         _run(model, v, xs, session)
         contracted.update(session.contracted)
         return session.observed
@@ -143,3 +147,48 @@ def _check_fits(model: Model, variables: Any, batch: tuple[Any, ...], jitted: An
             f"{dtypes[0] if len(dtypes) == 1 else dtypes}) do not fit the {model.name} model: "
             f"{type(err).__name__}: {first}"
         ) from err
+
+
+def dense_inputs(
+    observed: dict[str, np.ndarray], contracted: dict[str, Any], params: Any
+) -> Iterator[tuple[str, np.ndarray, np.ndarray, int]]:
+    """``(layer key, input, float kernel, n)`` for each observed dot that contracts the kernel's ``n`` leading axes.
+
+    Convolutions and kernels contracted on other axes (e.g. ``x @ w.T``) are left out.
+    """
+    for key, x in observed.items():
+        axes = contracted.get(key)
+        if not axes or tuple(axes) != tuple(range(len(axes))):
+            continue
+        kernel = np.asarray(get_leaf(params, leaf_parts(params, key)), np.float32)
+        n = len(axes)
+        if kernel.ndim <= n or tuple(x.shape[x.ndim - n :]) != tuple(kernel.shape[:n]):
+            continue
+        yield key, x, kernel, n
+
+
+def leaf_parts(params: Any, key: str) -> list[str]:
+    """The path inside ``params`` of the kernel a layer key names (``key/kernel`` when that exists, else ``key``)."""
+    parts = key.split("/") if key else []
+    node = params
+    for part in parts:
+        node = node[part]
+    return [*parts, "kernel"] if isinstance(node, dict) and "kernel" in node else parts
+
+
+def get_leaf(tree: Any, parts: Sequence[str]) -> Any:
+    for part in parts:
+        tree = tree[part]
+    return tree
+
+
+def set_leaf(tree: dict, parts: Sequence[str], value: Any) -> None:
+    """Replace a leaf of nested dicts in place (copy the dicts first with ``copy_tree``)."""
+    for part in parts[:-1]:
+        tree = tree[part]
+    tree[parts[-1]] = value
+
+
+def copy_tree(tree: Any) -> Any:
+    """A copy of the nested dicts of ``tree`` (leaves shared), to replace leaves in."""
+    return {k: copy_tree(v) for k, v in tree.items()} if isinstance(tree, dict) else tree

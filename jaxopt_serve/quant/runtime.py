@@ -876,10 +876,10 @@ def observe_inputs(
     """The input of every quantized dot or convolution for a batch (weight-only compute), keyed by ``layer_key``.
 
     Dot inputs come with their contracted axes last, ordered like the kernel's
-    axes; they are taken before any smoothing division (as the float model sees them).
+    axes; a smoothed layer's (``"quant_smooth"``) is taken after the division by
+    its factors, as its integer dot quantizes it.
     """
     session = _Session("weight_only", None, observe=True, smooth=variables.get(SMOOTH_COLLECTION))
-    session.smooth = {}  # observe the float model's inputs
     handle = model if isinstance(model, Model) else _method_model(model, method, kwargs)
     if isinstance(model, Model) and (method is not None or kwargs):
         raise ValueError("method= and keyword arguments are for reference configs; build the Model with them instead")

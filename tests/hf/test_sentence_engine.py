@@ -168,3 +168,22 @@ def test_length_axes_and_default_buckets(encoder):
     assert encoder.model.outputs_spec(3).shape == (3, encoder.config.hidden_size)
     assert encoder.engine().length_buckets == (16, 32, 64, 128, 256)  # up to max_seq_length: nothing is truncated
     assert encoder.serving_engine.length_buckets == tuple(range(32, 513, 32))  # what embed() compiles, when met
+
+
+def test_calibration_batches_sort_by_length_and_cut_padding(encoder):
+    pool = minilm_sentences()[:100]
+    batches = encoder.calibration_batches(pool, batch_size=16, multiple=8)
+    assert [len(b["input_ids"]) for b in batches] == [16] * 6 + [4]
+    counts = [b["attention_mask"].sum(1) for b in batches]
+    widths = [b["input_ids"].shape[1] for b in batches]
+    assert all(w % 8 == 0 and w - c.max() < 8 for w, c in zip(widths, counts))
+    flat = np.concatenate(counts)
+    assert np.all(np.diff(flat) >= 0)  # shortest first
+    lengths = [len(e.ids) for e in encoder.tokenizer.encode_batch(pool)]
+    assert sorted(flat.tolist()) == sorted(lengths)  # every sentence once, none truncated
+    padded_together = encoder.inputs(pool)["attention_mask"]
+    assert flat.sum() / sum(b["attention_mask"].size for b in batches) > padded_together.mean()
+    with pytest.raises(ValueError, match="sentence 2 is empty"):
+        encoder.calibration_batches(["a", "b", " "])
+    with pytest.raises(ValueError, match="multiple must be a positive int"):
+        encoder.calibration_batches(pool, multiple=0)

@@ -8,7 +8,7 @@ import pytest
 from jaxopt_serve.model import Model
 from jaxopt_serve.quant import QuantRule, QuantSpec, calibrate, gptq_quantize, quantize, smooth_quantize
 from jaxopt_serve.quant.observe import calibration_batches
-from jaxopt_serve.quant.runtime import SMOOTH_COLLECTION
+from jaxopt_serve.quant.runtime import SMOOTH_COLLECTION, observe_inputs, quantized_predict_fn
 
 
 def mlp(params, inputs):
@@ -79,3 +79,22 @@ def test_method_and_kwargs_belong_to_the_model(case):
     model, x = case
     with pytest.raises(ValueError, match="build the Model with them"):
         calibrate(model, quantize(model.variables, [QuantRule("params/w1")]).variables, x, call_method="encode")
+
+
+def test_smoothed_layers_are_observed_and_calibrated_as_they_are_served(case):
+    """A smoothed layer divides its input by its factors in calibration too, so later layers see the served
+    activations (it once skipped the division there: static scales off by 20x and more)."""
+    model, x = case
+    rules = [QuantRule(r"params/w.")]
+    plain = quantize(model.variables, rules).variables
+    smoothed = smooth_quantize(model, model.variables, [x], rules, alpha=0.5)
+    s = smoothed[SMOOTH_COLLECTION]
+    seen, seen_plain = observe_inputs(model, smoothed, x), observe_inputs(model, plain, x)
+    np.testing.assert_allclose(seen["w1"], seen_plain["w1"] / s["w1"], rtol=1e-6)
+    later = np.asarray(seen["w2"]) * s["w2"]  # the second layer's input, back in the float model's units
+    assert np.abs(later - seen_plain["w2"]).mean() < 0.05 * np.abs(seen_plain["w2"]).mean()
+    ref = model(model.variables, x)
+    static = jax.jit(quantized_predict_fn(model, mode="static"))
+    err_smooth = np.abs(static(calibrate(model, smoothed, x, method="absmax"), x) - ref).mean()
+    err_plain = np.abs(static(calibrate(model, plain, x, method="absmax"), x) - ref).mean()
+    assert err_smooth < err_plain, (err_smooth, err_plain)
