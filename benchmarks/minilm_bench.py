@@ -84,7 +84,7 @@ def variants(f32: SentenceEncoder) -> dict[str, tuple[dict, str]]:
         ASYM7: (smoothed(grid, bits=7), "dynamic"),
         "the same, GPTQ rounding": (smoothed(grid, rounding="gptq"), "dynamic"),
         "the same, round-to-nearest, calibrated on the sentences padded together": (
-            smoothed(grid, samples=[f32.inputs(CALIBRATION)]),
+            smoothed(grid, samples=[dict(zip(("input_ids", "attention_mask"), f32.tokenize(CALIBRATION)))]),
             "dynamic",
         ),
         "int8 W8A8 dynamic + SmoothQuant (alpha 0.5)": (smoothed(0.5, asymmetric=None), "dynamic"),

@@ -410,10 +410,12 @@ class SentenceEncoder:
 
         Calibration (``calibrate``, ``smooth_quantize``, ``gptq_quantize``) sees
         every position of every row, padding included: padded positions still
-        run through the encoder and skew its statistics. Padding the
-        benchmark's 128 corpus sentences to their longest makes 85% of the
-        positions padding; these batches keep it small. A length multiple
-        shares one compiled calibration pass among batches of close lengths.
+        run through the encoder and skew its statistics. Of the benchmark's 128
+        corpus sentences padded together (to 70 tokens, or 96 with the default
+        multiple of 32), 79% (85%) of the positions are padding; in these
+        batches, about a third (``multiple=1``: almost none, one compile per
+        batch). A length multiple shares one compiled calibration pass among
+        batches of close lengths.
 
         Args:
             sentences: non-empty strings.
@@ -428,7 +430,7 @@ class SentenceEncoder:
         _check_batch_size(batch_size)
         if not isinstance(multiple, (int, np.integer)) or multiple <= 0:
             raise ValueError(f"multiple must be a positive int, got {multiple!r}")
-        if not sentences:
+        if len(sentences) == 0:
             raise ValueError("calibration_batches needs at least one sentence")
         _check_sentences(sentences)
         lengths = [len(e.ids) for e in self.tokenizer.encode_batch(list(sentences))]

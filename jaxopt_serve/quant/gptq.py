@@ -17,7 +17,7 @@ reached, from the already-corrected weights, with the spec's calibration
 which span the whole input axis. The result is an ordinary ``QArray`` of the
 rule's spec: serving, artifacts and size are those of round-to-nearest. Only
 int8 / int4 kernels of Dense-like layers (inputs contracted over leading
-kernel axes) with ``"channel"`` granularity on an output axis (the last) or
+kernel axes) with ``"channel"`` granularity on an output axis or
 ``"group"`` granularity along an input axis are handled; other quantized
 leaves keep round-to-nearest. Smoothed layers (``smooth_quantize(...,
 rounding="gptq")``) are corrected for their smoothed inputs.

@@ -103,24 +103,28 @@ def smooth_quantize(
         asymmetric_bits: their grid, 8 or 7 bits (``runtime.mark_asymmetric``; 7 is the faster
             native AVX2 path).
         rounding: ``"nearest"``, or ``"gptq"``: the smoothed kernels are rounded by
-            GPTQ (``quant.gptq``) on the smoothed inputs of the same calibration pass,
-            same storage and speed, less output error.
+            GPTQ (``quant.gptq``) for the Hessian of ``x / s`` from the same calibration
+            pass; same storage and speed, usually less output error (with few calibration
+            tokens it can fit them too closely: see the MiniLM benchmark notes).
         damp: GPTQ's damping, as a fraction of the Hessian's mean diagonal.
         method, apply_kwargs: for reference Linen configs, what the forward pass calls, e.g.
             ``method="encode", attention_mask=mask`` (a ``Model`` carries its own).
         batch_size: samples per step when ``samples`` is one dataset.
-        max_rows: input rows per layer kept for the alpha search.
+        max_rows: input rows per layer kept for the alpha search: a uniform sample over every
+            batch (seeded), so batches sorted by length do not leave it only the shortest.
 
     Returns:
         Quantized variables with ``"quant_smooth"`` factors (and ``"quant_asym"``
         marks), for ``quantized_predict_fn`` in any mode.
 
     Raises:
-        ValueError: an alpha outside [0, 1], an unknown ``rounding``, or an ``asymmetric`` pattern
-            that matches no quantized layer.
+        ValueError: an alpha outside [0, 1], an unknown ``rounding``, variables already smoothed,
+            or an ``asymmetric`` pattern that matches no quantized layer.
     """
     if rounding not in ("nearest", "gptq"):
         raise ValueError(f"rounding must be 'nearest' or 'gptq', got {rounding!r}")
+    if variables.get(SMOOTH_COLLECTION):
+        raise ValueError(f"variables already hold {SMOOTH_COLLECTION!r} factors: smooth the float variables once")
     if not damp > 0:
         raise ValueError(f"damp must be > 0, got {damp!r}")
     rules = list(rules)
@@ -134,16 +138,14 @@ def smooth_quantize(
     marks = probe.get(ASYM_COLLECTION, {})
     float_params = dequantize_tree(variables)["params"]
     x_absmax: dict[str, np.ndarray] = {}
-    rows: dict[str, list[np.ndarray]] = {}
+    rows: dict[str, RowSample] = {}
     hessians: dict[str, np.ndarray] = {}
     for observed, contracted in observe_batches(handle, probe, calibration_batches(handle, samples, batch_size)):
         for key, x, kernel, n in dense_inputs(observed, contracted, float_params):
             x = x.reshape(-1, *kernel.shape[:n])
             peak = np.abs(x).max(axis=0)
             x_absmax[key] = np.maximum(x_absmax[key], peak) if key in x_absmax else peak
-            kept = sum(len(r) for r in rows.get(key, []))
-            if kept < max_rows:
-                rows.setdefault(key, []).append(x[: max_rows - kept])
+            rows.setdefault(key, RowSample(max_rows)).add(x)
             if rounding == "gptq":
                 accumulate_hessian(hessians, key, x, kernel.shape[:n])
     smooth: dict[str, np.ndarray] = {}
@@ -158,7 +160,7 @@ def smooth_quantize(
             rule = first_match("params/" + "/".join(parts), rules)
             spec = rules[rule].spec if rule is not None and rules[rule].spec is not None else QuantSpec()
             best, _ = search_alpha(
-                np.concatenate(rows[key]),
+                rows[key].rows(),
                 kernel,
                 spec,
                 grid,
@@ -175,6 +177,40 @@ def smooth_quantize(
         scaled = {k: h / np.outer(smooth[k].ravel(), smooth[k].ravel()) for k, h in hessians.items()}
         result = gptq_round(result, params, scaled, rules, damp=damp)
     return {**result, ASYM_COLLECTION: marks} if marks else result
+
+
+class RowSample:
+    """A uniform sample of at most ``size`` rows of everything ``add`` saw (reservoir sampling, seeded).
+
+    Example:
+        >>> sample = RowSample(4)
+        >>> for start in range(0, 100, 10):
+        ...     sample.add(np.arange(start, start + 10)[:, None])
+        >>> sample.rows().shape, sample.seen
+        ((4, 1), 100)
+    """
+
+    def __init__(self, size: int, seed: int = 0) -> None:
+        self.size, self.seen = size, 0
+        self._rows: np.ndarray | None = None
+        self._rng = np.random.default_rng(seed)
+
+    def add(self, x: np.ndarray) -> None:
+        """Offer the rows of ``x`` (axis 0), in order."""
+        if self._rows is None:
+            self._rows = np.empty((self.size, *x.shape[1:]), x.dtype)
+        fill = min(max(self.size - self.seen, 0), len(x))
+        self._rows[self.seen : self.seen + fill] = x[:fill]
+        index = self.seen + np.arange(fill, len(x))  # row index i takes a random slot w.p. size / (i + 1)
+        slots = self._rng.integers(0, index + 1) if len(index) else index
+        keep = slots < self.size
+        self._rows[slots[keep]] = x[fill:][keep]  # a slot drawn twice keeps the later row, as one by one would
+        self.seen += len(x)
+
+    def rows(self) -> np.ndarray:
+        """The sampled rows, in the order they were kept."""
+        assert self._rows is not None, "no rows were added"
+        return self._rows[: min(self.seen, self.size)]
 
 
 def search_alpha(

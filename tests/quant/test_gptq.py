@@ -99,3 +99,56 @@ def test_gptq_corrects_a_dense_general_kernel_with_channel_scales_on_its_last_ax
         return float(np.mean((x[256:] @ w - x[256:] @ np.asarray(q.dequantize()).reshape(32, -1)) ** 2))
 
     assert error(gptq) < 0.8 * error(rtn)
+
+
+@pytest.mark.parametrize("symmetric", [True, False], ids=["symmetric", "asymmetric"])
+def test_gptq_with_an_uncorrelated_hessian_is_round_to_nearest(symmetric):
+    """With a diagonal Hessian no error has anywhere to go: GPTQ must give round-to-nearest's codes,
+    zero points included, on a (in, heads, head_dim) kernel."""
+    from jaxopt_serve.quant.gptq import gptq_kernel
+    from jaxopt_serve.quant.qarray import quantize_array
+
+    w = np.random.default_rng(5).normal(size=(16, 4, 3)).astype(np.float32)
+    spec = QuantSpec(qtype="int8", symmetric=symmetric)
+    rtn = quantize_array(w, spec)
+    q = gptq_kernel(w, np.diag(np.linspace(1.0, 2.0, 16)), spec, rtn)
+    np.testing.assert_array_equal(q.values, rtn.values)
+    assert (q.zero_point is None) == symmetric
+
+
+def test_smoothed_gptq_on_a_kernel_contracted_over_two_axes():
+    """smooth_quantize(rounding="gptq") equals gptq_quantize on the same smoothed float kernels (the Hessian of
+    x / s over both contracted axes, divided once), and improves on round-to-nearest."""
+    from jaxopt_serve.model import Model
+    from jaxopt_serve.quant import smooth_quantize
+    from jaxopt_serve.quant.runtime import SMOOTH_COLLECTION
+
+    rng = np.random.default_rng(6)
+    params = {"w": rng.normal(size=(4, 8, 6)).astype(np.float32)}
+    x = (rng.normal(size=(256, 32)) @ (rng.normal(size=(32, 32)) * np.linspace(3.0, 0.1, 32)[:, None])).reshape(
+        256, 4, 8
+    )
+    x = x.astype(np.float32)
+    x[:, 1, 2] *= 30.0
+
+    def apply(p, x):
+        return jax.lax.dot_general(x, p["w"], (((1, 2), (0, 1)), ((), ())))
+
+    model = Model.function(apply, params, x[:2])
+    rules = [QuantRule(r"params/w", QuantSpec(qtype="int8", symmetric=False))]
+    gptq = smooth_quantize(model, model.variables, x[:192], rules, alpha=0.5, rounding="gptq")
+    nearest = smooth_quantize(model, model.variables, x[:192], rules, alpha=0.5)
+    s = gptq[SMOOTH_COLLECTION]["w"]
+    assert s.shape == (4, 8)
+    smoothed = {"params": {"w": params["w"] * s[..., None]}, SMOOTH_COLLECTION: {"w": s}}
+    direct = gptq_quantize(model, smoothed, x[:192], rules)
+    np.testing.assert_array_equal(gptq["params"]["w"].values, direct["params"]["w"].values)
+    flat = x[192:].reshape(64, -1)
+
+    def error(q):
+        w = np.asarray(q.dequantize()) / s[..., None]
+        return float(np.mean((flat @ params["w"].reshape(32, -1) - flat @ w.reshape(32, -1)) ** 2))
+
+    assert error(gptq["params"]["w"]) < 0.8 * error(nearest["params"]["w"])
+    with pytest.raises(ValueError, match="already hold 'quant_smooth'"):
+        smooth_quantize(model, smoothed, x[:8], rules)

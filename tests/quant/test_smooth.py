@@ -149,3 +149,17 @@ def test_gptq_rounding_of_smoothed_kernels_cuts_the_w8a8_error(outlier_case):
     assert set(gptq[ASYM_COLLECTION]) == {"classifier"}
     with pytest.raises(ValueError, match="rounding must be 'nearest' or 'gptq', got 'stochastic'"):
         smooth_quantize(CONFIG, variables, x[:8], RULES, rounding="stochastic")
+
+
+def test_row_sample_is_uniform_over_every_batch():
+    """The alpha search's rows: batches sorted by length must not leave it the first (shortest) ones only."""
+    from jaxopt_serve.quant.smooth import RowSample
+
+    sample = RowSample(1000)
+    for batch in range(20):
+        sample.add(np.full((500, 2), batch, np.float32))
+    counts = np.bincount(sample.rows()[:, 0].astype(int), minlength=20)
+    assert sample.seen == 10_000 and counts.sum() == 1000 and counts.min() >= 20, counts
+    small = RowSample(8)
+    small.add(np.arange(5, dtype=np.float32)[:, None])
+    np.testing.assert_array_equal(small.rows()[:, 0], np.arange(5))  # under the cap: every row, in order
