@@ -155,6 +155,26 @@ def test_w8a8_epilogue_matches_the_xla_formulation(kernel, how, m):
 
 @needs_native
 @pytest.mark.parametrize("kernel", KERNELS)
+@pytest.mark.parametrize("symmetric", [True, False], ids=["symmetric", "asymmetric"])
+def test_w8a8_smoothing_inside_the_kernel_equals_dividing_first(kernel, symmetric):
+    """SmoothQuant factors passed to the kernel give the bits of x / s passed in (the same IEEE division)."""
+    rng = np.random.default_rng(7)
+    x = rng.normal(size=(45, 200)).astype(np.float32)
+    x[:, 9] *= 50.0
+    s = rng.uniform(0.2, 8.0, size=200).astype(np.float32)
+    wq = rng.integers(-127, 128, size=(200, 70)).astype(np.int8)
+    sw = rng.uniform(0.001, 0.01, size=70).astype(np.float32)
+    packed = native.pack_int8(wq)
+    with native.use_kernel(kernel):
+        fused = native.w8a8_matmul(x, packed, sw, symmetric=symmetric, smooth=s)
+        divided = native.w8a8_matmul(np.asarray(x / s), packed, sw, symmetric=symmetric)
+    np.testing.assert_array_equal(np.asarray(fused), np.asarray(divided))
+    with pytest.raises(ValueError, match="199 smoothing factors for 200 input features"):
+        native.w8a8_matmul(x, packed, sw, smooth=s[:199])
+
+
+@needs_native
+@pytest.mark.parametrize("kernel", KERNELS)
 def test_int4_weight_only_matches_the_dequantized_weight(kernel):
     rng = np.random.default_rng(2)
     k, n, group = 100, 37, 32  # K not a multiple of the group, N not of the 8-column panels: padded

@@ -371,6 +371,7 @@ def w8a8_matmul(
     act_scale: Any = None,
     symmetric: bool = True,
     act_bits: int = 8,
+    smooth: Any = None,
 ) -> jax.Array:
     """``x @ dequant(w)`` with int8 activations: ``round(x / s_row) @ w * s_row * w_scale (+ bias)`` in one call.
 
@@ -380,7 +381,10 @@ def w8a8_matmul(
     127 steps with a zero point, corrected exactly in the int32 sums. ``act_bits=7`` (asymmetric
     only) gives codes in ``[0, 127]``, which the AVX2 path multiplies with
     ``vpmaddubsw`` and no sign fix-up (the activation range PyTorch's x86
-    dynamic quantization uses). ``x`` is float ``(..., K)``; returns f32 ``(..., N)``.
+    dynamic quantization uses). ``smooth`` (``K`` SmoothQuant factors): ``x / smooth``
+    is what is quantized, each row divided in cache as it is quantized (the same
+    float division as ``x / smooth`` beforehand, without a pass over ``x`` of its own).
+    ``x`` is float ``(..., K)``; returns f32 ``(..., N)``.
     """
     if not symmetric and act_scale is not None:
         raise ValueError("w8a8_matmul: asymmetric activations are dynamic; pass act_scale=None")
@@ -397,6 +401,9 @@ def w8a8_matmul(
         raise ValueError(f"w8a8_matmul: w_scale has {w_scale.shape[0]} entries for {n} output features")
     b = jnp.zeros((1,), jnp.float32) if bias is None else jnp.asarray(bias, jnp.float32).reshape(-1)
     s = jnp.ones((1,), jnp.float32) if act_scale is None else jnp.asarray(act_scale, jnp.float32).reshape(1)
+    divisors = jnp.ones((1,), jnp.float32) if smooth is None else jnp.asarray(smooth, jnp.float32).reshape(-1)
+    if smooth is not None and divisors.shape[0] != w.in_features:
+        raise ValueError(f"w8a8_matmul: {divisors.shape[0]} smoothing factors for {w.in_features} input features")
     mode = 1 if act_scale is not None else 0 if symmetric else 2 if act_bits == 8 else 3
     out = jax.ffi.ffi_call(
         "jxs_w8a8_matmul", jax.ShapeDtypeStruct((x2.shape[0], n), jnp.float32), vmap_method="sequential"
@@ -406,10 +413,12 @@ def w8a8_matmul(
         w_scale,
         b,
         s,
+        divisors,
         isa=np.int64(_isa_code()),
         mode=np.int64(mode),
         has_bias=np.int64(bias is not None),
         bounded=np.int64(w.bounded),
+        has_smooth=np.int64(smooth is not None),
     )
     return out.reshape(*lead, n)
 

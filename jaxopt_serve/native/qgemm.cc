@@ -550,9 +550,18 @@ __attribute__((target("avx2,fma"))) void QuantizeRowAsymAvx2(const float* x, int
 // (and, with `zeros`, asymmetric with zero points into zeros[r]).
 template <typename T>
 void QuantizeRowRange(int isa, const float* x, int64_t r0, int64_t r1, int64_t k, int64_t kp,
-                      const float* static_scale, T* out, float* scales, int32_t* zeros = nullptr, int bits = 8) {
+                      const float* static_scale, T* out, float* scales, int32_t* zeros = nullptr, int bits = 8,
+                      const float* smooth = nullptr) {
+  // SmoothQuant: each row is divided by the per-input factors here, in cache, instead of by a separate pass.
+  thread_local std::vector<float> divided;
+  if (smooth && static_cast<int64_t>(divided.size()) < k) divided.resize(static_cast<size_t>(k));
   for (int64_t r = r0; r < r1; ++r) {
     const float* xr = x + r * k;
+    if (smooth) {
+      float* d = divided.data();
+      for (int64_t j = 0; j < k; ++j) d[j] = xr[j] / smooth[j];
+      xr = d;
+    }
     T* o = out + (r - r0) * kp;
     if (zeros) {
 #ifdef JXS_X86
@@ -813,8 +822,8 @@ ffi::Error W8A8Conv2dImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::S8> x, ffi::Buf
 // any int8 weights; otherwise the exact one runs.
 ffi::Error W8A8MatmulImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::S8> w,
                           ffi::Buffer<ffi::F32> w_scale, ffi::Buffer<ffi::F32> bias, ffi::Buffer<ffi::F32> act_scale,
-                          ffi::ResultBuffer<ffi::F32> y, int64_t isa, int64_t mode, int64_t has_bias,
-                          int64_t bounded) {
+                          ffi::Buffer<ffi::F32> smooth, ffi::ResultBuffer<ffi::F32> y, int64_t isa, int64_t mode,
+                          int64_t has_bias, int64_t bounded, int64_t has_smooth) {
   XlaPoolScope scope(pool);
   auto xd = x.dimensions(), wd = w.dimensions();
   const int64_t k = xd.back(), m = Rows(xd), n = static_cast<int64_t>(w_scale.element_count());
@@ -822,6 +831,9 @@ ffi::Error W8A8MatmulImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Bu
   if (has_bias && static_cast<int64_t>(bias.element_count()) != n)
     return ffi::Error::InvalidArgument("bias must have one entry per output feature");
   if (mode < 0 || mode > 3) return ffi::Error::InvalidArgument("w8a8: unknown activation mode");
+  if (has_smooth && static_cast<int64_t>(smooth.element_count()) != k)
+    return ffi::Error::InvalidArgument("w8a8: smoothing factors must have one entry per input feature");
+  const float* divisors = has_smooth ? smooth.typed_data() : nullptr;
   const int64_t kp = PackedK(wd);
   const bool asym = mode >= 2;
   std::vector<float> sx(static_cast<size_t>(m));
@@ -840,7 +852,8 @@ ffi::Error W8A8MatmulImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Bu
     using T = decltype(zero);
     RunInt8<T>(static_cast<int>(isa), m, w.typed_data(), kp, n, asym,
                [&](int64_t r0, int64_t r1, T* buf) {
-                 QuantizeRowRange(static_cast<int>(isa), xs, r0, r1, k, kp, fixed, buf, sx.data(), zeros, bits);
+                 QuantizeRowRange(static_cast<int>(isa), xs, r0, r1, k, kp, fixed, buf, sx.data(), zeros, bits,
+                                  divisors);
                },
                emit);
   };
@@ -1023,11 +1036,13 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JxsW8A8Matmul, W8A8MatmulImpl,
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Attr<int64_t>("isa")
                                   .Attr<int64_t>("mode")
                                   .Attr<int64_t>("has_bias")
-                                  .Attr<int64_t>("bounded"));
+                                  .Attr<int64_t>("bounded")
+                                  .Attr<int64_t>("has_smooth"));
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(JxsInt4Matmul, Int4MatmulImpl,
                               ffi::Ffi::Bind()

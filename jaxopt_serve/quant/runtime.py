@@ -454,8 +454,10 @@ class _Session:
         axes = view_axes(t.views, q.ndim)
         original = None if axes is None else tuple(axes[a] for a in cw)
         self.contracted[key] = original
-        if key in self.smooth:
-            x = x / _factors_for(self.smooth[key], original, cx, cw, x.ndim, t.path).astype(x.dtype)
+        undivided, factors = x, None
+        if key in self.smooth:  # the native kernel divides as it quantizes; other paths use x / factors
+            factors = _factors_for(self.smooth[key], original, cx, cw, x.ndim, t.path).astype(x.dtype)
+            x = x / factors
         if self.observe:
             self.observed[key] = _canonical_input(x, cx, cw, axes)
         mode = self._mode_for(_resolve(self.mode, q.size), eqn, [x, t] if wi == 1 else [t, x])
@@ -479,7 +481,9 @@ class _Session:
         if use_native and q.packed and only_converts and tuple(cw) == (0,) and not bw:
             # serving_layout packed this kernel for the native kernel: no repacking per call
             packed = native.Int8Weight(q.values, *q.shape, bounded=True)  # serving_layout packs only [-127, 127]
-            return _native_dot(x, packed, scale, wi, cx, q.shape[1:], act_scale, symmetric, act_bits).astype(out_dtype)
+            return _native_dot(
+                undivided, packed, scale, wi, cx, q.shape[1:], act_scale, symmetric, act_bits, factors
+            ).astype(out_dtype)
         if q.transposed and only_converts:
             # serving_layout stores 2-D int8 values as (out, in): contract them as stored (XLA:CPU's fast layout)
             wq, scale, zero, cw, bw = _stored_transposed(q, scale, zero, cw, bw)
@@ -494,7 +498,16 @@ class _Session:
             packed = native.pack_int8(matrix)  # packed in the traced program, per call
             scale = jnp.transpose(scale, [*cw, *free])
             return _native_dot(
-                x, packed, scale, wi, cx, tuple(wq.shape[a] for a in free), act_scale, symmetric, act_bits
+                undivided,
+                packed,
+                scale,
+                wi,
+                cx,
+                tuple(wq.shape[a] for a in free),
+                act_scale,
+                symmetric,
+                act_bits,
+                factors,
             ).astype(out_dtype)
         y = _integer_dot(
             x, wq, scale, zero, wi, dims, cx, bx, cw, bw, act_scale=act_scale, symmetric=symmetric, act_bits=act_bits
@@ -583,18 +596,21 @@ def _native_dot(
     act_scale: Any,
     symmetric: bool,
     act_bits: int = 8,
+    factors: jax.Array | None = None,
 ) -> jax.Array:
-    """The W8A8 dot on the native CPU kernel; equals ``_integer_dot``'s result.
+    """The W8A8 dot on the native CPU kernel; equals ``_integer_dot``'s result (on ``x / factors``).
 
     ``packed`` is the weight as a ``(K, N)`` matrix: its contracted axes
     (paired in order with ``x``'s axes ``cx``) flattened into ``K``, its free
     axes (``free_dims``) into ``N``; ``wi`` is the weight's operand position and
     ``scale`` its per-output-channel scale (``N`` values, constant along ``K``).
     Activations are quantized per row (symmetric or asymmetric) or by the
-    static scalar ``act_scale``.
+    static scalar ``act_scale``; SmoothQuant ``factors`` (laid along ``x``'s
+    contracted axes, ``_factors_for``) divide ``x`` inside the kernel.
     """
     keep = [a for a in range(x.ndim) if a not in cx]
     rows = jnp.transpose(x, [*keep, *cx]).reshape(*(x.shape[a] for a in keep), packed.in_features)
+    smooth = None if factors is None else jnp.transpose(factors, [*keep, *cx]).reshape(-1)
     sw = jnp.broadcast_to(scale, scale.shape[: scale.ndim - len(free_dims)] + tuple(free_dims)).reshape(-1)
     y = native.w8a8_matmul(
         rows,
@@ -603,6 +619,7 @@ def _native_dot(
         act_scale=None if act_scale is None else jnp.reshape(act_scale, ()),
         symmetric=symmetric,
         act_bits=act_bits,
+        smooth=smooth,
     )
     y = y.reshape(*y.shape[:-1], *free_dims)
     if wi == 1:
