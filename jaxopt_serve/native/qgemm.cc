@@ -546,6 +546,22 @@ __attribute__((target("avx2,fma"))) void QuantizeRowAsymAvx2(const float* x, int
 }
 #endif
 
+// d = x / s elementwise (IEEE division, so every path gives the same bits), eight lanes at a time with AVX2.
+#ifdef JXS_X86
+__attribute__((target("avx2"))) void DivideRowAvx2(const float* x, const float* s, float* d, int64_t k) {
+  int64_t j = 0;
+  for (; j + 8 <= k; j += 8) _mm256_storeu_ps(d + j, _mm256_div_ps(_mm256_loadu_ps(x + j), _mm256_loadu_ps(s + j)));
+  for (; j < k; ++j) d[j] = x[j] / s[j];
+}
+#endif
+
+void DivideRow(int isa, const float* x, const float* s, float* d, int64_t k) {
+#ifdef JXS_X86
+  if (isa >= 1) return DivideRowAvx2(x, s, d, k);
+#endif
+  for (int64_t j = 0; j < k; ++j) d[j] = x[j] / s[j];
+}
+
 // Rows [r0, r1) of float activations -> int16 rows of `out` (row r0 first); their scales into scales[r]
 // (and, with `zeros`, asymmetric with zero points into zeros[r]).
 template <typename T>
@@ -558,9 +574,8 @@ void QuantizeRowRange(int isa, const float* x, int64_t r0, int64_t r1, int64_t k
   for (int64_t r = r0; r < r1; ++r) {
     const float* xr = x + r * k;
     if (smooth) {
-      float* d = divided.data();
-      for (int64_t j = 0; j < k; ++j) d[j] = xr[j] / smooth[j];
-      xr = d;
+      DivideRow(isa, xr, smooth, divided.data(), k);
+      xr = divided.data();
     }
     T* o = out + (r - r0) * kp;
     if (zeros) {
