@@ -387,7 +387,10 @@ class SentenceEncoder:
         """
         multiple = self.length_multiple if multiple is None else multiple
         _check_sentences(sentences)
-        encodings = self.tokenizer.encode_batch(list(sentences))
+        return self._padded(self.tokenizer.encode_batch(list(sentences)), multiple)
+
+    def _padded(self, encodings: Sequence[Any], multiple: int) -> tuple[np.ndarray, np.ndarray]:
+        """Token ids and mask of ``encodings``, padded to a multiple of ``multiple`` (at most ``config.max_len``)."""
         longest = max((len(e.ids) for e in encodings), default=1)
         length = min(-(-longest // multiple) * multiple, self.config.max_len)
         ids = np.zeros((len(encodings), length), np.int32)
@@ -427,17 +430,16 @@ class SentenceEncoder:
             batches = encoder.calibration_batches(text_corpus(4000)[:128])
             q = smooth_quantize(encoder.model, encoder.variables, batches, rules, rounding="gptq")
         """
-        _check_batch_size(batch_size)
-        if not isinstance(multiple, (int, np.integer)) or multiple <= 0:
-            raise ValueError(f"multiple must be a positive int, got {multiple!r}")
+        _check_positive("batch_size", batch_size)
+        _check_positive("multiple", multiple)
         if len(sentences) == 0:
             raise ValueError("calibration_batches needs at least one sentence")
         _check_sentences(sentences)
-        lengths = [len(e.ids) for e in self.tokenizer.encode_batch(list(sentences))]
-        order = np.argsort(lengths, kind="stable")
+        encodings = self.tokenizer.encode_batch(list(sentences))  # tokenized once, sorted, then padded per batch
+        ordered = [encodings[i] for i in np.argsort([len(e.ids) for e in encodings], kind="stable")]
         batches = []
-        for start in range(0, len(order), batch_size):
-            ids, mask = self.tokenize([sentences[i] for i in order[start : start + batch_size]], multiple=multiple)
+        for start in range(0, len(ordered), batch_size):
+            ids, mask = self._padded(ordered[start : start + batch_size], multiple)
             batches.append({"input_ids": ids, "attention_mask": mask})
         return batches
 
@@ -456,7 +458,7 @@ class SentenceEncoder:
             engine: an engine from ``engine(...)`` (e.g. one already warmed up);
                 its length buckets must hold the longest tokenized sentence.
         """
-        _check_batch_size(batch_size)
+        _check_positive("batch_size", batch_size)
         if not sentences:
             return np.zeros((0, self.config.hidden_size), np.float32)
         engine = self._engine_for(engine)
@@ -470,7 +472,7 @@ class SentenceEncoder:
         self, ids: np.ndarray, mask: np.ndarray, *, batch_size: int = 32, engine: InferenceEngine | None = None
     ) -> np.ndarray:
         """Embeddings of already tokenized ``(n, length)`` ids and mask, ``batch_size`` rows per engine call."""
-        _check_batch_size(batch_size)
+        _check_positive("batch_size", batch_size)
         ids, mask = np.asarray(ids), np.asarray(mask)
         if ids.shape != mask.shape:
             raise ValueError(f"ids of shape {ids.shape} and mask of shape {mask.shape} must have one shape")
@@ -495,9 +497,9 @@ def _check_sentences(sentences: Sequence[str]) -> None:
             raise ValueError(f"sentence {i} is empty; every input line must hold text")
 
 
-def _check_batch_size(batch_size: int) -> None:
-    if not isinstance(batch_size, (int, np.integer)) or batch_size <= 0:
-        raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+def _check_positive(name: str, value: int) -> None:
+    if not isinstance(value, (int, np.integer)) or value <= 0:
+        raise ValueError(f"{name} must be a positive int, got {value!r}")
 
 
 def _check_shapes(config: TransformerConfig, variables: Any) -> None:

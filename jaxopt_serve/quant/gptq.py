@@ -92,8 +92,7 @@ def gptq_quantize(
         >>> q["params"]["dense_0"]["kernel"]
         QArray(int4, shape=(32, 64), group, axis=0, group_size=16, 1536 bytes)
     """
-    if not damp > 0:
-        raise ValueError(f"damp must be > 0, got {damp!r}")
+    check_damp(damp)
     handle, samples = calibration_model(model, method, apply_kwargs, samples)
     rtn = quantize(variables, rules).variables
     hessians: dict[str, np.ndarray] = {}
@@ -101,6 +100,12 @@ def gptq_quantize(
         for key, x, kernel, n in dense_inputs(observed, contracted, variables["params"]):
             accumulate_hessian(hessians, key, x, kernel.shape[:n])
     return gptq_round(rtn, variables["params"], hessians, rules, damp=damp)
+
+
+def check_damp(damp: float) -> None:
+    """GPTQ's damping must be a positive fraction (checked before any calibration pass)."""
+    if not damp > 0:
+        raise ValueError(f"damp must be > 0, got {damp!r}")
 
 
 def accumulate_hessian(hessians: dict[str, np.ndarray], key: str, x: np.ndarray, in_dims: tuple[int, ...]) -> None:
@@ -125,8 +130,7 @@ def gptq_round(
     already smoothed kernels) has a supported rule is re-quantized with error
     correction; every other leaf is kept.
     """
-    if not damp > 0:
-        raise ValueError(f"damp must be > 0, got {damp!r}")
+    check_damp(damp)
     params = copy_tree(qvariables["params"])
     for key, h in hessians.items():
         parts = leaf_parts(float_params, key)

@@ -35,7 +35,7 @@ import numpy as np
 from jaxopt_serve.model import Model
 from jaxopt_serve.models.config import ModelConfig
 from jaxopt_serve.models.functional import Variables
-from jaxopt_serve.quant.gptq import accumulate_hessian, gptq_round
+from jaxopt_serve.quant.gptq import accumulate_hessian, check_damp, gptq_round
 from jaxopt_serve.quant.observe import (
     calibration_batches,
     calibration_model,
@@ -125,8 +125,7 @@ def smooth_quantize(
         raise ValueError(f"rounding must be 'nearest' or 'gptq', got {rounding!r}")
     if variables.get(SMOOTH_COLLECTION):
         raise ValueError(f"variables already hold {SMOOTH_COLLECTION!r} factors: smooth the float variables once")
-    if not damp > 0:
-        raise ValueError(f"damp must be > 0, got {damp!r}")
+    check_damp(damp)
     rules = list(rules)
     grid = [float(a) for a in (np.atleast_1d(alpha) if not isinstance(alpha, (int, float)) else [alpha])]
     if not grid or any(not 0.0 <= a <= 1.0 for a in grid):
@@ -145,7 +144,9 @@ def smooth_quantize(
             x = x.reshape(-1, *kernel.shape[:n])
             peak = np.abs(x).max(axis=0)
             x_absmax[key] = np.maximum(x_absmax[key], peak) if key in x_absmax else peak
-            rows.setdefault(key, RowSample(max_rows)).add(x)
+            if key not in rows:
+                rows[key] = RowSample(max_rows)
+            rows[key].add(x)
             if rounding == "gptq":
                 accumulate_hessian(hessians, key, x, kernel.shape[:n])
     smooth: dict[str, np.ndarray] = {}
