@@ -156,8 +156,8 @@ def test_w8a8_epilogue_matches_the_xla_formulation(kernel, how, m):
 @needs_native
 @pytest.mark.parametrize("kernel", KERNELS)
 @pytest.mark.parametrize("symmetric", [True, False], ids=["symmetric", "asymmetric"])
-def test_w8a8_smoothing_inside_the_kernel_equals_dividing_first(kernel, symmetric):
-    """SmoothQuant factors passed to the kernel give the bits of x / s passed in (the same IEEE division)."""
+def test_w8a8_smoothing_inside_the_kernel_equals_scaling_first(kernel, symmetric):
+    """SmoothQuant factors passed to the kernel give the bits of x * (1 / s) passed in (the same IEEE products)."""
     rng = np.random.default_rng(7)
     x = rng.normal(size=(45, 200)).astype(np.float32)
     x[:, 9] *= 50.0
@@ -167,8 +167,9 @@ def test_w8a8_smoothing_inside_the_kernel_equals_dividing_first(kernel, symmetri
     packed = native.pack_int8(wq)
     with native.use_kernel(kernel):
         fused = native.w8a8_matmul(x, packed, sw, symmetric=symmetric, smooth=s)
-        divided = native.w8a8_matmul(np.asarray(x / s), packed, sw, symmetric=symmetric)
-    np.testing.assert_array_equal(np.asarray(fused), np.asarray(divided))
+        scaled = native.w8a8_matmul(x * np.asarray(native.smooth_multipliers(s)), packed, sw, symmetric=symmetric)
+    np.testing.assert_array_equal(np.asarray(fused), np.asarray(scaled))
+    np.testing.assert_array_equal(np.asarray(native.smooth_multipliers(s)), np.float32(1) / s)
     with pytest.raises(ValueError, match="199 smoothing factors for 200 input features"):
         native.w8a8_matmul(x, packed, sw, smooth=s[:199])
 

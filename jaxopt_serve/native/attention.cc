@@ -108,10 +108,12 @@ template <int W>
   float* ob = out + (b * g.length * g.heads + h) * g.dim;
   std::fill(kt, kt + g.dim * np, 0.f);
   std::fill(vt, vt + nk * dp, 0.f);
-  for (int64_t j = 0; j < nk; ++j) {
-    const float* kj = kb + keys[j] * row;
-    for (int64_t d = 0; d < g.dim; ++d) kt[d * np + j] = kj[d];
-    std::memcpy(vt + j * dp, vb + keys[j] * row, sizeof(float) * g.dim);
+  for (int64_t j = 0; j < nk; ++j) std::memcpy(vt + j * dp, vb + keys[j] * row, sizeof(float) * g.dim);
+  // Keys transposed one dimension at a time: contiguous stores (key by key, the stores stride a power of two
+  // and stall on false 4K aliasing with the loads)
+  for (int64_t d = 0; d < g.dim; ++d) {
+    float* ktd = kt + d * np;
+    for (int64_t j = 0; j < nk; ++j) ktd[j] = kb[keys[j] * row + d];
   }
   for (int64_t i0 = 0; i0 < g.length; i0 += kRows) {
     const int rows = static_cast<int>(std::min<int64_t>(kRows, g.length - i0));
@@ -179,6 +181,24 @@ template <int W>
   }
 }
 
+// Asks for the q, k and v rows of pair (b, h) in cache, so the pair before it hides their latency: each
+// pair reads `dim` floats at every position, one row of heads * dim apart, a stride the hardware prefetchers
+// do not follow far enough ahead.
+inline void PrefetchPair(const Shape& g, const float* q, const float* k, const float* v, int64_t b, int64_t h) {
+  const int64_t row = g.heads * g.dim, first = (b * g.length * g.heads + h) * g.dim;
+  for (int64_t j = 0; j < g.length; ++j) {
+    const int64_t at = first + j * row;
+    for (int64_t d = 0; d < g.dim; d += 16) {
+      __builtin_prefetch(q + at + d);
+      __builtin_prefetch(k + at + d);
+      __builtin_prefetch(v + at + d);
+    }
+    __builtin_prefetch(q + at + g.dim - 1);
+    __builtin_prefetch(k + at + g.dim - 1);
+    __builtin_prefetch(v + at + g.dim - 1);
+  }
+}
+
 template <int W>
 [[gnu::always_inline]] inline void AttendAll(ffi::ThreadPool* pool, const Shape& g, const float* q, const float* k,
                                              const float* v, const int32_t* kept, float* out,
@@ -207,8 +227,10 @@ template <int W>
     thread_local std::vector<float> buffer;
     if (buffer.size() < static_cast<size_t>(scratch)) buffer.resize(static_cast<size_t>(scratch));
     float* kt = buffer.data();
-    for (int64_t p = part * chunk; p < std::min(pairs, (part + 1) * chunk); ++p) {
+    const int64_t end = std::min(pairs, (part + 1) * chunk);
+    for (int64_t p = part * chunk; p < end; ++p) {
       const int64_t b = p / g.heads, h = p % g.heads;
+      if (p + 1 < end) PrefetchPair(g, q, k, v, (p + 1) / g.heads, (p + 1) % g.heads);
       pair(g, q, k, v, out, b, h, keys[b], uniform[b] != 0, kt, kt + g.dim * np, kt + g.dim * np + g.length * dp);
     }
   });

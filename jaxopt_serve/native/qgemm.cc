@@ -10,7 +10,8 @@
 //   jxs_int8_matmul   int8 (M, K) x packed -> int32 (M, N)              exact integer product
 //   jxs_w8a8_matmul   f32 (M, K) x packed -> f32 (M, N)                 per-row int8 activations
 //                     (dynamic absmax / 127, or a given static scale), int32 sums, then
-//                     acc * x_scale * w_scale (+ bias)
+//                     acc * x_scale * w_scale (+ bias); with `smooth` (1 / SmoothQuant factors, K) the rows
+//                     are multiplied by it before they are quantized
 //   jxs_int4_matmul   f32 (M, K) x packed int4 -> f32 (M, N)            weight-only, float sums
 // `isa` (an attribute) picks the path: 0 portable, 1 AVX2, 2 AVX-512 VNNI (int8 products; the rest of the
 // work takes the AVX2 code). On AVX2 the int8 products take the bounded microkernel (vpmaddubsw) when both
@@ -278,6 +279,17 @@ inline void Block(int rows, const T* x, int64_t kp, const int8_t* panel, int32_t
 }
 #endif
 
+// The W8A8 epilogue, applied by the VNNI microkernel to its accumulators in registers (no int32 tile):
+// out[r, c] = float(sum - zero[r] * colsum[c]) * sx[r] * sw[c] (+ bias[c]), the order EmitRow multiplies in.
+struct FloatEpilogue {
+  const float* sx;       // per activation row
+  const int32_t* zeros;  // per row (an activation zero point), or null
+  const float* sw;       // per output column
+  const float* bias;     // per output column, or null
+  float* out;            // rows of n
+  int64_t n;
+};
+
 // ------------------------------------------------------------------------- int8 GEMM, AVX-512 VNNI
 //
 // vpdpbusd multiplies unsigned bytes by signed bytes and adds each group of four products into an int32
@@ -298,10 +310,12 @@ JXS_VNNI inline void Dpbusd(__m512i& acc, __m512i x, __m512i w) {
   __asm__("vpdpbusd %2, %1, %0" : "+v"(acc) : "v"(x), "v"(w));
 }
 
-// MR rows of unsigned bytes (kp each) against NR consecutive panels; out[r][16 j + c] for panel j.
-// With kOffset (rows hold x + 128) the sums are corrected by 128 times the panels' column sums.
+// MR rows of unsigned bytes (kp each) against NR consecutive panels. With kOffset (rows hold x + 128) the
+// sums are corrected by 128 times the panels' column sums. Without an epilogue the sums go to out[r][16 j + c]
+// for panel j; with one (`e`, rows row0 ..., panels from p0) the floats go straight to e->out.
 template <int MR, int NR, bool kOffset>
-JXS_VNNI void PanelsVnni(const uint8_t* x, int64_t kp, const int8_t* w, int32_t out[][kVnniNR * 16]) {
+JXS_VNNI void PanelsVnni(const uint8_t* x, int64_t kp, const int8_t* w, int32_t out[][kVnniNR * 16],
+                         const FloatEpilogue* e, int64_t row0, int64_t p0) {
   const int64_t panel_bytes = PanelBytes(kp);
   __m512i acc[MR][NR];
 #pragma GCC unroll 8
@@ -321,57 +335,92 @@ JXS_VNNI void PanelsVnni(const uint8_t* x, int64_t kp, const int8_t* w, int32_t 
       for (int j = 0; j < NR; ++j) Dpbusd(acc[r][j], xb, wv[j]);
     }
   }
+  if (e == nullptr) {
 #pragma GCC unroll 8
-  for (int r = 0; r < MR; ++r)
+    for (int r = 0; r < MR; ++r)
+#pragma GCC unroll 4
+      for (int j = 0; j < NR; ++j) {
+        __m512i v = acc[r][j];
+        if constexpr (kOffset)
+          v = _mm512_sub_epi32(v, _mm512_slli_epi32(_mm512_loadu_si512(ColumnSums(w, kp, j)), 7));
+        _mm512_storeu_si512(out[r] + 16 * j, v);
+      }
+    return;
+  }
+  // One correction per row: (128 if offset) + the row's zero point, times the column sums (int32 arithmetic
+  // wraps as the two separate subtractions would, so the sums are the same bits).
+  __m512i colsum[NR];
+  __m512 sw[NR], bias[NR];
+  __mmask16 mask[NR];
+#pragma GCC unroll 4
+  for (int j = 0; j < NR; ++j) {
+    const int64_t c0 = (p0 + j) * 16;
+    const int64_t count = std::min<int64_t>(16, e->n - c0);
+    mask[j] = static_cast<__mmask16>((1u << count) - 1);
+    colsum[j] = _mm512_loadu_si512(ColumnSums(w, kp, j));
+    sw[j] = _mm512_maskz_loadu_ps(mask[j], e->sw + c0);
+    bias[j] = e->bias ? _mm512_maskz_loadu_ps(mask[j], e->bias + c0) : _mm512_setzero_ps();
+  }
+#pragma GCC unroll 8
+  for (int r = 0; r < MR; ++r) {
+    const int32_t zero = (kOffset ? 128 : 0) + (e->zeros ? e->zeros[row0 + r] : 0);
+    const __m512i vz = _mm512_set1_epi32(zero);
+    const __m512 vsx = _mm512_set1_ps(e->sx[row0 + r]);
+    float* o = e->out + (row0 + r) * e->n + p0 * 16;
 #pragma GCC unroll 4
     for (int j = 0; j < NR; ++j) {
-      __m512i v = acc[r][j];
-      if constexpr (kOffset)
-        v = _mm512_sub_epi32(v, _mm512_slli_epi32(_mm512_loadu_si512(ColumnSums(w, kp, j)), 7));
-      _mm512_storeu_si512(out[r] + 16 * j, v);
+      const __m512i s = zero ? _mm512_sub_epi32(acc[r][j], _mm512_mullo_epi32(vz, colsum[j])) : acc[r][j];
+      __m512 v = _mm512_mul_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(s), vsx), sw[j]);
+      if (e->bias) v = _mm512_add_ps(v, bias[j]);
+      _mm512_mask_storeu_ps(o + 16 * j, mask[j], v);
     }
+  }
 }
 
 template <int MR, bool kOffset>
-void PanelsVnniNR(int np, const uint8_t* x, int64_t kp, const int8_t* w, int32_t out[][kVnniNR * 16]) {
+void PanelsVnniNR(int np, const uint8_t* x, int64_t kp, const int8_t* w, int32_t out[][kVnniNR * 16],
+                  const FloatEpilogue* e, int64_t row0, int64_t p0) {
   switch (np) {
-    case 4: return PanelsVnni<MR, 4, kOffset>(x, kp, w, out);
-    case 3: return PanelsVnni<MR, 3, kOffset>(x, kp, w, out);
-    case 2: return PanelsVnni<MR, 2, kOffset>(x, kp, w, out);
-    default: return PanelsVnni<MR, 1, kOffset>(x, kp, w, out);
+    case 4: return PanelsVnni<MR, 4, kOffset>(x, kp, w, out, e, row0, p0);
+    case 3: return PanelsVnni<MR, 3, kOffset>(x, kp, w, out, e, row0, p0);
+    case 2: return PanelsVnni<MR, 2, kOffset>(x, kp, w, out, e, row0, p0);
+    default: return PanelsVnni<MR, 1, kOffset>(x, kp, w, out, e, row0, p0);
   }
 }
 
 template <bool kOffset>
-void BlockVnni(int rows, int np, const uint8_t* x, int64_t kp, const int8_t* w, int32_t out[][kVnniNR * 16]) {
+void BlockVnni(int rows, int np, const uint8_t* x, int64_t kp, const int8_t* w, int32_t out[][kVnniNR * 16],
+               const FloatEpilogue* e, int64_t row0, int64_t p0) {
   switch (rows) {
-    case 6: return PanelsVnniNR<6, kOffset>(np, x, kp, w, out);
-    case 5: return PanelsVnniNR<5, kOffset>(np, x, kp, w, out);
-    case 4: return PanelsVnniNR<4, kOffset>(np, x, kp, w, out);
-    case 3: return PanelsVnniNR<3, kOffset>(np, x, kp, w, out);
-    case 2: return PanelsVnniNR<2, kOffset>(np, x, kp, w, out);
-    default: return PanelsVnniNR<1, kOffset>(np, x, kp, w, out);
+    case 6: return PanelsVnniNR<6, kOffset>(np, x, kp, w, out, e, row0, p0);
+    case 5: return PanelsVnniNR<5, kOffset>(np, x, kp, w, out, e, row0, p0);
+    case 4: return PanelsVnniNR<4, kOffset>(np, x, kp, w, out, e, row0, p0);
+    case 3: return PanelsVnniNR<3, kOffset>(np, x, kp, w, out, e, row0, p0);
+    case 2: return PanelsVnniNR<2, kOffset>(np, x, kp, w, out, e, row0, p0);
+    default: return PanelsVnniNR<1, kOffset>(np, x, kp, w, out, e, row0, p0);
   }
 }
 
 // Int8Core on the VNNI path. int8 rows (T = int8_t) hold x ^ 0x80 (see FlipRows); uint8 rows hold codes.
+// With `fused` the microkernel writes floats itself (buffer row 0 is activation row `base`) and emit is unused.
 template <typename T, typename Emit>
 void Int8CoreVnni(const T* xr0, int64_t m, const int8_t* w, int64_t kp, int64_t n, int64_t p0, int64_t p1,
-                  Emit emit) {
+                  Emit emit, const FloatEpilogue* fused, int64_t base) {
   constexpr bool kOffset = std::is_same_v<T, int8_t>;
   const uint8_t* x = reinterpret_cast<const uint8_t*>(xr0);
   const int64_t panel_bytes = PanelBytes(kp);
   const int64_t group = std::max<int64_t>(kVnniNR, (int64_t{256} * 1024) / panel_bytes / kVnniNR * kVnniNR);
   int32_t tile[kVnniMR][kVnniNR * 16];
   const int64_t blocks = (m + kVnniMR - 1) / kVnniMR, divisor = std::max<int64_t>(blocks, 1);
-  const int64_t base = m / divisor, rem = m % divisor;
+  const int64_t rows_base = m / divisor, rem = m % divisor;
   for (int64_t g0 = p0; g0 < p1; g0 += group) {
     const int64_t g1 = std::min(p1, g0 + group);
-    for (int64_t b = 0, r = 0; b < blocks; r += base + (b < rem), ++b) {
-      const int rows = static_cast<int>(base + (b < rem));
+    for (int64_t b = 0, r = 0; b < blocks; r += rows_base + (b < rem), ++b) {
+      const int rows = static_cast<int>(rows_base + (b < rem));
       for (int64_t p = g0; p < g1; p += kVnniNR) {
         const int np = static_cast<int>(std::min<int64_t>(kVnniNR, g1 - p));
-        BlockVnni<kOffset>(rows, np, x + r * kp, kp, w + p * panel_bytes, tile);
+        BlockVnni<kOffset>(rows, np, x + r * kp, kp, w + p * panel_bytes, tile, fused, base + r, p);
+        if (fused) continue;
         for (int j = 0; j < np; ++j) {
           const int64_t c0 = (p + j) * 16;
           const int cols = static_cast<int>(std::min<int64_t>(16, n - c0));
@@ -399,10 +448,11 @@ void FlipRows(T* rows, int64_t count) {
 // rows takes the unsigned microkernel (exact for any int8 weight), the others the bounded one.
 template <typename T, typename Emit>
 void Int8Core(int isa, const T* xr0, int64_t m, const int8_t* w, int64_t kp, int64_t n, int64_t p0,
-              int64_t p1, const uint8_t* nonneg, Emit emit) {
+              int64_t p1, const uint8_t* nonneg, Emit emit, const FloatEpilogue* fused = nullptr,
+              int64_t row0 = 0) {
 #ifdef JXS_X86
   if constexpr (!std::is_same_v<T, int16_t>) {
-    if (isa == 2) return Int8CoreVnni(xr0, m, w, kp, n, p0, p1, emit);
+    if (isa == 2) return Int8CoreVnni(xr0, m, w, kp, n, p0, p1, emit, fused, row0);
   }
 #endif
   constexpr int kMR = BlockRows<T>();
@@ -546,20 +596,20 @@ __attribute__((target("avx2,fma"))) void QuantizeRowAsymAvx2(const float* x, int
 }
 #endif
 
-// d = x / s elementwise (IEEE division, so every path gives the same bits), eight lanes at a time with AVX2.
+// d = x * u elementwise (one IEEE product, so every path gives the same bits), eight lanes at a time with AVX2.
 #ifdef JXS_X86
-__attribute__((target("avx2"))) void DivideRowAvx2(const float* x, const float* s, float* d, int64_t k) {
+__attribute__((target("avx2"))) void MultiplyRowAvx2(const float* x, const float* u, float* d, int64_t k) {
   int64_t j = 0;
-  for (; j + 8 <= k; j += 8) _mm256_storeu_ps(d + j, _mm256_div_ps(_mm256_loadu_ps(x + j), _mm256_loadu_ps(s + j)));
-  for (; j < k; ++j) d[j] = x[j] / s[j];
+  for (; j + 8 <= k; j += 8) _mm256_storeu_ps(d + j, _mm256_mul_ps(_mm256_loadu_ps(x + j), _mm256_loadu_ps(u + j)));
+  for (; j < k; ++j) d[j] = x[j] * u[j];
 }
 #endif
 
-void DivideRow(int isa, const float* x, const float* s, float* d, int64_t k) {
+void MultiplyRow(int isa, const float* x, const float* u, float* d, int64_t k) {
 #ifdef JXS_X86
-  if (isa >= 1) return DivideRowAvx2(x, s, d, k);
+  if (isa >= 1) return MultiplyRowAvx2(x, u, d, k);
 #endif
-  for (int64_t j = 0; j < k; ++j) d[j] = x[j] / s[j];
+  for (int64_t j = 0; j < k; ++j) d[j] = x[j] * u[j];
 }
 
 // Rows [r0, r1) of float activations -> int16 rows of `out` (row r0 first); their scales into scales[r]
@@ -568,14 +618,15 @@ template <typename T>
 void QuantizeRowRange(int isa, const float* x, int64_t r0, int64_t r1, int64_t k, int64_t kp,
                       const float* static_scale, T* out, float* scales, int32_t* zeros = nullptr, int bits = 8,
                       const float* smooth = nullptr) {
-  // SmoothQuant: each row is divided by the per-input factors here, in cache, instead of by a separate pass.
-  thread_local std::vector<float> divided;
-  if (smooth && static_cast<int64_t>(divided.size()) < k) divided.resize(static_cast<size_t>(k));
+  // SmoothQuant: each row is multiplied by the reciprocals of the per-input factors (`smooth`) here, in cache,
+  // instead of by a separate pass.
+  thread_local std::vector<float> smoothed;
+  if (smooth && static_cast<int64_t>(smoothed.size()) < k) smoothed.resize(static_cast<size_t>(k));
   for (int64_t r = r0; r < r1; ++r) {
     const float* xr = x + r * k;
     if (smooth) {
-      DivideRow(isa, xr, smooth, divided.data(), k);
-      xr = divided.data();
+      MultiplyRow(isa, xr, smooth, smoothed.data(), k);
+      xr = smoothed.data();
     }
     T* o = out + (r - r0) * kp;
     if (zeros) {
@@ -679,7 +730,7 @@ constexpr int64_t kRowChunk = 48;  // whole blocks of 4 (AVX2) and 6 (VNNI) rows
 // `nonneg_input`: the caller knows no row holds a negative value (the flags need no scan).
 template <typename T, typename Prep, typename Emit>
 void RunInt8(int isa, int64_t m, const int8_t* w, int64_t kp, int64_t n, bool colsums, Prep prep, Emit emit,
-             bool nonneg_input = false) {
+             bool nonneg_input = false, const FloatEpilogue* fused = nullptr) {
   const int64_t panels = (n + 15) / 16;
   const int64_t weight_bytes = panels * PanelBytes(kp);
   // int8 rows: which are nonnegative (the AVX2 unsigned path); the VNNI path stores them flipped instead.
@@ -706,7 +757,7 @@ void RunInt8(int isa, int64_t m, const int8_t* w, int64_t kp, int64_t n, bool co
         const int64_t r0 = c * kRowChunk, r1 = std::min(m, r0 + kRowChunk);
         prepare(r0, r1, buf.data(), flags.data());
         Int8Core(isa, buf.data(), r1 - r0, w, kp, n, 0, panels, flags_wanted ? flags.data() : nullptr,
-                 core_emit(r0));
+                 core_emit(r0), fused, r0);
       }
     });
     return;
@@ -717,7 +768,7 @@ void RunInt8(int isa, int64_t m, const int8_t* w, int64_t kp, int64_t n, bool co
     prepare(r0, r1, xq.data() + r0 * kp, flags.data() + r0);
   });
   ParallelColumns(panels, m * n * kp, 1, [&](int64_t p0, int64_t p1) {
-    Int8Core(isa, xq.data(), m, w, kp, n, p0, p1, flags_wanted ? flags.data() : nullptr, core_emit(0));
+    Int8Core(isa, xq.data(), m, w, kp, n, p0, p1, flags_wanted ? flags.data() : nullptr, core_emit(0), fused, 0);
   });
 }
 
@@ -848,7 +899,7 @@ ffi::Error W8A8MatmulImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Bu
   if (mode < 0 || mode > 3) return ffi::Error::InvalidArgument("w8a8: unknown activation mode");
   if (has_smooth && static_cast<int64_t>(smooth.element_count()) != k)
     return ffi::Error::InvalidArgument("w8a8: smoothing factors must have one entry per input feature");
-  const float* divisors = has_smooth ? smooth.typed_data() : nullptr;
+  const float* multipliers = has_smooth ? smooth.typed_data() : nullptr;  // 1 / the SmoothQuant factors
   const int64_t kp = PackedK(wd);
   const bool asym = mode >= 2;
   std::vector<float> sx(static_cast<size_t>(m));
@@ -863,14 +914,16 @@ ffi::Error W8A8MatmulImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Bu
   auto emit = [&](int64_t r, int64_t c0, const int32_t* sums, const int32_t* colsums, int count) {
     EmitRow(isa, sums, colsums, zeros ? zeros[r] : 0, sx[r], sw + c0, b ? b + c0 : nullptr, out + r * n + c0, count);
   };
+  // The VNNI microkernel applies the same epilogue itself, in registers.
+  const FloatEpilogue fused{sx.data(), zeros, sw, b, out, n};
   auto run = [&](auto zero) {
     using T = decltype(zero);
     RunInt8<T>(static_cast<int>(isa), m, w.typed_data(), kp, n, asym,
                [&](int64_t r0, int64_t r1, T* buf) {
                  QuantizeRowRange(static_cast<int>(isa), xs, r0, r1, k, kp, fixed, buf, sx.data(), zeros, bits,
-                                  divisors);
+                                  multipliers);
                },
-               emit);
+               emit, false, isa == 2 ? &fused : nullptr);
   };
   if (mode == 3) run(uint8_t{0});
   else if (bounded || isa == 2) run(int8_t{0});

@@ -9,8 +9,8 @@ Calibration ``samples`` take two forms:
 
 Each batch runs the model once, jit-compiled per batch shape, in weight-only
 mode, recording the input of every quantized dot product and convolution.
-A smoothed layer (``"quant_smooth"`` factors) divides its input by its
-factors, as it does when serving, and records the divided input: what the
+A smoothed layer (``"quant_smooth"`` factors) scales its input by their
+reciprocals, as it does when serving, and records the scaled input: what the
 layer's integer dot quantizes, and what ``calibrate`` and GPTQ need.
 """
 

@@ -41,7 +41,8 @@ quantization uses, which the native AVX2 kernel multiplies without a sign
 fix-up (about 1.4x the symmetric path's int8 throughput); on one-signed inputs
 it is as fine as the symmetric 8-bit grid. ``"static"`` mode keeps
 its calibrated symmetric scales. SmoothQuant factors (``"quant_smooth"``)
-divide a smoothed dot's input along its contracted axes, in every mode.
+scale a smoothed dot's input along its contracted axes by their reciprocals
+(``x * (1 / s)``, ``native.smooth_multipliers``), in every mode.
 
 Kernels whose scale varies along the contracted axes (per-group, or
 per-channel on an input axis) and asymmetric conv kernels take the
@@ -84,7 +85,7 @@ from jaxopt_serve.trace import (
 Mode = Literal["weight_only", "dynamic", "static", "auto"]
 MODES = ("weight_only", "dynamic", "static", "auto")
 ACT_COLLECTION = "quant_act"
-# Per-input-channel smoothing factors (SmoothQuant): the stored kernel is W * s, the layer divides its input by s.
+# Per-input-channel smoothing factors (SmoothQuant): the stored kernel is W * s, the layer's input is x * (1 / s).
 SMOOTH_COLLECTION = "quant_smooth"
 # Layers whose inputs are quantized asymmetrically per row in "dynamic" mode: {layer path: True (8 bits) or 7}.
 ASYM_COLLECTION = "quant_asym"
@@ -455,9 +456,9 @@ class _Session:
         original = None if axes is None else tuple(axes[a] for a in cw)
         self.contracted[key] = original
         undivided, factors = x, None
-        if key in self.smooth:  # the native kernel divides as it quantizes; other paths use x / factors
-            factors = _factors_for(self.smooth[key], original, cx, cw, x.ndim, t.path).astype(x.dtype)
-            x = x / factors
+        if key in self.smooth:  # x * (1 / factors): the native kernel multiplies as it quantizes, others here
+            factors = _factors_for(self.smooth[key], original, cx, cw, x.ndim, t.path)
+            x = x * native.smooth_multipliers(factors).astype(x.dtype)
         if self.observe:
             self.observed[key] = _canonical_input(x, cx, cw, axes)
         mode = self._mode_for(_resolve(self.mode, q.size), eqn, [x, t] if wi == 1 else [t, x])
@@ -606,7 +607,7 @@ def _native_dot(
     ``scale`` its per-output-channel scale (``N`` values, constant along ``K``).
     Activations are quantized per row (symmetric or asymmetric) or by the
     static scalar ``act_scale``; SmoothQuant ``factors`` (laid along ``x``'s
-    contracted axes, ``_factors_for``) divide ``x`` inside the kernel.
+    contracted axes, ``_factors_for``) scale ``x`` by their reciprocals inside the kernel.
     """
     keep = [a for a in range(x.ndim) if a not in cx]
     rows = jnp.transpose(x, [*keep, *cx]).reshape(*(x.shape[a] for a in keep), packed.in_features)

@@ -10,8 +10,8 @@ For a Dense layer ``y = x W``, per input channel ``j``,
 so a channel with huge activations (BERT has a few) is scaled down before
 the per-token int8 quantization of ``x``, and its weights scaled up, where
 per-channel weight scales absorb them. The factors ``s`` are stored under
-``variables["quant_smooth"]`` by layer path; the quantized runtime divides
-each smoothed layer's input by them (in every mode). Only Dense and
+``variables["quant_smooth"]`` by layer path; the quantized runtime multiplies
+each smoothed layer's input by their reciprocals (in every mode). Only Dense and
 DenseGeneral layers are smoothed.
 
 ``alpha`` may also be a grid of candidates: each layer then takes the one whose
