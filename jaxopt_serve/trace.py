@@ -22,6 +22,7 @@ Example:
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
@@ -88,6 +89,24 @@ class Use:
     order: int
 
 
+@dataclasses.dataclass(frozen=True)
+class BiasAdd:
+    """A bias added to a ``dot_general``'s output by the next operation (a Dense layer's ``y + bias``).
+
+    ``value`` holds the bias flattened to one axis, laid along the product's
+    last ``ndim`` output axes (row-major). ``interpret(..., fuse_bias=True)``
+    hands it to the consumer of such a product, which returns the sum (a
+    kernel that adds it in its epilogue saves a pass over the output); ``add``
+    is that sum as the program computed it.
+    """
+
+    value: Any
+    ndim: int
+
+    def add(self, y: Any) -> Any:
+        return y + jnp.reshape(self.value, jnp.shape(y)[jnp.ndim(y) - self.ndim :])
+
+
 class UnsupportedUse(ValueError):
     """A tagged leaf reaches an operation its consumer does not handle."""
 
@@ -114,6 +133,88 @@ def _sub_jaxpr(eqn: Any) -> tuple[Any, list[Any]] | None:
     return None
 
 
+def _bias_root(jaxpr: Any, producer: dict[Any, int], b: Any, out_shape: Sequence[int]) -> tuple[Any, int] | None:
+    """``(var, ndim)`` when ``b`` is a vector broadcast along the last ``ndim`` axes of ``out_shape``.
+
+    ``b``'s shape is leading ones then the trailing part of ``out_shape`` (``add``
+    broadcasts size-one axes), or ``b`` comes from ``broadcast_in_dim`` of such an
+    operand into those axes in order; ``var`` is that operand traced back through
+    reshapes and added unit axes (the same values, row-major), as far as they go.
+    """
+
+    def trailing(shape: tuple[int, ...]) -> int:  # how many trailing axes of out_shape it spans; 0: none
+        lead = 0
+        while lead < len(shape) and shape[lead] == 1:
+            lead += 1
+        tail = shape[lead:]
+        return len(tail) if tail and tail == tuple(out_shape[len(out_shape) - len(tail) :]) else 0
+
+    eqn = jaxpr.eqns[producer[b]] if b in producer else None
+    if len(b.aval.shape) == len(out_shape) and tuple(b.aval.shape) != tuple(out_shape):
+        src, ndim = b, trailing(tuple(b.aval.shape))
+    elif eqn is not None and eqn.primitive.name == "broadcast_in_dim" and not isinstance(eqn.invars[0], jcore.Literal):
+        src = eqn.invars[0]
+        ndim = trailing(tuple(src.aval.shape))
+        dims = tuple(eqn.params["broadcast_dimensions"])
+        if dims[len(dims) - ndim :] != tuple(range(len(out_shape) - ndim, len(out_shape))):
+            return None
+    else:
+        return None
+    if ndim == 0:
+        return None
+    while src in producer and _same_values(jaxpr.eqns[producer[src]]):
+        src = jaxpr.eqns[producer[src]].invars[0]
+    return src, ndim
+
+
+def _same_values(eqn: Any) -> bool:
+    """Whether ``eqn`` only re-views its operand's values in row-major order (a reshape, or unit axes added)."""
+    if isinstance(eqn.invars[0], jcore.Literal):
+        return False
+    if eqn.primitive.name == "reshape":
+        return True
+    if eqn.primitive.name == "broadcast_in_dim":
+        dims = tuple(eqn.params["broadcast_dimensions"])
+        size = math.prod(eqn.invars[0].aval.shape)
+        return size == math.prod(eqn.outvars[0].aval.shape) and list(dims) == sorted(dims)
+    return False
+
+
+def _fusable_bias_adds(jaxpr: Any) -> dict[int, tuple[int, Any, int]]:
+    """``{dot index: (add index, bias var, ndim)}`` for float32 products whose only use adds a broadcast bias.
+
+    The bias var must be computed before the product, so that it can go into it.
+    """
+    producer: dict[Any, int] = {}
+    uses: dict[Any, int] = {}
+    for i, eqn in enumerate(jaxpr.eqns):
+        for v in eqn.invars:
+            if not isinstance(v, jcore.Literal):
+                uses[v] = uses.get(v, 0) + 1
+        for v in eqn.outvars:
+            producer[v] = i
+    for v in jaxpr.outvars:
+        if not isinstance(v, jcore.Literal):
+            uses[v] = uses.get(v, 0) + 1
+    found: dict[int, tuple[int, Any, int]] = {}
+    for i, eqn in enumerate(jaxpr.eqns):
+        if eqn.primitive.name != "add" or any(isinstance(v, jcore.Literal) for v in eqn.invars):
+            continue
+        for y, b in (eqn.invars, eqn.invars[::-1]):
+            d = producer.get(y)
+            if d is None or d in found or jaxpr.eqns[d].primitive.name != "dot_general" or uses.get(y) != 1:
+                continue
+            if not all(v.aval.dtype == np.float32 for v in (y, b, eqn.outvars[0])):
+                continue
+            if tuple(eqn.outvars[0].aval.shape) != tuple(y.aval.shape):
+                continue
+            root = _bias_root(jaxpr, producer, b, y.aval.shape)
+            if root is not None and producer.get(root[0], -1) < d:
+                found[d] = (i, *root)
+                break
+    return found
+
+
 def interpret(
     jaxpr: Any,
     consts: Sequence[Any],
@@ -121,6 +222,7 @@ def interpret(
     consume: Consumer,
     *,
     evaluate: bool = True,
+    fuse_bias: bool = False,
 ) -> list[Any]:
     """Evaluate ``jaxpr`` on ``args`` where some arguments are ``Tagged``.
 
@@ -128,7 +230,10 @@ def interpret(
     skipped, their outputs ``None``, for a static walk). Shape-only
     operations extend a tag; nested calls are inlined; any other equation
     with a tagged input goes to ``consume(eqn, invals)``, which returns its
-    outputs or raises ``UnsupportedUse``.
+    outputs or raises ``UnsupportedUse``. With ``fuse_bias``, a float32
+    ``dot_general`` whose one use is adding a broadcast bias vector (Dense's
+    ``y + bias``) goes to ``consume(eqn, invals, bias=BiasAdd(...))``, which
+    returns the sum, and the addition itself is skipped.
     """
     env: dict[Any, Any] = {}
 
@@ -139,14 +244,23 @@ def interpret(
         env[var] = val
     for var, val in zip(jaxpr.invars, args):
         env[var] = val
-    for eqn in jaxpr.eqns:
+    fusable = _fusable_bias_adds(jaxpr) if fuse_bias and evaluate else {}
+    done: dict[int, Any] = {}  # add index -> the fused product's output var
+    for index, eqn in enumerate(jaxpr.eqns):
+        if index in done:
+            env[eqn.outvars[0]] = env[done[index]]
+            continue
         invals = [read(v) for v in eqn.invars]
         tagged = any(isinstance(v, Tagged) for v in invals)
         name = eqn.primitive.name
         if tagged and name in VIEW_PRIMITIVES and isinstance(invals[0], Tagged) and len(invals) == 1:
             outs = [invals[0].then(eqn.primitive, eqn.params, eqn.outvars[0].aval)]
         elif tagged and name in INLINE_PRIMITIVES and (sub := _sub_jaxpr(eqn)) is not None:
-            outs = interpret(sub[0], sub[1], invals, consume, evaluate=evaluate)
+            outs = interpret(sub[0], sub[1], invals, consume, evaluate=evaluate, fuse_bias=fuse_bias)
+        elif tagged and index in fusable and not isinstance(bias := read(fusable[index][1]), Tagged):
+            add_index, _, ndim = fusable[index]
+            outs = list(consume(eqn, invals, bias=BiasAdd(jnp.reshape(bias, (-1,)), ndim)))
+            done[add_index] = eqn.outvars[0]
         elif tagged:
             outs = list(consume(eqn, invals))
         elif not evaluate:

@@ -18,6 +18,11 @@
 #include <cstring>
 #include <vector>
 
+#if defined(__x86_64__) || defined(_M_X64)
+#include <immintrin.h>
+#define JXS_X86 1
+#endif
+
 #include "pool.h"
 #include "xla/ffi/api/ffi.h"
 
@@ -49,10 +54,39 @@ template <int W>
   std::memcpy(p, &v, sizeof(v));
 }
 
+#ifdef JXS_X86
+// Exp<16> with AVX-512's own rounding (vrndscaleps) and scaling by 2^n (vscalefps): the same reduction and
+// polynomial in about half the instructions.
+__attribute__((target("avx512f,avx512bw,fma"))) inline __m512 ExpAvx512(__m512 x) {
+  const __mmask16 live = _mm512_cmp_ps_mask(x, _mm512_set1_ps(-87.f), _CMP_GT_OQ);
+  x = _mm512_max_ps(x, _mm512_set1_ps(-87.f));
+  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
+  r = _mm512_fmadd_ps(n, _mm512_set1_ps(2.12194440e-4f), r);
+  __m512 p = _mm512_fmadd_ps(r, _mm512_set1_ps(1.9875691500e-4f), _mm512_set1_ps(1.3981999507e-3f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
+  p = _mm512_add_ps(_mm512_fmadd_ps(_mm512_mul_ps(p, r), r, r), _mm512_set1_ps(1.f));
+  return _mm512_maskz_scalef_ps(live, p, n);
+}
+#endif
+
 // exp(x) for x <= 0: x = n ln2 + r (Cephes' two-part ln2), a degree-6 polynomial for exp(r), 2^n through the
 // exponent bits; relative error about 2e-7. 0 below -87.
 template <int W>
 [[gnu::always_inline]] inline VF<W> Exp(VF<W> x) {
+#ifdef JXS_X86
+  if constexpr (W == 16) {  // only the AVX-512 path instantiates 16 lanes
+    __m512 v;
+    std::memcpy(&v, &x, sizeof(v));
+    v = ExpAvx512(v);
+    std::memcpy(&x, &v, sizeof(v));
+    return x;
+  }
+#endif
   using I = typename Lanes<W>::I;
   x = x < -87.f ? VF<W>{} - 87.f : x;
   const VF<W> t = x * 1.44269504088896341f + 0.5f;

@@ -54,18 +54,22 @@ struct XlaPoolScope {
   ffi::ThreadPool* previous;
 };
 
-// Splits [0, n) into one column range per pool thread, aligned to `align`; calls fn(begin, end) for each.
+// Splits [0, n) into column ranges aligned to `align` and calls fn(begin, end) for each, on the pool threads.
+// Large work goes in several ranges per thread, claimed by whichever thread is free (jxs::RunParts), so a
+// core that is slowed down (another process, a virtual machine's neighbour) holds back only a small range.
 void ParallelColumns(int64_t n, int64_t work, int64_t align,
                      const std::function<void(int64_t, int64_t)>& fn) {
   const int64_t threads = tls_xla_pool ? tls_xla_pool->num_threads() : 1;
-  int parts = static_cast<int>(std::min<int64_t>(threads, (n + align - 1) / align));
+  const int64_t per_thread = work >= (int64_t{1} << 24) ? 4 : 1;
+  int parts = static_cast<int>(std::min<int64_t>(threads * per_thread, (n + align - 1) / align));
   if (work < (1 << 16)) parts = 1;  // too small to be worth a task
   if (parts <= 1) {
     fn(0, n);
     return;
   }
   int64_t chunk = ((n + parts - 1) / parts + align - 1) / align * align;
-  jxs::RunParts(tls_xla_pool, parts, parts, [&](int64_t i) {
+  parts = static_cast<int>((n + chunk - 1) / chunk);
+  jxs::RunParts(tls_xla_pool, parts, threads, [&](int64_t i) {
     int64_t b = std::min<int64_t>(n, i * chunk), e = std::min<int64_t>(n, b + chunk);
     if (b < e) fn(b, e);
   });
@@ -767,7 +771,7 @@ void RunInt8(int isa, int64_t m, const int8_t* w, int64_t kp, int64_t n, bool co
   ParallelColumns(m, m * kp * 8, 1, [&](int64_t r0, int64_t r1) {
     prepare(r0, r1, xq.data() + r0 * kp, flags.data() + r0);
   });
-  ParallelColumns(panels, m * n * kp, 1, [&](int64_t p0, int64_t p1) {
+  ParallelColumns(panels, m * n * kp, 4, [&](int64_t p0, int64_t p1) {  // whole groups of the VNNI NR panels
     Int8Core(isa, xq.data(), m, w, kp, n, p0, p1, flags_wanted ? flags.data() : nullptr, core_emit(0), fused, 0);
   });
 }

@@ -71,6 +71,7 @@ from jaxopt_serve.quant import measure
 from jaxopt_serve.quant.intconv import int8_conv, native_conv2d_applies
 from jaxopt_serve.quant.qarray import QArray, has_qarrays, is_qarray
 from jaxopt_serve.trace import (
+    BiasAdd,
     Tagged,
     UnsupportedUse,
     interpret,
@@ -421,18 +422,20 @@ class _Session:
 
     # -- consumers -----------------------------------------------------------------------------
 
-    def consume(self, eqn: Any, invals: list[Any]) -> list[Any]:
+    def consume(self, eqn: Any, invals: list[Any], bias: BiasAdd | None = None) -> list[Any]:
+        """The outputs of ``eqn`` on ``invals``; with ``bias`` (a ``dot_general``'s), of the product plus it."""
         name = eqn.primitive.name
         tagged = [(i, v) for i, v in enumerate(invals) if isinstance(v, Tagged)]
         if name == "dot_general" and len(tagged) == 1:
-            return [self._dot(eqn, invals, tagged[0][0])]
+            return [self._dot(eqn, invals, tagged[0][0], bias)]
         if name == "conv_general_dilated" and [i for i, _ in tagged] == [1]:
             return [self._conv(eqn, invals)]
         if name in ("dot_general", "conv_general_dilated"):  # both operands quantized, or a quantized conv input
             for _, t in tagged:
                 self.note(t, name, "dequantized")
             vals = [self._dequantized(v) if isinstance(v, Tagged) else v for v in invals]
-            return [eqn.primitive.bind(*vals, **eqn.params)]
+            y = eqn.primitive.bind(*vals, **eqn.params)
+            return [y if bias is None else bias.add(y)]
         paths = ", ".join(t.path for _, t in tagged)
         raise UnsupportedUse(
             f"{paths}: this quantized leaf is consumed by `{name}`, which quantized execution does not run "
@@ -443,7 +446,14 @@ class _Session:
     def _dequantized(self, t: Tagged) -> jax.Array:
         return replay(t.views, t.leaf.dequantize(t.leaf.dtype))
 
-    def _dot(self, eqn: Any, invals: list[Any], wi: int) -> jax.Array:
+    def _dot(self, eqn: Any, invals: list[Any], wi: int, bias: BiasAdd | None = None) -> jax.Array:
+        """The quantized product (plus ``bias``: into the native kernel's epilogue where it lines up)."""
+        y = self._product(eqn, invals, wi, bias)
+        if isinstance(y, _WithBias):
+            return y.value
+        return y if bias is None else bias.add(y)
+
+    def _product(self, eqn: Any, invals: list[Any], wi: int, bias: BiasAdd | None) -> Any:
         t: Tagged = invals[wi]
         q: QArray = t.leaf
         x = invals[1 - wi]
@@ -482,9 +492,11 @@ class _Session:
         if use_native and q.packed and only_converts and tuple(cw) == (0,) and not bw:
             # serving_layout packed this kernel for the native kernel: no repacking per call
             packed = native.Int8Weight(q.values, *q.shape, bounded=True)  # serving_layout packs only [-127, 127]
-            return _native_dot(
-                undivided, packed, scale, wi, cx, q.shape[1:], act_scale, symmetric, act_bits, factors
+            fused = _epilogue_bias(bias, wi, q.shape[1:], out_dtype)
+            y = _native_dot(
+                undivided, packed, scale, wi, cx, q.shape[1:], act_scale, symmetric, act_bits, factors, fused
             ).astype(out_dtype)
+            return y if fused is None else _WithBias(y)
         if q.transposed and only_converts:
             # serving_layout stores 2-D int8 values as (out, in): contract them as stored (XLA:CPU's fast layout)
             wq, scale, zero, cw, bw = _stored_transposed(q, scale, zero, cw, bw)
@@ -498,18 +510,12 @@ class _Session:
             matrix = jnp.transpose(wq, [*cw, *free]).reshape(math.prod(wq.shape[a] for a in cw), -1)
             packed = native.pack_int8(matrix)  # packed in the traced program, per call
             scale = jnp.transpose(scale, [*cw, *free])
-            return _native_dot(
-                undivided,
-                packed,
-                scale,
-                wi,
-                cx,
-                tuple(wq.shape[a] for a in free),
-                act_scale,
-                symmetric,
-                act_bits,
-                factors,
+            free_dims = tuple(wq.shape[a] for a in free)
+            fused = _epilogue_bias(bias, wi, free_dims, out_dtype)
+            y = _native_dot(
+                undivided, packed, scale, wi, cx, free_dims, act_scale, symmetric, act_bits, factors, fused
             ).astype(out_dtype)
+            return y if fused is None else _WithBias(y)
         y = _integer_dot(
             x, wq, scale, zero, wi, dims, cx, bx, cw, bw, act_scale=act_scale, symmetric=symmetric, act_bits=act_bits
         )
@@ -587,6 +593,24 @@ def _example_leaf(path: Any, a: Any) -> np.ndarray:
     return rng.uniform(0.005, 0.02, size=a.shape).astype(dtype)
 
 
+@dataclasses.dataclass(frozen=True)
+class _WithBias:
+    """A product that already holds its bias (the native kernel added it)."""
+
+    value: jax.Array
+
+
+def _epilogue_bias(bias: BiasAdd | None, wi: int, free_dims: Sequence[int], out_dtype: Any) -> jax.Array | None:
+    """The bias as the native kernel's epilogue takes it (one per output column), when it lines up with them.
+
+    That is when the weight is the right operand (its free axes last in the output), the bias spans exactly
+    those axes and the output is float32 (the kernel's sum is then the program's ``y + bias``, bit for bit).
+    """
+    if bias is None or wi != 1 or bias.ndim != len(free_dims) or jnp.dtype(out_dtype) != jnp.float32:
+        return None
+    return bias.value
+
+
 def _native_dot(
     x: jax.Array,
     packed: native.Int8Weight,
@@ -598,6 +622,7 @@ def _native_dot(
     symmetric: bool,
     act_bits: int = 8,
     factors: jax.Array | None = None,
+    bias: jax.Array | None = None,
 ) -> jax.Array:
     """The W8A8 dot on the native CPU kernel; equals ``_integer_dot``'s result (on ``x / factors``).
 
@@ -607,7 +632,8 @@ def _native_dot(
     ``scale`` its per-output-channel scale (``N`` values, constant along ``K``).
     Activations are quantized per row (symmetric or asymmetric) or by the
     static scalar ``act_scale``; SmoothQuant ``factors`` (laid along ``x``'s
-    contracted axes, ``_factors_for``) scale ``x`` by their reciprocals inside the kernel.
+    contracted axes, ``_factors_for``) scale ``x`` by their reciprocals inside the kernel; ``bias`` (``N``
+    values, the weight the right operand) is added in its epilogue.
     """
     keep = [a for a in range(x.ndim) if a not in cx]
     rows = jnp.transpose(x, [*keep, *cx]).reshape(*(x.shape[a] for a in keep), packed.in_features)
@@ -617,6 +643,7 @@ def _native_dot(
         rows,
         packed,
         sw,
+        bias,
         act_scale=None if act_scale is None else jnp.reshape(act_scale, ()),
         symmetric=symmetric,
         act_bits=act_bits,
@@ -755,7 +782,7 @@ def _run(model: Model, variables: Variables, inputs: tuple[Any, ...], session: _
     for name, leaf, var in zip(names, leaves, closed.jaxpr.invars):
         args.append(Tagged(name, leaf, (), var.aval) if is_qarray(leaf) else leaf)
     args.extend(jax.tree.leaves(inputs))
-    outs = interpret(closed.jaxpr, closed.consts, args, session.consume)
+    outs = interpret(closed.jaxpr, closed.consts, args, session.consume, fuse_bias=True)
     for v in outs:
         if isinstance(v, Tagged):
             raise UnsupportedUse(f"{v.path}: the model returns this quantized leaf itself; keep it float")

@@ -290,3 +290,51 @@ def test_asymmetric_marks_reach_nnx_linear_layers():
     ref = np.asarray(predict_fn(cfg)(variables, x))
     run = quantized_predict_fn(cfg, mode="dynamic")
     assert np.abs(np.asarray(run(marked, x)) - ref).mean() < 0.9 * np.abs(np.asarray(run(q, x)) - ref).mean()
+
+
+def _biased_model():
+    """A plain-JAX model with Dense-style biases (a vector, a per-head matrix), a residual and a reused product."""
+    from jaxopt_serve.model import Model
+
+    def f(params, x):
+        h = x @ params["w1"] + params["b1"]  # fusable: one bias per output feature
+        heads = jax.lax.dot_general(h, params["w2"], (((1,), (0,)), ((), ()))) + params["b2"]  # (heads, dim)
+        g = heads.reshape(x.shape[0], -1) @ params["w3"]
+        return g + h, g * 2.0  # a residual (not a bias) and a second use of g: neither is fused
+
+    rng = np.random.default_rng(3)
+    params = {
+        "w1": rng.normal(size=(24, 32)),
+        "b1": rng.normal(size=32),
+        "w2": rng.normal(size=(32, 2, 16)) / 5,
+        "b2": rng.normal(size=(2, 16)),
+        "w3": rng.normal(size=(32, 32)) / 5,
+    }
+    params = {k: v.astype(np.float32) for k, v in params.items()}
+    return Model.function(f, params, np.zeros((1, 24), np.float32), name="biased"), rng
+
+
+def test_dense_biases_go_into_the_product_and_nothing_else_does():
+    """``y + bias`` after a quantized product is computed in its kernel's epilogue: the same bits as the add."""
+    from jaxopt_serve.quant import runtime, serving_layout
+    from jaxopt_serve.trace import _fusable_bias_adds
+
+    model, rng = _biased_model()
+    jaxpr = jax.make_jaxpr(model.apply_fn)(model.variables, np.zeros((3, 24), np.float32)).jaxpr
+    fused = _fusable_bias_adds(jaxpr)
+    assert sorted(ndim for _, _, ndim in fused.values()) == [1, 2]  # b1 over the features, b2 over (heads, dim)
+    q = serving_layout(quantize(model.variables, [QuantRule("params/w.")]).variables)
+    x = rng.normal(size=(50, 24)).astype(np.float32)
+    real_interpret = runtime.interpret
+    for kernel_path in [*native.supported_kernels(), "xla"]:
+        with native.use_kernel(kernel_path):
+            got = jax.jit(quantized_predict_fn(model, mode="dynamic"))(q, x)
+            runtime.interpret = lambda *a, **k: real_interpret(*a, **{**k, "fuse_bias": False})
+            try:
+                want = jax.jit(quantized_predict_fn(model, mode="dynamic"))(q, x)
+            finally:
+                runtime.interpret = real_interpret
+        for a, b in zip(got, want):
+            np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    ref = model(model.variables, x)
+    assert _cosine(got[0], ref[0]) > 0.999
