@@ -60,7 +60,7 @@ struct XlaPoolScope {
 void ParallelColumns(int64_t n, int64_t work, int64_t align,
                      const std::function<void(int64_t, int64_t)>& fn) {
   const int64_t threads = tls_xla_pool ? tls_xla_pool->num_threads() : 1;
-  const int64_t per_thread = work >= (int64_t{1} << 24) ? 4 : 1;
+  const int64_t per_thread = work >= (int64_t{1} << 26) ? 4 : 1;  // not for a memory-bound GEMV
   int parts = static_cast<int>(std::min<int64_t>(threads * per_thread, (n + align - 1) / align));
   if (work < (1 << 16)) parts = 1;  // too small to be worth a task
   if (parts <= 1) {
