@@ -600,6 +600,49 @@ __attribute__((target("avx2,fma"))) void QuantizeRowAsymAvx2(const float* x, int
 }
 #endif
 
+#ifdef JXS_X86
+// QuantizeRowAsymAvx2 on 16 lanes, for the VNNI path's byte codes, with the SmoothQuant product folded into the
+// range pass: with `u`, the row is x * u (stored in `smoothed`, k floats, for the code pass). The same
+// products, range, scale, zero point and rounding as multiplying first and quantizing with AVX2; the codes
+// are narrowed with one saturating vpmovsdb instead of AVX2's chain of packs and permutes.
+template <typename T>
+JXS_VNNI void QuantizeRowAsymAvx512(const float* x, const float* u, float* smoothed, int64_t k, int64_t kp, int bits,
+                                    T* out, float* scale, int32_t* zero) {
+  static_assert(sizeof(T) == 1, "byte codes");
+  const AsymGrid g = Grid(bits);
+  __m512 vlo = _mm512_setzero_ps(), vhi = _mm512_setzero_ps();
+  int64_t i = 0;
+  for (; i + 16 <= k; i += 16) {
+    __m512 v = _mm512_loadu_ps(x + i);
+    if (u) {
+      v = _mm512_mul_ps(v, _mm512_loadu_ps(u + i));
+      _mm512_storeu_ps(smoothed + i, v);
+    }
+    vlo = _mm512_min_ps(v, vlo);  // a NaN keeps the running value, as std::min(lo, x) does
+    vhi = _mm512_max_ps(v, vhi);
+  }
+  for (int64_t j = i; j < k && u; ++j) smoothed[j] = x[j] * u[j];
+  const float* row = u ? smoothed : x;
+  alignas(64) float l16[16], h16[16];
+  _mm512_store_ps(l16, vlo);
+  _mm512_store_ps(h16, vhi);
+  float lo = 0.f, hi = 0.f, z;
+  ExtendRange(l16, 0, 16, lo, hi);
+  ExtendRange(h16, 0, 16, lo, hi);
+  ExtendRange(row, i, k, lo, hi);
+  AsymScaleZero(lo, hi, g, scale, zero, z);
+  const __m512 vs = _mm512_set1_ps(*scale), vz = _mm512_set1_ps(z);
+  const __m512 clo = _mm512_set1_ps(g.lo_code), chi = _mm512_set1_ps(g.hi_code);
+  for (i = 0; i + 16 <= k; i += 16) {
+    __m512 v = _mm512_roundscale_ps(_mm512_div_ps(_mm512_loadu_ps(row + i), vs),
+                                    _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    v = _mm512_min_ps(chi, _mm512_max_ps(clo, _mm512_add_ps(v, vz)));
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(out + i), _mm512_cvtsepi32_epi8(_mm512_cvtps_epi32(v)));
+  }
+  AsymCodes(row, i, k, kp, *scale, z, g, out);
+}
+#endif
+
 // d = x * u elementwise (one IEEE product, so every path gives the same bits), eight lanes at a time with AVX2.
 #ifdef JXS_X86
 __attribute__((target("avx2"))) void MultiplyRowAvx2(const float* x, const float* u, float* d, int64_t k) {
@@ -628,6 +671,14 @@ void QuantizeRowRange(int isa, const float* x, int64_t r0, int64_t r1, int64_t k
   if (smooth && static_cast<int64_t>(smoothed.size()) < k) smoothed.resize(static_cast<size_t>(k));
   for (int64_t r = r0; r < r1; ++r) {
     const float* xr = x + r * k;
+#ifdef JXS_X86
+    if constexpr (sizeof(T) == 1) {
+      if (zeros && isa == 2) {
+        QuantizeRowAsymAvx512(xr, smooth, smoothed.data(), k, kp, bits, out + (r - r0) * kp, scales + r, zeros + r);
+        continue;
+      }
+    }
+#endif
     if (smooth) {
       MultiplyRow(isa, xr, smooth, smoothed.data(), k);
       xr = smoothed.data();
