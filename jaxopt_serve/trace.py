@@ -111,7 +111,8 @@ class UnsupportedUse(ValueError):
     """A tagged leaf reaches an operation its consumer does not handle."""
 
 
-Consumer = Callable[[Any, list[Any]], Sequence[Any]]
+# consume(eqn, invals) -> outputs; called as consume(eqn, invals, bias=BiasAdd(...)) under interpret(fuse_bias=True).
+Consumer = Callable[..., Sequence[Any]]
 
 
 def replay(views: Iterable[tuple[Any, dict]], x: Any, *, skip_converts: bool = False) -> Any:
@@ -168,11 +169,14 @@ def _bias_root(jaxpr: Any, producer: dict[Any, int], b: Any, out_shape: Sequence
 
 
 def _same_values(eqn: Any) -> bool:
-    """Whether ``eqn`` only re-views its operand's values in row-major order (a reshape, or unit axes added)."""
+    """Whether ``eqn`` only re-views its operand's values in row-major order (a reshape, or unit axes added).
+
+    A reshape with ``dimensions`` (``order="F"``, ``ravel(order="F")``) transposes first: not the same order.
+    """
     if isinstance(eqn.invars[0], jcore.Literal):
         return False
     if eqn.primitive.name == "reshape":
-        return True
+        return eqn.params.get("dimensions") is None
     if eqn.primitive.name == "broadcast_in_dim":
         dims = tuple(eqn.params["broadcast_dimensions"])
         size = math.prod(eqn.invars[0].aval.shape)

@@ -175,6 +175,29 @@ def test_w8a8_smoothing_inside_the_kernel_equals_scaling_first(kernel, symmetric
 
 
 @needs_native
+@pytest.mark.parametrize("how", ["symmetric", "asymmetric", "asymmetric7"])
+@pytest.mark.parametrize("m", [37, 130])  # one block of rows; chunks of rows over threads (small weight)
+def test_w8a8_kernels_agree_bit_for_bit_with_smoothing_and_bias(how, m):
+    """Every instruction-set path quantizes, multiplies and finishes alike: the same codes, sums and floats."""
+    rng = np.random.default_rng(11)
+    x = rng.normal(size=(m, 200)).astype(np.float32)
+    x[:, 9] *= 50.0
+    x[: m // 3] = np.maximum(x[: m // 3], 0)
+    s = rng.uniform(0.2, 8.0, size=200).astype(np.float32)
+    wq = rng.integers(-127, 128, size=(200, 70)).astype(np.int8)
+    sw = rng.uniform(0.001, 0.01, size=70).astype(np.float32)
+    bias = rng.normal(size=70).astype(np.float32)
+    packed = native.pack_int8(wq)
+    kwargs = {"symmetric": how == "symmetric", "act_bits": 7 if how == "asymmetric7" else 8}
+    outs = {}
+    for kernel in KERNELS:
+        with native.use_kernel(kernel):
+            outs[kernel] = np.asarray(native.w8a8_matmul(x, packed, sw, bias, smooth=s, **kwargs))
+    for kernel, out in outs.items():
+        np.testing.assert_array_equal(out, outs[KERNELS[0]], err_msg=f"{kernel} vs {KERNELS[0]}")
+
+
+@needs_native
 @pytest.mark.parametrize("kernel", KERNELS)
 def test_int4_weight_only_matches_the_dequantized_weight(kernel):
     rng = np.random.default_rng(2)

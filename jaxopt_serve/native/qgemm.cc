@@ -446,7 +446,8 @@ void FlipRows(T* rows, int64_t count) {
 }
 
 // Sums for rows [0, m) and panels [p0, p1) (columns 16 p ...); emit(row, col0, sums, count) per row of a tile,
-// with count = min(16, n - col0) int32 sums.
+// with count = min(16, n - col0) int32 sums; on the VNNI path with `fused`, the microkernel writes the floats
+// of that epilogue itself and emit is not called.
 // Panels go in groups that fit L2 and every row block runs over a group before the next.
 // `nonneg` (int8 rows only, may be null): per row, whether it holds no negative value; a block of such
 // rows takes the unsigned microkernel (exact for any int8 weight), the others the bounded one.
@@ -776,6 +777,7 @@ inline auto Int32Rows(int32_t* out, int64_t n) {
 
 // Runs the product for all m rows. prep(r0, r1, buf) writes rows [r0, r1) as T (int8: bounded or VNNI path,
 // uint8: unsigned path, int16: exact path) into buf; emit(row, col0, sums, colsums, count) takes the int32
+// (not called on the VNNI path when `fused` is given: see Int8Core)
 // sums of columns [col0, col0 + count) of a row, and with `colsums` (an activation zero point to correct)
 // the weight's column sums of those columns, read from the packed panel (otherwise a null pointer).
 // Small weights (convolutions, narrow layers): threads split the rows and each prepares and runs
@@ -822,7 +824,8 @@ void RunInt8(int isa, int64_t m, const int8_t* w, int64_t kp, int64_t n, bool co
   ParallelColumns(m, m * kp * 8, 1, [&](int64_t r0, int64_t r1) {
     prepare(r0, r1, xq.data() + r0 * kp, flags.data() + r0);
   });
-  ParallelColumns(panels, m * n * kp, 4, [&](int64_t p0, int64_t p1) {  // whole groups of the VNNI NR panels
+  // The VNNI microkernel takes panels four at a time: whole groups per range there.
+  ParallelColumns(panels, m * n * kp, isa == 2 ? 4 : 1, [&](int64_t p0, int64_t p1) {
     Int8Core(isa, xq.data(), m, w, kp, n, p0, p1, flags_wanted ? flags.data() : nullptr, core_emit(0), fused, 0);
   });
 }

@@ -69,8 +69,8 @@ def gptq_quantize(
     Args:
         model: a ``Model``, or a reference ``ModelConfig``.
         variables: float variables; with a ``"quant_smooth"`` collection, its factors
-            are taken to be in the kernels already, and the layers' inputs are divided
-            by them.
+            are taken to be in the kernels already, and the layers' inputs are scaled
+            by their reciprocals.
         samples: one calibration dataset or a list / iterator of batches (``quant.observe``).
         rules: quantization rules, as for ``quantize``.
         damp: added to the Hessian's diagonal, as a fraction of its mean.

@@ -353,8 +353,9 @@ class _Session:
         """auto mode: ``rule``, or for a large layer on the native CPU kernels the faster form by measurement.
 
         ``invals`` are the operation's operands with the quantized one as its ``Tagged`` (the input already
-        divided by its smoothing factors, if any). The layer is compiled alone in both modes on random operands
-        of the same shapes (``quant.measure``); a layer whose int8 form would dequantize anyway keeps ``rule``.
+        scaled by the reciprocals of its smoothing factors, if any). The layer is compiled alone in both modes
+        on random operands of the same shapes (``quant.measure``); a layer whose int8 form would dequantize
+        anyway keeps ``rule``.
         """
         if self.mode != "auto" or not measure.enabled() or jax.default_backend() != "cpu" or not native.available():
             return rule
@@ -465,7 +466,7 @@ class _Session:
         axes = view_axes(t.views, q.ndim)
         original = None if axes is None else tuple(axes[a] for a in cw)
         self.contracted[key] = original
-        undivided, factors = x, None
+        unsmoothed, factors = x, None
         if key in self.smooth:  # x * (1 / factors): the native kernel multiplies as it quantizes, others here
             factors = _factors_for(self.smooth[key], original, cx, cw, x.ndim, t.path)
             x = x * native.smooth_multipliers(factors).astype(x.dtype)
@@ -494,7 +495,7 @@ class _Session:
             packed = native.Int8Weight(q.values, *q.shape, bounded=True)  # serving_layout packs only [-127, 127]
             fused = _epilogue_bias(bias, wi, q.shape[1:], out_dtype)
             y = _native_dot(
-                undivided, packed, scale, wi, cx, q.shape[1:], act_scale, symmetric, act_bits, factors, fused
+                unsmoothed, packed, scale, wi, cx, q.shape[1:], act_scale, symmetric, act_bits, factors, fused
             ).astype(out_dtype)
             return y if fused is None else _WithBias(y)
         if q.transposed and only_converts:
@@ -513,7 +514,7 @@ class _Session:
             free_dims = tuple(wq.shape[a] for a in free)
             fused = _epilogue_bias(bias, wi, free_dims, out_dtype)
             y = _native_dot(
-                undivided, packed, scale, wi, cx, free_dims, act_scale, symmetric, act_bits, factors, fused
+                unsmoothed, packed, scale, wi, cx, free_dims, act_scale, symmetric, act_bits, factors, fused
             ).astype(out_dtype)
             return y if fused is None else _WithBias(y)
         y = _integer_dot(
@@ -624,7 +625,7 @@ def _native_dot(
     factors: jax.Array | None = None,
     bias: jax.Array | None = None,
 ) -> jax.Array:
-    """The W8A8 dot on the native CPU kernel; equals ``_integer_dot``'s result (on ``x / factors``).
+    """The W8A8 dot on the native CPU kernel; equals ``_integer_dot``'s result (on ``x * (1 / factors)``).
 
     ``packed`` is the weight as a ``(K, N)`` matrix: its contracted axes
     (paired in order with ``x``'s axes ``cx``) flattened into ``K``, its free

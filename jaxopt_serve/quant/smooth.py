@@ -250,7 +250,12 @@ def search_alpha(
         s = smooth_factors(*absmax, a)
         q = quantize_array(jnp.asarray(kernel * _broadcast(s, kernel.ndim)), spec)
         y = quantized_dot(
-            jnp.asarray(x / s), q, n_contract=n, mode="dynamic", act_symmetric=act_symmetric, act_bits=act_bits
+            jnp.asarray(x * (np.float32(1) / s)),  # as served: x * (1 / s)
+            q,
+            n_contract=n,
+            mode="dynamic",
+            act_symmetric=act_symmetric,
+            act_bits=act_bits,
         )
         errors.append(float(np.mean((np.asarray(y).reshape(exact.shape) - exact) ** 2)))
     return float(grid[int(np.argmin(errors))]), errors

@@ -314,27 +314,52 @@ def _biased_model():
     return Model.function(f, params, np.zeros((1, 24), np.float32), name="biased"), rng
 
 
-def test_dense_biases_go_into_the_product_and_nothing_else_does():
-    """``y + bias`` after a quantized product is computed in its kernel's epilogue: the same bits as the add."""
-    from jaxopt_serve.quant import runtime, serving_layout
-    from jaxopt_serve.trace import _fusable_bias_adds
+def test_dense_biases_go_into_the_product_and_nothing_else_does(monkeypatch):
+    """``y + bias`` after a quantized product is computed in the native epilogue: the bits of the program's add.
+
+    Plain, asymmetric and smoothed layers, on every kernel path; XLA's path (no epilogue) and the native ones
+    also agree with each other, smoothing included (both scale by ``1 / s``).
+    """
+    from jaxopt_serve.quant import mark_asymmetric, runtime, serving_layout
+    from jaxopt_serve.quant.smooth import smooth_quantize
 
     model, rng = _biased_model()
-    jaxpr = jax.make_jaxpr(model.apply_fn)(model.variables, np.zeros((3, 24), np.float32)).jaxpr
-    fused = _fusable_bias_adds(jaxpr)
-    assert sorted(ndim for _, _, ndim in fused.values()) == [1, 2]  # b1 over the features, b2 over (heads, dim)
-    q = serving_layout(quantize(model.variables, [QuantRule("params/w.")]).variables)
     x = rng.normal(size=(50, 24)).astype(np.float32)
-    real_interpret = runtime.interpret
-    for kernel_path in [*native.supported_kernels(), "xla"]:
-        with native.use_kernel(kernel_path):
-            got = jax.jit(quantized_predict_fn(model, mode="dynamic"))(q, x)
-            runtime.interpret = lambda *a, **k: real_interpret(*a, **{**k, "fuse_bias": False})
-            try:
-                want = jax.jit(quantized_predict_fn(model, mode="dynamic"))(q, x)
-            finally:
-                runtime.interpret = real_interpret
-        for a, b in zip(got, want):
-            np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    rules = [QuantRule("params/w.")]
+    plain = quantize(model.variables, rules).variables
+    variants = {
+        "plain": plain,
+        "asymmetric": mark_asymmetric(plain, "w[12]"),
+        "smoothed": smooth_quantize(model, model.variables, [x], rules, alpha=0.5, asymmetric=".*"),
+    }
+    real_interpret, real_bias = runtime.interpret, runtime._epilogue_bias
+    into_kernel = []
+
+    def counting(*args):
+        bias = real_bias(*args)
+        into_kernel.append(bias is not None)
+        return bias
+
+    monkeypatch.setattr(runtime, "_epilogue_bias", counting)
     ref = model(model.variables, x)
-    assert _cosine(got[0], ref[0]) > 0.999
+    for name, variables in variants.items():
+        outputs = {}
+        for kernel_path in [*native.supported_kernels(), "xla"]:
+            with native.use_kernel(kernel_path):
+                served = serving_layout(variables)
+                into_kernel.clear()
+                got = jax.jit(quantized_predict_fn(model, mode="dynamic"))(served, x)
+                fused = sum(into_kernel)
+                monkeypatch.setattr(
+                    runtime, "interpret", lambda *a, **k: real_interpret(*a, **{**k, "fuse_bias": False})
+                )
+                want = jax.jit(quantized_predict_fn(model, mode="dynamic"))(served, x)
+                monkeypatch.setattr(runtime, "interpret", real_interpret)
+            # b1 and b2 (over the heads' free axes) reach the kernel; the reused product and XLA's path get none
+            assert fused == (2 if kernel_path != "xla" else 0), (name, kernel_path, fused)
+            for a, b in zip(got, want):
+                np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+            outputs[kernel_path] = got
+        for kernel_path, got in outputs.items():
+            np.testing.assert_allclose(got[0], outputs["xla"][0], rtol=1e-5, atol=1e-5, err_msg=f"{name} {kernel_path}")
+        assert _cosine(outputs["xla"][0], ref[0]) > 0.999, name
