@@ -556,6 +556,18 @@ inline void AsymScaleZero(float lo, float hi, const AsymGrid& g, float* scale, i
   *zero = static_cast<int32_t>(z);
 }
 
+// Ends a vectorized range pass: the lanes' extremes and the row's tail row[i0, k) give the scale and zero
+// point (returned as a float, for the codes).
+inline float CloseRange(const float* lanes_lo, const float* lanes_hi, int lanes, const float* row, int64_t i0,
+                        int64_t k, const AsymGrid& g, float* scale, int32_t* zero) {
+  float lo = 0.f, hi = 0.f, z;
+  ExtendRange(lanes_lo, 0, lanes, lo, hi);
+  ExtendRange(lanes_hi, 0, lanes, lo, hi);
+  ExtendRange(row, i0, k, lo, hi);
+  AsymScaleZero(lo, hi, g, scale, zero, z);
+  return z;
+}
+
 template <typename T>
 void QuantizeRowAsym(const float* x, int64_t k, int64_t kp, int bits, T* out, float* scale, int32_t* zero) {
   const AsymGrid g = Grid(bits);
@@ -587,11 +599,7 @@ __attribute__((target("avx2,fma"))) void QuantizeRowAsymAvx2(const float* x, int
   alignas(32) float l8[8], h8[8];
   _mm256_store_ps(l8, vlo);
   _mm256_store_ps(h8, vhi);
-  float lo = 0.f, hi = 0.f, z;
-  ExtendRange(l8, 0, 8, lo, hi);
-  ExtendRange(h8, 0, 8, lo, hi);
-  ExtendRange(x, i, k, lo, hi);
-  AsymScaleZero(lo, hi, g, scale, zero, z);
+  const float z = CloseRange(l8, h8, 8, x, i, k, g, scale, zero);
   const __m256 vs = _mm256_set1_ps(*scale), vz = _mm256_set1_ps(z);
   const __m256 clo = _mm256_set1_ps(g.lo_code), chi = _mm256_set1_ps(g.hi_code);
   for (i = 0; i + 16 <= k; i += 16)
@@ -627,11 +635,7 @@ JXS_VNNI void QuantizeRowAsymAvx512(const float* x, const float* u, float* smoot
   alignas(64) float l16[16], h16[16];
   _mm512_store_ps(l16, vlo);
   _mm512_store_ps(h16, vhi);
-  float lo = 0.f, hi = 0.f, z;
-  ExtendRange(l16, 0, 16, lo, hi);
-  ExtendRange(h16, 0, 16, lo, hi);
-  ExtendRange(row, i, k, lo, hi);
-  AsymScaleZero(lo, hi, g, scale, zero, z);
+  const float z = CloseRange(l16, h16, 16, row, i, k, g, scale, zero);
   const __m512 vs = _mm512_set1_ps(*scale), vz = _mm512_set1_ps(z);
   const __m512 clo = _mm512_set1_ps(g.lo_code), chi = _mm512_set1_ps(g.hi_code);
   for (i = 0; i + 16 <= k; i += 16) {
