@@ -781,9 +781,9 @@ inline auto Int32Rows(int32_t* out, int64_t n) {
 
 // Runs the product for all m rows. prep(r0, r1, buf) writes rows [r0, r1) as T (int8: bounded or VNNI path,
 // uint8: unsigned path, int16: exact path) into buf; emit(row, col0, sums, colsums, count) takes the int32
-// (not called on the VNNI path when `fused` is given: see Int8Core)
 // sums of columns [col0, col0 + count) of a row, and with `colsums` (an activation zero point to correct)
-// the weight's column sums of those columns, read from the packed panel (otherwise a null pointer).
+// the weight's column sums of those columns, read from the packed panel (otherwise a null pointer). With
+// `fused` the VNNI path applies that float epilogue in its microkernel and does not call emit (Int8Core).
 // Small weights (convolutions, narrow layers): threads split the rows and each prepares and runs
 // chunks of rows that stay in cache. Large weights: rows are prepared once, threads split the panels.
 constexpr int64_t kRowChunk = 48;  // whole blocks of 4 (AVX2) and 6 (VNNI) rows

@@ -110,7 +110,7 @@ def observe_batches(
     """Per batch: ``({layer key: input as numpy}, {layer key: kernel axes the dot contracts})``.
 
     Dot inputs have their contracted axes last, ordered like the kernel's axes,
-    after any smoothing division; the second dict says which kernel axes those
+    after any smoothing (``x * (1 / s)``); the second dict says which kernel axes those
     are (``None`` when a reshape of the kernel hides it; convolutions are absent from it).
     """
     variables = {k: v for k, v in qvariables.items() if k not in (ACT_COLLECTION, SMOOTH_COLLECTION)}

@@ -922,8 +922,8 @@ def observe_inputs(
     """The input of every quantized dot or convolution for a batch (weight-only compute), keyed by ``layer_key``.
 
     Dot inputs come with their contracted axes last, ordered like the kernel's
-    axes; a smoothed layer's (``"quant_smooth"``) is taken after the division by
-    its factors, as its integer dot quantizes it.
+    axes; a smoothed layer's (``"quant_smooth"``) is taken after the scaling by
+    its factors' reciprocals, as its integer dot quantizes it.
     """
     session = _Session("weight_only", None, observe=True, smooth=variables.get(SMOOTH_COLLECTION))
     handle = model if isinstance(model, Model) else _method_model(model, method, kwargs)

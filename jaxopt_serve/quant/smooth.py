@@ -103,7 +103,7 @@ def smooth_quantize(
         asymmetric_bits: their grid, 8 or 7 bits (``runtime.mark_asymmetric``; 7 is the faster
             native AVX2 path).
         rounding: ``"nearest"``, or ``"gptq"``: the smoothed kernels are rounded by
-            GPTQ (``quant.gptq``) for the Hessian of ``x / s`` from the same calibration
+            GPTQ (``quant.gptq``) for the Hessian of the smoothed inputs from the same calibration
             pass; same storage and speed, usually less output error (with few calibration
             tokens it can fit them too closely: see the MiniLM benchmark notes).
         damp: GPTQ's damping, as a fraction of the Hessian's mean diagonal.
