@@ -16,6 +16,11 @@ IMAGE_MODELS = ("cnn", "mlp", "nnx_mlp")
 QUANT_BITS = ("8", "4", "ternary", "binary")
 
 
+def _sizes(text: str) -> tuple[int, ...]:
+    """``"16,32"`` -> ``(16, 32)``: comma-separated positive integers."""
+    return tuple(_positive_int(part.strip()) for part in text.split(","))
+
+
 def _positive_int(text: str) -> int:
     try:
         value = int(text)
@@ -506,6 +511,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="how long a request may wait for company (default: 0, greedy batching)",
     )
     serve.add_argument(
+        "--preferred-batch-sizes",
+        type=_sizes,
+        metavar="N,N,...",
+        help="batch sizes to cut the queue at, e.g. 16,32: a batch takes the largest one the waiting "
+        "rows fill and leaves the rest for the next (default: all waiting rows up to --max-batch; "
+        "for minilm, sizes above its 32 are left out)",
+    )
+    serve.add_argument(
         "--max-queue", type=_positive_int, default=1024, help="waiting requests per model before 429 (default: 1024)"
     )
     serve.add_argument("--timeout", type=float, help="per-request timeout in seconds (default: none)")
@@ -919,7 +932,11 @@ def _serve(args: argparse.Namespace) -> int:
     from jaxopt_serve.serve import InferenceServer, ServedModel
 
     options = dict(
-        max_wait_ms=args.max_wait_ms, max_queue=args.max_queue, timeout_s=args.timeout, nan_policy=args.nonfinite
+        max_wait_ms=args.max_wait_ms,
+        max_queue=args.max_queue,
+        timeout_s=args.timeout,
+        nan_policy=args.nonfinite,
+        preferred_batch_sizes=args.preferred_batch_sizes,
     )
     models, described = [], []
     for name, path in map(_model_spec, args.artifacts):
@@ -931,7 +948,10 @@ def _serve(args: argparse.Namespace) -> int:
         from jaxopt_serve.hf import SentenceEncoder, bundled_minilm_dir
 
         encoder = SentenceEncoder(bundled_minilm_dir())
-        models.append(ServedModel.text_embedding("minilm", encoder, max_batch=min(args.max_batch, 32), **options))
+        largest = min(args.max_batch, 32)
+        if args.preferred_batch_sizes:
+            options["preferred_batch_sizes"] = [n for n in args.preferred_batch_sizes if n <= largest] or None
+        models.append(ServedModel.text_embedding("minilm", encoder, max_batch=largest, **options))
         described.append("minilm (all-MiniLM-L6-v2 from text; each batch and length bucket compiles on first use)")
     server = InferenceServer(
         models,

@@ -54,6 +54,11 @@ from typing import Any
 
 import numpy as np
 
+try:  # the serve extra's JSON writer for float arrays: a tenth of the time of formatting them in Python
+    import orjson
+except ImportError:  # pragma: no cover - the serve extra installs it
+    orjson = None
+
 # v2 datatype -> numpy dtype (little-endian); BYTES tensors are numpy object arrays of ``bytes``
 DATATYPES: dict[str, np.dtype] = {
     "BOOL": np.dtype(np.bool_),
@@ -131,6 +136,11 @@ _ENCODER = json.JSONEncoder(separators=(",", ":"), allow_nan=False)
 
 
 def _loads(text: bytes) -> Any:
+    if orjson is not None:
+        try:  # strict JSON, about 10x faster; anything it refuses goes to the standard parser for its verdict
+            return orjson.loads(text)
+        except orjson.JSONDecodeError:
+            pass
     try:
         return _DECODER.decode(text.decode("utf-8"))
     except RecursionError:
@@ -232,7 +242,11 @@ def _from_json(data: Any, datatype: str, shape: tuple[int, ...], name: str) -> n
     if datatype == BYTES:
         if not kinds <= {str}:
             raise ProtocolError(f"input {name!r}: BYTES data must be strings")
-        return np.array([s.encode("utf-8") for s in flat], dtype=object).reshape(shape)
+        try:
+            return np.array([s.encode("utf-8") for s in flat], dtype=object).reshape(shape)
+        except UnicodeEncodeError:  # a lone surrogate escape ("\ud800"), which JSON parsers let through
+            bad = next(i for i, s in enumerate(flat) if not _encodable(s))
+            raise ProtocolError(f"input {name!r}: element {bad} is not valid Unicode (a lone surrogate)") from None
     dtype = DATATYPES[datatype]
     if datatype == "BOOL":
         if not kinds <= {bool}:
@@ -244,23 +258,30 @@ def _from_json(data: Any, datatype: str, shape: tuple[int, ...], name: str) -> n
         other = sorted(k.__name__ for k in kinds - {int, float})
         raise ProtocolError(f"input {name!r}: {datatype} data must be numbers, got {', '.join(other)}")
     if dtype.kind in "iu":
-        if float in kinds:
-            raise ProtocolError(f"input {name!r}: fractional numbers where {datatype} integers are expected")
         info = np.iinfo(dtype)
+        if float in kinds:  # (orjson reads integers beyond 64 bits as floats)
+            if any(type(v) is float and v.is_integer() and not info.min <= v <= info.max for v in flat):
+                raise ProtocolError(f"input {name!r}: values outside the {datatype} range [{info.min}, {info.max}]")
+            raise ProtocolError(f"input {name!r}: fractional numbers where {datatype} integers are expected")
         if flat and (min(flat) < info.min or max(flat) > info.max):
             raise ProtocolError(f"input {name!r}: values outside the {datatype} range [{info.min}, {info.max}]")
         return np.array(flat, dtype=dtype).reshape(shape)
-    try:
-        values = np.array(flat, dtype=np.float64)
-    except OverflowError:  # an integer literal beyond float64
-        raise ProtocolError(f"input {name!r}: a value overflows {datatype}") from None
     limit = _FLOAT_MAX[datatype]
-    if values.size and not (-limit <= values.min() and values.max() <= limit):  # also 1e400, which json reads as inf
-        bad = int(np.flatnonzero(~(np.abs(values) <= limit))[0])
+    # Python's min and max (exact for integers of any size; 1e400 reads as inf): faster than numpy's on small data
+    if flat and not (-limit <= min(flat) and max(flat) <= limit):
+        bad = next(i for i, v in enumerate(flat) if not -limit <= v <= limit)
         raise ProtocolError(
             f"input {name!r}: element {bad} ({flat[bad]!r}) overflows {datatype} (largest magnitude {limit:.6g})"
         )
-    return values.astype(dtype).reshape(shape)
+    return np.array(flat, dtype=dtype).reshape(shape)
+
+
+def _encodable(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def _from_binary(raw: memoryview, datatype: str, shape: tuple[int, ...], name: str) -> np.ndarray:
@@ -369,15 +390,24 @@ _ROUND_TRIP_FORMAT = {np.dtype(np.float16): "%.5g", np.dtype(np.float32): "%.9g"
 
 
 def _float_text(array: np.ndarray) -> str | None:
-    """A finite float array's values as a JSON list with just enough digits to read each back exactly, or
-    ``None`` for anything else (other dtypes, NaN, inf or -0.0: the generic path writes those).
+    """A float array's values as a flat JSON list, each written with just enough digits to read it back exactly
+    (NaN and infinity as ``null``), or ``None`` where the generic path must write it (other dtypes; without
+    ``orjson``, non-finite values and -0.0 too).
+
+    With ``orjson`` (the serve extra) the shortest text that reads back to the
+    same value is written natively; without it each value is formatted with
+    ``%g`` in Python, 9 significant digits for float32.
 
     Example:
-        >>> _float_text(np.array([0.1, 1e-7, 3.0], np.float32))
-        '[0.100000001,1.00000001e-07,3]'
+        >>> [float(np.float32(v)) for v in json.loads(_float_text(np.array([0.1, 1e-7, 3.0], np.float32)))]
+        [0.10000000149011612, 1.0000000116860974e-07, 3.0]
     """
     fmt = _ROUND_TRIP_FORMAT.get(array.dtype)
-    if fmt is None or not np.isfinite(array).all() or (np.signbit(array) & (array == 0)).any():
+    if fmt is None:
+        return None
+    if orjson is not None and array.dtype.isnative:
+        return orjson.dumps(np.ascontiguousarray(array.reshape(-1)), option=orjson.OPT_SERIALIZE_NUMPY).decode()
+    if not np.isfinite(array).all() or (np.signbit(array) & (array == 0)).any():
         return None  # ("%g" writes -0.0 as "-0", which JSON readers take for the integer 0)
     return "[" + ",".join([fmt % v for v in array.reshape(-1).tolist()]) + "]"
 

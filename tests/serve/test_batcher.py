@@ -140,3 +140,49 @@ def test_metrics_listeners_see_every_request_and_batch(engine):
     assert seen["batches"] == [(3, 4)]  # 3 rows ran in the 4-row bucket
     assert len(seen["requests"]) == 1 and seen["requests"][0][0] >= seen["requests"][0][1] >= 0
     assert counts["completed"] == 1 and counts["submitted"] == 1 and counts["queue_length"] == 0
+
+
+class GatedEngine(SlowEngine):
+    """The real engine; its first call waits for ``open`` (so a queue builds up behind it); records batch sizes."""
+
+    def __init__(self, engine):
+        super().__init__(engine, 0.0)
+        self.open, self.sizes = threading.Event(), []
+
+    def __call__(self, x):
+        self.sizes.append(len(x))
+        self.open.wait(30)
+        return self.engine(x)
+
+
+@pytest.mark.parametrize(
+    "preferred, rows, batches",
+    [
+        (None, [1] * 13, [13]),  # greedy: all that waited
+        ((4, 8), [1] * 13, [8, 4, 1]),  # the largest preferred size the queue fills, each time
+        ((4, 8), [1] * 7, [4, 3]),
+        ((4, 8), [1] * 3, [3]),  # no preferred size filled: all of them
+        ((8,), [3, 3, 3, 3], [6, 6]),  # whole requests only: 6 of a preferred 8, then the rest
+        ((8,), [9, 1], [9, 1]),  # a request larger than the cut still runs, alone
+    ],
+)
+def test_preferred_batch_sizes_cut_the_queue(engine, preferred, rows, batches):
+    gated = GatedEngine(engine)
+    rng = np.random.default_rng(0)
+    inputs = [rng.normal(size=(n, 8, 8, 1)).astype(np.float32) for n in rows]
+    with DynamicBatcher(gated, max_batch=16, preferred_batch_sizes=preferred) as batcher:
+        first = batcher.submit(inputs[0][:1])
+        while not gated.sizes:  # the worker holds the first request in the engine
+            time.sleep(0.001)
+        futures = [batcher.submit(x) for x in inputs]
+        gated.open.set()
+        outputs = [f.result(30) for f in [first, *futures]]
+    assert gated.sizes == [1, *batches]
+    for x, out in zip([inputs[0][:1], *inputs], outputs):
+        np.testing.assert_allclose(out, engine(x), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("preferred", [(0, 8), (17,), (8.0,)])
+def test_preferred_batch_sizes_must_fit_the_batch(engine, preferred):
+    with pytest.raises(ValueError, match=r"preferred_batch_sizes must be integers in \[1, max_batch=16\]"):
+        DynamicBatcher(engine, max_batch=16, preferred_batch_sizes=preferred)

@@ -385,6 +385,43 @@ def test_a_drip_fed_body_times_out_as_a_whole(server):
     assert status_of(raw) == 408 and time.perf_counter() - start < READ_TIMEOUT + 5
 
 
+def test_a_body_that_came_with_its_headers_is_read_without_a_timer_and_a_late_one_with_one(engine, monkeypatch):
+    from jaxopt_serve.serve import server as server_module
+
+    timers = []
+    real = server_module.asyncio.timeout
+
+    def counted(delay):
+        timers.append(delay)
+        return real(delay)
+
+    monkeypatch.setattr(server_module.asyncio, "timeout", counted)
+    # its own server: no other test's connection arms a timer meanwhile
+    server = InferenceServer([ServedModel("mlp", engine)], port=0, read_timeout_s=READ_TIMEOUT).start()
+    try:
+        _timed_and_untimed_bodies(server, timers)
+    finally:
+        server.stop()
+
+
+def _timed_and_untimed_bodies(server, timers):
+    x = np.ones((1, 8, 8, 1), np.float32)
+    status, _, raw = call(server, "POST", "/v2/models/mlp/infer", infer_body(x))
+    assert status == 200 and timers == []
+    body = infer_body(x)
+    with socket.create_connection((server.host, server.port), timeout=10) as sock:
+        sock.sendall(b"POST /v2/models/mlp/infer HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n" % len(body))
+        time.sleep(0.1)  # the body comes later: its reading is timed
+        sock.sendall(body)
+        raw = b""
+        while b"\r\n\r\n" not in raw or len(raw.split(b"\r\n\r\n", 1)[1]) < 10:
+            chunk = sock.recv(65536)
+            if not chunk:
+                break
+            raw += chunk
+    assert status_of(raw) == 200 and len(timers) == 1 and 0 < timers[0] <= READ_TIMEOUT
+
+
 def test_many_stalled_sockets_do_not_block_good_clients(server, engine):
     socks = [socket.create_connection((server.host, server.port)) for _ in range(100)]
     try:

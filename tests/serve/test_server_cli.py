@@ -21,7 +21,20 @@ def test_cli_serves_named_models_and_drains_on_sigterm(tmp_path):
     path = tmp_path / "tiny.jxs"
     save_artifact(path, Artifact(CONFIG, init_variables(CONFIG, 0), (8, 8, 1)))
     process = subprocess.Popen(
-        [sys.executable, "-m", "jaxopt_serve", "serve", f"digits={path}", str(path), "--port", "0", "--max-batch", "2"],
+        [
+            sys.executable,
+            "-m",
+            "jaxopt_serve",
+            "serve",
+            f"digits={path}",
+            str(path),
+            "--port",
+            "0",
+            "--max-batch",
+            "2",
+            "--preferred-batch-sizes",
+            "1,2",
+        ],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
@@ -54,3 +67,8 @@ def test_cli_refuses_duplicate_names_and_a_missing_model(tmp_path, capsys):
     assert "['a'] is given twice" in capsys.readouterr().err
     assert main(["serve", "--port", "0"]) == 2
     assert "at least one artifact" in capsys.readouterr().err
+    assert main(["serve", str(path), "--port", "0", "--max-batch", "2", "--preferred-batch-sizes", "1,4"]) == 2
+    assert "preferred_batch_sizes must be integers in [1, max_batch=2], got [1, 4]" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["serve", str(path), "--preferred-batch-sizes", "16,x"])
+    assert "expected a positive integer, got 'x'" in capsys.readouterr().err

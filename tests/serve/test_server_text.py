@@ -67,6 +67,10 @@ def test_text_in_embeddings_out_match_the_encoder(server, encoder):
         ({"name": "text", "shape": [1], "datatype": "BYTES", "data": [3]}, "BYTES data must be strings"),
         ({"name": "text", "shape": [1], "datatype": "BYTES", "data": ["  "]}, "sentence 0 is empty"),
         ({"name": "text", "shape": [1, 1], "datatype": "BYTES", "data": ["a"]}, "expected shape [-1]"),
+        (
+            {"name": "text", "shape": [2], "datatype": "BYTES", "data": ["a", "\ud800"]},
+            "element 1 is not valid Unicode",
+        ),
     ],
 )
 def test_bad_text_requests_are_400(server, tensor, reason):
