@@ -514,9 +514,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--preferred-batch-sizes",
         type=_sizes,
         metavar="N,N,...",
-        help="batch sizes to cut the queue at, e.g. 16,32: a batch takes the largest one the waiting "
-        "rows fill and leaves the rest for the next (default: all waiting rows up to --max-batch; "
-        "for minilm, sizes above its 32 are left out)",
+        help="batch sizes to cut the queue at, e.g. 16,32: a batch takes the largest one that whole "
+        "waiting requests add up to and leaves the rest for the next (default: all waiting rows up to "
+        "--max-batch; for minilm, sizes above its 32 are left out)",
     )
     serve.add_argument(
         "--max-queue", type=_positive_int, default=1024, help="waiting requests per model before 429 (default: 1024)"

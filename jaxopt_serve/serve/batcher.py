@@ -32,6 +32,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import concurrent.futures
+import numbers
 import threading
 import time
 from collections.abc import Sequence
@@ -118,11 +119,13 @@ class DynamicBatcher:
         timeout_s: default per-request timeout (``None``: none).
         max_request_rows: the largest request accepted (default ``max_batch``).
         preferred_batch_sizes: batch sizes to cut the queue at (as Triton's option of that name):
-            when a batch would take ``n`` rows, it takes the largest preferred size ``<= n``
-            instead and leaves the rest for the next batch (all ``n`` when none fits). For a model
-            whose batch of 32 costs much more than a batch of 16, ``(16, 32)`` keeps 26 waiting
-            requests from running as one padded batch of 32 and a small one behind it, the split
-            a closed loop of clients otherwise settles into. ``None`` (default): take them all.
+            of the whole waiting requests a batch could take (up to ``max_batch`` rows), it takes
+            the longest run from the front whose rows add up to a preferred size exactly, and
+            leaves the rest for the next batch; when no run adds up to one, it takes them all.
+            For a model whose batch of 32 costs much more than a batch of 16, ``(16, 32)`` keeps
+            26 waiting requests from running as one padded batch of 32 and a small one behind it,
+            the split a closed loop of clients otherwise settles into. ``None`` (default): take
+            them all.
 
     Example:
         >>> import numpy as np
@@ -154,12 +157,14 @@ class DynamicBatcher:
         self.max_request_rows = max_request_rows or self.max_batch
         if self.max_batch <= 0 or max_queue <= 0 or max_wait_ms < 0:
             raise ValueError("max_batch and max_queue must be > 0 and max_wait_ms >= 0")
-        preferred = tuple(preferred_batch_sizes or ())
-        if any(type(n) is not int or not 0 < n <= self.max_batch for n in preferred):
+        preferred = list(preferred_batch_sizes or ())
+        if any(
+            not isinstance(n, numbers.Integral) or isinstance(n, bool) or not 0 < n <= self.max_batch for n in preferred
+        ):
             raise ValueError(
-                f"preferred_batch_sizes must be integers in [1, max_batch={self.max_batch}], got {list(preferred)}"
+                f"preferred_batch_sizes must be integers in [1, max_batch={self.max_batch}], got {preferred}"
             )
-        self.preferred_batch_sizes = tuple(sorted(set(preferred)))
+        self.preferred_batch_sizes = frozenset(int(n) for n in preferred)
         self.metrics = ServingMetrics()
         self._queue: collections.deque[_Request] = collections.deque()
         self._cond = threading.Condition()
@@ -235,14 +240,16 @@ class DynamicBatcher:
             return batch
 
     def _cut(self) -> int:
-        """The rows the next batch may take: the largest preferred size that the queue fills, else ``max_batch``."""
-        available = 0
-        for request in self._queue:  # the rows a batch of at most max_batch would take
-            if available and available + request.rows > self.max_batch:
+        """The rows the next batch may take: the largest preferred size that whole waiting requests add up to,
+        else ``max_batch``."""
+        rows, cut = 0, self.max_batch
+        for request in self._queue:  # the requests a batch of at most max_batch rows would take
+            if rows and rows + request.rows > self.max_batch:
                 break
-            available += request.rows
-        fits = [n for n in self.preferred_batch_sizes if n <= available]
-        return fits[-1] if fits else self.max_batch
+            rows += request.rows
+            if rows in self.preferred_batch_sizes:
+                cut = rows
+        return cut
 
     def _run(self) -> None:
         while True:

@@ -259,21 +259,32 @@ def _from_json(data: Any, datatype: str, shape: tuple[int, ...], name: str) -> n
         raise ProtocolError(f"input {name!r}: {datatype} data must be numbers, got {', '.join(other)}")
     if dtype.kind in "iu":
         info = np.iinfo(dtype)
-        if float in kinds:  # (orjson reads integers beyond 64 bits as floats)
-            if any(type(v) is float and v.is_integer() and not info.min <= v <= info.max for v in flat):
+        if float in kinds:  # orjson reads integers beyond 64 bits as floats (-2**63 - 1 rounds to -2**63)
+            if any(
+                type(v) is float and v.is_integer() and (not info.min <= v <= info.max or abs(v) >= 2.0**63)
+                for v in flat
+            ):
                 raise ProtocolError(f"input {name!r}: values outside the {datatype} range [{info.min}, {info.max}]")
             raise ProtocolError(f"input {name!r}: fractional numbers where {datatype} integers are expected")
         if flat and (min(flat) < info.min or max(flat) > info.max):
             raise ProtocolError(f"input {name!r}: values outside the {datatype} range [{info.min}, {info.max}]")
         return np.array(flat, dtype=dtype).reshape(shape)
     limit = _FLOAT_MAX[datatype]
-    # Python's min and max (exact for integers of any size; 1e400 reads as inf): faster than numpy's on small data
-    if flat and not (-limit <= min(flat) and max(flat) <= limit):
+    values = None
+    if len(flat) <= 512:  # Python's min and max: faster than numpy's on small data, exact for integers of any size
+        low, high = (min(flat), max(flat)) if flat else (0.0, 0.0)
+    else:
+        try:
+            values = np.array(flat, dtype=np.float64)
+        except OverflowError:  # an integer literal beyond float64
+            raise ProtocolError(f"input {name!r}: a value overflows {datatype}") from None
+        low, high = values.min(), values.max()
+    if not (-limit <= low and high <= limit):  # also 1e400, which Python's parser reads as inf
         bad = next(i for i, v in enumerate(flat) if not -limit <= v <= limit)
         raise ProtocolError(
             f"input {name!r}: element {bad} ({flat[bad]!r}) overflows {datatype} (largest magnitude {limit:.6g})"
         )
-    return np.array(flat, dtype=dtype).reshape(shape)
+    return (np.array(flat, dtype=dtype) if values is None else values.astype(dtype)).reshape(shape)
 
 
 def _encodable(text: str) -> bool:

@@ -159,11 +159,13 @@ class GatedEngine(SlowEngine):
     "preferred, rows, batches",
     [
         (None, [1] * 13, [13]),  # greedy: all that waited
-        ((4, 8), [1] * 13, [8, 4, 1]),  # the largest preferred size the queue fills, each time
+        ((4, 8), [1] * 13, [8, 4, 1]),  # the largest preferred size the queue adds up to, each time
         ((4, 8), [1] * 7, [4, 3]),
-        ((4, 8), [1] * 3, [3]),  # no preferred size filled: all of them
-        ((8,), [3, 3, 3, 3], [6, 6]),  # whole requests only: 6 of a preferred 8, then the rest
-        ((8,), [9, 1], [9, 1]),  # a request larger than the cut still runs, alone
+        ((4, 8), [1] * 3, [3]),  # no preferred size reached: all of them
+        ((8,), [5, 3, 4], [8, 4]),  # whole requests that add up to 8
+        ((8,), [3, 3, 3, 3], [12]),  # no run of whole requests adds up to 8: one batch, as greedy
+        ((6,), [3, 3, 3, 3], [6, 6]),
+        (np.array([8]), [5, 5, 5], [15]),
     ],
 )
 def test_preferred_batch_sizes_cut_the_queue(engine, preferred, rows, batches):
@@ -182,7 +184,7 @@ def test_preferred_batch_sizes_cut_the_queue(engine, preferred, rows, batches):
         np.testing.assert_allclose(out, engine(x), rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("preferred", [(0, 8), (17,), (8.0,)])
+@pytest.mark.parametrize("preferred", [(0, 8), (17,), (8.0,), (True,)])
 def test_preferred_batch_sizes_must_fit_the_batch(engine, preferred):
     with pytest.raises(ValueError, match=r"preferred_batch_sizes must be integers in \[1, max_batch=16\]"):
         DynamicBatcher(engine, max_batch=16, preferred_batch_sizes=preferred)

@@ -49,6 +49,11 @@ DECODE_CASES = {
     "1e400": _body("[1e400, 1]"),
     "integer beyond float64": _body("[1" + "0" * 400 + ", 1]"),
     "integer beyond INT64": _body("[18446744073709551616, 1]", "INT64"),
+    "integer just below INT64": _body("[-9223372036854775809, 1]", "INT64"),
+    "smallest INT64": _body("[-9223372036854775808, 1]", "INT64"),
+    "many floats": _body(str([i / 7 for i in range(600)]), "FP32", "[600]"),
+    "many floats, one 1e400": _body(str([i / 7 for i in range(599)] + [1e400]).replace("inf", "1e400"), shape="[600]"),
+    "many floats, one integer beyond float64": _body("[" + "1" + "0" * 400 + ", 0.5" * 599 + "]", shape="[600]"),
     "fraction for INT32": _body("[0.5, 1]", "INT32"),
     "lone surrogate": _body('["\\ud800", "a"]', "BYTES"),
     "byte order mark": b"\xef\xbb\xbf" + _body("[1, 2]"),
@@ -73,7 +78,7 @@ def test_orjson_and_the_standard_parser_give_the_same_request_or_the_same_error(
     fast = outcome()
     monkeypatch.setattr(protocol, "orjson", None)
     assert outcome() == fast
-    if case in ("floats", "nested"):
+    if case in ("floats", "nested", "smallest INT64", "many floats"):
         assert isinstance(fast, dict)
     else:
         assert isinstance(fast, str)
