@@ -1,13 +1,11 @@
 """``jaxopt-serve serve``: a real server process, spoken to over the Open Inference Protocol, stopped by SIGTERM."""
 
 import json
-import signal
-import subprocess
-import sys
 import urllib.request
 
 import numpy as np
 import pytest
+from serve_process import ServeProcess
 
 pytest.importorskip("starlette")
 
@@ -20,29 +18,10 @@ CONFIG = MLPConfig(features=(8,))
 def test_cli_serves_named_models_and_drains_on_sigterm(tmp_path):
     path = tmp_path / "tiny.jxs"
     save_artifact(path, Artifact(CONFIG, init_variables(CONFIG, 0), (8, 8, 1)))
-    process = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "jaxopt_serve",
-            "serve",
-            f"digits={path}",
-            str(path),
-            "--port",
-            "0",
-            "--max-batch",
-            "2",
-            "--preferred-batch-sizes",
-            "1,2",
-        ],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    try:
-        line = process.stdout.readline()
+    with ServeProcess(f"digits={path}", str(path), "--max-batch", "2", "--preferred-batch-sizes", "1,2") as server:
+        line = server.line
         assert line.startswith("serving digits (mlp, buckets (1, 2)), tiny (mlp, buckets (1, 2)) on http://"), line
-        url = line.split(" on ")[1].split()[0]
+        url = server.url
         body = json.dumps(
             {"inputs": [{"name": "input", "shape": [1, 8, 8, 1], "datatype": "FP32", "data": [0.5] * 64}]}
         ).encode()
@@ -50,12 +29,9 @@ def test_cli_serves_named_models_and_drains_on_sigterm(tmp_path):
             with urllib.request.urlopen(f"{url}/v2/models/{name}/infer", body, timeout=60) as r:
                 reply = json.load(r)
             assert reply["model_name"] == name and np.asarray(reply["outputs"][0]["data"]).shape == (10,)
-        process.send_signal(signal.SIGTERM)
-        out, err = process.communicate(timeout=60)
-    finally:
-        process.kill()
-    assert process.returncode == 0, err  # a clean exit: no SIGABRT, no traceback
-    assert "stopped after finishing the accepted requests" in out and "Traceback" not in err
+        code = server.stop()
+    assert code == 0, server.err  # a clean exit: no SIGABRT, no traceback
+    assert "stopped after finishing the accepted requests" in server.out and "Traceback" not in server.err
 
 
 def test_cli_refuses_duplicate_names_and_a_missing_model(tmp_path, capsys):

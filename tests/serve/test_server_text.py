@@ -5,6 +5,7 @@ import json
 
 import numpy as np
 import pytest
+from serve_process import ServeProcess
 
 pytest.importorskip("starlette")
 pytest.importorskip("tokenizers")
@@ -85,32 +86,13 @@ def test_invalid_utf8_in_binary_bytes_is_400(server):
 
 
 def test_cli_serves_minilm_int8(encoder):
-    import signal
-    import subprocess
-    import sys
-
-    process = subprocess.Popen(
-        [sys.executable, "-m", "jaxopt_serve", "serve", "--minilm-int8", "--port", "0", "--max-batch", "2"],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    try:
-        line = process.stdout.readline()
-        assert line.startswith("serving minilm (all-MiniLM-L6-v2, int8 W8A8, from text;"), line
-        host, port = line.rsplit(" on http://", 1)[1].split()[0].split(":")
+    with ServeProcess("--minilm-int8", "--max-batch", "2") as server:
+        assert server.line.startswith("serving minilm (all-MiniLM-L6-v2, int8 W8A8, from text;"), server.line
         body = json.dumps({"inputs": [{"name": "text", "shape": [2], "datatype": "BYTES", "data": SENTENCES}]})
-        conn = http.client.HTTPConnection(host, int(port), timeout=120)
-        conn.request("POST", "/v2/models/minilm/infer", body.encode())
-        response = conn.getresponse()
-        reply = json.loads(response.read())
-        conn.close()
-        process.send_signal(signal.SIGTERM)
-        process.communicate(timeout=60)
-    finally:
-        process.kill()
-    assert response.status == 200 and process.returncode == 0
-    got = np.asarray(reply["outputs"][0]["data"]).reshape(2, 384)
+        status, _, raw = post(server, body.encode())
+        assert server.stop() == 0, server.err
+    assert status == 200
+    got = np.asarray(json.loads(raw)["outputs"][0]["data"]).reshape(2, 384)
     want = encoder.embed(SENTENCES)
     cosine = (got * want).sum(1) / np.linalg.norm(got, axis=1) / np.linalg.norm(want, axis=1)
     assert cosine.min() > 0.98  # the same embeddings, up to int8 quantization ...
