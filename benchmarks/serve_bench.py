@@ -367,13 +367,11 @@ def minilm_int8() -> object:
     """The bundled all-MiniLM-L6-v2 with its encoder kernels in int8, run W8A8 (activations quantized per row as
     they arrive): what a user serving it for throughput would deploy (``jaxopt-serve serve --minilm-int8``). Round to
     nearest, no calibration."""
-    from jaxopt_serve.demo import MINILM_KERNELS
+    from jaxopt_serve.demo import minilm_int8 as int8_variables
     from jaxopt_serve.hf import SentenceEncoder, bundled_minilm_dir
-    from jaxopt_serve.quant import QuantRule, QuantSpec, quantize
 
     f32 = SentenceEncoder(bundled_minilm_dir())
-    int8 = quantize(f32.variables, [QuantRule(MINILM_KERNELS, QuantSpec(qtype="int8"))]).variables
-    return SentenceEncoder(bundled_minilm_dir(), variables=int8, quant_mode="dynamic")
+    return SentenceEncoder(bundled_minilm_dir(), variables=int8_variables(f32.variables), quant_mode="dynamic")
 
 
 def _serial_minilm():

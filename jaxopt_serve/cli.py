@@ -506,8 +506,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--minilm-int8",
         action="store_true",
         help="--minilm with the encoder's dense kernels in int8, run W8A8 (activations quantized per row, "
-        "round to nearest): faster where the CPU has native int8 kernels; `make demo`'s MiniLM table "
-        "gives its speed and its cosine to f32",
+        "round to nearest): faster where the CPU has native int8 kernels (figures in the serving guide)",
     )
     serve.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1)")
     serve.add_argument("--port", type=_port, default=8000, help="port (default: 8000; 0 picks a free one)")
@@ -957,11 +956,9 @@ def _serve(args: argparse.Namespace) -> int:
 
         encoder = SentenceEncoder(bundled_minilm_dir())
         if args.minilm_int8:
-            from jaxopt_serve.demo import MINILM_KERNELS
-            from jaxopt_serve.quant import QuantRule, QuantSpec, quantize
+            from jaxopt_serve.demo import minilm_int8
 
-            int8 = quantize(encoder.variables, [QuantRule(MINILM_KERNELS, QuantSpec(qtype="int8"))]).variables
-            encoder = SentenceEncoder(bundled_minilm_dir(), variables=int8)  # run W8A8 ("dynamic")
+            encoder = SentenceEncoder(bundled_minilm_dir(), variables=minilm_int8(encoder.variables))  # W8A8
         largest = min(args.max_batch, 32)
         if args.preferred_batch_sizes:
             options["preferred_batch_sizes"] = [n for n in args.preferred_batch_sizes if n <= largest] or None

@@ -490,14 +490,18 @@ class _Session:
         # The native W8A8 kernel: symmetric int8 weights, one static scale or per-row activation scales.
         use_native = native.available() and zero is None and (act_scale is None or jnp.size(act_scale) == 1)
         only_converts = all(p.name == "convert_element_type" for p, _ in t.views)
+
+        def on_native(packed: native.Int8Weight, scale: jax.Array, free_dims: tuple[int, ...]) -> Any:
+            fused = _epilogue_bias(bias, wi, free_dims, out_dtype)
+            y = _native_dot(
+                unsmoothed, packed, scale, wi, cx, free_dims, act_scale, symmetric, act_bits, factors, fused
+            ).astype(out_dtype)
+            return y if fused is None else _WithBias(y)
+
         if use_native and q.packed and only_converts and tuple(cw) == (0,) and not bw:
             # serving_layout packed this kernel for the native kernel: no repacking per call
             packed = native.Int8Weight(q.values, *q.shape, bounded=True)  # serving_layout packs only [-127, 127]
-            fused = _epilogue_bias(bias, wi, q.shape[1:], out_dtype)
-            y = _native_dot(
-                unsmoothed, packed, scale, wi, cx, q.shape[1:], act_scale, symmetric, act_bits, factors, fused
-            ).astype(out_dtype)
-            return y if fused is None else _WithBias(y)
+            return on_native(packed, scale, tuple(q.shape[1:]))
         if q.transposed and only_converts:
             # serving_layout stores 2-D int8 values as (out, in): contract them as stored (XLA:CPU's fast layout)
             wq, scale, zero, cw, bw = _stored_transposed(q, scale, zero, cw, bw)
@@ -510,13 +514,7 @@ class _Session:
             free = [a for a in range(wq.ndim) if a not in cw]
             matrix = jnp.transpose(wq, [*cw, *free]).reshape(math.prod(wq.shape[a] for a in cw), -1)
             packed = native.pack_int8(matrix)  # packed in the traced program, per call
-            scale = jnp.transpose(scale, [*cw, *free])
-            free_dims = tuple(wq.shape[a] for a in free)
-            fused = _epilogue_bias(bias, wi, free_dims, out_dtype)
-            y = _native_dot(
-                unsmoothed, packed, scale, wi, cx, free_dims, act_scale, symmetric, act_bits, factors, fused
-            ).astype(out_dtype)
-            return y if fused is None else _WithBias(y)
+            return on_native(packed, jnp.transpose(scale, [*cw, *free]), tuple(wq.shape[a] for a in free))
         y = _integer_dot(
             x, wq, scale, zero, wi, dims, cx, bx, cw, bw, act_scale=act_scale, symmetric=symmetric, act_bits=act_bits
         )

@@ -261,8 +261,7 @@ def _from_json(data: Any, datatype: str, shape: tuple[int, ...], name: str) -> n
         info = np.iinfo(dtype)
         if float in kinds:  # orjson reads integers beyond 64 bits as floats (-2**63 - 1 rounds to -2**63)
             if any(
-                type(v) is float and v.is_integer() and (not info.min <= v <= info.max or abs(v) >= 2.0**63)
-                for v in flat
+                type(v) is float and v.is_integer() and (not info.min <= v <= info.max or v <= -(2.0**63)) for v in flat
             ):
                 raise ProtocolError(f"input {name!r}: values outside the {datatype} range [{info.min}, {info.max}]")
             raise ProtocolError(f"input {name!r}: fractional numbers where {datatype} integers are expected")
@@ -416,7 +415,7 @@ def _float_text(array: np.ndarray) -> str | None:
     fmt = _ROUND_TRIP_FORMAT.get(array.dtype)
     if fmt is None:
         return None
-    if orjson is not None and array.dtype.isnative:
+    if orjson is not None:  # (a byte-swapped array has no format above: orjson writes native ones only)
         return orjson.dumps(np.ascontiguousarray(array.reshape(-1)), option=orjson.OPT_SERIALIZE_NUMPY).decode()
     if not np.isfinite(array).all() or (np.signbit(array) & (array == 0)).any():
         return None  # ("%g" writes -0.0 as "-0", which JSON readers take for the integer 0)
