@@ -79,7 +79,7 @@ from jaxopt_serve.model import Model, as_model, check_inputs
 from jaxopt_serve.models.config import ModelConfig
 from jaxopt_serve.models.functional import Variables
 from jaxopt_serve.quant.qarray import has_qarrays
-from jaxopt_serve.quant.runtime import inference_fn, serving_layout
+from jaxopt_serve.quant.runtime import inference_fn, leading_contractions, serving_layout
 
 
 def default_buckets(max_batch: int, multiple: int = 1) -> tuple[int, ...]:
@@ -247,8 +247,10 @@ class InferenceEngine:
             and predict is None
             and not split_weights
         ):
-            # int8 kernels packed once for the native CPU kernels (a model-parallel mesh keeps the split layout)
-            variables = serving_layout(variables)
+            # int8 kernels packed once for the native CPU kernels (a model-parallel mesh keeps the split layout);
+            # those of more than two axes (DenseGeneral's) as the model contracts them
+            contractions = leading_contractions(self.model, variables, *self.example) if self.model else None
+            variables = serving_layout(variables, contractions)
         compute = jnp.bfloat16 if dtype == "bfloat16" else None
 
         def cast(tree: Any, to: Any) -> Any:

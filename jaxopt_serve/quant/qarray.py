@@ -100,8 +100,11 @@ class QArray:
         transposed: int8 2-D values stored as ``(out, in)`` (see ``runtime.serving_layout``),
             which XLA:CPU's integer dot reads faster; ``int_values`` and
             ``dequantize`` undo it, artifacts store the original layout.
-        packed: int8 2-D values stored as the native CPU kernels' panels
-            ``(P, Kp / 4 + 1, 16, 4)`` (see ``jaxopt_serve.native.pack_int8`` and
+        packed: 0, or int8 values stored as the native CPU kernels' panels
+            ``(P, Kp / 4 + 1, 16, 4)`` of the ``(K, N)`` matrix whose ``K`` is the
+            first ``packed`` axes flattened and ``N`` the rest (1 for a 2-D
+            kernel; 2 for an attention output projection ``(heads, head_dim,
+            out)``; see ``jaxopt_serve.native.pack_int8`` and
             ``runtime.serving_layout``); undone the same way.
 
     Example:
@@ -124,7 +127,7 @@ class QArray:
     axis: int | None = dataclasses.field(metadata=dict(static=True))
     group_size: int | None = dataclasses.field(metadata=dict(static=True))
     transposed: bool = dataclasses.field(default=False, metadata=dict(static=True))
-    packed: bool = dataclasses.field(default=False, metadata=dict(static=True))
+    packed: int = dataclasses.field(default=0, metadata=dict(static=True))
 
     @property
     def bits(self) -> int:
@@ -151,7 +154,8 @@ class QArray:
         if self.packed:
             from jaxopt_serve import native  # the packed layout is the native kernels'
 
-            return native.unpack_int8(self.values, *self.shape)
+            k = math.prod(self.shape[: self.packed])
+            return native.unpack_int8(self.values, k, self.size // k).reshape(self.shape)
         if self.bits == 8:
             return self.values
         return unpack(self.values, self.qtype, self.size).reshape(self.shape)
@@ -159,7 +163,7 @@ class QArray:
     def canonical(self) -> QArray:
         """The same array with values in the original layout (undoes ``serving_layout``)."""
         if self.packed:
-            return dataclasses.replace(self, values=self.int_values(), packed=False)
+            return dataclasses.replace(self, values=self.int_values(), packed=0)
         if not self.transposed:
             return self
         return dataclasses.replace(self, values=self.values.T, transposed=False)

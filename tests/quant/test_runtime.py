@@ -226,6 +226,47 @@ def test_serving_layout_gives_the_same_outputs_and_saves_canonically(tmp_path):
     np.testing.assert_array_equal(loaded.values, q["params"]["dense_0"]["kernel"].values)
 
 
+def test_kernels_of_more_than_two_axes_are_packed_once_as_the_model_contracts_them():
+    """DenseGeneral-style kernels (per-head projections) are packed once as the matrix of the axes every product
+    contracts by the rest: outputs bit-identical to packing them inside every call; a kernel contracted two ways,
+    or with scales along its contracted axes, stays as it is."""
+    from jaxopt_serve.engine import InferenceEngine
+    from jaxopt_serve.model import Model
+    from jaxopt_serve.quant import leading_contractions, serving_layout
+
+    rng = np.random.default_rng(0)
+    shapes = {"qkv": (32, 4, 16), "out": (4, 16, 32), "tied": (32, 2, 16), "grouped": (32, 2, 16)}
+    params = {name: {"kernel": rng.normal(size=shape).astype(np.float32)} for name, shape in shapes.items()}
+
+    def dot(a, w, contract):  # as flax.linen.DenseGeneral contracts its kernel
+        return jax.lax.dot_general(a, w, ((tuple(range(a.ndim - len(contract), a.ndim)), contract), ((), ())))
+
+    def attend(p, x):
+        h = dot(x, p["qkv"]["kernel"], (0,))  # (b, 4, 16)
+        y = dot(h, p["out"]["kernel"], (0, 1))  # (b, 32)
+        a = dot(y, p["tied"]["kernel"], (0,))  # the tied kernel: first on axis 0 ...
+        return y + dot(a, p["tied"]["kernel"], (1, 2)) + dot(y, p["grouped"]["kernel"], (0,)).sum(axis=(1, 2))[:, None]
+
+    x = rng.normal(size=(3, 32)).astype(np.float32)
+    model = Model.function(attend, params, x)
+    rules = [QuantRule("params/grouped/kernel", QuantSpec(granularity="group", group_size=16)), QuantRule(".*kernel")]
+    q = quantize(model.variables, rules).variables
+    contractions = leading_contractions(model, q, x)
+    assert contractions == {"params/grouped/kernel": 1, "params/out/kernel": 2, "params/qkv/kernel": 1}
+    assert all(not leaf.packed for leaf in jax.tree.leaves(serving_layout(q), is_leaf=lambda v: hasattr(v, "packed")))
+    predict = jax.jit(quantized_predict_fn(model, mode="dynamic"))
+    for kernel_path in native.supported_kernels()[:1]:
+        with native.use_kernel(kernel_path):
+            served = serving_layout(q, contractions)["params"]
+            assert [served[name]["kernel"].packed for name in shapes] == [1, 2, 0, 0]
+            for name in shapes:
+                np.testing.assert_array_equal(served[name]["kernel"].int_values(), q["params"][name]["kernel"].values)
+            np.testing.assert_array_equal(predict({"params": served}, x), predict(q, x))
+            engine = InferenceEngine(model, q, max_batch=4, quant_mode="dynamic")
+            assert engine.variables["params"]["out"]["kernel"].packed == 2
+            np.testing.assert_allclose(engine(x), predict(q, x), rtol=1e-6, atol=1e-6)
+
+
 @pytest.mark.parametrize("symmetric_weights", [True, False])
 def test_asymmetric_activations_match_the_float_dot_and_beat_symmetric_on_one_signed_rows(symmetric_weights):
     from jaxopt_serve.quant import QuantSpec, quantize_array, quantized_dot

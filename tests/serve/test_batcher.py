@@ -184,6 +184,17 @@ def test_preferred_batch_sizes_cut_the_queue(engine, preferred, rows, batches):
         np.testing.assert_allclose(out, engine(x), rtol=1e-5, atol=1e-6)
 
 
+def test_a_batch_of_the_largest_preferred_size_does_not_wait_out_max_wait(engine):
+    rng = np.random.default_rng(0)
+    inputs = [rng.normal(size=(n, 8, 8, 1)).astype(np.float32) for n in (3, 5)]
+    with DynamicBatcher(engine, max_batch=16, max_wait_ms=60_000, preferred_batch_sizes=(4, 8)) as batcher:
+        futures = [batcher.submit(x) for x in inputs]  # 3 + 5 rows: the largest preferred size, 8
+        outputs = [f.result(30) for f in futures]  # well before the minute's delay
+        assert batcher.metrics.snapshot()["batch_rows"] == {"8": 1}  # one batch of 8 rows
+    for x, out in zip(inputs, outputs):
+        np.testing.assert_allclose(out, engine(x), rtol=1e-5, atol=1e-6)
+
+
 @pytest.mark.parametrize("preferred", [(0, 8), (17,), (8.0,), (True,)])
 def test_preferred_batch_sizes_must_fit_the_batch(engine, preferred):
     with pytest.raises(ValueError, match=r"preferred_batch_sizes must be integers in \[1, max_batch=16\]"):
