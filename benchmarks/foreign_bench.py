@@ -87,7 +87,7 @@ from jaxopt_serve.data import load_digits  # noqa: E402
 from jaxopt_serve.engine import export_model, make_mesh, model_parallel_rules  # noqa: E402
 from jaxopt_serve.engine.sharding import DATA, shard_variables  # noqa: E402
 from jaxopt_serve.fileio import atomic_write  # noqa: E402
-from jaxopt_serve.quant import calibrate, quantize, quantized_predict_fn, serving_layout  # noqa: E402
+from jaxopt_serve.quant import calibrate, leading_contractions, quantize, quantized_predict_fn, serving_layout  # noqa: E402
 from jaxopt_serve.quant.runtime import MODES, execution_report  # noqa: E402
 from jaxopt_serve.quant.select import int4_rules, model_rules, weight_paths  # noqa: E402
 from jaxopt_serve.timing import device_description  # noqa: E402
@@ -424,7 +424,7 @@ def qwix_section(
     for name, case in cases.items():
         model, held, logits_of = case["model"], case["held"], case["logits_of"]
         q = quant[name]["q"]
-        qs = serving_layout(q)
+        qs = serving_layout(q, leading_contractions(model, q, held))  # as InferenceEngine lays them out
         reference = logits_of(quant[name]["float_out"])  # computed before qwix was ever called
         row: dict[str, Any] = {
             "model": name,

@@ -469,7 +469,7 @@ class _Session:
         original = None if axes is None else tuple(axes[a] for a in cw)
         self.contracted[key] = original
         only_converts = all(p.name == "convert_element_type" for p, _ in t.views)
-        lead = len(cw) if only_converts and cw and not bw and tuple(cw) == tuple(range(len(cw))) else None
+        lead = len(cw) if only_converts and cw and not bw and sorted(cw) == list(range(len(cw))) else None
         self.leading[t.path] = lead if self.leading.get(t.path, lead) == lead else None
         unsmoothed, factors = x, None
         if key in self.smooth:  # x * (1 / factors): the native kernel multiplies as it quantizes, others here
@@ -495,18 +495,21 @@ class _Session:
         # The native W8A8 kernel: symmetric int8 weights, one static scale or per-row activation scales.
         use_native = native.available() and zero is None and (act_scale is None or jnp.size(act_scale) == 1)
 
-        def on_native(packed: native.Int8Weight, scale: jax.Array, free_dims: tuple[int, ...]) -> Any:
+        def on_native(
+            packed: native.Int8Weight, scale: jax.Array, free_dims: tuple[int, ...], x_axes: Sequence[int] = cx
+        ) -> Any:
             fused = _epilogue_bias(bias, wi, free_dims, out_dtype)
             y = _native_dot(
-                unsmoothed, packed, scale, wi, cx, free_dims, act_scale, symmetric, act_bits, factors, fused
+                unsmoothed, packed, scale, wi, x_axes, free_dims, act_scale, symmetric, act_bits, factors, fused
             ).astype(out_dtype)
             return y if fused is None else _WithBias(y)
 
-        if use_native and q.packed and only_converts and tuple(cw) == tuple(range(q.packed)) and not bw:
-            # serving_layout packed this kernel (its first q.packed axes as K) for the native kernel: no repacking
+        if use_native and q.packed and only_converts and sorted(cw) == list(range(q.packed)) and not bw:
+            # serving_layout packed this kernel (its first q.packed axes as K) for the native kernel: no repacking.
+            # The input's contracted axes go in the kernel's axis order (einsum may list them in another).
             k = math.prod(q.shape[: q.packed])
             packed = native.Int8Weight(q.values, k, q.size // k, bounded=True)  # packed only when in [-127, 127]
-            return on_native(packed, scale, tuple(q.shape[q.packed :]))
+            return on_native(packed, scale, tuple(q.shape[q.packed :]), [a for _, a in sorted(zip(cw, cx))])
         if q.transposed and only_converts:
             # serving_layout stores 2-D int8 values as (out, in): contract them as stored (XLA:CPU's fast layout)
             wq, scale, zero, cw, bw = _stored_transposed(q, scale, zero, cw, bw)
@@ -937,11 +940,14 @@ def observe_inputs(
 
 
 def leading_contractions(model: Model | ModelConfig, variables: Variables, *inputs: Any) -> dict[str, int]:
-    """``{kernel path: n}`` for the quantized kernels of more than two axes that every product contracts over exactly
-    their first ``n`` axes, as stored: what ``serving_layout`` needs to pack them (``DenseGeneral``'s per-head
-    projections: ``(in, heads, head_dim)`` has ``n = 1``, ``(heads, head_dim, out)`` has ``n = 2``).
+    """``{kernel path: n}`` for the quantized kernels of more than two axes that every product with an activation
+    contracts over exactly their first ``n`` axes (in any order), as stored: what ``serving_layout`` needs to pack
+    them (``DenseGeneral``'s per-head projections: ``(in, heads, head_dim)`` has ``n = 1``, ``(heads, head_dim,
+    out)`` has ``n = 2``).
 
     Traced, not run. A kernel also contracted another way (through a transpose, or on other axes) is left out.
+    Products of two quantized leaves and convolutions are not counted: they read the kernel unpacked
+    (``QArray.int_values``), which stays correct, only not faster.
 
     Example:
         >>> import jax, jax.numpy as jnp
@@ -963,7 +969,8 @@ def leading_contractions(model: Model | ModelConfig, variables: Variables, *inpu
 
 
 def serving_layout(variables: Any, contractions: Mapping[str, int] | None = None) -> Any:
-    """Lay every int8 2-D kernel out for the fastest integer product here; numerically identical.
+    """Lay int8 kernels out for the fastest integer product here (2-D ones, and those listed in
+    ``contractions``); numerically identical.
 
     With the native CPU kernels (``jaxopt_serve.native``) a symmetric int8
     kernel is packed once into their panels, so no call repacks it; so is a

@@ -236,10 +236,10 @@ def _decode_layout(target: ModelConfig | Model, raw: Variables, header: dict[str
 
 def _encode(tree: Any, path: tuple[str, ...]) -> Any:
     if isinstance(tree, QArray):
+        tree = tree.canonical()  # artifacts hold the original layout (not serving_layout's)
         entry = {"values": _numpy(tree.values), "scale": _numpy(tree.scale)}
         if tree.zero_point is not None:
             entry["zero_point"] = _numpy(tree.zero_point)
-        tree = tree.canonical()  # artifacts hold the original layout
         meta = {field: getattr(tree, field) for field in _META_FIELDS}
         meta["shape"] = [int(d) for d in meta["shape"]]
         entry["meta"] = np.frombuffer(json.dumps(meta, sort_keys=True).encode("utf-8"), dtype=np.uint8).copy()

@@ -122,9 +122,9 @@ class DynamicBatcher:
             of the whole waiting requests a batch could take (up to ``max_batch`` rows), it takes
             the longest run from the front whose rows add up to a preferred size exactly, and
             leaves the rest for the next batch; when no run adds up to one, it takes them all.
-            With ``max_wait_ms``, a batch that reaches the largest preferred size runs at once
-            instead of waiting out the delay. For a model whose batch of 32 costs much more than a batch
-            of 16, ``(16, 32)`` keeps
+            With ``max_wait_ms``, a batch runs as soon as whole waiting requests add up to a
+            preferred size (Triton's rule); otherwise the first request waits up to the delay.
+            For a model whose batch of 32 costs much more than a batch of 16, ``(16, 32)`` keeps
             26 waiting requests from running as one padded batch of 32 and a small one behind it,
             the split a closed loop of clients otherwise settles into. ``None`` (default): take
             them all.
@@ -230,7 +230,7 @@ class DynamicBatcher:
             while True:
                 rows = sum(r.rows for r in self._queue)
                 remaining = first_arrival + self.max_wait - time.perf_counter()
-                if rows >= self.max_batch or remaining <= 0 or self._closing or self._largest_preferred_ready():
+                if rows >= self.max_batch or remaining <= 0 or self._closing or self._preferred_ready():
                     break
                 self._cond.wait(remaining)
             batch, rows, limit = [], 0, self._cut() if self.preferred_batch_sizes else self.max_batch
@@ -241,15 +241,18 @@ class DynamicBatcher:
             self.metrics.queue_length = len(self._queue)
             return batch
 
-    def _largest_preferred_ready(self) -> bool:
-        """Whole requests at the front add up to the largest preferred size: that batch need not wait (as Triton's)."""
+    def _preferred_ready(self) -> bool:
+        """Whole waiting requests from the front add up to a preferred size: that batch runs without waiting for
+        more (Triton's rule)."""
         if not self.preferred_batch_sizes:
             return False
-        largest, rows = max(self.preferred_batch_sizes), 0
+        rows = 0
         for request in self._queue:
             rows += request.rows
-            if rows >= largest:
-                return rows == largest
+            if rows > self.max_batch:
+                return False
+            if rows in self.preferred_batch_sizes:
+                return True
         return False
 
     def _cut(self) -> int:

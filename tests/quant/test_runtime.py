@@ -235,7 +235,13 @@ def test_kernels_of_more_than_two_axes_are_packed_once_as_the_model_contracts_th
     from jaxopt_serve.quant import leading_contractions, serving_layout
 
     rng = np.random.default_rng(0)
-    shapes = {"qkv": (32, 4, 16), "out": (4, 16, 32), "tied": (32, 2, 16), "grouped": (32, 2, 16)}
+    shapes = {
+        "qkv": (32, 4, 16),
+        "out": (4, 16, 32),
+        "einsum": (4, 16, 32),
+        "tied": (32, 2, 16),
+        "grouped": (32, 2, 16),
+    }
     params = {name: {"kernel": rng.normal(size=shape).astype(np.float32)} for name, shape in shapes.items()}
 
     def dot(a, w, contract):  # as flax.linen.DenseGeneral contracts its kernel
@@ -243,7 +249,7 @@ def test_kernels_of_more_than_two_axes_are_packed_once_as_the_model_contracts_th
 
     def attend(p, x):
         h = dot(x, p["qkv"]["kernel"], (0,))  # (b, 4, 16)
-        y = dot(h, p["out"]["kernel"], (0, 1))  # (b, 32)
+        y = dot(h, p["out"]["kernel"], (0, 1)) + jnp.einsum("bhd,hdo->bo", h, p["einsum"]["kernel"])  # (b, 32)
         a = dot(y, p["tied"]["kernel"], (0,))  # the tied kernel: first on axis 0 ...
         return y + dot(a, p["tied"]["kernel"], (1, 2)) + dot(y, p["grouped"]["kernel"], (0,)).sum(axis=(1, 2))[:, None]
 
@@ -252,13 +258,19 @@ def test_kernels_of_more_than_two_axes_are_packed_once_as_the_model_contracts_th
     rules = [QuantRule("params/grouped/kernel", QuantSpec(granularity="group", group_size=16)), QuantRule(".*kernel")]
     q = quantize(model.variables, rules).variables
     contractions = leading_contractions(model, q, x)
-    assert contractions == {"params/grouped/kernel": 1, "params/out/kernel": 2, "params/qkv/kernel": 1}
+    # einsum lists the contracted axes in another order (1, 0): still the first two
+    assert contractions == {
+        "params/einsum/kernel": 2,
+        "params/grouped/kernel": 1,
+        "params/out/kernel": 2,
+        "params/qkv/kernel": 1,
+    }
     assert all(not leaf.packed for leaf in jax.tree.leaves(serving_layout(q), is_leaf=lambda v: hasattr(v, "packed")))
     predict = jax.jit(quantized_predict_fn(model, mode="dynamic"))
     for kernel_path in native.supported_kernels()[:1]:
         with native.use_kernel(kernel_path):
             served = serving_layout(q, contractions)["params"]
-            assert [served[name]["kernel"].packed for name in shapes] == [1, 2, 0, 0]
+            assert [served[name]["kernel"].packed for name in shapes] == [1, 2, 2, 0, 0]
             for name in shapes:
                 np.testing.assert_array_equal(served[name]["kernel"].int_values(), q["params"][name]["kernel"].values)
             np.testing.assert_array_equal(predict({"params": served}, x), predict(q, x))

@@ -82,6 +82,23 @@ def test_round_trip_is_bit_exact(tmp_path, config, name):
     np.testing.assert_array_equal(predict(loaded.variables, x), predict(q, x))
 
 
+def test_served_layouts_encode_as_the_original():
+    """``encode_qtree`` stores what ``serving_layout`` laid out (packed panels, 2-D and 3-D, or (out, in)) in the
+    original layout, as ``quantized_artifact`` does."""
+    from jaxopt_serve import native
+    from jaxopt_serve.quant import serving_layout
+
+    rng = np.random.default_rng(0)
+    params = {"dense": {"kernel": rng.normal(size=(16, 8))}, "heads": {"kernel": rng.normal(size=(4, 2, 16))}}
+    q = quantize({"params": params}).variables
+    for kernel_path in [*native.supported_kernels()[:1], "xla"]:
+        with native.use_kernel(kernel_path):
+            served = serving_layout(q, {"params/heads/kernel": 2})
+            if kernel_path != "xla":
+                assert served["params"]["heads"]["kernel"].packed == 2
+            _assert_bit_exact(decode_qtree(encode_qtree(served)), q)
+
+
 def test_encode_decode_without_a_file():
     q = _quantize(random_variables(MLP), default_rules(QuantSpec(qtype="int4", symmetric=False)))
     encoded = encode_qtree(q)

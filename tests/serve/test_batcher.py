@@ -184,13 +184,26 @@ def test_preferred_batch_sizes_cut_the_queue(engine, preferred, rows, batches):
         np.testing.assert_allclose(out, engine(x), rtol=1e-5, atol=1e-6)
 
 
-def test_a_batch_of_the_largest_preferred_size_does_not_wait_out_max_wait(engine):
+@pytest.mark.parametrize(
+    "rows, delay_ms, batches",
+    [
+        ((3, 5), 60_000, {"8": 1}),  # adds up to a preferred size: runs well before the minute's delay
+        ((1, 1, 1, 1), 60_000, {"4": 1}),  # the smaller preferred size too (as Triton's)
+        ((3, 3, 3), 300, {"9": 1}),  # no preferred size: waits out the delay, then takes them all
+    ],
+)
+def test_a_batch_that_adds_up_to_a_preferred_size_does_not_wait_out_max_wait(engine, rows, delay_ms, batches):
     rng = np.random.default_rng(0)
-    inputs = [rng.normal(size=(n, 8, 8, 1)).astype(np.float32) for n in (3, 5)]
-    with DynamicBatcher(engine, max_batch=16, max_wait_ms=60_000, preferred_batch_sizes=(4, 8)) as batcher:
-        futures = [batcher.submit(x) for x in inputs]  # 3 + 5 rows: the largest preferred size, 8
-        outputs = [f.result(30) for f in futures]  # well before the minute's delay
-        assert batcher.metrics.snapshot()["batch_rows"] == {"8": 1}  # one batch of 8 rows
+    inputs = [rng.normal(size=(n, 8, 8, 1)).astype(np.float32) for n in rows]
+    with DynamicBatcher(engine, max_batch=16, max_wait_ms=delay_ms, preferred_batch_sizes=(4, 8)) as batcher:
+        start = time.perf_counter()
+        with batcher._cond:  # queued together, so the worker sees them all at once
+            futures = [batcher.submit(x) for x in inputs]
+        outputs = [f.result(30) for f in futures]
+        waited = time.perf_counter() - start
+        assert batcher.metrics.snapshot()["batch_rows"] == batches
+    if delay_ms < 1000:
+        assert waited >= 0.9 * delay_ms / 1e3
     for x, out in zip(inputs, outputs):
         np.testing.assert_allclose(out, engine(x), rtol=1e-5, atol=1e-6)
 
