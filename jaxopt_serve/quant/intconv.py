@@ -69,6 +69,7 @@ def int8_conv(
     *,
     bounded: bool = False,
     rescale: tuple[Any, Any] | None = None,
+    packed_rhs: Any = None,
 ) -> jax.Array:
     """The exact int32 result of ``lax.conv_general_dilated`` on int8 operands, under any sharding.
 
@@ -103,6 +104,11 @@ def int8_conv(
         rescale: ``(x_scale, w_scale)``, one float per example and one per output
             feature: returns ``sums * x_scale[b] * w_scale[f]`` as float32 (the
             W8A8 rescale; fused into the native kernel where it runs).
+        packed_rhs: the kernel already packed for the native kernel (``native.Int8Weight``
+            of its ``(*window, in) x out`` matrix, as ``serving_layout`` packs an HWIO
+            kernel once); ``rhs`` then only gives the kernel's shape (an int8 array or
+            ``jax.ShapeDtypeStruct``). Only for an ungrouped 2-D convolution the native
+            kernel runs (``native_conv2d_applies``).
 
     Returns:
         The int32 convolution, shaped and laid out like
@@ -128,8 +134,9 @@ def int8_conv(
         True
     """
     for name, a in (("lhs", lhs), ("rhs", rhs)):
-        if jnp.result_type(a) != jnp.int8:
-            raise TypeError(f"int8_conv: {name} must be int8, got {jnp.result_type(a)}")
+        dtype = jnp.dtype(a.dtype) if hasattr(a, "dtype") else jnp.result_type(a)  # rhs may be a ShapeDtypeStruct
+        if dtype != jnp.int8:
+            raise TypeError(f"int8_conv: {name} must be int8, got {dtype}")
     if preferred_element_type is not None and jnp.dtype(preferred_element_type) != jnp.int32:
         raise TypeError(f"int8_conv: the result is int32, got preferred_element_type={preferred_element_type!r}")
     nd = lhs.ndim - 2
@@ -161,8 +168,9 @@ def int8_conv(
 
     # Canonical layouts: x (batch, *spatial, features), k (*window, in, out).
     x = jnp.transpose(lhs, (dn.lhs_spec[0], *dn.lhs_spec[2:], dn.lhs_spec[1]))
-    k = jnp.transpose(rhs, (*dn.rhs_spec[2:], dn.rhs_spec[1], dn.rhs_spec[0]))
-    window_shape, cin, cout = k.shape[:nd], k.shape[nd], k.shape[nd + 1]
+    k_axes = (*dn.rhs_spec[2:], dn.rhs_spec[1], dn.rhs_spec[0])
+    k_shape = tuple(rhs.shape[a] for a in k_axes)
+    window_shape, cin, cout = k_shape[:nd], k_shape[nd], k_shape[nd + 1]
     if any(lo or hi or d > 1 for (lo, hi), d in zip(padding, lhs_dilation)):
         x = jax.lax.pad(
             x, np.int8(0), [(0, 0, 0), *((lo, hi, d - 1) for (lo, hi), d in zip(padding, lhs_dilation)), (0, 0, 0)]
@@ -176,11 +184,16 @@ def int8_conv(
         x = x.reshape(groups, x.shape[0] // groups, *x.shape[1:])
     else:
         x = x[None]
-    k = jnp.moveaxis(k.reshape(*window_shape, cin, groups, cout // groups), -2, 0)
+    if packed_rhs is not None and not native_conv2d_applies(nd, groups, lhs_dilation):
+        raise ValueError("int8_conv: packed_rhs is for ungrouped 2-D convolutions on the native kernel")
+    if packed_rhs is None:
+        k = jnp.moveaxis(jnp.transpose(rhs, k_axes).reshape(*window_shape, cin, groups, cout // groups), -2, 0)
 
     if native_conv2d_applies(nd, groups, lhs_dilation):
         # The native kernel builds the im2col rows per chunk of output pixels in cache (no patches array).
-        packed = native.pack_int8(k[0].reshape(math.prod(window_shape) * cin, cout), bounded)
+        packed = packed_rhs
+        if packed is None:
+            packed = native.pack_int8(k[0].reshape(math.prod(window_shape) * cin, cout), bounded)
         y = native.int8_conv2d(
             x[0],
             packed,

@@ -540,6 +540,13 @@ class _Session:
             raise ValueError(f"{ASYM_COLLECTION}/{key}: asymmetric activations are for dot products, not convolutions")
         if self.observe:
             self.observed[key] = x
+        # An ungrouped 2-D convolution on a kernel stored (*window, in, out), as Flax's HWIO: the native kernel's
+        # matrix is its first three axes by the last, which serving_layout can pack once.
+        nd = len(params["window_strides"])
+        canonical = (*dn.rhs_spec[2:], dn.rhs_spec[1], dn.rhs_spec[0]) == tuple(range(q.ndim))
+        only_converts = all(p.name == "convert_element_type" for p, _ in t.views)
+        lead = nd + 1 if canonical and only_converts and _conv2d_native_shape(params) else None
+        self.leading[t.path] = lead if self.leading.get(t.path, lead) == lead else None
         mode = self._mode_for(_resolve_conv(self.mode, q.size, params), eqn, [x, t])
         scale = None
         if (
@@ -555,7 +562,10 @@ class _Session:
             self.note(t, "conv_general_dilated", "dequantized")
             return eqn.primitive.bind(x, self._dequantized(t), **params)
         self.note(t, "conv_general_dilated", "int8")
-        wq = replay(t.views, q.int_values(), skip_converts=True)
+        packed = None
+        if q.packed and q.packed == lead and native.available():  # packed once by serving_layout
+            k = math.prod(q.shape[: q.packed])
+            packed = native.Int8Weight(q.values, k, q.size // k, bounded=True)  # packed only when in [-127, 127]
         batch_axis = dn.lhs_spec[0]
         if mode == "static":
             sx = self.scale_for(key)
@@ -569,14 +579,26 @@ class _Session:
         # Both operands in [-127, 127] (symmetric weights never hold -128; the clip keeps that promise for a
         # hand-made array), so the native kernel may take its faster path.
         # The rescale (per-example activation scale, per-channel weight scale) is fused into the native kernel.
+        if packed is None:
+            rhs = jnp.maximum(replay(t.views, q.int_values(), skip_converts=True), -127)
+        else:
+            rhs = jax.ShapeDtypeStruct(q.shape, jnp.int8)
         y = int8_conv(
             xq,
-            jnp.maximum(wq, -127),
+            rhs,
             **conv_params,
             bounded=True,
             rescale=(jnp.reshape(sx, -1), jnp.reshape(scale, -1)),
+            packed_rhs=packed,
         )
         return y.astype(eqn.outvars[0].aval.dtype)
+
+
+def _conv2d_native_shape(params: Mapping[str, Any]) -> bool:
+    """An ungrouped 2-D convolution without input dilation: the native kernel's kind (whether or not it is built)."""
+    groups = max(params.get("feature_group_count", 1), params.get("batch_group_count", 1))
+    lhs_dilation = params.get("lhs_dilation") or (1,) * len(params["window_strides"])
+    return len(params["window_strides"]) == 2 and groups == 1 and all(d == 1 for d in lhs_dilation)
 
 
 # Layer signatures (auto's measurement) whose int8 form dequantizes anyway: nothing to time.

@@ -279,6 +279,50 @@ def test_kernels_of_more_than_two_axes_are_packed_once_as_the_model_contracts_th
             np.testing.assert_allclose(engine(x), predict(q, x), rtol=1e-6, atol=1e-6)
 
 
+def test_convolution_kernels_are_packed_once_when_stored_hwio():
+    """Ungrouped 2-D convolutions on HWIO kernels (Flax's) are packed once as their (kh * kw * in, out) matrix,
+    strided and dilated ones included; a depthwise one stays as it is; outputs bit-identical in every mode."""
+    import flax.linen as nn
+
+    from jaxopt_serve.model import Model
+    from jaxopt_serve.quant import leading_contractions, serving_layout
+
+    class Net(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            x = nn.relu(nn.Conv(16, (3, 3), name="c0")(x))
+            x = nn.relu(nn.Conv(16, (3, 3), strides=2, name="c1")(x))
+            x = nn.relu(nn.Conv(16, (3, 3), feature_group_count=16, name="dw")(x))
+            x = nn.relu(nn.Conv(32, (3, 3), kernel_dilation=2, padding="VALID", name="c2")(x))
+            return nn.Dense(10, name="d")(x.mean((1, 2)))
+
+    x = np.random.default_rng(0).normal(size=(3, 12, 12, 3)).astype(np.float32)
+    net = Net()
+    model = Model.linen(net, net.init(jax.random.PRNGKey(0), x), x)
+    q = quantize(model.variables).variables
+    contractions = leading_contractions(model, q, x)
+    assert contractions == {"params/c0/kernel": 3, "params/c1/kernel": 3, "params/c2/kernel": 3}
+    for kernel_path in native.supported_kernels()[:1]:
+        with native.use_kernel(kernel_path):
+            served = serving_layout(q, contractions)
+            assert {k: v["kernel"].packed for k, v in served["params"].items()} == {
+                "c0": 3,
+                "c1": 3,
+                "c2": 3,
+                "d": 1,
+                "dw": 0,
+            }
+            for mode in ("dynamic", "static"):
+                predict = jax.jit(quantized_predict_fn(model, mode=mode))
+                if mode == "static":
+                    np.testing.assert_array_equal(
+                        predict(calibrate(model, served, x, method="absmax"), x),
+                        predict(calibrate(model, q, x, method="absmax"), x),
+                    )
+                else:
+                    np.testing.assert_array_equal(predict(served, x), predict(q, x))
+
+
 @pytest.mark.parametrize("symmetric_weights", [True, False])
 def test_asymmetric_activations_match_the_float_dot_and_beat_symmetric_on_one_signed_rows(symmetric_weights):
     from jaxopt_serve.quant import QuantSpec, quantize_array, quantized_dot
