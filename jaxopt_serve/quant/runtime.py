@@ -965,11 +965,12 @@ def leading_contractions(model: Model | ModelConfig, variables: Variables, *inpu
     """``{kernel path: n}`` for the quantized kernels of more than two axes that every product with an activation
     contracts over exactly their first ``n`` axes (in any order), as stored: what ``serving_layout`` needs to pack
     them (``DenseGeneral``'s per-head projections: ``(in, heads, head_dim)`` has ``n = 1``, ``(heads, head_dim,
-    out)`` has ``n = 2``).
+    out)`` has ``n = 2``), and the kernels of ungrouped 2-D convolutions stored ``(kh, kw, in, out)`` (Flax's HWIO,
+    ``n = 3``).
 
     Traced, not run. A kernel also contracted another way (through a transpose, or on other axes) is left out.
-    Products of two quantized leaves and convolutions are not counted: they read the kernel unpacked
-    (``QArray.int_values``), which stays correct, only not faster.
+    Products of two quantized leaves are not counted: they read the kernel unpacked (``QArray.int_values``),
+    which stays correct, only not faster.
 
     Example:
         >>> import jax, jax.numpy as jnp
