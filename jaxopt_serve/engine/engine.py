@@ -249,7 +249,9 @@ class InferenceEngine:
         ):
             # int8 kernels packed once for the native CPU kernels (a model-parallel mesh keeps the split layout);
             # those of more than two axes (DenseGeneral's) as the model contracts them
-            contractions = leading_contractions(self.model, variables, *self.example) if self.model else None
+            contractions = (
+                leading_contractions(self.model, variables, *self.example) if self.model is not None else None
+            )
             variables = serving_layout(variables, contractions)
         compute = jnp.bfloat16 if dtype == "bfloat16" else None
 

@@ -50,7 +50,13 @@ def native_conv2d_applies(spatial_dims: int, groups: int, lhs_dilation: Sequence
 
     True when the native kernels run here and the convolution is 2-D, ungrouped and without input dilation.
     """
-    return groups == 1 and spatial_dims == 2 and native.available() and all(d == 1 for d in lhs_dilation)
+    return native_conv2d_kind(spatial_dims, groups, lhs_dilation) and native.available()
+
+
+def native_conv2d_kind(spatial_dims: int, groups: int, lhs_dilation: Sequence[int]) -> bool:
+    """Whether a convolution is of the kind ``native.int8_conv2d`` runs (2-D, ungrouped, no input dilation),
+    whether or not the native kernels are built here."""
+    return groups == 1 and spatial_dims == 2 and all(d == 1 for d in lhs_dilation)
 
 
 def int8_conv(
@@ -184,12 +190,13 @@ def int8_conv(
         x = x.reshape(groups, x.shape[0] // groups, *x.shape[1:])
     else:
         x = x[None]
-    if packed_rhs is not None and not native_conv2d_applies(nd, groups, lhs_dilation):
+    native_path = native_conv2d_applies(nd, groups, lhs_dilation)
+    if packed_rhs is not None and not native_path:
         raise ValueError("int8_conv: packed_rhs is for ungrouped 2-D convolutions on the native kernel")
     if packed_rhs is None:
         k = jnp.moveaxis(jnp.transpose(rhs, k_axes).reshape(*window_shape, cin, groups, cout // groups), -2, 0)
 
-    if native_conv2d_applies(nd, groups, lhs_dilation):
+    if native_path:
         # The native kernel builds the im2col rows per chunk of output pixels in cache (no patches array).
         packed = packed_rhs
         if packed is None:

@@ -68,7 +68,7 @@ from jaxopt_serve.model import Model, as_model
 from jaxopt_serve.models.config import ModelConfig
 from jaxopt_serve.models.functional import Variables, predict_fn
 from jaxopt_serve.quant import measure
-from jaxopt_serve.quant.intconv import int8_conv, native_conv2d_applies
+from jaxopt_serve.quant.intconv import int8_conv, native_conv2d_kind
 from jaxopt_serve.quant.qarray import QArray, has_qarrays, is_qarray
 from jaxopt_serve.trace import (
     BiasAdd,
@@ -115,13 +115,18 @@ _SMALL_KERNEL = 1 << 16
 _SMALL_CONV_KERNEL = 1 << 12
 
 
+def _native_conv_kind(params: Mapping[str, Any]) -> bool:
+    """Whether a traced convolution with these params is of the native int8 kernel's kind (``native_conv2d_kind``)."""
+    spatial_dims = len(params["window_strides"])
+    groups = max(params.get("feature_group_count", 1), params.get("batch_group_count", 1))
+    return native_conv2d_kind(spatial_dims, groups, params.get("lhs_dilation") or (1,) * spatial_dims)
+
+
 def _resolve_conv(mode: str, kernel_size: int, params: Mapping[str, Any]) -> str:
     """auto: the native int8 convolution (2-D, ungrouped) for kernels of 4,096 elements or more, else weight_only."""
     if mode != "auto":
         return mode
-    spatial_dims = len(params["window_strides"])
-    groups = max(params.get("feature_group_count", 1), params.get("batch_group_count", 1))
-    native_conv = native_conv2d_applies(spatial_dims, groups, params.get("lhs_dilation") or (1,) * spatial_dims)
+    native_conv = _native_conv_kind(params) and native.available()
     return "dynamic" if native_conv and kernel_size >= _SMALL_CONV_KERNEL else "weight_only"
 
 
@@ -328,7 +333,8 @@ class _Session:
         self.observe = observe
         self.observed: dict[str, jax.Array] = {}
         self.contracted: dict[str, tuple[int, ...] | None] = {}
-        # kernel path -> n when every product contracts exactly its first n axes, as stored (else None)
+        # kernel path -> n when every product contracts exactly its first n axes, as stored (else None);
+        # kernels of more than two axes only (serving_layout packs every 2-D one)
         self.leading: dict[str, int | None] = {}
         self.record: dict[str, list[tuple[str, str]]] = {}
         self.forced: str | None = None  # a probe of auto's measurement: every layer in this mode
@@ -342,6 +348,11 @@ class _Session:
         self.record.setdefault(tagged.path, []).append((primitive, how))
 
     # -- auto: measured choices ---------------------------------------------------------------------
+
+    def _record_leading(self, t: Tagged, lead: int | None) -> None:
+        """Note that this use of ``t``'s kernel contracts its first ``lead`` axes (``None``: some other way)."""
+        if t.leaf.ndim > 2:
+            self.leading[t.path] = lead if self.leading.get(t.path, lead) == lead else None
 
     def _mode_for(self, rule: str, eqn: Any, invals: list[Any]) -> str:
         """The mode a quantized dot or convolution runs in: a probe's forced one, float when observing, else auto's."""
@@ -469,8 +480,9 @@ class _Session:
         original = None if axes is None else tuple(axes[a] for a in cw)
         self.contracted[key] = original
         only_converts = all(p.name == "convert_element_type" for p, _ in t.views)
-        lead = len(cw) if only_converts and cw and not bw and sorted(cw) == list(range(len(cw))) else None
-        self.leading[t.path] = lead if self.leading.get(t.path, lead) == lead else None
+        self._record_leading(
+            t, len(cw) if only_converts and cw and not bw and sorted(cw) == list(range(len(cw))) else None
+        )
         unsmoothed, factors = x, None
         if key in self.smooth:  # x * (1 / factors): the native kernel multiplies as it quantizes, others here
             factors = _factors_for(self.smooth[key], original, cx, cw, x.ndim, t.path)
@@ -507,9 +519,7 @@ class _Session:
         if use_native and q.packed and only_converts and sorted(cw) == list(range(q.packed)) and not bw:
             # serving_layout packed this kernel (its first q.packed axes as K) for the native kernel: no repacking.
             # The input's contracted axes go in the kernel's axis order (einsum may list them in another).
-            k = math.prod(q.shape[: q.packed])
-            packed = native.Int8Weight(q.values, k, q.size // k, bounded=True)  # packed only when in [-127, 127]
-            return on_native(packed, scale, tuple(q.shape[q.packed :]), [a for _, a in sorted(zip(cw, cx))])
+            return on_native(_packed_weight(q), scale, tuple(q.shape[q.packed :]), [a for _, a in sorted(zip(cw, cx))])
         if q.transposed and only_converts:
             # serving_layout stores 2-D int8 values as (out, in): contract them as stored (XLA:CPU's fast layout)
             wq, scale, zero, cw, bw = _stored_transposed(q, scale, zero, cw, bw)
@@ -542,11 +552,10 @@ class _Session:
             self.observed[key] = x
         # An ungrouped 2-D convolution on a kernel stored (*window, in, out), as Flax's HWIO: the native kernel's
         # matrix is its first three axes by the last, which serving_layout can pack once.
-        nd = len(params["window_strides"])
         canonical = (*dn.rhs_spec[2:], dn.rhs_spec[1], dn.rhs_spec[0]) == tuple(range(q.ndim))
         only_converts = all(p.name == "convert_element_type" for p, _ in t.views)
-        lead = nd + 1 if canonical and only_converts and _conv2d_native_shape(params) else None
-        self.leading[t.path] = lead if self.leading.get(t.path, lead) == lead else None
+        lead = q.ndim - 1 if canonical and only_converts and _native_conv_kind(params) else None
+        self._record_leading(t, lead)
         mode = self._mode_for(_resolve_conv(self.mode, q.size, params), eqn, [x, t])
         scale = None
         if (
@@ -562,10 +571,7 @@ class _Session:
             self.note(t, "conv_general_dilated", "dequantized")
             return eqn.primitive.bind(x, self._dequantized(t), **params)
         self.note(t, "conv_general_dilated", "int8")
-        packed = None
-        if q.packed and q.packed == lead and native.available():  # packed once by serving_layout
-            k = math.prod(q.shape[: q.packed])
-            packed = native.Int8Weight(q.values, k, q.size // k, bounded=True)  # packed only when in [-127, 127]
+        packed = _packed_weight(q) if q.packed and q.packed == lead and native.available() else None  # serving_layout's
         batch_axis = dn.lhs_spec[0]
         if mode == "static":
             sx = self.scale_for(key)
@@ -594,11 +600,10 @@ class _Session:
         return y.astype(eqn.outvars[0].aval.dtype)
 
 
-def _conv2d_native_shape(params: Mapping[str, Any]) -> bool:
-    """An ungrouped 2-D convolution without input dilation: the native kernel's kind (whether or not it is built)."""
-    groups = max(params.get("feature_group_count", 1), params.get("batch_group_count", 1))
-    lhs_dilation = params.get("lhs_dilation") or (1,) * len(params["window_strides"])
-    return len(params["window_strides"]) == 2 and groups == 1 and all(d == 1 for d in lhs_dilation)
+def _packed_weight(q: QArray) -> native.Int8Weight:
+    """``serving_layout``'s panels of ``q`` as the native kernels' weight: its first ``q.packed`` axes as ``K``."""
+    k = math.prod(q.shape[: q.packed])
+    return native.Int8Weight(q.values, k, q.size // k, bounded=True)  # packed only when in [-127, 127]
 
 
 # Layer signatures (auto's measurement) whose int8 form dequantizes anyway: nothing to time.
@@ -987,8 +992,7 @@ def leading_contractions(model: Model | ModelConfig, variables: Variables, *inpu
     session = _session("weight_only", variables)
     handle = model if isinstance(model, Model) else as_model(model, variables)
     jax.eval_shape(lambda v, *xs: _run(handle, v, xs, session), variables, *inputs)
-    shapes = {path: leaf.shape for path, leaf in quantized_leaves(variables).items()}
-    return {path: n for path, n in sorted(session.leading.items()) if n is not None and len(shapes.get(path, ())) > 2}
+    return {path: n for path, n in sorted(session.leading.items()) if n is not None}
 
 
 def serving_layout(variables: Any, contractions: Mapping[str, int] | None = None) -> Any:

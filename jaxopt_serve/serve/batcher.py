@@ -230,10 +230,11 @@ class DynamicBatcher:
             while True:
                 rows = sum(r.rows for r in self._queue)
                 remaining = first_arrival + self.max_wait - time.perf_counter()
-                if rows >= self.max_batch or remaining <= 0 or self._closing or self._preferred_ready():
+                # a preferred size runs at once (Triton's rule)
+                if rows >= self.max_batch or remaining <= 0 or self._closing or self._preferred_cut() is not None:
                     break
                 self._cond.wait(remaining)
-            batch, rows, limit = [], 0, self._cut() if self.preferred_batch_sizes else self.max_batch
+            batch, rows, limit = [], 0, self._preferred_cut() or self.max_batch
             while self._queue and (not batch or rows + self._queue[0].rows <= limit):
                 request = self._queue.popleft()
                 batch.append(request)
@@ -241,28 +242,14 @@ class DynamicBatcher:
             self.metrics.queue_length = len(self._queue)
             return batch
 
-    def _preferred_ready(self) -> bool:
-        """Whole waiting requests from the front add up to a preferred size: that batch runs without waiting for
-        more (Triton's rule)."""
-        if not self.preferred_batch_sizes:
-            return False
-        rows = 0
-        for request in self._queue:
+    def _preferred_cut(self) -> int | None:
+        """The largest preferred size that whole waiting requests from the front add up to (within ``max_batch``
+        rows), or ``None``."""
+        rows, cut = 0, None
+        for request in self._queue if self.preferred_batch_sizes else ():
             rows += request.rows
             if rows > self.max_batch:
-                return False
-            if rows in self.preferred_batch_sizes:
-                return True
-        return False
-
-    def _cut(self) -> int:
-        """The rows the next batch may take: the largest preferred size that whole waiting requests add up to,
-        else ``max_batch``."""
-        rows, cut = 0, self.max_batch
-        for request in self._queue:  # the requests a batch of at most max_batch rows would take
-            if rows and rows + request.rows > self.max_batch:
                 break
-            rows += request.rows
             if rows in self.preferred_batch_sizes:
                 cut = rows
         return cut
