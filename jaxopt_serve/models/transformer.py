@@ -14,6 +14,7 @@ hidden)``) so heads can be removed or sharded by slicing one axis.
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Literal
 
 import flax.linen as nn
@@ -138,6 +139,50 @@ class SelfAttention(nn.Module):
         return nn.Dropout(cfg.dropout_rate, deterministic=not train)(out)
 
 
+def gelu(x: jax.Array) -> jax.Array:
+    """Exact GELU as BERT defines it, ``x/2 * (1 + erf(x/sqrt(2)))``.
+
+    The same function as ``jax.nn.gelu(x, approximate=False)`` (within 1e-6),
+    which is written with ``erfc``; XLA's CPU erfc evaluates two polynomials, an
+    exponential and two divisions per element, its erf one polynomial: on a
+    (512, 1536) float32 array 0.28 against 0.69 ms (Zen 4, 2 cores).
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> [round(float(v), 4) for v in gelu(jnp.array([-1.0, 0.0, 1.0]))]
+        [-0.1587, 0.0, 0.8413]
+    """
+    return 0.5 * x * (1.0 + jax.lax.erf(x * math.sqrt(0.5)))  # Python floats: x's dtype stays
+
+
+class LayerNorm(nn.Module):
+    """``nn.LayerNorm`` over the last axis (parameters ``scale`` and ``bias``), its
+    variance taken from the centred values: XLA's CPU backend fuses that into
+    fewer passes than Flax's one-pass statistics (0.20 against 0.38 ms for a
+    residual add and norm on (32, 16, 384) float32, Zen 4, 2 cores).
+
+    Example:
+        >>> import jax, jax.numpy as jnp
+        >>> ln = LayerNorm(epsilon=1e-12)
+        >>> x = jnp.arange(8.0).reshape(2, 4)
+        >>> y = ln.apply(ln.init(jax.random.key(0), x), x)
+        >>> [round(float(v), 3) for v in y[0]]
+        [-1.342, -0.447, 0.447, 1.342]
+    """
+
+    epsilon: float = 1e-6
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        scale = self.param("scale", nn.initializers.ones, (x.shape[-1],), jnp.float32)
+        bias = self.param("bias", nn.initializers.zeros, (x.shape[-1],), jnp.float32)
+        out_dtype = jnp.result_type(x, scale, bias)
+        x = x.astype(jnp.promote_types(x.dtype, jnp.float32))  # statistics in float32 at least, as Flax's
+        centred = x - jnp.mean(x, axis=-1, keepdims=True)
+        variance = jnp.mean(centred * centred, axis=-1, keepdims=True)
+        return (centred * jax.lax.rsqrt(variance + self.epsilon) * scale + bias).astype(out_dtype)
+
+
 class EncoderLayer(nn.Module):
     """Post-LN block: ``x = LN(x + attn(x)); x = LN(x + ffn(x))``."""
 
@@ -148,11 +193,11 @@ class EncoderLayer(nn.Module):
     def __call__(self, x: jax.Array, mask: jax.Array, *, train: bool) -> jax.Array:
         cfg = self.config
         x = x + SelfAttention(cfg, self.layer, name="attention")(x, mask, train=train)
-        x = nn.LayerNorm(epsilon=cfg.layer_norm_eps, name="attention_norm")(x)
-        h = nn.gelu(nn.Dense(cfg.layer_mlp_dim(self.layer), name="intermediate")(x), approximate=False)
+        x = LayerNorm(epsilon=cfg.layer_norm_eps, name="attention_norm")(x)
+        h = gelu(nn.Dense(cfg.layer_mlp_dim(self.layer), name="intermediate")(x))
         h = nn.Dense(cfg.hidden_size, name="output")(h)
         h = nn.Dropout(cfg.dropout_rate, deterministic=not train)(h)
-        return nn.LayerNorm(epsilon=cfg.layer_norm_eps, name="output_norm")(x + h)
+        return LayerNorm(epsilon=cfg.layer_norm_eps, name="output_norm")(x + h)
 
 
 class TransformerEncoder(nn.Module):
@@ -182,7 +227,7 @@ class TransformerEncoder(nn.Module):
         self.position_embeddings = nn.Embed(cfg.max_len, cfg.hidden_size)
         if cfg.type_vocab_size:
             self.token_type_embeddings = nn.Embed(cfg.type_vocab_size, cfg.hidden_size)
-        self.embedding_norm = nn.LayerNorm(epsilon=cfg.layer_norm_eps)
+        self.embedding_norm = LayerNorm(epsilon=cfg.layer_norm_eps)
         self.embedding_dropout = nn.Dropout(cfg.dropout_rate)
         self.layers = [EncoderLayer(cfg, i, name=f"layer_{i}") for i in range(cfg.num_layers)]
         if cfg.pooling == "cls":

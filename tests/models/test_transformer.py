@@ -1,3 +1,4 @@
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -81,3 +82,27 @@ def test_dropout_is_active_only_in_training():
     b = model.apply(variables, tokens, train=True, rngs={"dropout": jax.random.key(2)})
     assert not np.allclose(a, b)
     np.testing.assert_array_equal(model.apply(variables, tokens), model.apply(variables, tokens))
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_layer_norm_and_gelu_are_flaxs_functions(dtype):
+    """The encoder's own LayerNorm and erf GELU (faster on XLA:CPU) compute Flax's LayerNorm and
+    ``jax.nn.gelu(approximate=False)``: same parameters, values and dtypes."""
+    from jaxopt_serve.models.transformer import LayerNorm, gelu
+
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.normal(3.0, 2.0, (4, 5, 24)), dtype)
+    ours, flax_ln = LayerNorm(epsilon=1e-6), nn.LayerNorm(epsilon=1e-6)
+    params = flax_ln.init(jax.random.key(0), x)
+    params = jax.tree.map(lambda p: p + jnp.asarray(rng.normal(size=p.shape), p.dtype), params)
+    assert jax.tree.map(jnp.shape, ours.init(jax.random.key(0), x)) == jax.tree.map(jnp.shape, params)
+    want, got = flax_ln.apply(params, x), ours.apply(params, x)
+    assert got.dtype == want.dtype
+    tolerance = 1e-5 if dtype == jnp.float32 else 0.05
+    np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(want, np.float32), atol=tolerance)
+    np.testing.assert_allclose(
+        np.asarray(gelu(x * 2 - 6), np.float32),
+        np.asarray(jax.nn.gelu(x * 2 - 6, approximate=False), np.float32),
+        atol=2e-6 if dtype == jnp.float32 else 0.05,
+    )
+    assert gelu(x).dtype == dtype
