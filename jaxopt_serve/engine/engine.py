@@ -48,7 +48,7 @@ from __future__ import annotations
 import os
 import stat
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Literal
 
 import jax
@@ -132,6 +132,27 @@ def _example_of(example: Any, input_shape: Sequence[int] | None, input_dtype: An
     return (np.zeros((1, *(int(d) for d in input_shape)), np.dtype(input_dtype or "float32")),)
 
 
+def _checked_compiler_options(options: Mapping[str, Any] | None) -> dict[str, Any]:
+    """``options`` as a dict, each name and value accepted by XLA: one tiny program is compiled with them, so
+    a misspelt option fails here with its name rather than at the first request."""
+    if options is None:
+        return {}
+    if not isinstance(options, Mapping):
+        raise ValueError(f"compiler_options must be a mapping of XLA option names to values, got {options!r}")
+    options = dict(options)
+    for name, value in options.items():
+        if not isinstance(name, str) or not isinstance(value, (str, bool, int, float)):
+            raise ValueError(
+                f"compiler_options[{name!r}] = {value!r}: names are strings and values str, bool, int or float"
+            )
+    if options:
+        try:
+            jax.jit(lambda x: x + 1).lower(np.zeros((1,), np.float32)).compile(options)
+        except Exception as error:  # XLA's own message names the option or the value
+            raise ValueError(f"compiler_options {options}: {error}") from None
+    return options
+
+
 class InferenceEngine:
     """Bucketed, AOT-compiled inference for one model, pytrees in and out.
 
@@ -164,6 +185,11 @@ class InferenceEngine:
             rows, whatever shares their bucket); ``"error"`` raises a ``ValueError`` naming them.
         predict: ``f(variables, *inputs) -> outputs`` to serve instead of the
             model's own inference function (e.g. a custom quantized mode).
+        compiler_options: XLA options for this engine's executables only (what
+            ``XLA_FLAGS`` sets for the whole process, before JAX starts), e.g.
+            ``{"xla_cpu_experimental_ynn_fusion_type": ""}``, which keeps XLA:CPU
+            from handing whole convolution graphs to YNNPACK; an unknown option
+            or value is a ``ValueError`` here, before any compile of the model.
 
     Example:
         >>> import numpy as np
@@ -207,9 +233,11 @@ class InferenceEngine:
         donate: bool | Literal["auto"] = "auto",
         nan_policy: NanPolicy = "propagate",
         predict: Callable[..., Any] | None = None,
+        compiler_options: Mapping[str, str | bool | int | float] | None = None,
     ) -> None:
         if dtype not in ("float32", "bfloat16"):
             raise ValueError(f"dtype must be 'float32' or 'bfloat16', got {dtype!r}")
+        self.compiler_options = _checked_compiler_options(compiler_options)
         check_policy(nan_policy)
         self.model, variables, self.example, base = self._resolve(
             model,
@@ -368,7 +396,9 @@ class InferenceEngine:
         with self._lock:
             exe = self._compiled.get((bucket, length))
             if exe is None:
-                exe = self._jitted.lower(self.variables, self._spec(bucket, length)).compile()
+                exe = self._jitted.lower(self.variables, self._spec(bucket, length)).compile(
+                    self.compiler_options or None
+                )
                 self._compiled[(bucket, length)] = exe
                 self.compile_count += 1
             return exe

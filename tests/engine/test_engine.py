@@ -127,3 +127,33 @@ def test_buckets_must_fit_the_mesh(cnn_variables):
     assert InferenceEngine(
         MLPConfig(features=(8,)), random_variables(MLPConfig(features=(8,))), max_batch=16, mesh=make_mesh(data=4)
     ).buckets == (4, 8, 16)
+
+
+def test_compiler_options_reach_this_engines_executables_only(cnn_variables, tmp_path):
+    """XLA options given to one engine apply to its compiles (here: dumping their HLO), not to other engines."""
+    x = np.random.default_rng(0).normal(size=(3, 8, 8, 1)).astype(np.float32)
+    dump = tmp_path / "hlo"
+    options = {"xla_dump_to": str(dump), "xla_dump_hlo_as_text": True}
+    tuned = InferenceEngine(CNN, cnn_variables, max_batch=4, buckets=(4,), compiler_options=options)
+    assert tuned.compiler_options == options
+    before = set(dump.glob("*")) if dump.exists() else set()
+    plain = InferenceEngine(CNN, cnn_variables, max_batch=4, buckets=(4,))
+    np.testing.assert_array_equal(plain(x), plain(x))
+    assert (set(dump.glob("*")) if dump.exists() else set()) == before  # the other engine dumps nothing
+    np.testing.assert_allclose(tuned(x), plain(x), rtol=1e-6, atol=1e-6)
+    new = {p.name for p in set(dump.glob("*")) - before}
+    assert any("jit_run" in name and "after_optimizations" in name for name in new), sorted(new)
+
+
+@pytest.mark.parametrize(
+    "options, message",
+    [
+        ({"xla_no_such_option": True}, "xla_no_such_option"),
+        ({"xla_cpu_experimental_ynn_fusion_type": "BOGUS"}, "BOGUS"),
+        ({"xla_dump_to": None}, "xla_dump_to"),
+        ([("xla_dump_to", "x")], "mapping"),
+    ],
+)
+def test_bad_compiler_options_fail_at_construction(cnn_variables, options, message):
+    with pytest.raises(ValueError, match=message):
+        InferenceEngine(CNN, cnn_variables, max_batch=2, compiler_options=options)
