@@ -154,11 +154,16 @@ class QArray:
         if self.packed:
             from jaxopt_serve import native  # the packed layout is the native kernels'
 
-            k = math.prod(self.shape[: self.packed])
-            return native.unpack_int8(self.values, k, self.size // k).reshape(self.shape)
+            return native.unpack_int8(self.values, *self.packed_matrix).reshape(self.shape)
         if self.bits == 8:
             return self.values
         return unpack(self.values, self.qtype, self.size).reshape(self.shape)
+
+    @property
+    def packed_matrix(self) -> tuple[int, int]:
+        """``(K, N)`` of the matrix ``packed`` values hold: the first ``packed`` axes flattened, then the rest."""
+        k = math.prod(self.shape[: self.packed])
+        return k, self.size // k
 
     def canonical(self) -> QArray:
         """The same array with values in the original layout (undoes ``serving_layout``)."""

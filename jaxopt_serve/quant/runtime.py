@@ -479,7 +479,7 @@ class _Session:
         axes = view_axes(t.views, q.ndim)
         original = None if axes is None else tuple(axes[a] for a in cw)
         self.contracted[key] = original
-        only_converts = all(p.name == "convert_element_type" for p, _ in t.views)
+        only_converts = _only_converts(t)
         self._record_leading(
             t, len(cw) if only_converts and cw and not bw and sorted(cw) == list(range(len(cw))) else None
         )
@@ -553,7 +553,7 @@ class _Session:
         # An ungrouped 2-D convolution on a kernel stored (*window, in, out), as Flax's HWIO: the native kernel's
         # matrix is its first three axes by the last, which serving_layout can pack once.
         canonical = (*dn.rhs_spec[2:], dn.rhs_spec[1], dn.rhs_spec[0]) == tuple(range(q.ndim))
-        only_converts = all(p.name == "convert_element_type" for p, _ in t.views)
+        only_converts = _only_converts(t)
         lead = q.ndim - 1 if canonical and only_converts and _native_conv_kind(params) else None
         self._record_leading(t, lead)
         mode = self._mode_for(_resolve_conv(self.mode, q.size, params), eqn, [x, t])
@@ -600,10 +600,14 @@ class _Session:
         return y.astype(eqn.outvars[0].aval.dtype)
 
 
+def _only_converts(t: Tagged) -> bool:
+    """Whether ``t`` reaches its product from the stored leaf through dtype converts alone (its layout as stored)."""
+    return all(p.name == "convert_element_type" for p, _ in t.views)
+
+
 def _packed_weight(q: QArray) -> native.Int8Weight:
     """``serving_layout``'s panels of ``q`` as the native kernels' weight: its first ``q.packed`` axes as ``K``."""
-    k = math.prod(q.shape[: q.packed])
-    return native.Int8Weight(q.values, k, q.size // k, bounded=True)  # packed only when in [-127, 127]
+    return native.Int8Weight(q.values, *q.packed_matrix, bounded=True)  # packed only when in [-127, 127]
 
 
 # Layer signatures (auto's measurement) whose int8 form dequantizes anyway: nothing to time.

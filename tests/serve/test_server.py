@@ -78,10 +78,14 @@ def strict_json(raw):
     return json.loads(raw, parse_constant=refuse)
 
 
-def raw_exchange(server, data, *, timeout=5.0, shut_write=False):
-    """Send raw bytes; return everything the server sends until it closes (or the timeout)."""
+def raw_exchange(server, data, *, timeout=5.0, shut_write=False, later=b""):
+    """Send raw bytes (and ``later`` 0.1 s after them); return everything the server sends until it closes, or its
+    response is complete, or the timeout."""
     with socket.create_connection((server.host, server.port), timeout=timeout) as sock:
         sock.sendall(data)
+        if later:
+            time.sleep(0.1)
+            sock.sendall(later)
         if shut_write:
             sock.shutdown(socket.SHUT_WR)
         chunks = []
@@ -407,24 +411,11 @@ def test_a_body_that_came_with_its_headers_is_read_without_a_timer_and_a_late_on
 def _timed_and_untimed_bodies(server, timers):
     body = infer_body(np.ones((1, 8, 8, 1), np.float32))
     head = b"POST /v2/models/mlp/infer HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n" % len(body)
-
-    def post(first, then=b""):
-        with socket.create_connection((server.host, server.port), timeout=10) as sock:
-            sock.sendall(first)
-            if then:
-                time.sleep(0.1)  # the body comes later: its reading is timed
-                sock.sendall(then)
-            raw = b""
-            while b"\r\n\r\n" not in raw or len(raw.split(b"\r\n\r\n", 1)[1]) < 10:
-                chunk = sock.recv(65536)
-                if not chunk:
-                    break
-                raw += chunk
-        return raw
-
     # headers and body in one write (http.client would send them in two, which a busy server may read apart)
-    assert status_of(post(head + body)) == 200 and timers == []
-    assert status_of(post(head, body)) == 200 and len(timers) == 1 and 0 < timers[0] <= READ_TIMEOUT
+    assert status_of(raw_exchange(server, head + body, timeout=10)) == 200 and timers == []
+    # the body comes later: its reading is timed
+    assert status_of(raw_exchange(server, head, timeout=10, later=body)) == 200
+    assert len(timers) == 1 and 0 < timers[0] <= READ_TIMEOUT
 
 
 def test_many_stalled_sockets_do_not_block_good_clients(server, engine):
